@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One entry point for people and CI:
+#   bash scripts/dev.sh demo   install everything (first run) and run the pipeline on the bundled demo
+#   bash scripts/dev.sh test   install everything (first run) and run the test suite
+#   bash scripts/dev.sh check  ruff (lint + format) and mypy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SPD_HOST_VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+  fi
+  if ! "$PY" -c "import spd_host, torch, pytest" >/dev/null 2>&1; then
+    "$PY" -m pip install -q --upgrade pip
+    # torch first, pinned: 2.13.0 is the CPU build; a looser spec can pull a multi-GB CUDA build.
+    "$PY" -m pip install -q "torch==2.13.0"
+    "$PY" -m pip install -q -e ".[dev]"
+  fi
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; "$VENV/bin/spd-host" demo "$@" ;;
+  test) setup; "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
+  check)
+    setup
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/mypy"
+    ;;
+  *) echo "usage: $0 {demo|test|check|setup}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""spd-host plugin for the clt method (entry point: clt)."""

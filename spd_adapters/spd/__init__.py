@@ -1,0 +1,1 @@
+"""spd-host plugin for the spd method (entry point: spd)."""

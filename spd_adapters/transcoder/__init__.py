@@ -1,0 +1,1 @@
+"""spd-host plugin for the transcoder method (entry point: transcoder)."""

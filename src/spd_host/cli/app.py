@@ -1,0 +1,26 @@
+"""The ``spd-host`` typer application: every command group is registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from spd_host.cli import info_cmd, plugins_cmd
+
+app = typer.Typer(
+    name="spd-host",
+    help="Harvest, label and evaluate decompositions of language models, for any method.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+app.command("plugins")(plugins_cmd.plugins)
+app.command("info")(info_cmd.info)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

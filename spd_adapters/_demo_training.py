@@ -47,6 +47,7 @@ def collect(n_tokens: int = N_TOKENS) -> tuple[torch.nn.Module, list[Tensor], li
     """Base model plus ``mlp_in`` and ``mlp_out`` activations ``[T, d]`` per layer."""
     from spd_host.data import TokenDatasetSpec, iter_token_batches
     from spd_host.models import load_base_model, load_tokenizer
+
     from spd_host.topology import topology_of
 
     model = load_base_model("demo")
@@ -62,7 +63,9 @@ def collect(n_tokens: int = N_TOKENS) -> tuple[torch.nn.Module, list[Tensor], li
             model(batch)
             for i in range(L):
                 xs[i].append(acts[f"{i}.mlp_in"].reshape(-1, acts[f"{i}.mlp_in"].shape[-1]).float())
-                ys[i].append(acts[f"{i}.mlp_out"].reshape(-1, acts[f"{i}.mlp_out"].shape[-1]).float())
+                ys[i].append(
+                    acts[f"{i}.mlp_out"].reshape(-1, acts[f"{i}.mlp_out"].shape[-1]).float()
+                )
     return model, [torch.cat(x) for x in xs], [torch.cat(y) for y in ys]
 
 
@@ -122,7 +125,10 @@ def train(xs: list[Tensor], ys: list[Tensor], *, cross_layer: bool, steps: int =
         by = [y[idx] for y in ys]
         acts = net.encode(bx)
         outs = net.decode(acts)
-        mse = torch.stack([(o - y).pow(2).sum(-1).mean() for o, y in zip(outs, by, strict=True)]) / var
+        mse = (
+            torch.stack([(o - y).pow(2).sum(-1).mean() for o, y in zip(outs, by, strict=True)])
+            / var
+        )
         norms = net.dec_norms()
         l1 = torch.stack([(a * norms[i]).sum(-1).mean() for i, a in enumerate(acts)])
         loss = mse.sum() + lam * l1.sum()
@@ -134,7 +140,9 @@ def train(xs: list[Tensor], ys: list[Tensor], *, cross_layer: bool, steps: int =
         l0 = float(torch.stack([(a > 0).float().sum(-1).mean() for a in acts]).mean())
         lam *= 1.02 if l0 > TARGET_L0 else 1 / 1.02
         if step % 250 == 0 or step == steps - 1:
-            _log(f"step {step}: fvu {[round(float(m), 3) for m in mse]} L0 {l0:.1f} lambda {lam:.2e}")
+            _log(
+                f"step {step}: fvu {[round(float(m), 3) for m in mse]} L0 {l0:.1f} lambda {lam:.2e}"
+            )
     return net
 
 
@@ -169,7 +177,13 @@ def finalise(net: _Sparse, xs: list[Tensor], ys: list[Tensor]) -> dict[str, Tens
             else:
                 dec[i, :, 0] = block
         b_dec[j] = sol[-1]
-    return {"W_enc": W_enc, "b_enc": b_enc, "threshold": torch.stack(thresholds), "W_dec": dec, "b_dec": b_dec}
+    return {
+        "W_enc": W_enc,
+        "b_enc": b_enc,
+        "threshold": torch.stack(thresholds),
+        "W_dec": dec,
+        "b_dec": b_dec,
+    }
 
 
 def save_transcoders(w: dict[str, Tensor], out: Path) -> None:
@@ -226,15 +240,22 @@ def save_clt(w: dict[str, Tensor], out: Path) -> None:
             },
             str(out / f"W_enc_{i}.safetensors"),
         )
-        save_file({f"W_dec_{i}": w["W_dec"][i, :, : L - i].contiguous()}, str(out / f"W_dec_{i}.safetensors"))
+        save_file(
+            {f"W_dec_{i}": w["W_dec"][i, :, : L - i].contiguous()},
+            str(out / f"W_dec_{i}.safetensors"),
+        )
 
 
 def heldout_batches(n_sequences: int = EVAL_SEQUENCES) -> Iterator[Tensor]:
     from spd_host.data import TokenDatasetSpec, iter_token_batches
     from spd_host.models import load_tokenizer
 
-    spec = TokenDatasetSpec(source="demo", split="heldout", seq_len=SEQ_LEN, seed=SEED, shuffle=False)
-    yield from iter_token_batches(spec, load_tokenizer("demo"), batch_size=8, n_tokens=n_sequences * SEQ_LEN)
+    spec = TokenDatasetSpec(
+        source="demo", split="heldout", seq_len=SEQ_LEN, seed=SEED, shuffle=False
+    )
+    yield from iter_token_batches(
+        spec, load_tokenizer("demo"), batch_size=8, n_tokens=n_sequences * SEQ_LEN
+    )
 
 
 @contextmanager
@@ -263,7 +284,9 @@ def evaluate(decomposition_id: str, n_sequences: int = EVAL_SEQUENCES) -> dict[s
     n_tok = 0
 
     def ce(logits: Tensor, tokens: Tensor) -> float:
-        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+        return float(
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+        )
 
     for tokens in heldout_batches(n_sequences):
         batch = harvest(tokens)
@@ -296,7 +319,9 @@ def main(kind: str, out: Path) -> dict[str, Any]:
     _log(f"collecting {N_TOKENS} tokens of activations from the demo model")
     _, xs, ys = collect()
     cross = kind == "clt"
-    _log(f"training {'a CLT' if cross else 'per-layer transcoders'} ({N_FEATURES} features per layer)")
+    _log(
+        f"training {'a CLT' if cross else 'per-layer transcoders'} ({N_FEATURES} features per layer)"
+    )
     net = train(xs, ys, cross_layer=cross)
     weights = finalise(net, xs, ys)
     (save_clt if cross else save_transcoders)(weights, out)

@@ -13,6 +13,7 @@ import re
 from typing import Literal
 
 from spd_host.errors import FormatError, SpdHostError
+from spd_host.topology import hook_point_from_module_path, hook_point_from_transformerlens
 
 # circuit-tracer adds hook points to TransformerLens MLPs; they coincide with standard ones.
 _CIRCUIT_TRACER_ALIASES = {
@@ -20,7 +21,7 @@ _CIRCUIT_TRACER_ALIASES = {
     "mlp.hook_out": "hook_mlp_out",
 }
 
-_HOOK_POINT_RE = re.compile(r"^(\d+)\.(resid_pre|resid_mid|mlp_in|mlp_out|attn_out|resid_post)$")
+_HOOK_POINT_RE = re.compile(r"^(\d+)\.([a-z_]+)$")
 
 
 def from_transformerlens(name: str, *, where: str) -> str:
@@ -29,7 +30,7 @@ def from_transformerlens(name: str, *, where: str) -> str:
     if m and m.group(2) in _CIRCUIT_TRACER_ALIASES:
         name = f"blocks.{m.group(1)}.{_CIRCUIT_TRACER_ALIASES[m.group(2)]}"
     try:
-        point = _tl(name)
+        point = hook_point_from_transformerlens(name)
     except (SpdHostError, ValueError, KeyError) as err:
         raise FormatError(
             f"{where}: hook {name!r} is not a hook point spd-host can map ({err})",
@@ -48,7 +49,7 @@ def from_block_relative(hook: str, layer: int, *, where: str) -> str:
 def from_module_path(path: str, role: Literal["input", "output"], *, where: str) -> str:
     """sparsify hookpoints: (``layers.5.mlp``, input) -> ``5.mlp_in``."""
     try:
-        return _module_path(path, role)
+        return hook_point_from_module_path(path, role)
     except (SpdHostError, ValueError, KeyError) as err:
         raise FormatError(
             f"{where}: hookpoint {path!r} is not a module spd-host can map ({err})",
@@ -59,43 +60,12 @@ def from_module_path(path: str, role: Literal["input", "output"], *, where: str)
 def layer_of(hook_point: str) -> int:
     m = _HOOK_POINT_RE.match(hook_point)
     if not m:
-        raise FormatError(f"{hook_point!r} is not a per-layer canonical hook point")
+        raise FormatError(
+            f"{hook_point!r} is not a per-layer hook point",
+            hint="transcoder and CLT sites must read a hook point inside a block",
+        )
     return int(m.group(1))
 
 
 def kind_of(hook_point: str) -> str:
     return hook_point.split(".", 1)[1]
-
-
-_TL_SUFFIX = {
-    "hook_resid_pre": "resid_pre",
-    "hook_resid_mid": "resid_mid",
-    "ln2.hook_normalized": "mlp_in",
-    "hook_mlp_out": "mlp_out",
-    "hook_attn_out": "attn_out",
-    "hook_resid_post": "resid_post",
-}
-
-
-def _tl(name: str) -> str:
-    try:
-        from spd_host.topology import hook_point_from_transformerlens
-    except ImportError:  # TEMPORARY: until spd_host.topology lands on this branch
-        m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
-        if not m or m.group(2) not in _TL_SUFFIX:
-            raise ValueError(f"unknown TransformerLens hook {name!r}") from None
-        return f"{m.group(1)}.{_TL_SUFFIX[m.group(2)]}"
-    return hook_point_from_transformerlens(name)
-
-
-def _module_path(path: str, role: Literal["input", "output"]) -> str:
-    try:
-        from spd_host.topology import hook_point_from_module_path
-    except ImportError:  # TEMPORARY: until spd_host.topology lands on this branch
-        m = re.match(r"^(?:.*\.)?(?:layers|h|blocks)\.(\d+)(\.mlp)?$", path)
-        if not m:
-            raise ValueError(f"unknown module path {path!r}") from None
-        if m.group(2):
-            return f"{m.group(1)}.mlp_in" if role == "input" else f"{m.group(1)}.mlp_out"
-        return f"{m.group(1)}.resid_pre" if role == "input" else f"{m.group(1)}.resid_post"
-    return hook_point_from_module_path(path, role)

@@ -421,7 +421,7 @@ def read_circuit_tracer(root: Path) -> TranscoderLayout:
             f"{where}: unknown activation {act_cfg!r}",
             hint="circuit-tracer transcoders use relu, topk (with k) or JumpReLU (threshold in the weights)",
         )
-    sites = [_circuit_tracer_site(i, path, cfg, where) for i, path in enumerate(files)]
+    sites = [_circuit_tracer_site(i, path, cfg, cfg_path) for i, path in enumerate(files)]
     model = cfg.get("model_name")
     return TranscoderLayout(
         format="circuit-tracer",
@@ -466,7 +466,8 @@ def _circuit_tracer_files(root: Path, cfg: dict[str, Any], where: str) -> list[P
     return [layer_files[i] for i in range(len(layer_files))]
 
 
-def _circuit_tracer_site(layer: int, path: Path, cfg: dict[str, Any], where: str) -> SiteSource:
+def _circuit_tracer_site(layer: int, path: Path, cfg: dict[str, Any], cfg_path: Path) -> SiteSource:
+    where = str(cfg_path)
     tf = TensorFile(path)
     n, d = tf.shape("W_enc") if len(tf.shape("W_enc")) == 2 else (0, 0)
     if n == 0:
@@ -528,6 +529,6 @@ def _circuit_tracer_site(layer: int, path: Path, cfg: dict[str, Any], where: str
         d_in=d,
         d_out=d_out,
         activation=act_name if kk is None else f"topk(k={kk})",
-        config_file=path,
+        config_file=cfg_path,
         load=load,
     )

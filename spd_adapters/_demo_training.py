@@ -47,7 +47,6 @@ def collect(n_tokens: int = N_TOKENS) -> tuple[torch.nn.Module, list[Tensor], li
     """Base model plus ``mlp_in`` and ``mlp_out`` activations ``[T, d]`` per layer."""
     from spd_host.data import TokenDatasetSpec, iter_token_batches
     from spd_host.models import load_base_model, load_tokenizer
-
     from spd_host.topology import topology_of
 
     model = load_base_model("demo")

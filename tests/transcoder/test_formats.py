@@ -506,3 +506,42 @@ def test_clt_directory_points_to_clt_method(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder"}))
     with pytest.raises(FormatError, match=r"hint: load it with the clt method"):
         load(tmp_path)
+
+
+def test_two_dictionaries_on_one_layer_get_hook_kind_names(
+    tmp_path: Path, gen: torch.Generator
+) -> None:
+    write_sparsify(
+        tmp_path / "run", "layers.1", transcode=False, activation="topk", k=3, skip=False, gen=gen
+    )
+    (tmp_path / "run" / "config.json").unlink()
+    write_sparsify(
+        tmp_path / "run",
+        "layers.1.mlp",
+        transcode=True,
+        activation="topk",
+        k=3,
+        skip=False,
+        gen=gen,
+    )
+    adapter = load(tmp_path / "run")
+    assert sorted((s.name, s.reads_from) for s in adapter.sites) == [
+        ("layer_1.mlp_in", "1.mlp_in"),
+        ("layer_1.resid_post", "1.resid_post"),
+    ]
+
+
+def test_metadata_reads_no_weights(
+    tmp_path: Path, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spd_adapters._files import TensorFile
+    from spd_host.cli.info_cmd import describe_adapter
+
+    write_circuit_tracer(tmp_path / "ct", 2, gen=gen, threshold=True)
+
+    def no_reads(self, key, dtype=None):
+        raise AssertionError(f"weights read for metadata: {key}")
+
+    monkeypatch.setattr(TensorFile, "get", no_reads)
+    doc = describe_adapter(load(tmp_path / "ct"))
+    assert doc["n_components"] == 2 * N and doc["method"]["name"] == "transcoder"

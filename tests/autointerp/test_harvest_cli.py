@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from llm_server import LLMServer
@@ -12,22 +14,40 @@ from spd_host.autointerp.api import labels_db_path, load_labels
 from spd_host.autointerp.bridge import HarvestEvidence, evidence_from_harvest
 from spd_host.cli.app import app
 from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
+from spd_host.paths import home
 from spd_host.plugins import temporary_plugins
 from tests.harvest import toy_plugin
 
 ID = "toy:demo"
 
 
-@pytest.fixture
-def toy_harvest() -> Iterator[HarvestRepo]:
-    with temporary_plugins(("toy", toy_plugin), entry_points=False):
+@pytest.fixture(scope="module")
+def _built_harvest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Harvest once per module (a few seconds); each test gets its own copy."""
+    home = tmp_path_factory.mktemp("harvest_home")
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        temporary_plugins(("toy", toy_plugin), entry_points=False),
+    ):
+        mp.setenv("SPD_HOST_HOME", str(home))
         config = HarvestConfig(
-            n_tokens=960, batch_size=4, seq_len=12, examples_per_component=5, context_tokens=3,
-            output_top_k=5, min_token_support=2,
+            n_tokens=960,
+            batch_size=4,
+            seq_len=12,
+            examples_per_component=5,
+            context_tokens=3,
+            output_top_k=5,
+            min_token_support=2,
         )
-        repo = run_harvest(ID, config, batches=toy_plugin.toy_source(4, 12), progress=False)
-        assert repo is not None
-        yield repo
+        assert run_harvest(ID, config, batches=toy_plugin.toy_source(4, 12), progress=False)
+    return home / "results"
+
+
+@pytest.fixture
+def toy_harvest(_built_harvest: Path) -> Iterator[HarvestRepo]:
+    shutil.copytree(_built_harvest, home() / "results", dirs_exist_ok=True)
+    with temporary_plugins(("toy", toy_plugin), entry_points=False):
+        yield HarvestRepo.open(ID)
 
 
 def test_bridge_decodes_harvest_evidence(toy_harvest: HarvestRepo) -> None:
@@ -39,7 +59,9 @@ def test_bridge_decodes_harvest_evidence(toy_harvest: HarvestRepo) -> None:
     assert ev.firing_density == pytest.approx(detail.firing_count / toy_harvest.n_tokens)
     # token ids decode through the toy tokenizer: id i -> "t{i} "
     stats = toy_harvest.token_stats(key, "input", top=10)
-    assert [(t.token, t.value) for t in ev.input_tokens.pmi] == [(f"t{s.token} ", s.value) for s in stats.top_pmi]
+    assert [(t.token, t.value) for t in ev.input_tokens.pmi] == [
+        (f"t{s.token} ", s.value) for s in stats.top_pmi
+    ]
     first = detail.top_examples[0]
     assert ev.examples[0].tokens == tuple(f"t{t} " for t in first.tokens)
     assert ev.examples[0].activations == pytest.approx(first.activations["act"])  # primary type
@@ -61,7 +83,10 @@ def test_cli_offline_baseline_end_to_end_and_resume(toy_harvest: HarvestRepo) ->
 
         again = runner.invoke(app, ["autointerp", ID, "--json"])
         assert again.exit_code == 0, again.output
-        assert '"n_labelled": 0' in again.output and f'"n_already_labelled": {len(firing)}' in again.output
+        assert (
+            '"n_labelled": 0' in again.output
+            and f'"n_already_labelled": {len(firing)}' in again.output
+        )
 
         key = sorted(firing)[0]
         shown = runner.invoke(app, ["show", ID, key])
@@ -75,8 +100,21 @@ def test_cli_against_openai_compatible_server(toy_harvest: HarvestRepo) -> None:
     with temporary_plugins(("toy", toy_plugin), entry_points=False), LLMServer() as server:
         result = runner.invoke(
             app,
-            ["autointerp", ID, "--provider", "openai-compatible", "--model", "local-model", "--base-url",
-             server.openai_url, "--strategy", "dual_view", "--limit", "3", "--no-progress"],
+            [
+                "autointerp",
+                ID,
+                "--provider",
+                "openai-compatible",
+                "--model",
+                "local-model",
+                "--base-url",
+                server.openai_url,
+                "--strategy",
+                "dual_view",
+                "--limit",
+                "3",
+                "--no-progress",
+            ],
         )
         assert result.exit_code == 0, result.output
     assert len(server.requests) == 3

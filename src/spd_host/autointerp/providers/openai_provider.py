@@ -74,8 +74,8 @@ class OpenAIChatClient:
                     {"role": "system", "content": request.system},
                     {"role": "user", "content": request.prompt},
                 ],
-                max_completion_tokens=request.max_output_tokens,
                 response_format=response_format,
+                **self._limit(request.max_output_tokens),
             )
         except self._sdk.APIError as err:
             mapped = translate(err, self._sdk, self._provider)
@@ -95,6 +95,11 @@ class OpenAIChatClient:
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
         return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
+
+    def _limit(self, n: int) -> dict[str, int]:
+        """OpenAI wants ``max_completion_tokens`` (``max_tokens`` is deprecated there and
+        rejected by reasoning models); many compatible servers only know ``max_tokens``."""
+        return {"max_completion_tokens": n} if self._provider == "openai" else {"max_tokens": n}
 
     async def aclose(self) -> None:
         await self._client.close()

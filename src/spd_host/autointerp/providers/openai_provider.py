@@ -75,7 +75,10 @@ class OpenAIChatClient:
                     {"role": "user", "content": request.prompt},
                 ],
                 response_format=response_format,
-                **self._limit(request.max_output_tokens),
+                max_completion_tokens=request.max_output_tokens
+                if self._new_limit
+                else self._sdk.omit,
+                max_tokens=self._sdk.omit if self._new_limit else request.max_output_tokens,
             )
         except self._sdk.APIError as err:
             mapped = translate(err, self._sdk, self._provider)
@@ -96,10 +99,11 @@ class OpenAIChatClient:
             raise err.with_response(raw, n_in, n_out) from None
         return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
 
-    def _limit(self, n: int) -> dict[str, int]:
+    @property
+    def _new_limit(self) -> bool:
         """OpenAI wants ``max_completion_tokens`` (``max_tokens`` is deprecated there and
         rejected by reasoning models); many compatible servers only know ``max_tokens``."""
-        return {"max_completion_tokens": n} if self._provider == "openai" else {"max_tokens": n}
+        return self._provider == "openai"
 
     async def aclose(self) -> None:
         await self._client.close()

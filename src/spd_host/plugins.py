@@ -84,7 +84,9 @@ class RegisteredMethod:
 class PluginHost:
     """The plugin manager plus the registries its ``register_*`` hooks filled."""
 
-    def __init__(self, extra_plugins: Sequence[tuple[str, object]] = (), *, entry_points: bool = True):
+    def __init__(
+        self, extra_plugins: Sequence[tuple[str, object]] = (), *, entry_points: bool = True
+    ):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
@@ -103,8 +105,11 @@ class PluginHost:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else None
             first_party = dist is not None and _canonical(dist) == FIRST_PARTY_DISTRIBUTION
-            if not first_party and allow is not None and ep.name not in allow and (
-                dist is None or dist not in allow
+            if (
+                not first_party
+                and allow is not None
+                and ep.name not in allow
+                and (dist is None or dist not in allow)
             ):
                 continue
             if ep.name in self.records:
@@ -130,9 +135,7 @@ class PluginHost:
         except Exception as err:  # pluggy validation errors, duplicate registration
             record.errors.append(f"registration failed: {_short(err)}")
             return
-        record.hooks = sorted(
-            {hc.name for hc in self.pm.get_hookcallers(plugin) or []}
-        )
+        record.hooks = sorted({hc.name for hc in self.pm.get_hookcallers(plugin) or []})
 
     def _run_register_hooks(self) -> None:
         for hook_name in REGISTER_HOOKS:
@@ -145,11 +148,15 @@ class PluginHost:
                 except Exception as err:
                     record.errors.append(f"{hook_name} raised: {_short(err)}")
 
-    def _register_callback(self, hook_name: str, plugin_name: str, plugin: object) -> Callable[[Any], None]:
+    def _register_callback(
+        self, hook_name: str, plugin_name: str, plugin: object
+    ) -> Callable[[Any], None]:
         def register(obj: Any) -> None:
             if hook_name == "register_methods":
                 if not isinstance(obj, MethodInfo):
-                    raise TypeError(f"register_methods expects MethodInfo, got {type(obj).__name__}")
+                    raise TypeError(
+                        f"register_methods expects MethodInfo, got {type(obj).__name__}"
+                    )
                 if obj.name in self.methods:
                     owner = self.methods[obj.name].plugin_name
                     raise PluginError(
@@ -186,7 +193,11 @@ class PluginHost:
 
     def load_adapter(self, decomposition_id: str | DecompositionId) -> DecompositionAdapter:
         """Parse an ID and ask the owning plugin for its adapter."""
-        did = decomposition_id if isinstance(decomposition_id, DecompositionId) else self.parse_id(decomposition_id)
+        did = (
+            decomposition_id
+            if isinstance(decomposition_id, DecompositionId)
+            else self.parse_id(decomposition_id)
+        )
         owner = self.methods.get(did.method)
         if owner is None:
             raise DecompositionIdError(
@@ -205,13 +216,17 @@ class PluginHost:
             )
         return adapter
 
-    def harvest_fn(self, adapter: DecompositionAdapter, options: HarvestOptions | None = None) -> HarvestFn:
+    def harvest_fn(
+        self, adapter: DecompositionAdapter, options: HarvestOptions | None = None
+    ) -> HarvestFn:
         """The owning plugin's HarvestFn, wrapped so every batch is validated."""
         options = options or HarvestOptions()
         owner = self.methods[adapter.method.name]
         fn = self._call_owner("harvest_fn", owner, adapter=adapter, options=options)
         if fn is None:
-            raise PluginError(f"plugin {owner.plugin_name!r} provides no harvest_fn for {adapter.decomposition_id!r}")
+            raise PluginError(
+                f"plugin {owner.plugin_name!r} provides no harvest_fn for {adapter.decomposition_id!r}"
+            )
         sites = list(adapter.sites)
         act_types = list(adapter.activation_types)
 
@@ -279,7 +294,9 @@ def reset_host() -> None:
 
 
 @contextmanager
-def temporary_plugins(*plugins: tuple[str, object], entry_points: bool = True) -> Iterator[PluginHost]:
+def temporary_plugins(
+    *plugins: tuple[str, object], entry_points: bool = True
+) -> Iterator[PluginHost]:
     """Use a host with extra ``(name, plugin)`` pairs registered, for tests and notebooks."""
     global _HOST
     previous = _HOST

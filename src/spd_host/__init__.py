@@ -34,6 +34,9 @@ _LAZY = {
     "ComponentEvidence": "spd_host.autointerp",
     "run_autointerp": "spd_host.autointerp",
     "load_labels": "spd_host.autointerp",
+    "topology_of": "spd_host.topology",
+    "TransformerTopology": "spd_host.topology",
+    "ArchitectureSpec": "spd_host.topology",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

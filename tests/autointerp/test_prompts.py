@@ -113,3 +113,11 @@ def test_parse_answer_accepts_fenced_json_and_flags_truncation() -> None:
     assert ok.label == "Cats"
     with pytest.raises(MalformedAnswerError, match="cut off"):
         parse_answer('{"label": "x", "confidence": "low", "reasoning": "r"}', truncated=True)
+
+
+def test_location_descriptions_use_the_topology_grammar() -> None:
+    from spd_host.autointerp.bridge import describe_location
+
+    assert describe_location("3.glu.down", 12) == "MLP down-projection in block 3 of 12"
+    assert describe_location("3.mlp_in", None) == "MLP input (after its layer norm) in block 3"
+    assert describe_location("not-canonical", 4) == "not-canonical"

@@ -47,6 +47,7 @@ def test_round_trip_sends_schema_and_key_and_stores_label(
         fmt = req.body["response_format"]
         assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == ANSWER_SCHEMA
         assert fmt["json_schema"]["strict"] is True
+        assert req.body["max_completion_tokens"] == 600 and "max_tokens" not in req.body
     assert METHOD_DESCRIPTION in req.prompt  # the method blurb comes from the evidence/adapter
     (row,) = rows(db)
     assert row.status == "ok" and row.label == "label of MARK7" and row.confidence == "medium"

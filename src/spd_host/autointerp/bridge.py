@@ -48,6 +48,17 @@ class HarvestEvidence:
         return get_host().load_adapter(self.repo.adapter_id)
 
     @cached_property
+    def n_layers(self) -> int | None:
+        """Block count from the base model's config (no weights), for "block i of n"."""
+        try:
+            from spd_host.topology.loading import load_config
+
+            config = load_config(self.adapter.base_model_name)
+            return int(config.num_hidden_layers)  # type: ignore[attr-defined]
+        except Exception:
+            return None
+
+    @cached_property
     def tokenizer(self) -> Any:
         return self.repo.tokenizer
 
@@ -81,7 +92,9 @@ class HarvestEvidence:
         primary = adapter.activation_types[0]
         site = next((s for s in adapter.sites if s.name == detail.site), None)
         location = site.reads_from if site is not None else detail.site
-        description = (site.description if site is not None else "") or _describe(location)
+        description = (site.description if site is not None else "") or describe_location(
+            location, self.n_layers
+        )
         examples = tuple(
             ActivationExample(
                 tokens=tuple(self.decode(t) for t in ex.tokens),
@@ -115,9 +128,18 @@ class HarvestEvidence:
         )
 
 
-def _describe(location: str) -> str:
-    """A human description of a canonical hook point (without loading the model, which
-    ``TransformerTopology.describe`` would need)."""
+def describe_location(location: str, n_layers: int | None) -> str:
+    """A human description of a canonical hook point or module address, without loading the
+    model: the topology grammar's wording when the block count is known, else a plain one."""
+    if n_layers:
+        try:
+            from spd_host.topology import grammar
+
+            if grammar.is_hook_point(location):
+                return grammar.describe_hook_point(grammar.parse_hook_point(location), n_layers)
+            return grammar.describe_address(grammar.parse_address(location), n_layers)
+        except Exception:
+            pass
     layer, _, role = location.partition(".")
     names = {
         "resid_pre": "residual stream entering block",

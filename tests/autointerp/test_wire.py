@@ -219,3 +219,26 @@ def test_compatible_servers_get_max_tokens(tmp_path: Path) -> None:
     assert report.n_labelled == 1 and report.spent_usd == 0
     assert server.requests[0].body["max_tokens"] == 600
     assert "authorization" in server.requests[0].headers  # a placeholder key; no env var needed
+
+
+def test_openrouter_speaks_openai_wire_format(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OPENROUTER_API_KEY", SECRET)
+    with LLMServer() as server:
+        from spd_host.autointerp.config import AutointerpConfig
+        from spd_host.autointerp.runner import label_components
+
+        config = AutointerpConfig(
+            provider="openrouter", model="google/gemini-2.5-flash", base_url=server.openai_url
+        )
+        report = label_components(
+            [make_evidence(3)],
+            config,
+            db_path=tmp_path / "l.db",
+            harvest_id="h",
+            decomposition_id="t:demo",
+        )
+    assert report.n_labelled == 1
+    assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
+    assert report.spent_usd == pytest.approx((100 * 0.3 + 40 * 2.5) / 1e6)

@@ -208,9 +208,7 @@ def validate_harvest_batch(
     B, S = tokens.shape
     expected = {s.name: s.n_components for s in sites}
     if set(batch.firings) != set(expected):
-        raise fail(
-            f"firings has sites {sorted(batch.firings)}, expected {sorted(expected)}"
-        )
+        raise fail(f"firings has sites {sorted(batch.firings)}, expected {sorted(expected)}")
     if set(batch.activations) != set(expected):
         raise fail(
             f"activations has sites {sorted(batch.activations)}, expected {sorted(expected)}"

@@ -17,10 +17,9 @@ result, so ``transcoder:./x`` and ``transcoder:/abs/x`` share results.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -41,7 +40,7 @@ _WANDB_RE = re.compile(r"^(?P<entity>[\w.-]+)/(?P<project>[\w.-]+)/(?P<run>[\w.-
 _METHOD_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
-class SourceKind(str, Enum):
+class SourceKind(StrEnum):
     DEMO = "demo"
     LOCAL = "local"
     HF = "hf"
@@ -117,9 +116,7 @@ def parse_decomposition_id(
     if not _METHOD_RE.match(method):
         raise _id_error(f"{method!r} is not a valid method name", known, short_id_patterns)
     if method not in known:
-        raise _id_error(
-            f"unknown method {method!r} in {raw!r}", known, short_id_patterns
-        )
+        raise _id_error(f"unknown method {method!r} in {raw!r}", known, short_id_patterns)
 
     if source == "demo":
         return DecompositionId(method=method, kind=SourceKind.DEMO, raw=raw)
@@ -153,7 +150,7 @@ def parse_decomposition_id(
     if own_pattern and re.fullmatch(own_pattern, source):
         return DecompositionId(method=method, kind=SourceKind.SHORT, raw=raw, short_id=source)
     base = cwd or Path.cwd()
-    path = Path(os.path.expanduser(source))
+    path = Path(source).expanduser()
     path = (path if path.is_absolute() else base / path).resolve()
     return DecompositionId(method=method, kind=SourceKind.LOCAL, raw=raw, path=path)
 
@@ -198,8 +195,12 @@ def fetch_source(
     if did.kind is SourceKind.HF:
         return _fetch_hf(did, allow_patterns)
     if did.kind is SourceKind.WANDB:
-        return fetch_wandb_run(str(did.wandb_path), allow_patterns=allow_patterns, cache_root=cache_root)
-    raise ValueError(f"{did.kind.value} sources are resolved by the owning plugin, not fetch_source")
+        return fetch_wandb_run(
+            str(did.wandb_path), allow_patterns=allow_patterns, cache_root=cache_root
+        )
+    raise ValueError(
+        f"{did.kind.value} sources are resolved by the owning plugin, not fetch_source"
+    )
 
 
 def _fetch_hf(did: DecompositionId, allow_patterns: Sequence[str] | None) -> Path:

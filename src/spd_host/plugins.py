@@ -40,6 +40,11 @@ ENTRY_POINT_GROUP = "spd_host"
 LOAD_PLUGINS_ENV = "SPD_HOST_LOAD_PLUGINS"
 FIRST_PARTY_DISTRIBUTION = "spd-host"
 
+# Plugin modules that are part of the host itself (not optional, not behind an entry point).
+# They register first, so an entry-point plugin registering the same provider/strategy name
+# overrides them (``registered`` lists later plugins first).
+BUILTIN_PLUGINS = (("spd_host.autointerp", "spd_host.autointerp.plugin"),)
+
 REGISTER_HOOKS = (
     "register_methods",
     "register_architectures",
@@ -84,12 +89,15 @@ class RegisteredMethod:
 class PluginHost:
     """The plugin manager plus the registries its ``register_*`` hooks filled."""
 
-    def __init__(self, extra_plugins: Sequence[tuple[str, object]] = (), *, entry_points: bool = True):
+    def __init__(
+        self, extra_plugins: Sequence[tuple[str, object]] = (), *, entry_points: bool = True
+    ):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
         self.methods: dict[str, RegisteredMethod] = {}
         self.registries: dict[str, list[tuple[str, Any]]] = {h: [] for h in REGISTER_HOOKS}
+        self._load_builtins()
         if entry_points:
             self._load_entry_points()
         for name, plugin in extra_plugins:
@@ -97,14 +105,32 @@ class PluginHost:
         self._run_register_hooks()
 
     # -- loading -------------------------------------------------------------------------------
+    def _load_builtins(self) -> None:
+        import importlib
+
+        for name, module in BUILTIN_PLUGINS:
+            record = PluginRecord(
+                name=name, distribution=FIRST_PARTY_DISTRIBUTION, first_party=True
+            )
+            try:
+                plugin = importlib.import_module(module)
+            except Exception as err:
+                record.errors.append(f"import of {module!r} failed: {_short(err)}")
+                self.records[name] = record
+                continue
+            self._register(name, plugin, record)
+
     def _load_entry_points(self) -> None:
         allowed = os.environ.get(LOAD_PLUGINS_ENV)
         allow = None if allowed is None else {a.strip() for a in allowed.split(",") if a.strip()}
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else None
             first_party = dist is not None and _canonical(dist) == FIRST_PARTY_DISTRIBUTION
-            if not first_party and allow is not None and ep.name not in allow and (
-                dist is None or dist not in allow
+            if (
+                not first_party
+                and allow is not None
+                and ep.name not in allow
+                and (dist is None or dist not in allow)
             ):
                 continue
             if ep.name in self.records:
@@ -130,14 +156,22 @@ class PluginHost:
         except Exception as err:  # pluggy validation errors, duplicate registration
             record.errors.append(f"registration failed: {_short(err)}")
             return
-        record.hooks = sorted(
-            {hc.name for hc in self.pm.get_hookcallers(plugin) or []}
-        )
+        record.hooks = sorted({hc.name for hc in self.pm.get_hookcallers(plugin) or []})
 
     def _run_register_hooks(self) -> None:
         for hook_name in REGISTER_HOOKS:
             caller = getattr(self.pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):
+            # Registration order, first-party (built-ins and this distribution's entry points)
+            # first: a third-party plugin cannot take a first-party method name, and
+            # ``registered()`` (which lists later registrations first) lets it override a
+            # built-in provider, strategy, suite or architecture on purpose.
+            impls = sorted(
+                caller.get_hookimpls(),
+                key=lambda impl: (
+                    not self.records.get(impl.plugin_name, PluginRecord("")).first_party
+                ),
+            )
+            for impl in impls:
                 record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
                 register = self._register_callback(hook_name, impl.plugin_name, impl.plugin)
                 try:
@@ -145,11 +179,15 @@ class PluginHost:
                 except Exception as err:
                     record.errors.append(f"{hook_name} raised: {_short(err)}")
 
-    def _register_callback(self, hook_name: str, plugin_name: str, plugin: object) -> Callable[[Any], None]:
+    def _register_callback(
+        self, hook_name: str, plugin_name: str, plugin: object
+    ) -> Callable[[Any], None]:
         def register(obj: Any) -> None:
             if hook_name == "register_methods":
                 if not isinstance(obj, MethodInfo):
-                    raise TypeError(f"register_methods expects MethodInfo, got {type(obj).__name__}")
+                    raise TypeError(
+                        f"register_methods expects MethodInfo, got {type(obj).__name__}"
+                    )
                 if obj.name in self.methods:
                     owner = self.methods[obj.name].plugin_name
                     raise PluginError(
@@ -186,7 +224,11 @@ class PluginHost:
 
     def load_adapter(self, decomposition_id: str | DecompositionId) -> DecompositionAdapter:
         """Parse an ID and ask the owning plugin for its adapter."""
-        did = decomposition_id if isinstance(decomposition_id, DecompositionId) else self.parse_id(decomposition_id)
+        did = (
+            decomposition_id
+            if isinstance(decomposition_id, DecompositionId)
+            else self.parse_id(decomposition_id)
+        )
         owner = self.methods.get(did.method)
         if owner is None:
             raise DecompositionIdError(
@@ -205,13 +247,17 @@ class PluginHost:
             )
         return adapter
 
-    def harvest_fn(self, adapter: DecompositionAdapter, options: HarvestOptions | None = None) -> HarvestFn:
+    def harvest_fn(
+        self, adapter: DecompositionAdapter, options: HarvestOptions | None = None
+    ) -> HarvestFn:
         """The owning plugin's HarvestFn, wrapped so every batch is validated."""
         options = options or HarvestOptions()
         owner = self.methods[adapter.method.name]
         fn = self._call_owner("harvest_fn", owner, adapter=adapter, options=options)
         if fn is None:
-            raise PluginError(f"plugin {owner.plugin_name!r} provides no harvest_fn for {adapter.decomposition_id!r}")
+            raise PluginError(
+                f"plugin {owner.plugin_name!r} provides no harvest_fn for {adapter.decomposition_id!r}"
+            )
         sites = list(adapter.sites)
         act_types = list(adapter.activation_types)
 
@@ -279,7 +325,9 @@ def reset_host() -> None:
 
 
 @contextmanager
-def temporary_plugins(*plugins: tuple[str, object], entry_points: bool = True) -> Iterator[PluginHost]:
+def temporary_plugins(
+    *plugins: tuple[str, object], entry_points: bool = True
+) -> Iterator[PluginHost]:
     """Use a host with extra ``(name, plugin)`` pairs registered, for tests and notebooks."""
     global _HOST
     previous = _HOST

@@ -46,7 +46,11 @@ def info(
         table.add_column(col)
     for s in doc["sites"]:
         table.add_row(
-            s["name"], str(s["n_components"]), s["reads_from"], ", ".join(s["writes_to"]), s["description"]
+            s["name"],
+            str(s["n_components"]),
+            s["reads_from"],
+            ", ".join(s["writes_to"]),
+            s["description"],
         )
     console.print(table)
     console.print(f"[dim]{doc['method']['description']}[/]")

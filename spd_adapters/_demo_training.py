@@ -44,7 +44,9 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def collect(model_name: str = "demo", n_tokens: int = N_TOKENS) -> tuple[torch.nn.Module, list[Tensor], list[Tensor]]:
+def collect(
+    model_name: str = "demo", n_tokens: int = N_TOKENS
+) -> tuple[torch.nn.Module, list[Tensor], list[Tensor]]:
     """Base model plus ``mlp_in`` and ``mlp_out`` activations ``[T, d]`` per layer."""
     from spd_host.data import TokenDatasetSpec, iter_token_batches
     from spd_host.models import load_base_model, load_tokenizer
@@ -254,9 +256,7 @@ def heldout_batches(tokenizer: Any, n_sequences: int = EVAL_SEQUENCES) -> Iterat
     spec = TokenDatasetSpec(
         source="demo", split="heldout", seq_len=SEQ_LEN, seed=SEED, shuffle=False
     )
-    yield from iter_token_batches(
-        spec, tokenizer, batch_size=8, n_tokens=n_sequences * SEQ_LEN
-    )
+    yield from iter_token_batches(spec, tokenizer, batch_size=8, n_tokens=n_sequences * SEQ_LEN)
 
 
 @contextmanager

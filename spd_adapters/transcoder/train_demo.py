@@ -14,5 +14,9 @@ from spd_adapters._demo_training import main
 
 if __name__ == "__main__":
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "demo_assets"
-    main("transcoder", out, sys.argv[2] if len(sys.argv) > 2 else "demo",
-         int(sys.argv[3]) if len(sys.argv) > 3 else 500)
+    main(
+        "transcoder",
+        out,
+        sys.argv[2] if len(sys.argv) > 2 else "demo",
+        int(sys.argv[3]) if len(sys.argv) > 3 else 500,
+    )

@@ -1,0 +1,122 @@
+"""The adapter end to end on a tiny GPT-2: loading through the host, HarvestFn, splice.
+
+References are computed with plain torch forward hooks on the Hugging Face modules, not with the
+plugin's or the host's hook machinery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from molt_files import random_molt_tensors, write_molt, write_tiny_gpt2
+
+pytest.importorskip(
+    "spd_host.topology", reason="spd_host.topology (branch topology) not merged yet"
+)
+pytest.importorskip("spd_host.models", reason="spd_host.models (branch demo) not merged yet")
+
+import spd_host_molt.plugin as molt_plugin
+from spd_host_molt.adapter import MoltAdapter
+
+import spd_host
+from spd_host.adapter import HarvestOptions, validate_harvest_batch
+
+D, LAYER = 16, 1
+RANKS = {1: 6, 4: 3}
+
+
+@pytest.fixture
+def molt_dir(tmp_path: Path) -> Path:
+    base = write_tiny_gpt2(tmp_path / "base", d_model=D)
+    sd = random_molt_tensors(D, RANKS, seed=7)
+    return write_molt(
+        tmp_path / "molt",
+        sd,
+        d_model=D,
+        ranks=RANKS,
+        layer=LAYER,
+        lm={"model_name": "gpt2", "model_from_pretrained_path": str(base)},
+    )
+
+
+def load(molt_dir: Path) -> MoltAdapter:
+    with spd_host.temporary_plugins(("molt", molt_plugin), entry_points=False):
+        adapter = spd_host.load_adapter(f"molt:{molt_dir}")
+    assert isinstance(adapter, MoltAdapter)
+    return adapter
+
+
+def mlp_io(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    mlp = model.transformer.h[LAYER].mlp
+    handle = mlp.register_forward_hook(
+        lambda m, a, out: seen.update(x=a[0].detach(), y=out.detach())
+    )
+    with torch.no_grad():
+        model(tokens)
+    handle.remove()
+    return seen["x"], seen["y"]
+
+
+def test_metadata(molt_dir: Path) -> None:
+    adapter = load(molt_dir)
+    assert isinstance(adapter, spd_host.DecompositionAdapter)
+    assert isinstance(adapter, spd_host.SupportsSplice)
+    (site,) = adapter.sites
+    assert site.n_components == 9
+    assert site.reads_from == f"{LAYER}.mlp_in" and site.writes_to == (f"{LAYER}.mlp_out",)
+    assert adapter.decomposition_id == f"molt:{molt_dir.resolve()}"
+
+
+def test_harvest_batch(molt_dir: Path) -> None:
+    adapter = load(molt_dir)
+    options = HarvestOptions(threshold=0.0)
+    run = adapter.harvest_fn(options)
+    tokens = torch.randint(0, 64, (2, 7))
+    batch = run(tokens)
+    validate_harvest_batch(
+        batch, sites=adapter.sites, activation_types=adapter.activation_types, plugin="molt"
+    )
+    model = adapter.load_base_model()
+    x, _ = mlp_io(model, tokens)
+    f, _ = adapter.molt().encode(x)
+    site = adapter.sites[0].name
+    assert torch.allclose(batch.activations[site]["activation"], f, atol=1e-6)
+    assert torch.allclose(
+        batch.activations[site]["pre_activation"],
+        x @ adapter.molt().w.W_E + adapter.molt().w.b_E,
+        atol=1e-5,
+    )
+    assert torch.equal(batch.firings[site], f > 0)
+    assert batch.firings[site].any() and not batch.firings[site].all()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    assert batch.next_token_logits is not None
+    assert torch.allclose(batch.next_token_logits, logits, atol=1e-5)
+
+
+def test_splice_replaces_mlp_output(molt_dir: Path) -> None:
+    adapter = load(molt_dir)
+    model = adapter.load_base_model()
+    tokens = torch.randint(0, 64, (2, 7))
+    molt = adapter.molt()
+    mlp = model.transformer.h[LAYER].mlp
+    handle = mlp.register_forward_hook(lambda m, a, out: molt.reconstruct(a[0]))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    handle.remove()
+    with torch.no_grad():
+        clean = model(tokens).logits
+        with adapter.splice(model):
+            spliced = model(tokens).logits
+        after = model(tokens).logits
+    assert not torch.allclose(clean, expected, atol=1e-4), "the MOLT must change the output"
+    assert torch.allclose(spliced, expected, atol=1e-5)
+    assert torch.equal(after, clean)
+    with (
+        pytest.raises(spd_host.SpdHostError, match="unknown splice variant"),
+        adapter.splice(model, variant="nope"),
+    ):
+        pass

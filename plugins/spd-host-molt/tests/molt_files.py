@@ -80,11 +80,44 @@ def write_molt(
     return root
 
 
-def write_tiny_gpt2(root: Path, *, n_layer: int = 2, d_model: int = 16, vocab: int = 64) -> Path:
-    """A randomly initialised GPT-2 saved in Hugging Face format (config.json + model.safetensors)."""
+CORPUS = (
+    "First Citizen: Before we proceed any further, hear me speak.\n"
+    "All: Speak, speak.\nFirst Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
+) * 40
+
+
+def write_tiny_gpt2(
+    root: Path, *, n_layer: int = 2, d_model: int = 16, vocab: int = 64, tokenizer: bool = False
+) -> Path:
+    """A randomly initialised GPT-2 saved in Hugging Face format (config.json + model.safetensors).
+
+    With ``tokenizer=True`` a byte-level BPE tokenizer is trained on :data:`CORPUS` and saved in
+    the same directory (the vocabulary then sets the model's), so harvest can tokenize text.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    root.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        from tokenizers import ByteLevelBPETokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator([CORPUS], vocab_size=300, special_tokens=["<|endoftext|>"])
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+        )
+        tok.save_pretrained(str(root))
+        vocab = len(tok)
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=d_model, n_head=2, n_positions=32, vocab_size=vocab)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=d_model,
+        n_head=2,
+        n_positions=64,
+        vocab_size=vocab,
+        bos_token_id=0,  # <|endoftext|> is the first token the BPE trainer adds
+        eos_token_id=0,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(str(root))
     return root

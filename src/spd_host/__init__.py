@@ -30,6 +30,13 @@ _LAZY = {
     "get_host": "spd_host.plugins",
     "temporary_plugins": "spd_host.plugins",
     "SpdHostError": "spd_host.errors",
+    "AutointerpConfig": "spd_host.autointerp",
+    "ComponentEvidence": "spd_host.autointerp",
+    "run_autointerp": "spd_host.autointerp",
+    "load_labels": "spd_host.autointerp",
+    "topology_of": "spd_host.topology",
+    "TransformerTopology": "spd_host.topology",
+    "ArchitectureSpec": "spd_host.topology",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

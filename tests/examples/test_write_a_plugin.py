@@ -9,6 +9,7 @@ import json
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -75,9 +76,13 @@ def test_harvest_fn_produces_a_valid_batch(plugin_module, tmp_path: Path) -> Non
     )
     # independent reference: the residual stream after block LAYER via a plain forward hook
     model = adapter.load_base_model()
-    seen = {}
-    h = model.transformer.h[LAYER].register_forward_hook(
-        lambda m, a, out: seen.update(x=out[0] if isinstance(out, tuple) else out)
+    seen: dict[str, torch.Tensor] = {}
+    h = (
+        cast(Any, model)
+        .transformer.h[LAYER]
+        .register_forward_hook(
+            lambda m, a, out: seen.update(x=out[0] if isinstance(out, tuple) else out)
+        )
     )
     with torch.no_grad():
         model(tokens)

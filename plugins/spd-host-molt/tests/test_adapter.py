@@ -7,6 +7,7 @@ plugin's or the host's hook machinery.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def load(molt_dir: Path) -> MoltAdapter:
 
 def mlp_io(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
-    mlp = model.transformer.h[LAYER].mlp
+    mlp = cast(Any, model).transformer.h[LAYER].mlp
     handle = mlp.register_forward_hook(
         lambda m, a, out: seen.update(x=a[0].detach(), y=out.detach())
     )
@@ -102,7 +103,7 @@ def test_splice_replaces_mlp_output(molt_dir: Path) -> None:
     model = adapter.load_base_model()
     tokens = torch.randint(0, 64, (2, 7))
     molt = adapter.molt()
-    mlp = model.transformer.h[LAYER].mlp
+    mlp = cast(Any, model).transformer.h[LAYER].mlp
     handle = mlp.register_forward_hook(lambda m, a, out: molt.reconstruct(a[0]))
     with torch.no_grad():
         expected = model(tokens).logits

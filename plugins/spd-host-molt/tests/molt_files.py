@@ -119,5 +119,11 @@ def write_tiny_gpt2(
         bos_token_id=0,  # <|endoftext|> is the first token the BPE trainer adds
         eos_token_id=0,
     )
-    GPT2LMHeadModel(cfg).save_pretrained(str(root))
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # non-trivial norms, so that pre-/post-affine inputs differ
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+    model.save_pretrained(str(root))
     return root

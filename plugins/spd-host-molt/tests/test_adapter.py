@@ -6,6 +6,7 @@ plugin's or the host's hook machinery.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,11 +29,12 @@ D, LAYER = 16, 1
 RANKS = {1: 6, 4: 3}
 
 
-@pytest.fixture
-def molt_dir(tmp_path: Path) -> Path:
+@pytest.fixture(params=["transformerlens", "canonical"])
+def molt_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A MOLT named with Llamascopium's TransformerLens hooks, or with spd-host's own names."""
     base = write_tiny_gpt2(tmp_path / "base", d_model=D)
     sd = random_molt_tensors(D, RANKS, seed=7)
-    return write_molt(
+    root = write_molt(
         tmp_path / "molt",
         sd,
         d_model=D,
@@ -40,6 +42,19 @@ def molt_dir(tmp_path: Path) -> Path:
         layer=LAYER,
         lm={"model_name": "gpt2", "model_from_pretrained_path": str(base)},
     )
+    if request.param == "canonical":
+        cfg = json.loads((root / "config.json").read_text())
+        cfg["hook_point_in"], cfg["hook_point_out"] = f"{LAYER}.mlp_in", f"{LAYER}.mlp_out"
+        (root / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def molt_input(model: torch.nn.Module, adapter: MoltAdapter, x: torch.Tensor) -> torch.Tensor:
+    """TransformerLens (fold_ln) reads the MLP input before ln_2's affine: undo it by hand."""
+    if not adapter.cfg.hook_point_in.endswith("ln2.hook_normalized"):
+        return x
+    ln = cast(Any, model).transformer.h[LAYER].ln_2
+    return (x - ln.bias) / ln.weight
 
 
 def load(molt_dir: Path) -> MoltAdapter:
@@ -82,6 +97,7 @@ def test_harvest_batch(molt_dir: Path) -> None:
     )
     model = adapter.load_base_model()
     x, _ = mlp_io(model, tokens)
+    x = molt_input(model, adapter, x)
     f, _ = adapter.molt().encode(x)
     site = adapter.sites[0].name
     assert torch.allclose(batch.activations[site]["activation"], f, atol=1e-6)
@@ -104,7 +120,9 @@ def test_splice_replaces_mlp_output(molt_dir: Path) -> None:
     tokens = torch.randint(0, 64, (2, 7))
     molt = adapter.molt()
     mlp = cast(Any, model).transformer.h[LAYER].mlp
-    handle = mlp.register_forward_hook(lambda m, a, out: molt.reconstruct(a[0]))
+    handle = mlp.register_forward_hook(
+        lambda m, a, out: molt.reconstruct(molt_input(model, adapter, a[0]))
+    )
     with torch.no_grad():
         expected = model(tokens).logits
     handle.remove()

@@ -7,7 +7,7 @@ output. Its components are the transforms, numbered rank group by rank group (ra
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from spd_host_molt.maths import Molt
 ACTIVATION_TYPES = ("activation", "pre_activation")
 SPLICE_VARIANTS = ("reconstruction",)
 _CANONICAL_RE = re.compile(r"^\d+\.(resid_pre|resid_mid|mlp_in|mlp_out|attn_out|resid_post)$")
+_TL_LN2_RE = re.compile(r"^blocks\.(\d+)\.ln2\.hook_normalized$")
 
 
 def canonical_hook_point(name: str, *, where: Path) -> str:
@@ -64,6 +65,10 @@ class MoltAdapter:
         self.cfg: MoltConfig = read_config(root)
         self.lm_config = read_lm_config(root)
         self.reads_from = canonical_hook_point(self.cfg.hook_point_in, where=root)
+        m = _TL_LN2_RE.match(self.cfg.hook_point_in)
+        # Llamascopium runs TransformerLens with fold_ln: its ln2.hook_normalized is the MLP
+        # input before the norm's scale/bias, which must be undone on the Hugging Face model.
+        self.unfold_norm_of_block: int | None = int(m.group(1)) if m else None
         self.writes_to = canonical_hook_point(self.cfg.hook_point_out, where=root)
         self._molt: Molt | None = None
         self._model: torch.nn.Module | None = None
@@ -197,13 +202,47 @@ class MoltAdapter:
 
         topo = topology_of(model)
         molt = self.molt().to(_device_of(model))
+        to_input = self.input_transform(topo)
         with topo.capture([self.reads_from]) as acts:
 
             def replace(original: torch.Tensor) -> torch.Tensor:
-                return molt.reconstruct(acts[self.reads_from]).to(original.dtype)
+                return molt.reconstruct(to_input(acts[self.reads_from])).to(original.dtype)
 
             with topo.replace({self.writes_to: replace}):
                 yield
+
+    def input_transform(self, topo: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The map from spd-host's ``mlp_in`` (after the MLP norm) to the MOLT's input space.
+
+        Identity, except for TransformerLens ``ln2.hook_normalized`` inputs (see ``__init__``):
+        then ``(x - beta) / gamma`` with the norm's effective affine. ``beta`` is the norm's
+        ``bias`` (zero when absent). ``gamma`` is ``nn.LayerNorm.weight``; for other norms it is
+        read off the module itself as ``norm(ones) - beta``, which covers RMSNorm and Gemma's
+        ``1 + weight`` alike (an all-ones row has unit RMS; the eps error is ~1e-6 relative).
+        """
+        block = self.unfold_norm_of_block
+        if block is None:
+            return lambda x: x
+        norm = topo.module(f"{block}.norm.mlp_pre")
+        d = self.cfg.d_model
+        param = next(norm.parameters(), None)
+        if param is None:  # a norm without affine: the two spaces coincide
+            return lambda x: x
+        with torch.no_grad():
+            bias = getattr(norm, "bias", None)
+            beta = bias.detach().float() if isinstance(bias, torch.Tensor) else torch.zeros(d)
+            beta = beta.to(param.device)
+            if isinstance(norm, torch.nn.LayerNorm) and norm.weight is not None:
+                gamma = norm.weight.detach().float()  # LayerNorm(ones) = beta: read the weight
+            else:
+                ones = torch.ones(1, d, dtype=param.dtype, device=param.device)
+                gamma = norm(ones).float().reshape(d) - beta
+        if bool((gamma.abs() < 1e-12).any()):
+            raise FormatError(
+                f"{self.root}: the MLP norm of block {block} has zero scale entries, so the "
+                "TransformerLens-normalised input cannot be recovered from the model's mlp_in"
+            )
+        return lambda x: (x.float() - beta.to(x.device)) / gamma.to(x.device)
 
     # -- harvest --------------------------------------------------------------------------------
     def harvest_fn(self, options: HarvestOptions) -> HarvestFn:
@@ -213,13 +252,14 @@ class MoltAdapter:
         model = self.load_base_model().to(device)
         topo = topology_of(model)
         molt = self.molt().to(device)
+        to_input = self.input_transform(topo)
         site = self._site.name
 
         @torch.no_grad()
         def run(tokens: torch.Tensor) -> HarvestBatch:
             with topo.capture([self.reads_from]) as acts:
                 out = model(tokens.to(device))
-            f, h = molt.encode(acts[self.reads_from])
+            f, h = molt.encode(to_input(acts[self.reads_from]))
             logits = getattr(out, "logits", out)
             return HarvestBatch(
                 tokens=tokens,

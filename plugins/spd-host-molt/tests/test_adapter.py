@@ -139,3 +139,44 @@ def test_splice_replaces_mlp_output(molt_dir: Path) -> None:
         adapter.splice(model, variant="nope"),
     ):
         pass
+
+
+def test_rmsnorm_model_unfolds_the_norm_weight(tmp_path: Path) -> None:
+    """On a Llama-style model (RMSNorm, no bias) the TransformerLens input is ``x / weight``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=D,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
+    model = LlamaForCausalLM(cfg)
+    norm = model.model.layers[LAYER].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(str(tmp_path / "base"))
+    root = write_molt(
+        tmp_path / "molt",
+        random_molt_tensors(D, RANKS, seed=2),
+        d_model=D,
+        ranks=RANKS,
+        layer=LAYER,
+        lm={"model_name": "llama", "model_from_pretrained_path": str(tmp_path / "base")},
+    )
+    adapter = load(root)
+    loaded = cast(Any, adapter.load_base_model())
+    seen: dict[str, torch.Tensor] = {}
+    handle = loaded.model.layers[LAYER].mlp.register_forward_hook(
+        lambda m, a, out: seen.update(x=a[0].detach())
+    )
+    tokens = torch.randint(0, 64, (2, 6))
+    batch = adapter.harvest_fn(HarvestOptions())(tokens)
+    handle.remove()
+    weight = loaded.model.layers[LAYER].post_attention_layernorm.weight.detach()
+    f_ref, _ = adapter.molt().encode(seen["x"] / weight)
+    assert torch.allclose(batch.activations[adapter.sites[0].name]["activation"], f_ref, atol=1e-5)

@@ -258,9 +258,12 @@ def test_directory_that_is_not_a_dataset(tmp_path: Path, tokenizer) -> None:
         load_token_stream(str(tmp_path / "junk"), tokenizer)
 
 
-def test_uncached_hub_dataset_offline(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_uncached_hub_dataset_offline(
+    tokenizer, offline_hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    # datasets reads the offline flag at import, which may predate this test's environment
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetError, match="not cached"):
         load_token_stream("nobody-here/no-such-dataset", tokenizer)
 

@@ -83,7 +83,7 @@ def test_unknown_ci_fn_type(tmp_path: Path, fn_type: str) -> None:
         get_host().load_adapter(f"spd:{run}")
 
 
-def test_C_mismatch(tmp_path: Path) -> None:
+def test_c_mismatch(tmp_path: Path) -> None:
     run, _ = _run(tmp_path)
     _edit_config(
         run,
@@ -131,7 +131,7 @@ def test_ci_mode_mismatch(tmp_path: Path) -> None:
         run, ci_config={"mode": "global", "fn_type": "global_shared_mlp", "hidden_dims": [4]}
     )
     with pytest.raises(
-        FormatError, match="config says global CI but the checkpoint has ci_fn._ci_fns"
+        FormatError, match=r"config says global CI but the checkpoint has ci_fn\._ci_fns"
     ):
         _load_full(run)
 

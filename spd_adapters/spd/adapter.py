@@ -63,7 +63,7 @@ def resolve_run_dir(did: DecompositionId) -> Path:
 def _site_io(address: str) -> tuple[str, tuple[str, ...]]:
     """Hook points a module site reads from / writes to, where the module has canonical ones."""
     if address == "embed":
-        return "tokens", ("0.resid_pre",)
+        return address, ("0.resid_pre",)
     layer, _, rest = address.partition(".")
     if rest in ("mlp.up", "glu.gate", "glu.up", "glu_fused.gate_up"):
         return f"{layer}.mlp_in", (address,)

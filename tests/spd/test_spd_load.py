@@ -201,3 +201,25 @@ def test_metadata_and_defaults(tmp_path: Path) -> None:
     assert adapter.defaults.extra["ci_fn_type"] == "mlp"
     assert adapter.base_model_name == str(tmp_path / "run" / "base_model")
     assert sum(s.n_components for s in adapter.sites) == 6 * 2 + 5 + 4
+
+
+def test_sites_are_named_by_canonical_address(tmp_path: Path) -> None:
+    model, cls, patterns = _setup("gpt2", "mlp")
+    write_run(
+        tmp_path / "run", model, model_class=cls, patterns=patterns, fn_type="mlp", hidden=[3]
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'run'}")
+    sites = {s.name: s for s in adapter.sites}
+    assert set(sites) == {"0.mlp.up", "1.mlp.up", "1.attn_fused.o", "embed"}
+    assert sites["1.mlp.up"].address == "1.mlp.up" and sites["1.mlp.up"].reads_from == "1.mlp_in"
+    assert sites["1.attn_fused.o"].writes_to == ("1.attn_out",)
+    assert sites["embed"].n_components == 4
+    assert adapter.defaults.extra["module_paths"]["1.mlp.up"] == "transformer.h.1.mlp.c_fc"
+
+    model, cls, patterns = _setup("llama", "mlp")
+    write_run(
+        tmp_path / "run2", model, model_class=cls, patterns=patterns, fn_type="mlp", hidden=[3]
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'run2'}")
+    assert {s.name for s in adapter.sites} == {"0.glu.down", "1.glu.down", "0.attn.q"}
+    assert {s.name: s.writes_to for s in adapter.sites}["1.glu.down"] == ("1.mlp_out",)

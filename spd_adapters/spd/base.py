@@ -51,11 +51,9 @@ def base_model_name(config: SpdRunConfig) -> str:
 
 
 def _hf_dir_or_name(name: str) -> str:
-    if name == "demo":
-        from spd_host.demo import demo_model_dir
+    from spd_host.models import resolve_model_source
 
-        return str(demo_model_dir())
-    return name
+    return resolve_model_source(name)
 
 
 def hf_config(config: SpdRunConfig) -> Any:

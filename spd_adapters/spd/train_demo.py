@@ -204,14 +204,14 @@ def train(
                 history.append(
                     {
                         "step": step,
-                        "faithfulness": float(faith),
-                        "recon_kl": float(recon),
-                        "importance": float(imp),
+                        "faithfulness": float(faith.detach()),
+                        "recon_kl": float(recon.detach()),
+                        "importance": float(imp.detach()),
                         "mean_l0": l0,
                     }
                 )
                 progress.console.print(
-                    f"step {step}: faith {float(faith):.2e} kl {float(recon):.4f} imp {float(imp):.2f} L0 {l0:.1f}"
+                    f"step {step}: faith {float(faith.detach()):.2e} kl {float(recon.detach()):.4f} imp {float(imp.detach()):.2f} L0 {l0:.1f}"
                 )
             progress.advance(task)
 
@@ -233,7 +233,7 @@ def train(
     return sd, metrics
 
 
-def run_config(cfg: DemoSpdConfig) -> dict[str, Any]:
+def run_config(cfg: DemoSpdConfig, base_model: str = "demo") -> dict[str, Any]:
     """The ``final_config.yaml`` document, in the reference trainer's schema."""
     return {
         "wandb_project": None,
@@ -268,13 +268,13 @@ def run_config(cfg: DemoSpdConfig) -> dict[str, Any]:
         "faithfulness_warmup_lr": cfg.warmup_lr,
         "ci_alive_threshold": 0.0,
         "pretrained_model_class": "transformers.GPT2LMHeadModel",
-        "pretrained_model_name": "demo",
+        "pretrained_model_name": base_model,
         "pretrained_model_output_attr": "logits",
-        "tokenizer_name": "demo",
+        "tokenizer_name": base_model,
         "task_config": {
             "task_name": "lm",
             "max_seq_len": cfg.seq_len,
-            "dataset_name": "demo",
+            "dataset_name": "demo" if base_model == "demo" else None,
             "column_name": "text",
             "train_data_split": "train",
             "eval_data_split": "heldout",

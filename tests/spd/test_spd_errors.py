@@ -171,3 +171,31 @@ def test_short_id_resolves_against_default_project(
     adapter = get_host().load_adapter("s-1a2b3c4d")
     assert adapter.decomposition_id == "spd:s-1a2b3c4d"
     assert len(adapter.sites) == 3
+
+
+def test_hub_source(tmp_path: Path, offline_hub: Path) -> None:
+    """spd:hf:<repo>/<subdir> reads a run from the (offline) Hub cache."""
+    from tests.conftest import add_to_offline_hub
+
+    run, _ = _run(tmp_path)
+    files = {f"runs/a/{p.name}": p.read_bytes() for p in run.iterdir() if p.is_file()}
+    add_to_offline_hub(offline_hub, "goodfire/spd-runs", files)
+    adapter = get_host().load_adapter("spd:hf:goodfire/spd-runs/runs/a")
+    assert {s.name for s in adapter.sites} == {"0.glu.down", "1.glu.down", "0.attn.q"}
+
+
+def test_wandb_source_uses_cache(tmp_path: Path) -> None:
+    from spd_host.paths import cache_dir
+
+    cached = cache_dir("wandb") / "goodfire__spd__abcd1234"
+    write_run(
+        cached,
+        tiny_llama(),
+        model_class=CLS,
+        patterns=dict(LLAMA_PATTERNS),
+        fn_type="mlp",
+        hidden=[2],
+    )
+    (cached / ".complete").write_text("goodfire/spd/abcd1234")
+    adapter = get_host().load_adapter("spd:wandb:goodfire/spd/abcd1234")
+    assert adapter.decomposition_id == "spd:wandb:goodfire/spd/abcd1234"

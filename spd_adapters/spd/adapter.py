@@ -101,19 +101,26 @@ class SpdAdapter:
 
     @cached_property
     def _addresses(self) -> dict[str, str]:
-        """module path -> canonical address, for the paths the topology knows."""
-        try:
-            from spd_host.topology import topology_of
+        """module path -> canonical address, for the paths the topology knows.
 
-            model = self._model if self._model is not None else base.build_skeleton(self.config)
+        Needs the base model's structure (a meta-device skeleton from its HF config): if that
+        config cannot be read the error propagates, so that site names never silently depend on
+        what happens to be cached. An architecture the topology does not know falls back to
+        module paths (deterministically).
+        """
+        from spd_host.errors import TopologyError
+        from spd_host.topology import topology_of
+
+        model = self._model if self._model is not None else base.build_skeleton(self.config)
+        try:
             topo = topology_of(model)
-        except Exception:  # unknown architecture, no topology module, config unavailable
+        except TopologyError:
             return {}
         out: dict[str, str] = {}
         for path in self.module_to_c:
             try:
                 out[path] = topo.address_of(path)
-            except Exception:
+            except TopologyError:
                 continue
         return out
 

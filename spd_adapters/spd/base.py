@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from spd_adapters.spd.config import SpdRunConfig
 from spd_adapters.spd.formats import ModuleSpec
-from spd_host.errors import FormatError
+from spd_host.errors import FormatError, SourceNotFoundError
 
 
 def model_class(config: SpdRunConfig) -> type[Any]:
@@ -63,7 +63,7 @@ def hf_config(config: SpdRunConfig) -> Any:
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise FormatError(
+        raise SourceNotFoundError(
             f"cannot read the Hugging Face config of base model {name!r}: {err}",
             hint="point pretrained_model_name at a local model directory, or make the Hub model "
             "available in the local cache",

@@ -199,3 +199,17 @@ def test_wandb_source_uses_cache(tmp_path: Path) -> None:
     (cached / ".complete").write_text("goodfire/spd/abcd1234")
     adapter = get_host().load_adapter("spd:wandb:goodfire/spd/abcd1234")
     assert adapter.decomposition_id == "spd:wandb:goodfire/spd/abcd1234"
+
+
+def test_unknown_base_model_class(tmp_path: Path) -> None:
+    run, _ = _run(tmp_path)
+    _edit_config(run, pretrained_model_class="spd.experiments.tms.models.TMSModel")
+    with pytest.raises(FormatError, match="is not a transformers class"):
+        list(get_host().load_adapter(f"spd:{run}").sites)
+
+
+def test_missing_base_model_config(tmp_path: Path) -> None:
+    run, _ = _run(tmp_path)
+    _edit_config(run, pretrained_model_name=str(tmp_path / "gone"))
+    with pytest.raises(SourceNotFoundError, match="gone"):
+        list(get_host().load_adapter(f"spd:{run}").sites)

@@ -47,7 +47,7 @@ class DemoSpdConfig(BaseModel):
     seed: int = 0
     C: int = 128
     ci_hidden: int = 32
-    steps: int = 300
+    steps: int = 400
     warmup_steps: int = 400
     batch_size: int = 8
     seq_len: int = 64
@@ -56,7 +56,7 @@ class DemoSpdConfig(BaseModel):
     faithfulness_coeff: float = 1.0
     recon_coeff: float = 1.0
     ci_recon_coeff: float = 1.0
-    importance_coeff: float = 5e-4
+    importance_coeff: float = 1.5e-3
     pnorm: float = 1.0
     leak: float = 0.01
     eval_batches: int = 8

@@ -339,6 +339,15 @@ def evaluate(run_dir: Path, cfg: DemoSpdConfig) -> dict[str, Any]:
     }
 
 
+def demo_base_sha256() -> str:
+    """Fingerprint of the demo base model the decomposition belongs to (retrain when it changes)."""
+    import hashlib
+
+    from spd_host.demo import demo_model_dir
+
+    return hashlib.sha256((demo_model_dir() / "model.safetensors").read_bytes()).hexdigest()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo_assets")
@@ -363,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.save(sd, out / f"model_{cfg.steps}.pth")
     metrics["eval"] = evaluate(out, cfg)
     metrics["config"] = cfg.model_dump()
+    metrics["base_model_sha256"] = demo_base_sha256()
     (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics["eval"], indent=2))
     return metrics

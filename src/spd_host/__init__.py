@@ -30,6 +30,9 @@ _LAZY = {
     "get_host": "spd_host.plugins",
     "temporary_plugins": "spd_host.plugins",
     "SpdHostError": "spd_host.errors",
+    "HarvestConfig": "spd_host.harvest",
+    "HarvestRepo": "spd_host.harvest",
+    "run_harvest": "spd_host.harvest",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -112,16 +112,19 @@ def test_token_stats_lists(toy_repo: HarvestRepo, ref: Reference, kind: str) -> 
             mine = getattr(got, name)
             assert [s.token for s in mine] == [t for t, _ in lst], (key, kind, name)
             for s, (t, v) in zip(mine, lst, strict=True):
-                assert s.value == pytest.approx(v, rel=1e-9, abs=1e-12)
+                # output masses are quantised to 2**-30 per position (documented): relative 1e-6
+                tol = 1e-12 if kind == "input" else 1e-6
+                assert s.value == pytest.approx(v, rel=tol, abs=tol)
                 if kind == "input":
                     assert s.count == n_ct[t] and s.token_total == n_t[t]
         assert len(got.bottom_pmi) == 4  # never empty merely because most tokens never co-occur
         if kind == "output":
             # the documented bound: exact mass - stored mass lies in [0, bound] for every token
             exact = ref.probs[ref.fired[:, c]].sum(0)
-            assert float((exact - n_ct).min()) >= -1e-9
-            assert float((exact - n_ct).max()) <= got.approximation_bound + 1e-9
-            assert got.approximation_bound == pytest.approx(float((1 - pv.double().sum(1))[ref.fired[:, c]].sum()), rel=1e-9)
+            quant = n_c * 2.0**-30
+            assert float((exact - n_ct).min()) >= -quant
+            assert float((exact - n_ct).max()) <= got.approximation_bound + quant
+            assert got.approximation_bound == pytest.approx(float((1 - pv.double().sum(1))[ref.fired[:, c]].sum()), rel=1e-6)
 
 
 @pytest.mark.parametrize("metric", ["precision", "recall", "jaccard", "pmi"])

@@ -30,8 +30,8 @@ def merge_accumulators(parts: list[HarvestAccumulator]) -> HarvestAccumulator:
         gen = batch_generator(acc.config.seed, -1000 - i)
         before = acc.firing_count.clone()
         acc.firing_count += other.firing_count
-        acc.sum_all += other.sum_all
-        acc.sum_firing += other.sum_firing
+        acc.sum_all.merge_(other.sum_all)
+        acc.sum_firing.merge_(other.sum_firing)
         acc.max_firing = torch.maximum(acc.max_firing, other.max_firing)
         acc.hist += other.hist
         acc.token_count += other.token_count

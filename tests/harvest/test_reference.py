@@ -169,7 +169,7 @@ def test_top_examples(toy_repo: HarvestRepo, ref: Reference) -> None:
         d = toy_repo.component(key)
         on = ref.fired[:, c].nonzero().flatten()
         vals = ref.acts["act"][on, c]
-        order = torch.argsort(vals, descending=True, stable=True)[:K]
+        order = torch.argsort(vals, descending=True, stable=True)[:K]  # ties: earlier position first
         assert [e.position for e in d.top_examples] == on[order].tolist()
         assert [e.score for e in d.top_examples] == vals[order].tolist()
         for e in d.top_examples:

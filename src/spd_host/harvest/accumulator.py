@@ -216,7 +216,7 @@ class HarvestAccumulator:
 
     def _update_top(self, tokens, fired, acts, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
         bank = self.top
-        rows, slots, is_new, src, score = topk_plan(g, primary, bank)
+        rows, slots, is_new, src, score = topk_plan(g, primary, pos, bank)
         if rows.numel() == 0:
             return
         old = ~is_new

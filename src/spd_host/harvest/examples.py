@@ -11,7 +11,7 @@ The result is a uniform sample without replacement of size ``min(K, n)`` from al
 firings. Randomness comes from a generator seeded by ``(seed, global batch index)``, so a
 resumed or re-run harvest draws exactly the same numbers.
 
-Top-K: the K firings with the largest primary activation (ties broken by data order).
+Top-K: the K firings with the largest primary activation (ties: earlier position first).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def reservoir_plan(
 
 
 def topk_plan(
-    comps: torch.Tensor, values: torch.Tensor, bank: ExampleBank
+    comps: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bank: ExampleBank
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge this batch's candidates into the top-K rows.
 
@@ -165,10 +165,13 @@ def topk_plan(
     old_score = bank.score[old_rows, old_slots]
     all_rows = torch.cat([old_rows, c_rows])
     all_score = torch.cat([old_score, values[cand].to(torch.float32)])
+    all_pos = torch.cat([bank.pos[old_rows, old_slots], pos[cand]])
     is_new = torch.cat([torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)])
     src = torch.cat([old_slots, cand])
-    # sort: row ascending, score descending, old entries before new on ties (data order)
-    o = torch.sort(all_score, descending=True, stable=True).indices
+    # sort: row ascending, score descending, earlier position first on ties (so a merge of
+    # shards ranks ties exactly like a single pass)
+    o = torch.sort(all_pos, stable=True).indices
+    o = o[torch.sort(all_score[o], descending=True, stable=True).indices]
     o = o[torch.sort(all_rows[o], stable=True).indices]
     r_sorted = all_rows[o]
     n = o.shape[0]

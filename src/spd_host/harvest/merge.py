@@ -73,7 +73,9 @@ def merge_top(a: ExampleBank, b: ExampleBank) -> None:
     from_b = torch.cat([torch.zeros_like(ar, dtype=torch.bool), torch.ones_like(br, dtype=torch.bool)])
     src_row = torch.cat([ar, br])
     src_slot = torch.cat([asl, bsl])
-    o = torch.sort(score, descending=True, stable=True).indices
+    pos = torch.cat([a.pos[ar, asl], b.pos[br, bsl]])
+    o = torch.sort(pos, stable=True).indices
+    o = o[torch.sort(score[o], descending=True, stable=True).indices]
     o = o[torch.sort(rows[o], stable=True).indices]
     r = rows[o]
     n = r.shape[0]

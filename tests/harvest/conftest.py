@@ -6,10 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
 from spd_host.plugins import temporary_plugins
 from tests.harvest import toy_plugin
+
+# small tensors: one thread avoids OpenMP spin-waiting on a shared, loaded machine
+torch.set_num_threads(1)
 
 SEQ = 12
 BATCH = 4

@@ -14,6 +14,9 @@ from tests.harvest import toy_plugin  # noqa: E402
 
 
 def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--n-tokens", type=int, default=2400)

@@ -21,8 +21,15 @@ BATCH = 4
 
 def toy_config(**kw: object) -> HarvestConfig:
     base: dict[str, object] = dict(
-        n_tokens=2400, batch_size=BATCH, seq_len=SEQ, examples_per_component=5, context_tokens=3,
-        checkpoint_every=2, seed=0, output_top_k=5, min_token_support=2,
+        n_tokens=2400,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        examples_per_component=5,
+        context_tokens=3,
+        checkpoint_every=2,
+        seed=0,
+        output_top_k=5,
+        min_token_support=2,
     )
     base.update(kw)
     return HarvestConfig(**base)  # type: ignore[arg-type]
@@ -37,7 +44,12 @@ def toy_host() -> Iterator[object]:
 def harvest_toy(out: Path, config: HarvestConfig | None = None, **kw: object) -> HarvestRepo:
     config = config or toy_config()
     repo = run_harvest(
-        "toy:demo", config, out=out, batches=toy_plugin.toy_source(config.batch_size, SEQ), progress=False, **kw  # type: ignore[arg-type]
+        "toy:demo",
+        config,
+        out=out,
+        batches=toy_plugin.toy_source(config.batch_size, SEQ),
+        progress=False,
+        **kw,  # type: ignore[arg-type]
     )
     assert repo is not None
     return repo

@@ -28,7 +28,9 @@ class Reference:
         return int(self.tokens.shape[0])
 
 
-def build_reference(n_batches: int, batch_size: int, seq_len: int, threshold: float = 0.0) -> Reference:
+def build_reference(
+    n_batches: int, batch_size: int, seq_len: int, threshold: float = 0.0
+) -> Reference:
     fn = toy_plugin.toy_harvest_fn(threshold)
     toks, fired, probs = [], [], []
     acts: dict[str, list[torch.Tensor]] = {t: [] for t in toy_plugin.ACT_TYPES}
@@ -40,11 +42,17 @@ def build_reference(n_batches: int, batch_size: int, seq_len: int, threshold: fl
         toks.append(b.tokens.reshape(N))
         fired.append(torch.cat([b.firings[s].reshape(N, -1) for s, _ in toy_plugin.SITES], 1))
         for t in toy_plugin.ACT_TYPES:
-            acts[t].append(torch.cat([b.activations[s][t].reshape(N, -1) for s, _ in toy_plugin.SITES], 1))
+            acts[t].append(
+                torch.cat([b.activations[s][t].reshape(N, -1) for s, _ in toy_plugin.SITES], 1)
+            )
         assert b.next_token_logits is not None
         probs.append(torch.softmax(b.next_token_logits.reshape(N, -1).float(), -1).double())
     return Reference(
-        torch.cat(toks), torch.cat(fired), {t: torch.cat(v) for t, v in acts.items()}, torch.cat(probs), batches
+        torch.cat(toks),
+        torch.cat(fired),
+        {t: torch.cat(v) for t, v in acts.items()},
+        torch.cat(probs),
+        batches,
     )
 
 

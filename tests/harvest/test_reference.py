@@ -31,7 +31,9 @@ def test_scalar_statistics(toy_repo: HarvestRepo, ref: Reference) -> None:
         assert s.firing_count == int(fc[c])
         assert s.density == pytest.approx(int(fc[c]) / ref.n, rel=1e-15)
         for t, a in ref.acts.items():
-            assert s.mean_all[t] == pytest.approx(float(a[:, c].double().sum()) / ref.n, rel=1e-12, abs=1e-12)
+            assert s.mean_all[t] == pytest.approx(
+                float(a[:, c].double().sum()) / ref.n, rel=1e-12, abs=1e-12
+            )
             on = a[ref.fired[:, c], c]
             if on.numel():
                 assert s.mean_firing[t] == pytest.approx(float(on.double().mean()), rel=1e-12)
@@ -47,7 +49,9 @@ def test_histogram(toy_repo: HarvestRepo, ref: Reference) -> None:
         d = toy_repo.component(key)
         edges = torch.tensor(d.histogram_edges)
         assert len(edges) == cfg.histogram_bins + 1
-        assert edges[0] == pytest.approx(cfg.histogram_min) and edges[-1] == pytest.approx(cfg.histogram_max, rel=1e-6)
+        assert edges[0] == pytest.approx(cfg.histogram_min) and edges[-1] == pytest.approx(
+            cfg.histogram_max, rel=1e-6
+        )
         v = ref.acts["act"][ref.fired[:, c], c].abs()
         expected = [0] * (cfg.histogram_bins + 2)
         for x in v.tolist():
@@ -58,18 +62,26 @@ def test_histogram(toy_repo: HarvestRepo, ref: Reference) -> None:
 
 def test_input_token_counts_exact(toy_repo: HarvestRepo, ref: Reference) -> None:
     stats = load_file(str(toy_repo.path / "stats.safetensors"))
-    assert torch.equal(stats["token_count"], torch.bincount(ref.tokens, minlength=ref.probs.shape[1]))
+    assert torch.equal(
+        stats["token_count"], torch.bincount(ref.tokens, minlength=ref.probs.shape[1])
+    )
     counts = input_pair_counts(ref)
     indptr, cols, vals = stats["input_indptr"], stats["input_cols"], stats["input_values"]
     got = {}
     for c in range(len(keys())):
-        for t, v in zip(cols[indptr[c] : indptr[c + 1]].tolist(), vals[indptr[c] : indptr[c + 1]].tolist(), strict=True):
+        for t, v in zip(
+            cols[indptr[c] : indptr[c + 1]].tolist(),
+            vals[indptr[c] : indptr[c + 1]].tolist(),
+            strict=True,
+        ):
             got[(c, t)] = v
     assert got == dict(counts)
     assert vals.dtype == torch.int64
 
 
-def _ref_lists(n_ct: torch.Tensor, n_t: torch.Tensor, n_c: float, N: int, top: int, support: int) -> dict[str, list[tuple[int, float]]]:
+def _ref_lists(
+    n_ct: torch.Tensor, n_t: torch.Tensor, n_c: float, N: int, top: int, support: int
+) -> dict[str, list[tuple[int, float]]]:
     out = {}
     co = [t for t in range(len(n_t)) if n_ct[t] > 0 and n_t[t] > 0]
 
@@ -81,7 +93,9 @@ def _ref_lists(n_ct: torch.Tensor, n_t: torch.Tensor, n_c: float, N: int, top: i
     out["top_precision"] = rank({t: float(n_ct[t] / n_t[t]) for t in co}, True)
     out["top_recall"] = rank({t: float(n_ct[t] / n_c) for t in co}, True)
     sup = [t for t in range(len(n_t)) if n_t[t] >= support]
-    out["bottom_pmi"] = rank({t: math.log((n_ct[t] + 0.5) * N / (n_c * n_t[t])) for t in sup}, False)
+    out["bottom_pmi"] = rank(
+        {t: math.log((n_ct[t] + 0.5) * N / (n_c * n_t[t])) for t in sup}, False
+    )
     return out
 
 
@@ -99,7 +113,9 @@ def test_token_stats_lists(toy_repo: HarvestRepo, ref: Reference, kind: str) -> 
         n_c = float(ref.fired[:, c].sum())
         if kind == "input":
             n_ct = torch.zeros(V, dtype=torch.float64)
-            n_ct.index_add_(0, ref.tokens[ref.fired[:, c]], torch.ones(int(n_c), dtype=torch.float64))
+            n_ct.index_add_(
+                0, ref.tokens[ref.fired[:, c]], torch.ones(int(n_c), dtype=torch.float64)
+            )
         else:
             n_ct = trunc[ref.fired[:, c]].sum(0)
         got = toy_repo.token_stats(key, kind, top=4)  # type: ignore[arg-type]
@@ -124,7 +140,9 @@ def test_token_stats_lists(toy_repo: HarvestRepo, ref: Reference, kind: str) -> 
             quant = n_c * 2.0**-30
             assert float((exact - n_ct).min()) >= -quant
             assert float((exact - n_ct).max()) <= got.approximation_bound + quant
-            assert got.approximation_bound == pytest.approx(float((1 - pv.double().sum(1))[ref.fired[:, c]].sum()), rel=1e-6)
+            assert got.approximation_bound == pytest.approx(
+                float((1 - pv.double().sum(1))[ref.fired[:, c]].sum()), rel=1e-6
+            )
 
 
 @pytest.mark.parametrize("metric", ["precision", "recall", "jaccard", "pmi"])
@@ -169,12 +187,19 @@ def test_top_examples(toy_repo: HarvestRepo, ref: Reference) -> None:
         d = toy_repo.component(key)
         on = ref.fired[:, c].nonzero().flatten()
         vals = ref.acts["act"][on, c]
-        order = torch.argsort(vals, descending=True, stable=True)[:K]  # ties: earlier position first
+        order = torch.argsort(vals, descending=True, stable=True)[
+            :K
+        ]  # ties: earlier position first
         assert [e.position for e in d.top_examples] == on[order].tolist()
         assert [e.score for e in d.top_examples] == vals[order].tolist()
         for e in d.top_examples:
             toks, acts, fired, centre = _window(ref, e.position, c)
-            assert (e.tokens, e.activations["act"], e.firings, e.centre) == (toks, acts, fired, centre)
+            assert (e.tokens, e.activations["act"], e.firings, e.centre) == (
+                toks,
+                acts,
+                fired,
+                centre,
+            )
             assert e.firings[e.centre] and e.activations["act"][e.centre] == e.score
             saw_edge |= len(e.tokens) < 2 * W + 1
     assert saw_edge, "fixture should include windows truncated at a sequence edge"
@@ -190,7 +215,12 @@ def test_reservoir_examples_are_real_firings(toy_repo: HarvestRepo, ref: Referen
         for e in d.reservoir_examples:
             assert bool(ref.fired[e.position, c])
             toks, acts, fired, centre = _window(ref, e.position, c)
-            assert (e.tokens, e.activations["act"], e.firings, e.centre) == (toks, acts, fired, centre)
+            assert (e.tokens, e.activations["act"], e.firings, e.centre) == (
+                toks,
+                acts,
+                fired,
+                centre,
+            )
 
 
 def test_render_example(toy_repo: HarvestRepo, toy_host: object) -> None:

@@ -32,7 +32,9 @@ def _all_fire_batch(S: int) -> HarvestBatch:
 
 
 def _acc(seed: int) -> HarvestAccumulator:
-    layout = Layout.of([Site(name="s", n_components=C, reads_from="0.mlp_in", writes_to=("0.mlp_out",))], ["a"])
+    layout = Layout.of(
+        [Site(name="s", n_components=C, reads_from="0.mlp_in", writes_to=("0.mlp_out",))], ["a"]
+    )
     cfg = HarvestConfig(examples_per_component=K, context_tokens=0, seed=seed, cooccurrence=False)
     return HarvestAccumulator(layout, cfg, V)
 

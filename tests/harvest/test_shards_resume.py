@@ -34,11 +34,15 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("single")
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], check=True, env=_env(), timeout=300)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)], check=True, env=_env(), timeout=300
+    )
     return out
 
 
-def test_in_process_shards_merge_to_single_result(toy_host: object, tmp_path: Path, single: Path) -> None:
+def test_in_process_shards_merge_to_single_result(
+    toy_host: object, tmp_path: Path, single: Path
+) -> None:
     cfg = toy_config()
     out = tmp_path / "sharded"
     for rank in range(3):
@@ -47,8 +51,18 @@ def test_in_process_shards_merge_to_single_result(toy_host: object, tmp_path: Pa
             from spd_host.harvest import run_harvest
             from tests.harvest import toy_plugin
 
-            assert run_harvest("toy:demo", cfg, out=out, rank=rank, world_size=3,
-                               batches=toy_plugin.toy_source(cfg.batch_size, 12), progress=False) is None
+            assert (
+                run_harvest(
+                    "toy:demo",
+                    cfg,
+                    out=out,
+                    rank=rank,
+                    world_size=3,
+                    batches=toy_plugin.toy_source(cfg.batch_size, 12),
+                    progress=False,
+                )
+                is None
+            )
     assert repo is not None  # the last rank to finish merged
     assert repo.meta["world_size"] == 3
     assert_same_results(single, out, reservoir=False)
@@ -58,8 +72,20 @@ def test_in_process_shards_merge_to_single_result(toy_host: object, tmp_path: Pa
 def test_torchrun_two_processes_equal_single_process(tmp_path: Path, single: Path) -> None:
     out = tmp_path / "torchrun"
     subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29517", str(SCRIPT), "--out", str(out)],
-        check=True, env=_env(), timeout=300, capture_output=True,
+        [
+            str(TORCHRUN),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            str(SCRIPT),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=_env(),
+        timeout=300,
+        capture_output=True,
     )
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["rank-0-of-2", "rank-1-of-2"]
     assert (out / "harvest.json").exists()  # merged by the rank that finished last

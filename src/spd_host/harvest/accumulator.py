@@ -36,8 +36,8 @@ import torch
 
 from spd_host.adapter import HarvestBatch, Site
 from spd_host.harvest.config import HarvestConfig
-from spd_host.harvest.examples import ExampleBank, reservoir_plan, topk_plan
 from spd_host.harvest.exact import PROB_FRAC_BITS, ExactSum, quantize
+from spd_host.harvest.examples import ExampleBank, reservoir_plan, topk_plan
 from spd_host.harvest.sparse_counts import SparsePairCounter
 from spd_host.harvest.windows import extract_windows
 
@@ -54,7 +54,9 @@ class Layout:
 
     @classmethod
     def of(cls, sites: Sequence[Site], act_types: Sequence[str]) -> Layout:
-        return cls(tuple(s.name for s in sites), tuple(s.n_components for s in sites), tuple(act_types))
+        return cls(
+            tuple(s.name for s in sites), tuple(s.n_components for s in sites), tuple(act_types)
+        )
 
     @property
     def offsets(self) -> list[int]:
@@ -76,12 +78,20 @@ class Layout:
 
     def index(self, key: str) -> int:
         site, _, idx = key.rpartition(":")
-        if site not in self.names or not idx.isdigit() or int(idx) >= self.sizes[self.names.index(site)]:
+        if (
+            site not in self.names
+            or not idx.isdigit()
+            or int(idx) >= self.sizes[self.names.index(site)]
+        ):
             raise KeyError(key)
         return self.offsets[self.names.index(site)] + int(idx)
 
     def as_json(self) -> dict[str, Any]:
-        return {"names": list(self.names), "sizes": list(self.sizes), "act_types": list(self.act_types)}
+        return {
+            "names": list(self.names),
+            "sizes": list(self.sizes),
+            "act_types": list(self.act_types),
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Layout:
@@ -111,7 +121,10 @@ class HarvestAccumulator:
         self.max_firing = torch.full((T, C), float("-inf"), dtype=torch.float32)
         nb = config.histogram_bins
         self.hist_edges = torch.logspace(
-            math.log10(config.histogram_min), math.log10(config.histogram_max), nb + 1, dtype=torch.float64
+            math.log10(config.histogram_min),
+            math.log10(config.histogram_max),
+            nb + 1,
+            dtype=torch.float64,
         ).to(torch.float32)
         self.hist = torch.zeros(C, nb + 2, dtype=torch.int64)
         self.token_count = torch.zeros(vocab_size, dtype=torch.int64)
@@ -154,7 +167,9 @@ class HarvestAccumulator:
         pos_base = global_batch * B * S
         all_n: list[torch.Tensor] = []
         all_g: list[torch.Tensor] = []
-        for site, off, C in zip(self.layout.names, self.layout.offsets, self.layout.sizes, strict=True):
+        for site, off, C in zip(
+            self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
+        ):
             fired = batch.firings[site].cpu()
             acts = {t: batch.activations[site][t].cpu() for t in self.layout.act_types}
             nz = fired.reshape(N, C).nonzero()
@@ -210,21 +225,42 @@ class HarvestAccumulator:
         rows = bank.rows_for(torch.unique(g[ev]))
         del rows
         rows = bank.row_of[g[ev]]
-        w = extract_windows(tokens, fired, acts, self.layout.act_types, b[ev], s[ev], cl[ev], self.config.context_tokens)
+        w = extract_windows(
+            tokens,
+            fired,
+            acts,
+            self.layout.act_types,
+            b[ev],
+            s[ev],
+            cl[ev],
+            self.config.context_tokens,
+        )
         bank.write(rows, slot, primary[ev], pos[ev], w)
         bank.filled.scatter_reduce_(0, rows, slot + 1, "amax")
 
     def _update_top(self, tokens, fired, acts, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
         bank = self.top
-        rows, slots, is_new, src, score = topk_plan(g, primary, pos, bank)
+        rows, slots, is_new, src, _score = topk_plan(g, primary, pos, bank)
         if rows.numel() == 0:
             return
         old = ~is_new
         # gather the surviving old entries before anything is overwritten
         o_rows, o_src = rows[old], src[old]
-        kept = {f: getattr(bank, f)[o_rows, o_src].clone() for f in ("score", "pos", "tokens", "acts", "fired")}
+        kept = {
+            f: getattr(bank, f)[o_rows, o_src].clone()
+            for f in ("score", "pos", "tokens", "acts", "fired")
+        }
         ev = src[is_new]
-        w = extract_windows(tokens, fired, acts, self.layout.act_types, b[ev], s[ev], cl[ev], self.config.context_tokens)
+        w = extract_windows(
+            tokens,
+            fired,
+            acts,
+            self.layout.act_types,
+            b[ev],
+            s[ev],
+            cl[ev],
+            self.config.context_tokens,
+        )
         bank.write(rows[is_new], slots[is_new], primary[ev], pos[ev], w)
         for f, t in kept.items():
             getattr(bank, f)[o_rows, slots[old]] = t
@@ -247,7 +283,9 @@ class HarvestAccumulator:
             lo_tok = 0
             while lo_tok < N:
                 base = int(cum[lo_tok - 1]) if lo_tok else 0
-                hi_tok = int(torch.searchsorted(cum, torch.tensor(base + _MAX_PAIRS_PER_CHUNK), right=True))
+                hi_tok = int(
+                    torch.searchsorted(cum, torch.tensor(base + _MAX_PAIRS_PER_CHUNK), right=True)
+                )
                 hi_tok = max(hi_tok, lo_tok + 1)
                 hi_tok = min(hi_tok, N)
                 e0 = int(ev_start[lo_tok])
@@ -259,7 +297,9 @@ class HarvestAccumulator:
         if len(self.cooc) > self.config.cooccurrence_max_pairs:
             self.cooc_active = False
 
-    def _pairs(self, n: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, ev_start: torch.Tensor) -> None:
+    def _pairs(
+        self, n: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, ev_start: torch.Tensor
+    ) -> None:
         if n.numel() < 2:
             return
         E = n.shape[0]
@@ -306,12 +346,25 @@ class HarvestAccumulator:
         return {k: v.contiguous() for k, v in t.items()}, meta
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> HarvestAccumulator:
-        acc = cls(Layout.from_json(meta["layout"]), HarvestConfig(**meta["config"]), int(meta["vocab_size"]))
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> HarvestAccumulator:
+        acc = cls(
+            Layout.from_json(meta["layout"]),
+            HarvestConfig(**meta["config"]),
+            int(meta["vocab_size"]),
+        )
         acc.sum_all.load_state("sum_all", tensors)
         acc.sum_firing.load_state("sum_firing", tensors)
-        for name in ("firing_count", "max_firing", "hist", "token_count",
-                     "next_token_mass", "output_kept_mass", "cooc_count"):
+        for name in (
+            "firing_count",
+            "max_firing",
+            "hist",
+            "token_count",
+            "next_token_mass",
+            "output_kept_mass",
+            "cooc_count",
+        ):
             setattr(acc, name, tensors[name].clone())
         acc.kept_mass_total = tensors["kept_mass_total"].reshape(()).clone()
         acc.input_pairs.load_state("input_pairs", tensors)

@@ -19,7 +19,9 @@ class HarvestConfig(BaseModel):
     dataset: str | None = Field(default=None, description="'demo', a file/dir, or a Hub dataset")
     dataset_column: str | None = None
     seq_len: int | None = Field(default=None, gt=1)
-    n_tokens: int = Field(default=200_000, gt=0, description="Tokens to harvest (all ranks together)")
+    n_tokens: int = Field(
+        default=200_000, gt=0, description="Tokens to harvest (all ranks together)"
+    )
     batch_size: int = Field(default=16, gt=0, description="Sequences per batch")
     examples_per_component: int = Field(
         default=20, gt=0, description="K: reservoir size and number of top-activation examples"

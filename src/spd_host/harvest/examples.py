@@ -71,7 +71,12 @@ class ExampleBank:
             getattr(self, f)[:n] = t[:n]
 
     def write(
-        self, rows: torch.Tensor, slots: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, w: Windows
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        score: torch.Tensor,
+        pos: torch.Tensor,
+        w: Windows,
     ) -> None:
         self.score[rows, slots] = score.to(torch.float32)
         self.pos[rows, slots] = pos
@@ -142,7 +147,7 @@ def topk_plan(
     """
     k = bank.k
     uc = torch.unique(comps)
-    rows = bank.rows_for(uc)
+    bank.rows_for(uc)
     # keep only events that can enter: better than the current K-th (or row not full)
     row_of_event = bank.row_of[comps]
     kth = torch.where(
@@ -166,7 +171,9 @@ def topk_plan(
     all_rows = torch.cat([old_rows, c_rows])
     all_score = torch.cat([old_score, values[cand].to(torch.float32)])
     all_pos = torch.cat([bank.pos[old_rows, old_slots], pos[cand]])
-    is_new = torch.cat([torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)])
+    is_new = torch.cat(
+        [torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)]
+    )
     src = torch.cat([old_slots, cand])
     # sort: row ascending, score descending, earlier position first on ties (so a merge of
     # shards ranks ties exactly like a single pass)

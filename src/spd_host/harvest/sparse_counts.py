@@ -49,7 +49,9 @@ class SparsePairCounter:
         if self._buf_len > max(1 << 20, self.keys.shape[0] // 2):
             self.consolidate()
 
-    def add(self, rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    def add(
+        self, rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> None:
         self.add_keys(rows.to(torch.int64) * self.n_cols + cols.to(torch.int64), weights)
 
     def consolidate(self) -> None:
@@ -86,7 +88,10 @@ class SparsePairCounter:
         return (
             self.keys.numel() * 8
             + self.values.numel() * self.values.element_size()
-            + sum(k.numel() * 8 + v.numel() * v.element_size() for k, v in zip(self._buf_keys, self._buf_values, strict=True))
+            + sum(
+                k.numel() * 8 + v.numel() * v.element_size()
+                for k, v in zip(self._buf_keys, self._buf_values, strict=True)
+            )
         )
 
     # -- state ------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from spd_host.harvest.accumulator import HarvestAccumulator
 from spd_host.harvest.checkpoint import atomic_write_text
 from spd_host.harvest.config import SCHEMA_VERSION
 from spd_host.harvest.exact import PROB_FRAC_BITS
-from spd_host.harvest.windows import PAD
+from spd_host.harvest.windows import strip_padding
 
 RESULT_JSON = "harvest.json"
 STATS_FILE = "stats.safetensors"
@@ -48,7 +48,9 @@ CREATE TABLE examples (
 """
 
 
-def csr(keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int) -> dict[str, torch.Tensor]:
+def csr(
+    keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int
+) -> dict[str, torch.Tensor]:
     rows = keys // n_cols
     indptr = torch.searchsorted(rows, torch.arange(n_rows + 1, dtype=torch.int64))
     return {"indptr": indptr, "cols": (keys % n_cols).contiguous(), "values": values.contiguous()}
@@ -128,7 +130,9 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
 
     con.executemany("INSERT INTO components VALUES (?,?,?,?,?,?,?)", comp_rows())
     for kind, bank in (("top", acc.top), ("reservoir", acc.reservoir)):
-        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)", _example_rows(kind, bank, acc))
+        con.executemany(
+            "INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)", _example_rows(kind, bank, acc)
+        )
     con.commit()
     con.execute("PRAGMA journal_mode=WAL")
     con.close()
@@ -143,23 +147,23 @@ def _example_rows(kind: str, bank: Any, acc: HarvestAccumulator) -> Any:
         n = int(bank.filled[r])
         if n == 0:
             continue
-        if kind == "top":
-            order = list(range(n))
-        else:  # reservoir: present in data order
-            order = torch.argsort(bank.pos[r, :n]).tolist()
+        # top: best first; reservoir: in data order
+        order = list(range(n)) if kind == "top" else torch.argsort(bank.pos[r, :n]).tolist()
         toks_all = bank.tokens[r].tolist()
         acts_all = bank.acts[r].tolist()
         fired_all = bank.fired[r].tolist()
         for rank, slot in enumerate(order):
             toks = toks_all[slot]
-            lo = 0
-            while lo < W and toks[lo] == PAD:
-                lo += 1
-            hi = len(toks)
-            while hi > W + 1 and toks[hi - 1] == PAD:
-                hi -= 1
+            lo, hi = strip_padding(toks, W)
             acts = {t: [a[i] for a in acts_all[slot][lo:hi]] for i, t in enumerate(types)}
             yield (
-                key, kind, rank, float(bank.score[r, slot]), int(bank.pos[r, slot]), W - lo,
-                json.dumps(toks[lo:hi]), json.dumps(acts), json.dumps(fired_all[slot][lo:hi]),
+                key,
+                kind,
+                rank,
+                float(bank.score[r, slot]),
+                int(bank.pos[r, slot]),
+                W - lo,
+                json.dumps(toks[lo:hi]),
+                json.dumps(acts),
+                json.dumps(fired_all[slot][lo:hi]),
             )

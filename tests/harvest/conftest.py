@@ -30,6 +30,7 @@ def toy_config(**kw: object) -> HarvestConfig:
         seed=0,
         output_top_k=5,
         min_token_support=2,
+        cooccurrence_fraction=1.0,
     )
     base.update(kw)
     return HarvestConfig(**base)  # type: ignore[arg-type]

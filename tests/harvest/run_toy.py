@@ -33,6 +33,7 @@ def main() -> None:
         checkpoint_every=a.checkpoint_every,
         seed=a.seed,
         output_top_k=5,
+        cooccurrence_fraction=0.5,
         min_token_support=2,
     )
     with temporary_plugins(("toy", toy_plugin), entry_points=False):

@@ -236,3 +236,32 @@ def test_unknown_component_is_a_clear_error(toy_repo: HarvestRepo) -> None:
 
     with pytest.raises(ResultsNotFoundError, match="nope:3"):
         toy_repo.component("nope:3")
+
+
+def test_sampled_cooccurrence_is_exact_on_its_sample(
+    toy_host: object, tmp_path, ref: Reference
+) -> None:
+    """With cooccurrence_fraction < 1 the counts are exact over the documented position sample:
+    positions where ``rand(N, generator=batch_generator(seed + 0x5EED, g)) < fraction``."""
+    from spd_host.harvest.accumulator import batch_generator
+    from tests.harvest.conftest import harvest_toy, toy_config
+
+    frac = 0.3
+    repo = harvest_toy(tmp_path / "sampled", toy_config(cooccurrence_fraction=frac))
+    N = BATCH * SEQ
+    mask = torch.cat(
+        [torch.rand(N, generator=batch_generator(0x5EED, g)) < frac for g in range(N_BATCHES)]
+    )
+    F = ref.fired[mask].double()
+    M = int(mask.sum())
+    assert repo.meta["cooc_n_tokens"] == M
+    assert 0.2 * ref.n < M < 0.4 * ref.n
+    both = F.T @ F
+    ks = keys()
+    for i, key in enumerate(ks):
+        exp = {
+            ks[j]: math.log(float(both[i, j]) * M / (float(both[i, i]) * float(both[j, j])))
+            for j in range(len(ks))
+            if j != i and both[i, j] > 0
+        }
+        assert dict(repo.correlated(key, metric="pmi", top=100)) == pytest.approx(exp, rel=1e-12)

@@ -35,7 +35,9 @@ def _acc(seed: int) -> HarvestAccumulator:
     layout = Layout.of(
         [Site(name="s", n_components=C, reads_from="0.mlp_in", writes_to=("0.mlp_out",))], ["a"]
     )
-    cfg = HarvestConfig(examples_per_component=K, context_tokens=0, seed=seed, cooccurrence=False)
+    cfg = HarvestConfig(
+        examples_per_component=K, context_tokens=0, seed=seed, cooccurrence=False, batch_size=1
+    )
     return HarvestAccumulator(layout, cfg, V)
 
 

@@ -43,7 +43,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_in_process_shards_merge_to_single_result(
     toy_host: object, tmp_path: Path, single: Path
 ) -> None:
-    cfg = toy_config()
+    cfg = toy_config(cooccurrence_fraction=0.5)  # as in run_toy.py
     out = tmp_path / "sharded"
     for rank in range(3):
         repo = harvest_toy(out, cfg, rank=rank, world_size=3) if rank == 2 else None

@@ -21,7 +21,8 @@ Definitions (per component ``c``; ``N`` = tokens seen; "fires" = ``firings[site]
   ``0 <= exact - stored <= firing_count[c] - output_kept_mass[c]`` (plus quantisation,
   ``<= 2**-31`` per position). ``next_token_mass[t]``: the same sum over all positions.
 - ``co-occurrence pairs (i, j), i < j``: number of positions where both fire (int64, exact over
-  the first ``cooc_n_tokens`` tokens; ``cooc_count[c]`` counts firings over the same tokens).
+  the ``cooc_n_tokens`` sampled positions, see ``cooccurrence_fraction``; ``cooc_count[c]``
+  counts firings over the same positions).
 - examples: reservoir sample and top-K by primary activation (see ``examples``).
 """
 
@@ -164,7 +165,8 @@ class HarvestAccumulator:
         C_all = self.layout.total
         batch_sum_all = torch.zeros(T, C_all, dtype=torch.float64)
         batch_sum_firing = torch.zeros(T, C_all, dtype=torch.float64)
-        pos_base = global_batch * B * S
+        # global token index; batch_size (not B) so a short last batch cannot collide
+        pos_base = global_batch * self.config.batch_size * S
         all_n: list[torch.Tensor] = []
         all_g: list[torch.Tensor] = []
         for site, off, C in zip(
@@ -200,7 +202,12 @@ class HarvestAccumulator:
         self.sum_all.add_(batch_sum_all)
         self.sum_firing.add_(batch_sum_firing)
         if self.cooc_active:
-            self._update_cooc(all_n, all_g, N)
+            keep = self._cooc_positions(global_batch, N)
+            if keep is not None:
+                sel = [keep[n] for n in all_n]
+                all_n = [n[m] for n, m in zip(all_n, sel, strict=True)]
+                all_g = [g[m] for g, m in zip(all_g, sel, strict=True)]
+            self._update_cooc(all_n, all_g, N, N if keep is None else int(keep.sum()))
         self.n_tokens += N
         self.n_batches += 1
 
@@ -268,7 +275,21 @@ class HarvestAccumulator:
         touched = torch.unique(rows)
         bank.filled[touched] = new_filled[touched]
 
-    def _update_cooc(self, all_n: list[torch.Tensor], all_g: list[torch.Tensor], N: int) -> None:
+    def _cooc_positions(self, global_batch: int, N: int) -> torch.Tensor | None:
+        """Positions of this batch counted for co-occurrence (None: all of them).
+
+        A function of (seed, global batch) only, from its own generator stream, so the sample is
+        the same under any sharding or resume and does not disturb the reservoir's draws.
+        """
+        frac = self.config.cooccurrence_fraction
+        if frac >= 1.0:
+            return None
+        gen = batch_generator(self.config.seed + 0x5EED, global_batch)
+        return torch.rand(N, generator=gen) < frac
+
+    def _update_cooc(
+        self, all_n: list[torch.Tensor], all_g: list[torch.Tensor], N: int, n_counted: int
+    ) -> None:
         C = self.layout.total
         if all_n:
             n = torch.cat(all_n)
@@ -292,7 +313,7 @@ class HarvestAccumulator:
                 e1 = int(ev_start[hi_tok - 1] + counts[hi_tok - 1])
                 self._pairs(n[e0:e1], g[e0:e1], counts, ev_start)
                 lo_tok = hi_tok
-        self.cooc_n_tokens += N
+        self.cooc_n_tokens += n_counted
         self.cooc.consolidate()
         if len(self.cooc) > self.config.cooccurrence_max_pairs:
             self.cooc_active = False

@@ -38,6 +38,14 @@ class HarvestConfig(BaseModel):
     histogram_min: float = Field(default=1e-4, gt=0)
     histogram_max: float = Field(default=1e3, gt=0)
     cooccurrence: bool = True
+    cooccurrence_fraction: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="Fraction of token positions (drawn from a generator seeded by seed and "
+        "global batch, so independent of sharding) on which co-occurrence is counted, exactly. "
+        "Co-occurrence costs L^2/2 per position for L firing components; 1.0 counts every position",
+    )
     cooccurrence_max_pairs: int = Field(
         default=300_000_000,
         gt=0,

@@ -73,7 +73,7 @@ def resolve_config(adapter: Any, config: HarvestConfig) -> HarvestConfig:
 def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
     """Token batches from ``spd_host.data`` for the resolved config."""
     try:
-        from spd_host.data import TokenDatasetSpec, iter_token_batches  # type: ignore[import-not-found,unused-ignore]
+        from spd_host.data import TokenDatasetSpec, iter_token_batches
     except ImportError as err:
         raise ConfigError(
             "spd_host.data is not available in this installation",
@@ -92,6 +92,7 @@ def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
             spec,
             tokenizer,
             batch_size=config.batch_size,
+            n_tokens=config.n_tokens,
             rank=rank,
             world_size=world_size,
             start_batch=start_batch,

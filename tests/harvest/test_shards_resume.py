@@ -127,3 +127,15 @@ def test_merge_without_shards_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ResultsNotFoundError, match="no shard states"):
         merge_shards(tmp_path)
+
+
+def test_cli_harvest_unknown_method_is_a_clear_error() -> None:
+    result = CliRunner().invoke(app, ["harvest", "nosuchmethod:demo", "--n-tokens", "10"])
+    assert result.exit_code == 2
+    assert "unknown method" in result.output
+
+
+def test_cli_merge_needs_an_id_or_out() -> None:
+    result = CliRunner().invoke(app, ["harvest", "merge"])
+    assert result.exit_code == 1
+    assert "--out" in result.output

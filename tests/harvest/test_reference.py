@@ -107,6 +107,9 @@ def test_token_stats_lists(toy_repo: HarvestRepo, ref: Reference, kind: str) -> 
         n_t = torch.bincount(ref.tokens, minlength=V).double()
     else:  # top-k truncated probabilities, summed (the documented approximation)
         pv, pi = torch.topk(ref.probs.float(), k, dim=-1)
+        floor = toy_repo.config.output_min_prob
+        assert floor > 0
+        pv = torch.where(pv >= floor, pv, torch.zeros_like(pv))  # documented floor
         trunc = torch.zeros_like(ref.probs).scatter_(1, pi, pv.double())
         n_t = trunc.sum(0)
     for c, key in enumerate(keys()):

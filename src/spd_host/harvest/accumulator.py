@@ -196,7 +196,9 @@ class HarvestAccumulator:
             self.hist.view(-1).index_add_(0, g * self.hist.shape[1] + bins, torch.ones_like(g))
             self.input_pairs.add(g, flat_tok[n])
             self.output_kept_mass.index_add_(0, g, kept[n])
-            self.output_pairs.add_keys((g[:, None] * self.V + pi[n]).reshape(-1), qv[n].reshape(-1))
+            w = qv[n].reshape(-1)
+            nz = w > 0
+            self.output_pairs.add_keys((g[:, None] * self.V + pi[n]).reshape(-1)[nz], w[nz])
             all_n.append(n)
             all_g.append(g)
         self.sum_all.add_(batch_sum_all)
@@ -222,6 +224,8 @@ class HarvestAccumulator:
         if p.shape[1] != self.V:
             raise ValueError(f"next-token tensor has {p.shape[1]} classes, expected vocab {self.V}")
         pv, pi = torch.topk(p, k, dim=-1, sorted=False)
+        # below the floor: dropped (zero weight; the pair is skipped), mass goes to the bound
+        pv = torch.where(pv >= self.config.output_min_prob, pv, torch.zeros_like(pv))
         return pv, pi
 
     def _update_reservoir(self, tokens, fired, acts, b, s, cl, g, primary, pos, gen) -> None:  # type: ignore[no-untyped-def]

@@ -34,6 +34,13 @@ class HarvestConfig(BaseModel):
     output_top_k: int = Field(
         default=16, gt=0, description="Next-token probabilities kept per position for output stats"
     )
+    output_min_prob: float = Field(
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="Next-token probabilities below this are not kept (their mass counts in the "
+        "recorded approximation bound); keeps the output table to salient predictions",
+    )
     histogram_bins: int = Field(default=32, gt=1)
     histogram_min: float = Field(default=1e-4, gt=0)
     histogram_max: float = Field(default=1e3, gt=0)

@@ -16,6 +16,7 @@ Definitions (per component ``c``; ``N`` = tokens seen; "fires" = ``firings[site]
   ``t`` (int64, exact). ``token_count[t]``: occurrences of ``t`` as current token (exact).
 - ``output pairs (c, t)``: sum, over positions where ``c`` fires, of the model's next-token
   probability of ``t``, keeping only the ``output_top_k`` most likely tokens per position
+  whose probability is at least ``output_min_prob``
   (int64 in units of ``2**-30``). ``output_kept_mass[c]``: the kept probability summed over
   ``c``'s firing positions, so for every token
   ``0 <= exact - stored <= firing_count[c] - output_kept_mass[c]`` (plus quantisation,

@@ -43,6 +43,9 @@ _LAZY = {
     "iter_token_batches": "spd_host.data",
     "DEMO_MODEL_NAME": "spd_host.demo",
     "demo_model_dir": "spd_host.demo",
+    "HarvestConfig": "spd_host.harvest",
+    "HarvestRepo": "spd_host.harvest",
+    "run_harvest": "spd_host.harvest",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

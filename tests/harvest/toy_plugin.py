@@ -21,7 +21,9 @@ V = 23
 D = 8
 SITES = (("0.mlp", 7), ("1.mlp", 5))
 ACT_TYPES = ("act", "pre")
-METHOD = MethodInfo(name="toy", description="A toy decomposition for tests: components are random directions.")
+METHOD = MethodInfo(
+    name="toy", description="A toy decomposition for tests: components are random directions."
+)
 
 
 class ToyTokenizer:
@@ -38,12 +40,17 @@ class ToyAdapter:
     method: MethodInfo = METHOD
     sites: list[Site] = field(
         default_factory=lambda: [
-            Site(name=n, n_components=c, reads_from=f"{n[0]}.mlp_in", writes_to=(f"{n[0]}.mlp_out",)) for n, c in SITES
+            Site(
+                name=n, n_components=c, reads_from=f"{n[0]}.mlp_in", writes_to=(f"{n[0]}.mlp_out",)
+            )
+            for n, c in SITES
         ]
     )
     activation_types: tuple[str, ...] = ACT_TYPES
     base_model_name: str = "toy"
-    defaults: DecompositionDefaults = field(default_factory=lambda: DecompositionDefaults(seq_len=12, dataset="toy"))
+    defaults: DecompositionDefaults = field(
+        default_factory=lambda: DecompositionDefaults(seq_len=12, dataset="toy")
+    )
 
     def load_base_model(self) -> Any:
         return torch.nn.Identity()
@@ -76,7 +83,9 @@ def toy_harvest_fn(threshold: float) -> Callable[[torch.Tensor], HarvestBatch]:
             act = torch.relu(pre)
             firings[name] = act > threshold
             acts[name] = {"act": act, "pre": pre}
-        return HarvestBatch(tokens=tokens, firings=firings, activations=acts, next_token_logits=x @ w["unembed"])
+        return HarvestBatch(
+            tokens=tokens, firings=firings, activations=acts, next_token_logits=x @ w["unembed"]
+        )
 
     return fn
 
@@ -101,7 +110,9 @@ def toy_batch(g: int, batch_size: int, seq_len: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(10_000 + g)
     # skewed token distribution so some tokens are common and some rare
     probs = torch.linspace(1.0, 0.05, V) ** 2
-    return torch.multinomial(probs, batch_size * seq_len, replacement=True, generator=gen).reshape(batch_size, seq_len)
+    return torch.multinomial(probs, batch_size * seq_len, replacement=True, generator=gen).reshape(
+        batch_size, seq_len
+    )
 
 
 def toy_source(batch_size: int, seq_len: int) -> Callable[[int, int, int], Iterator[torch.Tensor]]:

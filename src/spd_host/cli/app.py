@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from spd_host.cli import autointerp_cmd, info_cmd, plugins_cmd, show_cmd, topology_cmd
+from spd_host.cli import (
+    autointerp_cmd,
+    harvest_cmd,
+    info_cmd,
+    plugins_cmd,
+    show_cmd,
+    topology_cmd,
+)
 
 app = typer.Typer(
     name="spd-host",
@@ -19,6 +26,7 @@ app.command("info")(info_cmd.info)
 app.command("autointerp")(autointerp_cmd.autointerp)
 app.command("show")(show_cmd.show)
 app.command("topology")(topology_cmd.topology)
+app.add_typer(harvest_cmd.harvest_app, name="harvest")
 
 
 def main() -> None:

@@ -4,22 +4,26 @@ Definitions (per component ``c``; ``N`` = tokens seen; "fires" = ``firings[site]
 
 - ``firing_count[c]``: number of token positions where ``c`` fires (int64, exact).
   ``density = firing_count / N``.
-- ``sum_all[type][c]``: sum of the activation over *all* tokens (float64); ``mean_all = sum_all / N``.
+- ``sum_all[type][c]``: sum of the activation over *all* tokens; ``mean_all = sum_all / N``.
 - ``sum_firing[type][c]``: sum over firing tokens; ``mean_firing = sum_firing / firing_count``.
-- ``max_firing[type][c]``: max over firing tokens (``-inf`` if it never fired).
+  Both sums are accumulated exactly in int64 fixed point (``ExactSum``): each batch's float64
+  partial sum is quantised to ``2**-32`` once, so results do not depend on sharding or resume.
+- ``max_firing[type][c]``: max over firing tokens (``-inf`` if it never fired; exact).
 - ``hist[c]``: counts (int64) of ``|primary activation|`` at firing tokens in log-spaced bins
   between ``histogram_min`` and ``histogram_max``; bin 0 is ``[0, min)``, the last bin is
-  ``[max, inf)``.
+  ``[max, inf)``; bin ``i`` is ``[edge[i-1], edge[i])``.
 - ``input pairs (c, t)``: number of positions where ``c`` fires and the *current* token is
-  ``t`` (int64, exact). ``token_count[t]``: occurrences of ``t`` as current token.
+  ``t`` (int64, exact). ``token_count[t]``: occurrences of ``t`` as current token (exact).
 - ``output pairs (c, t)``: sum, over positions where ``c`` fires, of the model's next-token
   probability of ``t``, keeping only the ``output_top_k`` most likely tokens per position
-  (float64). ``output_kept_mass[c]``: sum over firing positions of the kept probability, so
-  for every token ``0 <= true - stored <= firing_count[c] - output_kept_mass[c]``.
-  ``next_token_mass[t]``: the same sum over all positions (marginal), with the global bound
-  ``N - kept_mass_total``.
+  whose probability is at least ``output_min_prob``
+  (int64 in units of ``2**-30``). ``output_kept_mass[c]``: the kept probability summed over
+  ``c``'s firing positions, so for every token
+  ``0 <= exact - stored <= firing_count[c] - output_kept_mass[c]`` (plus quantisation,
+  ``<= 2**-31`` per position). ``next_token_mass[t]``: the same sum over all positions.
 - ``co-occurrence pairs (i, j), i < j``: number of positions where both fire (int64, exact over
-  the first ``cooc_n_tokens`` tokens; ``cooc_count[c]`` counts firings over the same tokens).
+  the ``cooc_n_tokens`` sampled positions, see ``cooccurrence_fraction``; ``cooc_count[c]``
+  counts firings over the same positions).
 - examples: reservoir sample and top-K by primary activation (see ``examples``).
 """
 
@@ -34,6 +38,7 @@ import torch
 
 from spd_host.adapter import HarvestBatch, Site
 from spd_host.harvest.config import HarvestConfig
+from spd_host.harvest.exact import PROB_FRAC_BITS, ExactSum, quantize
 from spd_host.harvest.examples import ExampleBank, reservoir_plan, topk_plan
 from spd_host.harvest.sparse_counts import SparsePairCounter
 from spd_host.harvest.windows import extract_windows
@@ -51,7 +56,9 @@ class Layout:
 
     @classmethod
     def of(cls, sites: Sequence[Site], act_types: Sequence[str]) -> Layout:
-        return cls(tuple(s.name for s in sites), tuple(s.n_components for s in sites), tuple(act_types))
+        return cls(
+            tuple(s.name for s in sites), tuple(s.n_components for s in sites), tuple(act_types)
+        )
 
     @property
     def offsets(self) -> list[int]:
@@ -73,12 +80,20 @@ class Layout:
 
     def index(self, key: str) -> int:
         site, _, idx = key.rpartition(":")
-        if site not in self.names or not idx.isdigit() or int(idx) >= self.sizes[self.names.index(site)]:
+        if (
+            site not in self.names
+            or not idx.isdigit()
+            or int(idx) >= self.sizes[self.names.index(site)]
+        ):
             raise KeyError(key)
         return self.offsets[self.names.index(site)] + int(idx)
 
     def as_json(self) -> dict[str, Any]:
-        return {"names": list(self.names), "sizes": list(self.sizes), "act_types": list(self.act_types)}
+        return {
+            "names": list(self.names),
+            "sizes": list(self.sizes),
+            "act_types": list(self.act_types),
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Layout:
@@ -103,20 +118,24 @@ class HarvestAccumulator:
         self.n_tokens = 0
         self.n_batches = 0
         self.firing_count = torch.zeros(C, dtype=torch.int64)
-        self.sum_all = torch.zeros(T, C, dtype=torch.float64)
-        self.sum_firing = torch.zeros(T, C, dtype=torch.float64)
+        self.sum_all = ExactSum((T, C))
+        self.sum_firing = ExactSum((T, C))
         self.max_firing = torch.full((T, C), float("-inf"), dtype=torch.float32)
         nb = config.histogram_bins
         self.hist_edges = torch.logspace(
-            math.log10(config.histogram_min), math.log10(config.histogram_max), nb + 1, dtype=torch.float64
+            math.log10(config.histogram_min),
+            math.log10(config.histogram_max),
+            nb + 1,
+            dtype=torch.float64,
         ).to(torch.float32)
         self.hist = torch.zeros(C, nb + 2, dtype=torch.int64)
         self.token_count = torch.zeros(vocab_size, dtype=torch.int64)
-        self.next_token_mass = torch.zeros(vocab_size, dtype=torch.float64)
-        self.kept_mass_total = torch.zeros((), dtype=torch.float64)
-        self.output_kept_mass = torch.zeros(C, dtype=torch.float64)
+        # probability masses: int64 in units of 2**-PROB_FRAC_BITS (exact, order-independent)
+        self.next_token_mass = torch.zeros(vocab_size, dtype=torch.int64)
+        self.kept_mass_total = torch.zeros((), dtype=torch.int64)
+        self.output_kept_mass = torch.zeros(C, dtype=torch.int64)
         self.input_pairs = SparsePairCounter(C, vocab_size, dtype=torch.int64)
-        self.output_pairs = SparsePairCounter(C, vocab_size, dtype=torch.float64)
+        self.output_pairs = SparsePairCounter(C, vocab_size, dtype=torch.int64)
         self.cooc = SparsePairCounter(C, C, dtype=torch.int64)
         self.cooc_count = torch.zeros(C, dtype=torch.int64)
         self.cooc_n_tokens = 0
@@ -139,13 +158,21 @@ class HarvestAccumulator:
         self.token_count += torch.bincount(flat_tok, minlength=self.V)
         # next-token distribution, top-k per position
         pv, pi = self._next_token_topk(batch, N)
-        kept = pv.sum(-1, dtype=torch.float64)
-        self.next_token_mass.index_add_(0, pi.reshape(-1), pv.reshape(-1).to(torch.float64))
+        qv = quantize(pv, PROB_FRAC_BITS)
+        kept = qv.sum(-1)
+        self.next_token_mass.index_add_(0, pi.reshape(-1), qv.reshape(-1))
         self.kept_mass_total += kept.sum()
-        pos_base = global_batch * B * S
+        T = len(self.layout.act_types)
+        C_all = self.layout.total
+        batch_sum_all = torch.zeros(T, C_all, dtype=torch.float64)
+        batch_sum_firing = torch.zeros(T, C_all, dtype=torch.float64)
+        # global token index; batch_size (not B) so a short last batch cannot collide
+        pos_base = global_batch * self.config.batch_size * S
         all_n: list[torch.Tensor] = []
         all_g: list[torch.Tensor] = []
-        for site, off, C in zip(self.layout.names, self.layout.offsets, self.layout.sizes, strict=True):
+        for site, off, C in zip(
+            self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
+        ):
             fired = batch.firings[site].cpu()
             acts = {t: batch.activations[site][t].cpu() for t in self.layout.act_types}
             nz = fired.reshape(N, C).nonzero()
@@ -153,9 +180,9 @@ class HarvestAccumulator:
             g = cl + off
             for i, t in enumerate(self.layout.act_types):
                 a = acts[t].reshape(N, C)
-                self.sum_all[i, off : off + C] += a.sum(0, dtype=torch.float64)
+                batch_sum_all[i, off : off + C] = a.sum(0, dtype=torch.float64)
                 v = a[n, cl]
-                self.sum_firing[i].index_add_(0, g, v.to(torch.float64))
+                batch_sum_firing[i].index_add_(0, g, v.to(torch.float64))
                 self.max_firing[i].scatter_reduce_(0, g, v.to(torch.float32), "amax")
                 if i == 0:
                     primary = v
@@ -170,15 +197,20 @@ class HarvestAccumulator:
             self.hist.view(-1).index_add_(0, g * self.hist.shape[1] + bins, torch.ones_like(g))
             self.input_pairs.add(g, flat_tok[n])
             self.output_kept_mass.index_add_(0, g, kept[n])
-            k = pi.shape[1]
-            self.output_pairs.add_keys(
-                (g[:, None] * self.V + pi[n]).reshape(-1), pv[n].reshape(-1).to(torch.float64)
-            )
-            del k
+            w = qv[n].reshape(-1)
+            nz = w > 0
+            self.output_pairs.add_keys((g[:, None] * self.V + pi[n]).reshape(-1)[nz], w[nz])
             all_n.append(n)
             all_g.append(g)
+        self.sum_all.add_(batch_sum_all)
+        self.sum_firing.add_(batch_sum_firing)
         if self.cooc_active:
-            self._update_cooc(all_n, all_g, N)
+            keep = self._cooc_positions(global_batch, N)
+            if keep is not None:
+                sel = [keep[n] for n in all_n]
+                all_n = [n[m] for n, m in zip(all_n, sel, strict=True)]
+                all_g = [g[m] for g, m in zip(all_g, sel, strict=True)]
+            self._update_cooc(all_n, all_g, N, N if keep is None else int(keep.sum()))
         self.n_tokens += N
         self.n_batches += 1
 
@@ -193,6 +225,8 @@ class HarvestAccumulator:
         if p.shape[1] != self.V:
             raise ValueError(f"next-token tensor has {p.shape[1]} classes, expected vocab {self.V}")
         pv, pi = torch.topk(p, k, dim=-1, sorted=False)
+        # below the floor: dropped (zero weight; the pair is skipped), mass goes to the bound
+        pv = torch.where(pv >= self.config.output_min_prob, pv, torch.zeros_like(pv))
         return pv, pi
 
     def _update_reservoir(self, tokens, fired, acts, b, s, cl, g, primary, pos, gen) -> None:  # type: ignore[no-untyped-def]
@@ -203,21 +237,42 @@ class HarvestAccumulator:
         rows = bank.rows_for(torch.unique(g[ev]))
         del rows
         rows = bank.row_of[g[ev]]
-        w = extract_windows(tokens, fired, acts, self.layout.act_types, b[ev], s[ev], cl[ev], self.config.context_tokens)
+        w = extract_windows(
+            tokens,
+            fired,
+            acts,
+            self.layout.act_types,
+            b[ev],
+            s[ev],
+            cl[ev],
+            self.config.context_tokens,
+        )
         bank.write(rows, slot, primary[ev], pos[ev], w)
-        bank.filled[rows] = torch.maximum(bank.filled[rows], slot + 1)
+        bank.filled.scatter_reduce_(0, rows, slot + 1, "amax")
 
     def _update_top(self, tokens, fired, acts, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
         bank = self.top
-        rows, slots, is_new, src, score = topk_plan(g, primary, bank)
+        rows, slots, is_new, src, _score = topk_plan(g, primary, pos, bank)
         if rows.numel() == 0:
             return
         old = ~is_new
         # gather the surviving old entries before anything is overwritten
         o_rows, o_src = rows[old], src[old]
-        kept = {f: getattr(bank, f)[o_rows, o_src].clone() for f in ("score", "pos", "tokens", "acts", "fired")}
+        kept = {
+            f: getattr(bank, f)[o_rows, o_src].clone()
+            for f in ("score", "pos", "tokens", "acts", "fired")
+        }
         ev = src[is_new]
-        w = extract_windows(tokens, fired, acts, self.layout.act_types, b[ev], s[ev], cl[ev], self.config.context_tokens)
+        w = extract_windows(
+            tokens,
+            fired,
+            acts,
+            self.layout.act_types,
+            b[ev],
+            s[ev],
+            cl[ev],
+            self.config.context_tokens,
+        )
         bank.write(rows[is_new], slots[is_new], primary[ev], pos[ev], w)
         for f, t in kept.items():
             getattr(bank, f)[o_rows, slots[old]] = t
@@ -225,7 +280,21 @@ class HarvestAccumulator:
         touched = torch.unique(rows)
         bank.filled[touched] = new_filled[touched]
 
-    def _update_cooc(self, all_n: list[torch.Tensor], all_g: list[torch.Tensor], N: int) -> None:
+    def _cooc_positions(self, global_batch: int, N: int) -> torch.Tensor | None:
+        """Positions of this batch counted for co-occurrence (None: all of them).
+
+        A function of (seed, global batch) only, from its own generator stream, so the sample is
+        the same under any sharding or resume and does not disturb the reservoir's draws.
+        """
+        frac = self.config.cooccurrence_fraction
+        if frac >= 1.0:
+            return None
+        gen = batch_generator(self.config.seed + 0x5EED, global_batch)
+        return torch.rand(N, generator=gen) < frac
+
+    def _update_cooc(
+        self, all_n: list[torch.Tensor], all_g: list[torch.Tensor], N: int, n_counted: int
+    ) -> None:
         C = self.layout.total
         if all_n:
             n = torch.cat(all_n)
@@ -240,19 +309,23 @@ class HarvestAccumulator:
             lo_tok = 0
             while lo_tok < N:
                 base = int(cum[lo_tok - 1]) if lo_tok else 0
-                hi_tok = int(torch.searchsorted(cum, torch.tensor(base + _MAX_PAIRS_PER_CHUNK), right=True))
+                hi_tok = int(
+                    torch.searchsorted(cum, torch.tensor(base + _MAX_PAIRS_PER_CHUNK), right=True)
+                )
                 hi_tok = max(hi_tok, lo_tok + 1)
                 hi_tok = min(hi_tok, N)
                 e0 = int(ev_start[lo_tok])
                 e1 = int(ev_start[hi_tok - 1] + counts[hi_tok - 1])
                 self._pairs(n[e0:e1], g[e0:e1], counts, ev_start)
                 lo_tok = hi_tok
-        self.cooc_n_tokens += N
+        self.cooc_n_tokens += n_counted
         self.cooc.consolidate()
         if len(self.cooc) > self.config.cooccurrence_max_pairs:
             self.cooc_active = False
 
-    def _pairs(self, n: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, ev_start: torch.Tensor) -> None:
+    def _pairs(
+        self, n: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, ev_start: torch.Tensor
+    ) -> None:
         if n.numel() < 2:
             return
         E = n.shape[0]
@@ -271,8 +344,6 @@ class HarvestAccumulator:
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         t: dict[str, torch.Tensor] = {
             "firing_count": self.firing_count,
-            "sum_all": self.sum_all,
-            "sum_firing": self.sum_firing,
             "max_firing": self.max_firing,
             "hist": self.hist,
             "hist_edges": self.hist_edges,
@@ -282,6 +353,8 @@ class HarvestAccumulator:
             "output_kept_mass": self.output_kept_mass,
             "cooc_count": self.cooc_count,
         }
+        t.update(self.sum_all.state("sum_all"))
+        t.update(self.sum_firing.state("sum_firing"))
         t.update(self.input_pairs.state("input_pairs"))
         t.update(self.output_pairs.state("output_pairs"))
         t.update(self.cooc.state("cooc"))
@@ -299,10 +372,25 @@ class HarvestAccumulator:
         return {k: v.contiguous() for k, v in t.items()}, meta
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> HarvestAccumulator:
-        acc = cls(Layout.from_json(meta["layout"]), HarvestConfig(**meta["config"]), int(meta["vocab_size"]))
-        for name in ("firing_count", "sum_all", "sum_firing", "max_firing", "hist", "token_count",
-                     "next_token_mass", "output_kept_mass", "cooc_count"):
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> HarvestAccumulator:
+        acc = cls(
+            Layout.from_json(meta["layout"]),
+            HarvestConfig(**meta["config"]),
+            int(meta["vocab_size"]),
+        )
+        acc.sum_all.load_state("sum_all", tensors)
+        acc.sum_firing.load_state("sum_firing", tensors)
+        for name in (
+            "firing_count",
+            "max_firing",
+            "hist",
+            "token_count",
+            "next_token_mass",
+            "output_kept_mass",
+            "cooc_count",
+        ):
             setattr(acc, name, tensors[name].clone())
         acc.kept_mass_total = tensors["kept_mass_total"].reshape(()).clone()
         acc.input_pairs.load_state("input_pairs", tensors)

@@ -19,7 +19,9 @@ class HarvestConfig(BaseModel):
     dataset: str | None = Field(default=None, description="'demo', a file/dir, or a Hub dataset")
     dataset_column: str | None = None
     seq_len: int | None = Field(default=None, gt=1)
-    n_tokens: int = Field(default=200_000, gt=0, description="Tokens to harvest (all ranks together)")
+    n_tokens: int = Field(
+        default=200_000, gt=0, description="Tokens to harvest (all ranks together)"
+    )
     batch_size: int = Field(default=16, gt=0, description="Sequences per batch")
     examples_per_component: int = Field(
         default=20, gt=0, description="K: reservoir size and number of top-activation examples"
@@ -32,10 +34,25 @@ class HarvestConfig(BaseModel):
     output_top_k: int = Field(
         default=16, gt=0, description="Next-token probabilities kept per position for output stats"
     )
+    output_min_prob: float = Field(
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="Next-token probabilities below this are not kept (their mass counts in the "
+        "recorded approximation bound); keeps the output table to salient predictions",
+    )
     histogram_bins: int = Field(default=32, gt=1)
     histogram_min: float = Field(default=1e-4, gt=0)
     histogram_max: float = Field(default=1e3, gt=0)
     cooccurrence: bool = True
+    cooccurrence_fraction: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="Fraction of token positions (drawn from a generator seeded by seed and "
+        "global batch, so independent of sharding) on which co-occurrence is counted, exactly. "
+        "Co-occurrence costs L^2/2 per position for L firing components; 1.0 counts every position",
+    )
     cooccurrence_max_pairs: int = Field(
         default=300_000_000,
         gt=0,

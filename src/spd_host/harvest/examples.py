@@ -11,7 +11,7 @@ The result is a uniform sample without replacement of size ``min(K, n)`` from al
 firings. Randomness comes from a generator seeded by ``(seed, global batch index)``, so a
 resumed or re-run harvest draws exactly the same numbers.
 
-Top-K: the K firings with the largest primary activation (ties broken by data order).
+Top-K: the K firings with the largest primary activation (ties: earlier position first).
 """
 
 from __future__ import annotations
@@ -71,7 +71,12 @@ class ExampleBank:
             getattr(self, f)[:n] = t[:n]
 
     def write(
-        self, rows: torch.Tensor, slots: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, w: Windows
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        score: torch.Tensor,
+        pos: torch.Tensor,
+        w: Windows,
     ) -> None:
         self.score[rows, slots] = score.to(torch.float32)
         self.pos[rows, slots] = pos
@@ -132,7 +137,7 @@ def reservoir_plan(
 
 
 def topk_plan(
-    comps: torch.Tensor, values: torch.Tensor, bank: ExampleBank
+    comps: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bank: ExampleBank
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge this batch's candidates into the top-K rows.
 
@@ -142,7 +147,7 @@ def topk_plan(
     """
     k = bank.k
     uc = torch.unique(comps)
-    rows = bank.rows_for(uc)
+    bank.rows_for(uc)
     # keep only events that can enter: better than the current K-th (or row not full)
     row_of_event = bank.row_of[comps]
     kth = torch.where(
@@ -165,10 +170,15 @@ def topk_plan(
     old_score = bank.score[old_rows, old_slots]
     all_rows = torch.cat([old_rows, c_rows])
     all_score = torch.cat([old_score, values[cand].to(torch.float32)])
-    is_new = torch.cat([torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)])
+    all_pos = torch.cat([bank.pos[old_rows, old_slots], pos[cand]])
+    is_new = torch.cat(
+        [torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)]
+    )
     src = torch.cat([old_slots, cand])
-    # sort: row ascending, score descending, old entries before new on ties (data order)
-    o = torch.sort(all_score, descending=True, stable=True).indices
+    # sort: row ascending, score descending, earlier position first on ties (so a merge of
+    # shards ranks ties exactly like a single pass)
+    o = torch.sort(all_pos, stable=True).indices
+    o = o[torch.sort(all_score[o], descending=True, stable=True).indices]
     o = o[torch.sort(all_rows[o], stable=True).indices]
     r_sorted = all_rows[o]
     n = o.shape[0]

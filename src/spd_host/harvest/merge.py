@@ -30,8 +30,8 @@ def merge_accumulators(parts: list[HarvestAccumulator]) -> HarvestAccumulator:
         gen = batch_generator(acc.config.seed, -1000 - i)
         before = acc.firing_count.clone()
         acc.firing_count += other.firing_count
-        acc.sum_all += other.sum_all
-        acc.sum_firing += other.sum_firing
+        acc.sum_all.merge_(other.sum_all)
+        acc.sum_firing.merge_(other.sum_firing)
         acc.max_firing = torch.maximum(acc.max_firing, other.max_firing)
         acc.hist += other.hist
         acc.token_count += other.token_count
@@ -70,10 +70,14 @@ def merge_top(a: ExampleBank, b: ExampleBank) -> None:
     br_in_a = a.row_of[b.component[br]]
     rows = torch.cat([ar, br_in_a])
     score = torch.cat([a.score[ar, asl], b.score[br, bsl]])
-    from_b = torch.cat([torch.zeros_like(ar, dtype=torch.bool), torch.ones_like(br, dtype=torch.bool)])
+    from_b = torch.cat(
+        [torch.zeros_like(ar, dtype=torch.bool), torch.ones_like(br, dtype=torch.bool)]
+    )
     src_row = torch.cat([ar, br])
     src_slot = torch.cat([asl, bsl])
-    o = torch.sort(score, descending=True, stable=True).indices
+    pos = torch.cat([a.pos[ar, asl], b.pos[br, bsl]])
+    o = torch.sort(pos, stable=True).indices
+    o = o[torch.sort(score[o], descending=True, stable=True).indices]
     o = o[torch.sort(rows[o], stable=True).indices]
     r = rows[o]
     n = r.shape[0]
@@ -120,8 +124,11 @@ def merge_reservoir(
         ra -= pick_a.to(torch.float64)
         rb -= pick_b.to(torch.float64)
     take_b = m - take_a
+
     # uniform subsets: random order of each row's filled entries, take the first few
-    def chosen(bank: ExampleBank, rows: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def chosen(
+        bank: ExampleBank, rows: torch.Tensor, count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         keys = torch.rand(rows.shape[0], k, generator=gen)
         slot = torch.arange(k)[None, :].expand(rows.shape[0], k)
         keys = torch.where(slot < bank.filled[rows][:, None], keys, torch.full_like(keys, 2.0))

@@ -61,7 +61,11 @@ class HarvestRepo:
         root = harvest_root(decomposition_id)
         if run is not None:
             return cls(root / run)
-        done = sorted(root.glob(f"*/{RESULT_JSON}"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+        done = (
+            sorted(root.glob(f"*/{RESULT_JSON}"), key=lambda p: p.stat().st_mtime)
+            if root.exists()
+            else []
+        )
         if not done:
             raise ResultsNotFoundError(
                 f"no finished harvest for {decomposition_id} under {root}",
@@ -97,7 +101,9 @@ class HarvestRepo:
     def _row(self, table: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         indptr = self._stats.get_slice(f"{table}_indptr")[g : g + 2]
         lo, hi = int(indptr[0]), int(indptr[1])
-        return self._stats.get_slice(f"{table}_cols")[lo:hi], self._stats.get_slice(f"{table}_values")[lo:hi]
+        return self._stats.get_slice(f"{table}_cols")[lo:hi], self._stats.get_slice(
+            f"{table}_values"
+        )[lo:hi]
 
     def _db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.path / DB_FILE}?mode=ro", uri=True)
@@ -114,14 +120,17 @@ class HarvestRepo:
     # -- API --------------------------------------------------------------------------------------
     def summary(self) -> list[ComponentSummary]:
         with self._db() as con:
-            rows = con.execute("SELECT key, site, idx, firing_count, density, stats FROM components ORDER BY gidx").fetchall()
+            rows = con.execute(
+                "SELECT key, site, idx, firing_count, density, stats FROM components ORDER BY gidx"
+            ).fetchall()
         return [_summary(r) for r in rows]
 
     def component(self, key: str) -> ComponentDetail:
         g = self._index(key)
         with self._db() as con:
             row = con.execute(
-                "SELECT key, site, idx, firing_count, density, stats FROM components WHERE gidx = ?", (g,)
+                "SELECT key, site, idx, firing_count, density, stats FROM components WHERE gidx = ?",
+                (g,),
             ).fetchone()
             ex = con.execute(
                 "SELECT key, kind, rank, score, position, centre, tokens, activations, firings "
@@ -131,8 +140,15 @@ class HarvestRepo:
         s = _summary(row)
         examples = [
             ActivationExample(
-                key=e[0], kind=e[1], rank=e[2], score=e[3], position=e[4], centre=e[5],
-                tokens=json.loads(e[6]), activations=json.loads(e[7]), firings=json.loads(e[8]),
+                key=e[0],
+                kind=e[1],
+                rank=e[2],
+                score=e[3],
+                position=e[4],
+                centre=e[5],
+                tokens=json.loads(e[6]),
+                activations=json.loads(e[7]),
+                firings=json.loads(e[8]),
             )
             for e in ex
         ]
@@ -147,7 +163,9 @@ class HarvestRepo:
             reservoir_examples=[e for e in examples if e.kind == "reservoir"],
         )
 
-    def token_stats(self, key: str, kind: Literal["input", "output"], *, top: int = 10) -> TokenStats:
+    def token_stats(
+        self, key: str, kind: Literal["input", "output"], *, top: int = 10
+    ) -> TokenStats:
         g = self._index(key)
         if kind not in ("input", "output"):
             raise ValueError(f"kind must be 'input' or 'output', got {kind!r}")
@@ -157,27 +175,46 @@ class HarvestRepo:
         bound = 0.0
         if kind == "output":
             bound = max(0.0, n_c - float(self._stats.get_slice("output_kept_mass")[g : g + 1][0]))
-        lists = token_lists(cols, vals, total, n_c, self.n_tokens, top=top, min_support=self.config.min_token_support)
+        lists = token_lists(
+            cols,
+            vals,
+            total,
+            n_c,
+            self.n_tokens,
+            top=top,
+            min_support=self.config.min_token_support,
+        )
         return TokenStats(
-            key=key, kind=kind, firing_count=n_c, n_tokens=self.n_tokens,
-            min_support=self.config.min_token_support, approximation_bound=bound, **lists,
+            key=key,
+            kind=kind,
+            firing_count=n_c,
+            n_tokens=self.n_tokens,
+            min_support=self.config.min_token_support,
+            approximation_bound=bound,
+            **lists,
         )
 
-    def correlated(self, key: str, *, metric: CoocMetric = "pmi", top: int = 10) -> list[tuple[str, float]]:
+    def correlated(
+        self, key: str, *, metric: CoocMetric = "pmi", top: int = 10
+    ) -> list[tuple[str, float]]:
         """Components that fire together with ``key`` (over the co-occurrence token window)."""
         g = self._index(key)
         partners, n_ij = self._row("cooc", g)
         if partners.numel() == 0:
             return []
         counts = self._tensor("cooc_count")
-        scores = cooc_score(metric, n_ij, float(counts[g]), counts[partners], int(self.meta["cooc_n_tokens"]))
+        scores = cooc_score(
+            metric, n_ij, float(counts[g]), counts[partners], int(self.meta["cooc_n_tokens"])
+        )
         o = torch.argsort(partners, stable=True)
         o = o[torch.argsort(scores[o], descending=True, stable=True)][:top]
         return [(self.layout.key(int(partners[i])), float(scores[i])) for i in o.tolist()]
 
     def token_scores_as_text(self, scores: list[TokenScore]) -> list[tuple[str, float]]:
         tok = self.tokenizer
-        return [(tok.decode([s.token]) if tok is not None else str(s.token), s.value) for s in scores]
+        return [
+            (tok.decode([s.token]) if tok is not None else str(s.token), s.value) for s in scores
+        ]
 
     # -- rendering --------------------------------------------------------------------------------
     @property
@@ -204,8 +241,14 @@ class HarvestRepo:
 def _summary(row: Any) -> ComponentSummary:
     stats = json.loads(row[5])
     return ComponentSummary(
-        key=row[0], site=row[1], index=row[2], firing_count=row[3], density=row[4],
-        mean_all=stats["mean_all"], mean_firing=stats["mean_firing"], max_firing=stats["max_firing"],
+        key=row[0],
+        site=row[1],
+        index=row[2],
+        firing_count=row[3],
+        density=row[4],
+        mean_all=stats["mean_all"],
+        mean_firing=stats["mean_firing"],
+        max_firing=stats["max_firing"],
     )
 
 

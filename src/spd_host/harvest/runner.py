@@ -48,7 +48,9 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 
 
 def run_dir_name(decomposition_id: str, config: HarvestConfig) -> str:
-    doc = json.dumps({"id": decomposition_id, "config": config.model_dump(mode="json")}, sort_keys=True)
+    doc = json.dumps(
+        {"id": decomposition_id, "config": config.model_dump(mode="json")}, sort_keys=True
+    )
     return "run-" + hashlib.sha256(doc.encode()).hexdigest()[:10]
 
 
@@ -71,20 +73,29 @@ def resolve_config(adapter: Any, config: HarvestConfig) -> HarvestConfig:
 def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
     """Token batches from ``spd_host.data`` for the resolved config."""
     try:
-        from spd_host.data import TokenDatasetSpec, iter_token_batches  # type: ignore[import-not-found,unused-ignore]
+        from spd_host.data import TokenDatasetSpec, iter_token_batches
     except ImportError as err:
         raise ConfigError(
             "spd_host.data is not available in this installation",
             hint="install a version of spd-host that ships spd_host.data, or pass batches= to run_harvest",
         ) from err
     spec = TokenDatasetSpec(
-        source=str(config.dataset), text_column=str(config.dataset_column), seq_len=int(config.seq_len or 128), seed=config.seed
+        source=str(config.dataset),
+        text_column=str(config.dataset_column),
+        seq_len=int(config.seq_len or 128),
+        seed=config.seed,
     )
     tokenizer = adapter.load_tokenizer()
 
     def source(rank: int, world_size: int, start_batch: int) -> Iterator[torch.Tensor]:
         return iter_token_batches(
-            spec, tokenizer, batch_size=config.batch_size, rank=rank, world_size=world_size, start_batch=start_batch
+            spec,
+            tokenizer,
+            batch_size=config.batch_size,
+            n_tokens=config.n_tokens,
+            rank=rank,
+            world_size=world_size,
+            start_batch=start_batch,
         )
 
     return source
@@ -145,7 +156,9 @@ def run_harvest(
     processed = 0
     exhausted = False
     with bar:
-        task = bar.add_task("harvest", total=my_batches * config.batch_size * seq_len, completed=done_tokens)
+        task = bar.add_task(
+            "harvest", total=my_batches * config.batch_size * seq_len, completed=done_tokens
+        )
         it = source(rank, world_size, start) if start < my_batches else iter(())
         for local in range(start, my_batches):
             if stop_after is not None and processed >= stop_after:
@@ -164,13 +177,19 @@ def run_harvest(
             processed += 1
             bar.update(task, advance=int(tokens.numel()))
             if (local + 1) % config.checkpoint_every == 0:
-                save_checkpoint(state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did})
+                save_checkpoint(
+                    state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did}
+                )
     if acc is None:
-        raise ConfigError(f"the dataset yielded no batches for rank {rank}", hint="check --dataset and --n-tokens")
+        raise ConfigError(
+            f"the dataset yielded no batches for rank {rank}", hint="check --dataset and --n-tokens"
+        )
     next_local = start + processed
     complete = exhausted or next_local >= my_batches
     save_checkpoint(
-        state_dir, acc, {"next_local_batch": next_local, "decomposition_id": did, "complete": complete}
+        state_dir,
+        acc,
+        {"next_local_batch": next_local, "decomposition_id": did, "complete": complete},
     )
     if not complete:
         return None
@@ -185,7 +204,7 @@ def _vocab_size(batch: Any, adapter: Any) -> int:
     nt = batch.next_token_logits if batch.next_token_logits is not None else batch.next_token_probs
     if nt is not None:
         return int(nt.shape[-1])
-    return int(len(adapter.load_tokenizer()))
+    return len(adapter.load_tokenizer())
 
 
 def _merge_if_last(out: Path, world_size: int, did: str) -> HarvestRepo | None:
@@ -208,10 +227,14 @@ def merge_shards(out: Path) -> HarvestRepo:
     """Merge every complete shard state under ``out/shards`` into a finished harvest in ``out``."""
     dirs = sorted((out / "shards").glob("rank-*-of-*"), key=lambda p: int(p.name.split("-")[1]))
     if not dirs:
-        raise ResultsNotFoundError(f"no shard states under {out / 'shards'}", hint="run the sharded harvest first")
+        raise ResultsNotFoundError(
+            f"no shard states under {out / 'shards'}", hint="run the sharded harvest first"
+        )
     worlds = {p.name.rsplit("-", 1)[1] for p in dirs}
     if len(worlds) != 1:
-        raise ConfigError(f"shards from different world sizes in {out / 'shards'}: {sorted(worlds)}")
+        raise ConfigError(
+            f"shards from different world sizes in {out / 'shards'}: {sorted(worlds)}"
+        )
     world = int(next(iter(worlds)))
     if len(dirs) != world:
         raise ResultsNotFoundError(f"{len(dirs)} of {world} shards present in {out / 'shards'}")
@@ -220,7 +243,9 @@ def merge_shards(out: Path) -> HarvestRepo:
     for d in dirs:
         found = load_checkpoint(d)
         if found is None or not found[1].get("complete"):
-            raise ResultsNotFoundError(f"shard {d} is not complete", hint="re-run that rank with the same command")
+            raise ResultsNotFoundError(
+                f"shard {d} is not complete", hint="re-run that rank with the same command"
+            )
         parts.append(found[0])
         did = found[1]["decomposition_id"]
     acc = merge_accumulators(parts)

@@ -34,22 +34,23 @@ class SparsePairCounter:
 
     # -- updates ----------------------------------------------------------------------------------
     def add_keys(self, keys: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Add ``weights`` (1 each when None) at ``keys`` (int64 ``row * n_cols + col``)."""
+        """Add ``weights`` (1 each when None) at ``keys`` (int64 ``row * n_cols + col``).
+
+        Keys are buffered raw and reduced in one sort at consolidation time (cheaper than a
+        ``torch.unique`` per batch plus a merge).
+        """
         if keys.numel() == 0:
             return
-        if weights is None:
-            k, v = torch.unique(keys, return_counts=True)
-            v = v.to(self.dtype)
-        else:
-            k, inv = torch.unique(keys, return_inverse=True)
-            v = torch.zeros(k.shape[0], dtype=self.dtype).index_add_(0, inv, weights.to(self.dtype))
-        self._buf_keys.append(k)
+        v = torch.ones_like(keys, dtype=self.dtype) if weights is None else weights.to(self.dtype)
+        self._buf_keys.append(keys.to(torch.int64))
         self._buf_values.append(v)
-        self._buf_len += int(k.shape[0])
-        if self._buf_len > max(1 << 20, self.keys.shape[0] // 2):
+        self._buf_len += int(keys.shape[0])
+        if self._buf_len > max(1 << 23, self.keys.shape[0] // 2):
             self.consolidate()
 
-    def add(self, rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    def add(
+        self, rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> None:
         self.add_keys(rows.to(torch.int64) * self.n_cols + cols.to(torch.int64), weights)
 
     def consolidate(self) -> None:
@@ -86,7 +87,10 @@ class SparsePairCounter:
         return (
             self.keys.numel() * 8
             + self.values.numel() * self.values.element_size()
-            + sum(k.numel() * 8 + v.numel() * v.element_size() for k, v in zip(self._buf_keys, self._buf_values, strict=True))
+            + sum(
+                k.numel() * 8 + v.numel() * v.element_size()
+                for k, v in zip(self._buf_keys, self._buf_values, strict=True)
+            )
         )
 
     # -- state ------------------------------------------------------------------------------------
@@ -101,8 +105,12 @@ class SparsePairCounter:
 
 
 def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct keys (sorted) and the sum of values per key: one sort plus a segmented sum."""
     if keys.numel() == 0:
         return keys, values
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    out = torch.zeros(uniq.shape[0], dtype=values.dtype).index_add_(0, inv, values)
-    return uniq, out
+    sk, order = torch.sort(keys)
+    new = torch.ones(sk.shape[0], dtype=torch.bool)
+    new[1:] = sk[1:] != sk[:-1]
+    gid = torch.cumsum(new, 0) - 1
+    out = torch.zeros(int(gid[-1]) + 1, dtype=values.dtype).index_add_(0, gid, values[order])
+    return sk[new], out

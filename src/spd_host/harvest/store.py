@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from spd_host.harvest.accumulator import HarvestAccumulator
 from spd_host.harvest.checkpoint import atomic_write_text
 from spd_host.harvest.config import SCHEMA_VERSION
-from spd_host.harvest.windows import PAD
+from spd_host.harvest.exact import PROB_FRAC_BITS
+from spd_host.harvest.windows import strip_padding
 
 RESULT_JSON = "harvest.json"
 STATS_FILE = "stats.safetensors"
@@ -47,7 +48,9 @@ CREATE TABLE examples (
 """
 
 
-def csr(keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int) -> dict[str, torch.Tensor]:
+def csr(
+    keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int
+) -> dict[str, torch.Tensor]:
     rows = keys // n_cols
     indptr = torch.searchsorted(rows, torch.arange(n_rows + 1, dtype=torch.int64))
     return {"indptr": indptr, "cols": (keys % n_cols).contiguous(), "values": values.contiguous()}
@@ -57,21 +60,23 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
     """Write ``stats.safetensors``, ``harvest.db`` and finally ``harvest.json``."""
     path.mkdir(parents=True, exist_ok=True)
     C = acc.layout.total
+    unit = 2.0**-PROB_FRAC_BITS
     t: dict[str, torch.Tensor] = {
         "firing_count": acc.firing_count,
-        "sum_all": acc.sum_all,
-        "sum_firing": acc.sum_firing,
+        "sum_all": acc.sum_all.value(),
+        "sum_firing": acc.sum_firing.value(),
         "max_firing": acc.max_firing,
         "hist": acc.hist,
         "hist_edges": acc.hist_edges,
         "token_count": acc.token_count,
-        "next_token_mass": acc.next_token_mass,
-        "output_kept_mass": acc.output_kept_mass,
+        "next_token_mass": acc.next_token_mass.to(torch.float64) * unit,
+        "output_kept_mass": acc.output_kept_mass.to(torch.float64) * unit,
         "cooc_count": acc.cooc_count,
     }
     for name, counter in (("input", acc.input_pairs), ("output", acc.output_pairs)):
         counter.consolidate()
-        for k, v in csr(counter.keys, counter.values, C, acc.V).items():
+        values = counter.values if name == "input" else counter.values.to(torch.float64) * unit
+        for k, v in csr(counter.keys, values, C, acc.V).items():
             t[f"{name}_{k}"] = v
     acc.cooc.consolidate()
     i, j = acc.cooc.keys // C, acc.cooc.keys % C
@@ -90,7 +95,7 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         "n_batches": acc.n_batches,
         "vocab_size": acc.V,
         "cooc_n_tokens": acc.cooc_n_tokens,
-        "kept_mass_total": float(acc.kept_mass_total),
+        "kept_mass_total": float(acc.kept_mass_total) * unit,
         "layout": acc.layout.as_json(),
         "config": acc.config.model_dump(mode="json"),
     }
@@ -106,8 +111,8 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
     types = acc.layout.act_types
     N = max(acc.n_tokens, 1)
     fc = acc.firing_count.tolist()
-    mean_all = (acc.sum_all / N).tolist()
-    mean_f = (acc.sum_firing / acc.firing_count.clamp(min=1)).tolist()
+    mean_all = (acc.sum_all.value() / N).tolist()
+    mean_f = (acc.sum_firing.value() / acc.firing_count.clamp(min=1)).tolist()
     mx = acc.max_firing.tolist()
 
     def comp_rows() -> Any:
@@ -125,7 +130,9 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
 
     con.executemany("INSERT INTO components VALUES (?,?,?,?,?,?,?)", comp_rows())
     for kind, bank in (("top", acc.top), ("reservoir", acc.reservoir)):
-        con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)", _example_rows(kind, bank, acc))
+        con.executemany(
+            "INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)", _example_rows(kind, bank, acc)
+        )
     con.commit()
     con.execute("PRAGMA journal_mode=WAL")
     con.close()
@@ -140,23 +147,23 @@ def _example_rows(kind: str, bank: Any, acc: HarvestAccumulator) -> Any:
         n = int(bank.filled[r])
         if n == 0:
             continue
-        if kind == "top":
-            order = list(range(n))
-        else:  # reservoir: present in data order
-            order = torch.argsort(bank.pos[r, :n]).tolist()
+        # top: best first; reservoir: in data order
+        order = list(range(n)) if kind == "top" else torch.argsort(bank.pos[r, :n]).tolist()
         toks_all = bank.tokens[r].tolist()
         acts_all = bank.acts[r].tolist()
         fired_all = bank.fired[r].tolist()
         for rank, slot in enumerate(order):
             toks = toks_all[slot]
-            lo = 0
-            while lo < W and toks[lo] == PAD:
-                lo += 1
-            hi = len(toks)
-            while hi > W + 1 and toks[hi - 1] == PAD:
-                hi -= 1
+            lo, hi = strip_padding(toks, W)
             acts = {t: [a[i] for a in acts_all[slot][lo:hi]] for i, t in enumerate(types)}
             yield (
-                key, kind, rank, float(bank.score[r, slot]), int(bank.pos[r, slot]), W - lo,
-                json.dumps(toks[lo:hi]), json.dumps(acts), json.dumps(fired_all[slot][lo:hi]),
+                key,
+                kind,
+                rank,
+                float(bank.score[r, slot]),
+                int(bank.pos[r, slot]),
+                W - lo,
+                json.dumps(toks[lo:hi]),
+                json.dumps(acts),
+                json.dumps(fired_all[slot][lo:hi]),
             )

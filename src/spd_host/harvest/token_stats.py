@@ -27,7 +27,12 @@ def token_lists(
     ``tokens``/``counts``: the component's sparse row (tokens with ``n(c,t) > 0``);
     ``token_total``: dense ``n(t)`` over the vocabulary.
     """
-    out: dict[str, list[TokenScore]] = {"top_pmi": [], "bottom_pmi": [], "top_precision": [], "top_recall": []}
+    out: dict[str, list[TokenScore]] = {
+        "top_pmi": [],
+        "bottom_pmi": [],
+        "top_precision": [],
+        "top_recall": [],
+    }
     if n_c <= 0 or n_tokens <= 0:
         return out
     counts = counts.to(torch.float64)
@@ -36,9 +41,20 @@ def token_lists(
     ok = nt > 0
     tokens, counts, nt = tokens[ok], counts[ok], nt[ok]
 
-    def pack(idx: torch.Tensor, values: torch.Tensor, tok: torch.Tensor, cnt: torch.Tensor, tt: torch.Tensor) -> list[TokenScore]:
+    def pack(
+        idx: torch.Tensor,
+        values: torch.Tensor,
+        tok: torch.Tensor,
+        cnt: torch.Tensor,
+        tt: torch.Tensor,
+    ) -> list[TokenScore]:
         return [
-            TokenScore(token=int(tok[i]), value=float(values[i]), count=float(cnt[i]), token_total=float(tt[i]))
+            TokenScore(
+                token=int(tok[i]),
+                value=float(values[i]),
+                count=float(cnt[i]),
+                token_total=float(tt[i]),
+            )
             for i in idx.tolist()
         ]
 
@@ -67,7 +83,9 @@ def token_lists(
     return out
 
 
-def cooc_score(metric: CoocMetric, n_ij: torch.Tensor, n_i: float, n_j: torch.Tensor, m: int) -> torch.Tensor:
+def cooc_score(
+    metric: CoocMetric, n_ij: torch.Tensor, n_i: float, n_j: torch.Tensor, m: int
+) -> torch.Tensor:
     """Co-occurrence scores of component i with partners j over ``m`` tokens.
 
     precision = P(j | i) = n_ij / n_i; recall = P(i | j) = n_ij / n_j;

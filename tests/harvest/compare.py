@@ -1,0 +1,32 @@
+"""Compare two finished harvests statistic by statistic."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def assert_same_results(a: Path, b: Path, *, reservoir: bool) -> None:
+    """Every stored array bit-identical; component rows and top examples identical.
+
+    Reservoir rows are compared exactly when ``reservoir`` (same seed, same split), else only
+    their number per component (a merge draws a different, equally uniform, sample).
+    """
+    sa, sb = load_file(str(a / "stats.safetensors")), load_file(str(b / "stats.safetensors"))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    ca, cb = sqlite3.connect(a / "harvest.db"), sqlite3.connect(b / "harvest.db")
+    q = "SELECT * FROM components ORDER BY gidx"
+    assert ca.execute(q).fetchall() == cb.execute(q).fetchall()
+    q = "SELECT * FROM examples WHERE kind = 'top' ORDER BY key, rank"
+    assert ca.execute(q).fetchall() == cb.execute(q).fetchall()
+    if reservoir:
+        q = "SELECT * FROM examples WHERE kind = 'reservoir' ORDER BY key, rank"
+        assert ca.execute(q).fetchall() == cb.execute(q).fetchall()
+    else:
+        q = "SELECT key, count(*) FROM examples WHERE kind = 'reservoir' GROUP BY key ORDER BY key"
+        assert ca.execute(q).fetchall() == cb.execute(q).fetchall()

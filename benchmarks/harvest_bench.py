@@ -10,7 +10,7 @@ Scenarios (each runs in its own process so peak RSS is its own):
 
 For each: bare time (HarvestFn only, same batches), harvest time (``run_harvest`` end to end:
 validation, accumulation, checkpoints, final write), overhead = harvest / bare - 1, peak RSS,
-and a cProfile of ``HarvestAccumulator.update`` (``--profile``).
+and a cProfile of a second ``run_harvest`` end to end (``--profile``).
 
     python benchmarks/harvest_bench.py                  # both scenarios
     python benchmarks/harvest_bench.py --scenario demo --n-batches 40 --profile
@@ -169,7 +169,6 @@ def token_source(V: int, S: int, B: int) -> Callable[[int, int, int], Iterator[t
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from spd_host.harvest import HarvestConfig, run_harvest
-    from spd_host.harvest.accumulator import HarvestAccumulator, Layout
     from spd_host.plugins import temporary_plugins
 
     torch.set_num_threads(args.threads)
@@ -203,23 +202,22 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             "bench:demo", config, out=Path(tmp) / "run", batches=source, progress=False
         )
         total = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         assert repo is not None
         alive = int((repo._tensor("firing_count") > 0).sum())
         disk = sum(p.stat().st_size for p in (Path(tmp) / "run").rglob("*") if p.is_file())
         profile = ""
         if args.profile:
-            layout = Layout.of(adapter.sites, adapter.activation_types)
-            acc = HarvestAccumulator(layout, config, V)
-            outs = [adapter.fn(t) for t in batches[: args.profile_batches]]
+            # a second, profiled run end to end (accumulation, checkpoints, final write)
             pr = cProfile.Profile()
             pr.enable()
-            for g, b in enumerate(outs):
-                acc.update(b, g)
+            run_harvest(
+                "bench:demo", config, out=Path(tmp) / "prof", batches=source, progress=False
+            )
             pr.disable()
             buf = io.StringIO()
-            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(args.profile_lines)
             profile = buf.getvalue()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "scenario": args.scenario,
         "components": sum(s.n_components for s in adapter.sites),
@@ -256,7 +254,7 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--no-cooc", action="store_true")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--profile-batches", type=int, default=5)
+    p.add_argument("--profile-lines", type=int, default=20)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -280,7 +278,7 @@ def main() -> None:
             "demo_components",
             "demo_vocab",
             "checkpoint_every",
-            "profile_batches",
+            "profile_lines",
         ):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--no-cooc"] * args.no_cooc + ["--profile"] * args.profile

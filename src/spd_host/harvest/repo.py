@@ -27,8 +27,15 @@ from spd_host.harvest.models import (
     TokenScore,
     TokenStats,
 )
-from spd_host.harvest.store import DB_FILE, RESULT_JSON, STATS_FILE
+from spd_host.harvest.store import (
+    DB_FILE,
+    EXAMPLE_KINDS,
+    EXAMPLES_FILE,
+    RESULT_JSON,
+    STATS_FILE,
+)
 from spd_host.harvest.token_stats import CoocMetric, cooc_score, token_lists
+from spd_host.harvest.windows import strip_padding
 
 
 def harvest_root(decomposition_id: str) -> Path:
@@ -95,6 +102,44 @@ class HarvestRepo:
     def _stats(self) -> Any:
         return safe_open(str(self.path / STATS_FILE), framework="pt")
 
+    @cached_property
+    def _example_file(self) -> Any:
+        return safe_open(str(self.path / EXAMPLES_FILE), framework="pt")
+
+    def _examples(self, key: str, g: int, kind: str) -> list[ActivationExample]:
+        """One component's examples of one kind: a slice of each example array."""
+        f = self._example_file
+        indptr = f.get_slice(f"{kind}_indptr")[g : g + 2]
+        lo, hi = int(indptr[0]), int(indptr[1])
+        if hi == lo:
+            return []
+        score = f.get_slice(f"{kind}_score")[lo:hi].tolist()
+        pos = f.get_slice(f"{kind}_pos")[lo:hi].tolist()
+        tokens = f.get_slice(f"{kind}_tokens")[lo:hi].tolist()
+        acts = f.get_slice(f"{kind}_acts")[lo:hi].tolist()
+        fired = f.get_slice(f"{kind}_fired")[lo:hi].tolist()
+        W = self.config.context_tokens
+        out = []
+        for rank in range(hi - lo):
+            a, b = strip_padding(tokens[rank], W)
+            out.append(
+                ActivationExample(
+                    key=key,
+                    kind=kind,  # type: ignore[arg-type]
+                    rank=rank,
+                    score=score[rank],
+                    position=pos[rank],
+                    centre=W - a,
+                    tokens=tokens[rank][a:b],
+                    activations={
+                        t: [v[i] for v in acts[rank][a:b]]
+                        for i, t in enumerate(self.layout.act_types)
+                    },
+                    firings=fired[rank][a:b],
+                )
+            )
+        return out
+
     def _tensor(self, name: str) -> torch.Tensor:
         return self._stats.get_tensor(name)
 
@@ -132,26 +177,8 @@ class HarvestRepo:
                 "SELECT key, site, idx, firing_count, density, stats FROM components WHERE gidx = ?",
                 (g,),
             ).fetchone()
-            ex = con.execute(
-                "SELECT key, kind, rank, score, position, centre, tokens, activations, firings "
-                "FROM examples WHERE key = ? ORDER BY kind, rank",
-                (key,),
-            ).fetchall()
         s = _summary(row)
-        examples = [
-            ActivationExample(
-                key=e[0],
-                kind=e[1],
-                rank=e[2],
-                score=e[3],
-                position=e[4],
-                centre=e[5],
-                tokens=json.loads(e[6]),
-                activations=json.loads(e[7]),
-                firings=json.loads(e[8]),
-            )
-            for e in ex
-        ]
+        examples = {kind: self._examples(key, g, kind) for kind in EXAMPLE_KINDS}
         hist = self._stats.get_slice("hist")[g : g + 1][0]
         kept = float(self._stats.get_slice("output_kept_mass")[g : g + 1][0])
         return ComponentDetail(
@@ -159,8 +186,8 @@ class HarvestRepo:
             histogram_edges=self._tensor("hist_edges").tolist(),
             histogram_counts=hist.tolist(),
             output_mass_dropped=max(0.0, s.firing_count - kept),
-            top_examples=[e for e in examples if e.kind == "top"],
-            reservoir_examples=[e for e in examples if e.kind == "reservoir"],
+            top_examples=examples["top"],
+            reservoir_examples=examples["reservoir"],
         )
 
     def token_stats(

@@ -319,8 +319,9 @@ class HarvestAccumulator:
                 self._pairs(n[e0:e1], g[e0:e1], counts, ev_start)
                 lo_tok = hi_tok
         self.cooc_n_tokens += n_counted
-        self.cooc.consolidate()
-        if len(self.cooc) > self.config.cooccurrence_max_pairs:
+        # the exact distinct count is needed only when the cheap upper bound passes the limit
+        cap = self.config.cooccurrence_max_pairs
+        if self.cooc.upper_len() > cap and len(self.cooc) > cap:
             self.cooc_active = False
 
     def _pairs(

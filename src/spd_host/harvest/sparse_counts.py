@@ -5,9 +5,12 @@ tensors, which cannot exist for a million components. Here only pairs that actua
 are stored, as a sorted int64 key array (``row * n_cols + col``) with a value per key, so memory
 grows with the number of distinct observed pairs.
 
-Updates are appended to a buffer and folded into the sorted main table when the buffer grows
-past a fraction of it (a two-level log-structured merge), so the amortised cost per update is a
-sort of the new keys plus a linear share of the table, never a dense scan.
+Updates are appended to a buffer of raw keys. When the buffer passes ``buffer_limit`` entries
+(and at every query), it is sorted and reduced on its own, then merged into the sorted main
+table by binary search: existing keys are added to in place, new keys are inserted in one linear
+pass. So the table is never re-sorted, and the amortised cost per update is a share of one sort
+of the buffer plus a linear share of the table per consolidation. Results do not depend on when
+consolidation happens (integer addition), so checkpoints and resumes are bit-identical.
 
 Integer tables (``dtype=torch.int64``) are exact. Float tables accumulate in float64.
 """
@@ -31,6 +34,7 @@ class SparsePairCounter:
         self._buf_keys: list[torch.Tensor] = []
         self._buf_values: list[torch.Tensor] = []
         self._buf_len = 0
+        self.buffer_limit = 1 << 24
 
     # -- updates ----------------------------------------------------------------------------------
     def add_keys(self, keys: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -45,7 +49,7 @@ class SparsePairCounter:
         self._buf_keys.append(keys.to(torch.int64))
         self._buf_values.append(v)
         self._buf_len += int(keys.shape[0])
-        if self._buf_len > max(1 << 23, self.keys.shape[0] // 2):
+        if self._buf_len > self.buffer_limit:
             self.consolidate()
 
     def add(
@@ -57,10 +61,11 @@ class SparsePairCounter:
         """Fold the buffer into the sorted main table (sum of values per distinct key)."""
         if not self._buf_keys:
             return
-        keys = torch.cat([self.keys, *self._buf_keys])
-        values = torch.cat([self.values, *self._buf_values])
+        keys = torch.cat(self._buf_keys)
+        values = torch.cat(self._buf_values)
         self._buf_keys, self._buf_values, self._buf_len = [], [], 0
-        self.keys, self.values = _sum_by_key(keys, values)
+        bk, bv = _sum_by_key(keys, values)
+        self.keys, self.values = _merge_sorted(self.keys, self.values, bk, bv)
 
     def merge_(self, other: SparsePairCounter) -> None:
         """Add another counter's entries (used to combine shards; exact for int64)."""
@@ -72,6 +77,10 @@ class SparsePairCounter:
         self.consolidate()
 
     # -- queries ----------------------------------------------------------------------------------
+    def upper_len(self) -> int:
+        """An upper bound on ``len`` that does not consolidate (table plus raw buffer)."""
+        return int(self.keys.shape[0]) + self._buf_len
+
     def __len__(self) -> int:
         self.consolidate()
         return int(self.keys.shape[0])
@@ -114,3 +123,34 @@ def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     gid = torch.cumsum(new, 0) - 1
     out = torch.zeros(int(gid[-1]) + 1, dtype=values.dtype).index_add_(0, gid, values[order])
     return sk[new], out
+
+
+def _merge_sorted(
+    ak: torch.Tensor, av: torch.Tensor, bk: torch.Tensor, bv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two tables of distinct sorted keys, adding values on equal keys (linear, no sort)."""
+    if ak.numel() == 0:
+        return bk, bv
+    if bk.numel() == 0:
+        return ak, av
+    idx = torch.searchsorted(ak, bk)
+    found = torch.zeros_like(bk, dtype=torch.bool)
+    inside = idx < ak.shape[0]
+    found[inside] = ak[idx[inside]] == bk[inside]
+    if bool(found.any()):
+        av = av.clone().index_add_(0, idx[found], bv[found])
+        if bool(found.all()):
+            return ak, av
+    nk, nv, nidx = bk[~found], bv[~found], idx[~found]
+    # new key j goes before old position nidx[j]; its final slot is nidx[j] + j
+    n = ak.shape[0] + nk.shape[0]
+    new_pos = nidx + torch.arange(nk.shape[0])
+    is_old = torch.ones(n, dtype=torch.bool)
+    is_old[new_pos] = False
+    keys = torch.empty(n, dtype=ak.dtype)
+    values = torch.empty(n, dtype=av.dtype)
+    keys[is_old] = ak
+    values[is_old] = av
+    keys[new_pos] = nk
+    values[new_pos] = nv
+    return keys, values

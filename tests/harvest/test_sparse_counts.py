@@ -1,0 +1,36 @@
+"""SparsePairCounter against a dict, under every consolidation schedule."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from spd_host.harvest.sparse_counts import SparsePairCounter
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50, 1 << 24])
+def test_counts_equal_brute_force_for_any_buffer_limit(limit: int) -> None:
+    gen = torch.Generator().manual_seed(limit)
+    counter = SparsePairCounter(13, 11)
+    counter.buffer_limit = limit
+    ref: Counter[int] = Counter()
+    for step in range(40):
+        n = int(torch.randint(0, 30, (1,), generator=gen))
+        rows = torch.randint(0, 13, (n,), generator=gen)
+        cols = torch.randint(0, 11, (n,), generator=gen)
+        w = torch.randint(1, 5, (n,), generator=gen)
+        counter.add(rows, cols, w)
+        for r, c, v in zip(rows.tolist(), cols.tolist(), w.tolist(), strict=True):
+            ref[r * 11 + c] += v
+        if step % 9 == 0:
+            assert counter.upper_len() >= len(counter)
+    state = counter.state("t")
+    assert state["t.keys"].tolist() == sorted(ref)
+    assert state["t.values"].tolist() == [ref[k] for k in sorted(ref)]
+    for r in range(13):
+        cols, vals = counter.row(r)
+        assert dict(zip(cols.tolist(), vals.tolist(), strict=True)) == {
+            k % 11: v for k, v in ref.items() if k // 11 == r
+        }

@@ -34,3 +34,24 @@ def test_counts_equal_brute_force_for_any_buffer_limit(limit: int) -> None:
         assert dict(zip(cols.tolist(), vals.tolist(), strict=True)) == {
             k % 11: v for k, v in ref.items() if k // 11 == r
         }
+
+
+def test_symmetric_csr_equals_dense_brute_force() -> None:
+    from spd_host.harvest.store import symmetric_csr
+
+    gen = torch.Generator().manual_seed(3)
+    n = 17
+    dense = torch.zeros(n, n, dtype=torch.int64)
+    for _ in range(60):
+        i, j = sorted(torch.randint(0, n, (2,), generator=gen).tolist())
+        if i != j:
+            dense[i, j] += int(torch.randint(1, 9, (1,), generator=gen))
+    keys = dense.nonzero()
+    flat = keys[:, 0] * n + keys[:, 1]
+    t = symmetric_csr(flat, dense[keys[:, 0], keys[:, 1]], n)
+    sym = dense + dense.T
+    for r in range(n):
+        lo, hi = int(t["indptr"][r]), int(t["indptr"][r + 1])
+        cols = t["cols"][lo:hi].tolist()
+        assert cols == sym[r].nonzero().flatten().tolist()  # sorted columns
+        assert t["values"][lo:hi].tolist() == sym[r, cols].tolist()

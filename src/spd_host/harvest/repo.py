@@ -146,9 +146,11 @@ class HarvestRepo:
     def _row(self, table: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         indptr = self._stats.get_slice(f"{table}_indptr")[g : g + 2]
         lo, hi = int(indptr[0]), int(indptr[1])
-        return self._stats.get_slice(f"{table}_cols")[lo:hi], self._stats.get_slice(
-            f"{table}_values"
-        )[lo:hi]
+        cols = self._stats.get_slice(f"{table}_cols")[lo:hi].to(torch.int64)
+        values = self._stats.get_slice(f"{table}_values")[lo:hi]
+        if not values.is_floating_point():
+            values = values.to(torch.int64)  # stored narrow where every count fits
+        return cols, values
 
     def _db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.path / DB_FILE}?mode=ro", uri=True)

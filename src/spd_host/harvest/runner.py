@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -196,6 +197,8 @@ def run_harvest(
     meta = {"decomposition_id": did, "world_size": world_size, "seconds": time.perf_counter() - t0}
     if world_size == 1:
         write_results(out, acc, meta)
+        # the finished files hold everything; the checkpoint only served the resume
+        shutil.rmtree(state_dir, ignore_errors=True)
         return HarvestRepo(out)
     return _merge_if_last(out, world_size, did)
 

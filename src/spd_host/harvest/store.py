@@ -55,12 +55,52 @@ CREATE INDEX components_site ON components(site, idx);
 """
 
 
+def _narrow_index(x: torch.Tensor, bound: int) -> torch.Tensor:
+    """int32 when every value is below ``bound`` < 2**31 (half the bytes), else int64."""
+    return x.to(torch.int32) if bound < 2**31 else x
+
+
 def csr(
     keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int
 ) -> dict[str, torch.Tensor]:
     rows = keys // n_cols
     indptr = torch.searchsorted(rows, torch.arange(n_rows + 1, dtype=torch.int64))
-    return {"indptr": indptr, "cols": (keys % n_cols).contiguous(), "values": values.contiguous()}
+    return {
+        "indptr": indptr,
+        "cols": _narrow_index(keys % n_cols, n_cols).contiguous(),
+        "values": values.contiguous(),
+    }
+
+
+def symmetric_csr(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """CSR of a symmetric table given its upper triangle (sorted keys ``i * n + j``, ``i < j``).
+
+    Row ``r`` holds its lower entries ``(r, i < r)`` then its upper ones ``(r, j > r)``, so it
+    is sorted without sorting the doubled table: one stable sort of the upper triangle by column
+    and two scatters.
+    """
+    i, j = keys // n, keys % n
+    cnt_up = torch.bincount(i, minlength=n)
+    cnt_low = torch.bincount(j, minlength=n)
+    indptr = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(cnt_up + cnt_low, 0, out=indptr[1:])
+    P = keys.shape[0]
+    # upper entries are already sorted by row i; their slot follows the row's lower entries
+    up_start = torch.cumsum(cnt_up, 0) - cnt_up
+    pos_up = indptr[:-1][i] + cnt_low[i] + torch.arange(P) - up_start[i]
+    o = torch.argsort(j, stable=True)  # lower entries (row j, col i): by row, then i ascending
+    jr = j[o]
+    low_start = torch.cumsum(cnt_low, 0) - cnt_low
+    pos_low = indptr[:-1][jr] + torch.arange(P) - low_start[jr]
+    cols = torch.empty(2 * P, dtype=torch.int64)
+    cols[pos_up] = j
+    cols[pos_low] = i[o]
+    vals = torch.empty(2 * P, dtype=values.dtype)
+    vals[pos_up] = values
+    vals[pos_low] = values[o]
+    if P and int(values.max()) < 2**31 and int(values.min()) >= -(2**31):
+        vals = vals.to(torch.int32)  # exact: every count fits
+    return {"indptr": indptr, "cols": _narrow_index(cols, n), "values": vals}
 
 
 def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> None:
@@ -86,10 +126,7 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         for k, v in csr(counter.keys, values, C, acc.V).items():
             t[f"{name}_{k}"] = v
     acc.cooc.consolidate()
-    i, j = acc.cooc.keys // C, acc.cooc.keys % C
-    sym = torch.cat([i * C + j, j * C + i])
-    order = torch.sort(sym).indices
-    for k, v in csr(sym[order], torch.cat([acc.cooc.values, acc.cooc.values])[order], C, C).items():
+    for k, v in symmetric_csr(acc.cooc.keys, acc.cooc.values, C).items():
         t[f"cooc_{k}"] = v
     tmp = path / f".{STATS_FILE}.tmp"
     save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))

@@ -36,8 +36,8 @@ def test_counts_equal_brute_force_for_any_buffer_limit(limit: int) -> None:
         }
 
 
-def test_symmetric_csr_equals_dense_brute_force() -> None:
-    from spd_host.harvest.store import symmetric_csr
+def test_cooc_tables_give_symmetric_rows_like_dense_brute_force() -> None:
+    from spd_host.harvest.store import cooc_tables
 
     gen = torch.Generator().manual_seed(3)
     n = 17
@@ -48,10 +48,14 @@ def test_symmetric_csr_equals_dense_brute_force() -> None:
             dense[i, j] += int(torch.randint(1, 9, (1,), generator=gen))
     keys = dense.nonzero()
     flat = keys[:, 0] * n + keys[:, 1]
-    t = symmetric_csr(flat, dense[keys[:, 0], keys[:, 1]], n)
+    t = cooc_tables(flat, dense[keys[:, 0], keys[:, 1]], n)
     sym = dense + dense.T
     for r in range(n):
-        lo, hi = int(t["indptr"][r]), int(t["indptr"][r + 1])
-        cols = t["cols"][lo:hi].tolist()
+        cols: list[int] = []
+        vals: list[int] = []
+        for name in ("cooc_t", "cooc"):
+            lo, hi = int(t[f"{name}_indptr"][r]), int(t[f"{name}_indptr"][r + 1])
+            cols += t[f"{name}_cols"][lo:hi].tolist()
+            vals += t[f"{name}_values"][lo:hi].tolist()
         assert cols == sym[r].nonzero().flatten().tolist()  # sorted columns
-        assert t["values"][lo:hi].tolist() == sym[r, cols].tolist()
+        assert vals == sym[r, cols].tolist()

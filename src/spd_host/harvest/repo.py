@@ -228,7 +228,9 @@ class HarvestRepo:
     ) -> list[tuple[str, float]]:
         """Components that fire together with ``key`` (over the co-occurrence token window)."""
         g = self._index(key)
-        partners, n_ij = self._row("cooc", g)
+        lo_p, lo_n = self._row("cooc_t", g)  # partners i < g
+        hi_p, hi_n = self._row("cooc", g)  # partners j > g
+        partners, n_ij = torch.cat([lo_p, hi_p]), torch.cat([lo_n, hi_n])
         if partners.numel() == 0:
             return []
         counts = self._tensor("cooc_count")

@@ -12,7 +12,10 @@
 
 CSR tables: ``<name>_indptr`` ``[C + 1]``, ``<name>_cols``, ``<name>_values``; row ``c`` is
 ``cols[indptr[c]:indptr[c+1]]``, so a reader slices one component without loading the rest.
-The co-occurrence table is stored symmetrically (both ``(i, j)`` and ``(j, i)``).
+Column indices are int32 where the column count allows. Co-occurrence is stored as its upper
+triangle ``cooc_*`` (row ``i``, columns ``j > i``) plus the transpose ``cooc_t_*`` (row ``j``,
+columns ``i < j``); component ``c``'s partners are ``cooc_t`` row ``c`` then ``cooc`` row ``c``.
+Its counts are int32 when every count fits (exact), else int64.
 
 Examples (per kind ``top`` / ``reservoir``): ``<kind>_indptr`` ``[C + 1]`` and, per example,
 ``<kind>_score`` ``[E]`` f32, ``<kind>_pos`` ``[E]`` i64, ``<kind>_tokens`` ``[E, 2W+1]`` i32
@@ -72,35 +75,28 @@ def csr(
     }
 
 
-def symmetric_csr(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-    """CSR of a symmetric table given its upper triangle (sorted keys ``i * n + j``, ``i < j``).
+def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """Upper-triangle CSR (``cooc_*``: row ``i``, columns ``j > i``) and its transpose
+    (``cooc_t_*``: row ``j``, columns ``i < j``) from sorted keys ``i * n + j``.
 
-    Row ``r`` holds its lower entries ``(r, i < r)`` then its upper ones ``(r, j > r)``, so it
-    is sorted without sorting the doubled table: one stable sort of the upper triangle by column
-    and two scatters.
+    Row ``r`` of the symmetric table is ``cooc_t`` row ``r`` followed by ``cooc`` row ``r``
+    (already sorted). Why not store the symmetric table: building it costs a sort and several
+    scatters of twice the pairs; the upper triangle is the accumulator's table as it is, and
+    the transpose is one stable sort by column (on int32) and two gathers.
     """
     i, j = keys // n, keys % n
-    cnt_up = torch.bincount(i, minlength=n)
-    cnt_low = torch.bincount(j, minlength=n)
-    indptr = torch.zeros(n + 1, dtype=torch.int64)
-    torch.cumsum(cnt_up + cnt_low, 0, out=indptr[1:])
-    P = keys.shape[0]
-    # upper entries are already sorted by row i; their slot follows the row's lower entries
-    up_start = torch.cumsum(cnt_up, 0) - cnt_up
-    pos_up = indptr[:-1][i] + cnt_low[i] + torch.arange(P) - up_start[i]
-    o = torch.argsort(j, stable=True)  # lower entries (row j, col i): by row, then i ascending
-    jr = j[o]
-    low_start = torch.cumsum(cnt_low, 0) - cnt_low
-    pos_low = indptr[:-1][jr] + torch.arange(P) - low_start[jr]
-    cols = torch.empty(2 * P, dtype=torch.int64)
-    cols[pos_up] = j
-    cols[pos_low] = i[o]
-    vals = torch.empty(2 * P, dtype=values.dtype)
-    vals[pos_up] = values
-    vals[pos_low] = values[o]
-    if P and int(values.max()) < 2**31 and int(values.min()) >= -(2**31):
-        vals = vals.to(torch.int32)  # exact: every count fits
-    return {"indptr": indptr, "cols": _narrow_index(cols, n), "values": vals}
+    vals = values
+    if keys.numel() and int(values.max()) < 2**31 and int(values.min()) >= -(2**31):
+        vals = values.to(torch.int32)  # exact: every count fits
+    out = {f"cooc_{k}": v for k, v in csr(keys, vals, n, n).items()}
+    jn = _narrow_index(j, n)
+    o = torch.argsort(jn, stable=True)  # by column, then row ascending (keys are row-sorted)
+    t_indptr = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(j, minlength=n), 0, out=t_indptr[1:])
+    out["cooc_t_indptr"] = t_indptr
+    out["cooc_t_cols"] = torch.index_select(_narrow_index(i, n), 0, o)
+    out["cooc_t_values"] = torch.index_select(vals, 0, o)
+    return out
 
 
 def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> None:
@@ -126,8 +122,7 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         for k, v in csr(counter.keys, values, C, acc.V).items():
             t[f"{name}_{k}"] = v
     acc.cooc.consolidate()
-    for k, v in symmetric_csr(acc.cooc.keys, acc.cooc.values, C).items():
-        t[f"cooc_{k}"] = v
+    t.update(cooc_tables(acc.cooc.keys, acc.cooc.values, C))
     tmp = path / f".{STATS_FILE}.tmp"
     save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
     tmp.replace(path / STATS_FILE)

@@ -11,7 +11,8 @@ from spd_host.harvest.sparse_counts import SparsePairCounter
 
 
 @pytest.mark.parametrize("limit", [1, 7, 50, 1 << 24])
-def test_counts_equal_brute_force_for_any_buffer_limit(limit: int) -> None:
+@pytest.mark.parametrize("unit_only", [False, True])
+def test_counts_equal_brute_force_for_any_buffer_limit(limit: int, unit_only: bool) -> None:
     gen = torch.Generator().manual_seed(limit)
     counter = SparsePairCounter(13, 11)
     counter.buffer_limit = limit
@@ -21,7 +22,13 @@ def test_counts_equal_brute_force_for_any_buffer_limit(limit: int) -> None:
         rows = torch.randint(0, 13, (n,), generator=gen)
         cols = torch.randint(0, 11, (n,), generator=gen)
         w = torch.randint(1, 5, (n,), generator=gen)
-        counter.add(rows, cols, w)
+        if (
+            unit_only or step % 3 == 0
+        ):  # unit weights (the co-occurrence path), mixed with weighted adds
+            w = torch.ones_like(w)
+            counter.add(rows, cols)
+        else:
+            counter.add(rows, cols, w)
         for r, c, v in zip(rows.tolist(), cols.tolist(), w.tolist(), strict=True):
             ref[r * 11 + c] += v
         if step % 9 == 0:

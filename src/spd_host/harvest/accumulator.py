@@ -332,43 +332,21 @@ class HarvestAccumulator:
             n, g = n[order], g[order]
             self.cooc_count.index_add_(0, g, torch.ones_like(g))
             counts = torch.bincount(n, minlength=N)
-            pairs_per_token = counts * (counts - 1) // 2
-            cum = torch.cumsum(pairs_per_token, 0)
             ev_start = torch.cumsum(counts, 0) - counts
-            lo_tok = 0
-            while lo_tok < N:
-                base = int(cum[lo_tok - 1]) if lo_tok else 0
-                hi_tok = int(
-                    torch.searchsorted(cum, torch.tensor(base + _MAX_PAIRS_PER_CHUNK), right=True)
-                )
-                hi_tok = max(hi_tok, lo_tok + 1)
-                hi_tok = min(hi_tok, N)
-                e0 = int(ev_start[lo_tok])
-                e1 = int(ev_start[hi_tok - 1] + counts[hi_tok - 1])
-                self._pairs(n[e0:e1], g[e0:e1], counts, ev_start)
-                lo_tok = hi_tok
+            # positions with the same number L of firing components share one triangle pattern:
+            # their pairs are a gather of an [positions, L] matrix at triu_indices(L, L, 1)
+            for L in torch.unique(counts[counts >= 2]).tolist():
+                toks = (counts == L).nonzero().flatten()
+                iu = torch.triu_indices(L, L, 1)
+                step = max(1, _MAX_PAIRS_PER_CHUNK // (L * (L - 1) // 2))
+                for s0 in range(0, toks.shape[0], step):
+                    G = g[ev_start[toks[s0 : s0 + step]][:, None] + torch.arange(L)]
+                    self.cooc.add_keys((G[:, iu[0]] * C + G[:, iu[1]]).reshape(-1))
         self.cooc_n_tokens += n_counted
         # the exact distinct count is needed only when the cheap upper bound passes the limit
         cap = self.config.cooccurrence_max_pairs
         if self.cooc.upper_len() > cap and len(self.cooc) > cap:
             self.cooc_active = False
-
-    def _pairs(
-        self, n: torch.Tensor, g: torch.Tensor, counts: torch.Tensor, ev_start: torch.Tensor
-    ) -> None:
-        if n.numel() < 2:
-            return
-        E = n.shape[0]
-        first_ev = int(ev_start[n[0]])
-        idx_in_group = torch.arange(E) + first_ev - ev_start[n]
-        m = counts[n] - idx_in_group - 1
-        P = int(m.sum())
-        if P == 0:
-            return
-        first = torch.repeat_interleave(torch.arange(E), m)
-        offs = torch.arange(P) - torch.repeat_interleave(torch.cumsum(m, 0) - m, m)
-        second = first + 1 + offs
-        self.cooc.add_keys(g[first] * self.layout.total + g[second])
 
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

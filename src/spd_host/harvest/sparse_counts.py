@@ -32,7 +32,7 @@ class SparsePairCounter:
         self.keys = torch.empty(0, dtype=torch.int64)
         self.values = torch.empty(0, dtype=dtype)
         self._buf_keys: list[torch.Tensor] = []
-        self._buf_values: list[torch.Tensor] = []
+        self._buf_values: list[torch.Tensor | None] = []  # None: a weight of 1 per key
         self._buf_len = 0
         self.buffer_limit = 1 << 24
 
@@ -45,9 +45,8 @@ class SparsePairCounter:
         """
         if keys.numel() == 0:
             return
-        v = torch.ones_like(keys, dtype=self.dtype) if weights is None else weights.to(self.dtype)
         self._buf_keys.append(keys.to(torch.int64))
-        self._buf_values.append(v)
+        self._buf_values.append(None if weights is None else weights.to(self.dtype))
         self._buf_len += int(keys.shape[0])
         if self._buf_len > self.buffer_limit:
             self.consolidate()
@@ -62,9 +61,19 @@ class SparsePairCounter:
         if not self._buf_keys:
             return
         keys = torch.cat(self._buf_keys)
-        values = torch.cat(self._buf_values)
+        if all(v is None for v in self._buf_values):
+            # unit weights: the count per key is a run length of the sorted keys
+            bk, bv = torch.unique_consecutive(torch.sort(keys).values, return_counts=True)
+            bv = bv.to(self.dtype)
+        else:
+            values = torch.cat(
+                [
+                    torch.ones_like(k, dtype=self.dtype) if v is None else v
+                    for k, v in zip(self._buf_keys, self._buf_values, strict=True)
+                ]
+            )
+            bk, bv = _sum_by_key(keys, values)
         self._buf_keys, self._buf_values, self._buf_len = [], [], 0
-        bk, bv = _sum_by_key(keys, values)
         self.keys, self.values = _merge_sorted(self.keys, self.values, bk, bv)
 
     def merge_(self, other: SparsePairCounter) -> None:
@@ -97,7 +106,7 @@ class SparsePairCounter:
             self.keys.numel() * 8
             + self.values.numel() * self.values.element_size()
             + sum(
-                k.numel() * 8 + v.numel() * v.element_size()
+                k.numel() * 8 + (0 if v is None else v.numel() * v.element_size())
                 for k, v in zip(self._buf_keys, self._buf_values, strict=True)
             )
         )

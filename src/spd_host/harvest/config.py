@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: examples and per-component means as arrays, not SQLite JSON
 
 
 class HarvestConfig(BaseModel):

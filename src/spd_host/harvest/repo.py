@@ -17,9 +17,9 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
-from spd_host.errors import ResultsNotFoundError
+from spd_host.errors import FormatError, ResultsNotFoundError
 from spd_host.harvest.accumulator import Layout
-from spd_host.harvest.config import HarvestConfig
+from spd_host.harvest.config import SCHEMA_VERSION, HarvestConfig
 from spd_host.harvest.models import (
     ActivationExample,
     ComponentDetail,
@@ -59,6 +59,12 @@ class HarvestRepo:
                 hint="run `spd-host harvest <id>` (or `spd-host harvest merge` after a sharded run)",
             )
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self.meta.get("schema_version") != SCHEMA_VERSION:
+            raise FormatError(
+                f"harvest in {self.path} has schema version {self.meta.get('schema_version')}, "
+                f"this spd-host reads version {SCHEMA_VERSION}",
+                hint="re-run the harvest with this version (delete that sub-run first)",
+            )
         self.layout = Layout.from_json(self.meta["layout"])
         self._tokenizer: Any = None
 
@@ -166,20 +172,41 @@ class HarvestRepo:
 
     # -- API --------------------------------------------------------------------------------------
     def summary(self) -> list[ComponentSummary]:
-        with self._db() as con:
-            rows = con.execute(
-                "SELECT key, site, idx, firing_count, density, stats FROM components ORDER BY gidx"
-            ).fetchall()
-        return [_summary(r) for r in rows]
+        return self._summaries(0, self.layout.total)
+
+    def _summaries(self, lo: int, hi: int) -> list[ComponentSummary]:
+        """Summaries of global indices ``lo:hi`` from slices of the stats arrays."""
+        st = self._stats
+        N = max(self.n_tokens, 1)
+        fc_t = st.get_slice("firing_count")[lo:hi]
+        fc = fc_t.tolist()
+        mean_all = (st.get_slice("sum_all")[:, lo:hi] / N).tolist()
+        mean_f = (st.get_slice("sum_firing")[:, lo:hi] / fc_t.clamp(min=1)).tolist()
+        mx = st.get_slice("max_firing")[:, lo:hi].tolist()
+        types = self.layout.act_types
+        out = []
+        for site, off, n in zip(
+            self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
+        ):
+            for g in range(max(lo, off), min(hi, off + n)):
+                r, f = g - lo, fc[g - lo]
+                out.append(
+                    ComponentSummary(
+                        key=f"{site}:{g - off}",
+                        site=site,
+                        index=g - off,
+                        firing_count=f,
+                        density=f / N,
+                        mean_all={t: mean_all[i][r] for i, t in enumerate(types)},
+                        mean_firing={t: (mean_f[i][r] if f else None) for i, t in enumerate(types)},
+                        max_firing={t: (mx[i][r] if f else None) for i, t in enumerate(types)},
+                    )
+                )
+        return out
 
     def component(self, key: str) -> ComponentDetail:
         g = self._index(key)
-        with self._db() as con:
-            row = con.execute(
-                "SELECT key, site, idx, firing_count, density, stats FROM components WHERE gidx = ?",
-                (g,),
-            ).fetchone()
-        s = _summary(row)
+        (s,) = self._summaries(g, g + 1)
         examples = {kind: self._examples(key, g, kind) for kind in EXAMPLE_KINDS}
         hist = self._stats.get_slice("hist")[g : g + 1][0]
         kept = float(self._stats.get_slice("output_kept_mass")[g : g + 1][0])
@@ -267,20 +294,6 @@ class HarvestRepo:
                 text = f"[[{text}]]"
             parts.append(text)
         return "".join(parts)
-
-
-def _summary(row: Any) -> ComponentSummary:
-    stats = json.loads(row[5])
-    return ComponentSummary(
-        key=row[0],
-        site=row[1],
-        index=row[2],
-        firing_count=row[3],
-        density=row[4],
-        mean_all=stats["mean_all"],
-        mean_firing=stats["mean_firing"],
-        max_firing=stats["max_firing"],
-    )
 
 
 def _finite(x: float) -> float | None:

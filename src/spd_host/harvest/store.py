@@ -6,7 +6,8 @@
       harvest.json          config, layout, token counts, schema version (written last: marks completion)
       stats.safetensors     dense per-component arrays + CSR token and co-occurrence tables
       examples.safetensors  example windows of every component, CSR by component (see below)
-      harvest.db            SQLite (WAL): ``components`` (one row each)
+      harvest.db            SQLite (WAL): ``components`` (one row each: key, site, index,
+                            firing count, density; means and maxima are arrays in stats)
       state/                the accumulator checkpoint (single process) or
       shards/rank-R-of-W/   one checkpoint per rank (before ``spd-host harvest merge``)
 
@@ -52,7 +53,7 @@ EXAMPLE_KINDS = ("top", "reservoir")
 _SCHEMA = """
 CREATE TABLE components (
   gidx INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, site TEXT NOT NULL, idx INTEGER NOT NULL,
-  firing_count INTEGER NOT NULL, density REAL NOT NULL, stats TEXT NOT NULL
+  firing_count INTEGER NOT NULL, density REAL NOT NULL
 );
 CREATE INDEX components_site ON components(site, idx);
 """
@@ -154,27 +155,21 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
         p.unlink(missing_ok=True)
     con = sqlite3.connect(tmp)
     con.executescript(_SCHEMA)
-    types = acc.layout.act_types
     N = max(acc.n_tokens, 1)
     fc = acc.firing_count.tolist()
-    mean_all = (acc.sum_all.value() / N).tolist()
-    mean_f = (acc.sum_firing.value() / acc.firing_count.clamp(min=1)).tolist()
-    mx = acc.max_firing.tolist()
-
-    def comp_rows() -> Any:
-        g = 0
-        for site, n in zip(acc.layout.names, acc.layout.sizes, strict=True):
-            for idx in range(n):
-                f = fc[g]
-                stats = {
-                    "mean_all": {t: mean_all[i][g] for i, t in enumerate(types)},
-                    "mean_firing": {t: (mean_f[i][g] if f else None) for i, t in enumerate(types)},
-                    "max_firing": {t: (mx[i][g] if f else None) for i, t in enumerate(types)},
-                }
-                yield (g, f"{site}:{idx}", site, idx, f, f / N, json.dumps(stats))
-                g += 1
-
-    con.executemany("INSERT INTO components VALUES (?,?,?,?,?,?,?)", comp_rows())
+    gidx = range(acc.layout.total)
+    keys: list[str] = []
+    sites: list[str] = []
+    idxs: list[int] = []
+    for site, n in zip(acc.layout.names, acc.layout.sizes, strict=True):
+        keys += [f"{site}:{i}" for i in range(n)]
+        sites += [site] * n
+        idxs += range(n)
+    dens = [f / N for f in fc]
+    con.executemany(
+        "INSERT INTO components VALUES (?,?,?,?,?,?)",
+        zip(gidx, keys, sites, idxs, fc, dens, strict=True),
+    )
     con.commit()
     con.execute("PRAGMA journal_mode=WAL")
     con.close()

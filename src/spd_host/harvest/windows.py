@@ -42,16 +42,32 @@ def extract_windows(
     pos = s[:, None] + offs[None, :]
     valid = (pos >= 0) & (pos < S)
     posc = pos.clamp(0, S - 1)
-    bb = b[:, None].expand_as(posc)
-    cc = c[:, None].expand_as(posc)
-    tok = tokens[bb, posc].to(torch.int32)
+    # one flat index per window slot: index_select on a flat view is several times faster
+    # than three-tensor advanced indexing
+    row = (b[:, None] * S + posc).reshape(-1)
+    tok = _take(tokens, row, None).view(n, -1).to(torch.int32)
     tok = torch.where(valid, tok, torch.full_like(tok, PAD))
-    f = fired[bb, posc, cc] & valid
+    flat = (row.view(n, -1) * fired.shape[-1] + c[:, None]).reshape(-1)
+    f = _take(fired, flat, (b, posc, c)).view(n, -1) & valid
     a = torch.empty((n, offs.shape[0], len(act_types)), dtype=torch.float32)
     for i, t in enumerate(act_types):
-        v = acts[t][bb, posc, cc].to(torch.float32)
+        v = _take(acts[t], flat, (b, posc, c)).view(n, -1).to(torch.float32)
         a[:, :, i] = torch.where(valid, v, torch.zeros_like(v))
     return Windows(tok, a, f)
+
+
+def _take(
+    x: torch.Tensor,
+    flat: torch.Tensor,
+    bsc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """``x.flatten()[flat]`` without copying ``x`` (advanced indexing if ``x`` is strided)."""
+    if x.is_contiguous():
+        return x.reshape(-1).index_select(0, flat)
+    if bsc is None:
+        return x.contiguous().reshape(-1).index_select(0, flat)
+    b, posc, c = bsc
+    return x[b[:, None].expand_as(posc), posc, c[:, None].expand_as(posc)].reshape(-1)
 
 
 def strip_padding(tokens: list[int], context: int) -> tuple[int, int]:

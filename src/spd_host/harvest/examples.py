@@ -57,7 +57,7 @@ class ExampleBank:
             need = start + new.numel()
             cap = self.filled.shape[0]
             if need > cap:
-                self._grow(max(need, cap * 2 + 64))  # doubling: few copies of large banks
+                self._grow(max(need, int(cap * 1.5) + 64))
             self.row_of[new] = torch.arange(start, need)
             self.component = torch.cat([self.component, new])
             rows = self.row_of[comps]

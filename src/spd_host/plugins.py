@@ -40,6 +40,11 @@ ENTRY_POINT_GROUP = "spd_host"
 LOAD_PLUGINS_ENV = "SPD_HOST_LOAD_PLUGINS"
 FIRST_PARTY_DISTRIBUTION = "spd-host"
 
+# Plugin modules that are part of the host itself (not optional, not behind an entry point).
+# They register first, so an entry-point plugin registering the same provider/strategy name
+# overrides them (``registered`` lists later plugins first).
+BUILTIN_PLUGINS = (("spd_host.evals", "spd_host.evals.plugin"),)
+
 REGISTER_HOOKS = (
     "register_methods",
     "register_architectures",
@@ -92,6 +97,7 @@ class PluginHost:
         self.records: dict[str, PluginRecord] = {}
         self.methods: dict[str, RegisteredMethod] = {}
         self.registries: dict[str, list[tuple[str, Any]]] = {h: [] for h in REGISTER_HOOKS}
+        self._load_builtins()
         if entry_points:
             self._load_entry_points()
         for name, plugin in extra_plugins:
@@ -99,6 +105,21 @@ class PluginHost:
         self._run_register_hooks()
 
     # -- loading -------------------------------------------------------------------------------
+    def _load_builtins(self) -> None:
+        import importlib
+
+        for name, module in BUILTIN_PLUGINS:
+            record = PluginRecord(
+                name=name, distribution=FIRST_PARTY_DISTRIBUTION, first_party=True
+            )
+            try:
+                plugin = importlib.import_module(module)
+            except Exception as err:
+                record.errors.append(f"import of {module!r} failed: {_short(err)}")
+                self.records[name] = record
+                continue
+            self._register(name, plugin, record)
+
     def _load_entry_points(self) -> None:
         allowed = os.environ.get(LOAD_PLUGINS_ENV)
         allow = None if allowed is None else {a.strip() for a in allowed.split(",") if a.strip()}

@@ -1,0 +1,35 @@
+"""Run a suite on one decomposition ID: load the adapter, validate the config, save the result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from spd_host.evals.registry import get_suite
+from spd_host.evals.results import EvalResult, save_result
+
+
+def run_suite(
+    suite_name: str,
+    decomposition_id: str,
+    config: BaseModel | None = None,
+    *,
+    save: bool = True,
+    **options: Any,
+) -> EvalResult:
+    """Run ``suite_name`` on ``decomposition_id`` (config from ``config`` or ``**options``)."""
+    from spd_host.plugins import get_host
+
+    host = get_host()
+    suite = get_suite(suite_name, host)
+    if config is None:
+        config = suite.make_config(**options)
+    elif not isinstance(config, suite.config_model):
+        config = suite.make_config(**config.model_dump())
+    did = host.parse_id(decomposition_id)
+    adapter = host.load_adapter(did)
+    result = suite.run(adapter, config)
+    if save:
+        save_result(result, did.storage_key)
+    return result

@@ -47,6 +47,10 @@ class EvalResult(BaseModel):
         """The few numbers a comparison table shows for this result (one row)."""
         return {k: getattr(self, k) for k in self.headline_fields}
 
+    def table_rows(self) -> list[dict[str, Any]]:
+        """Comparison-table rows for this decomposition (several when a suite has variants)."""
+        return [self.headline()]
+
 
 def package_version() -> str:
     from spd_host import __version__

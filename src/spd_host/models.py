@@ -1,0 +1,126 @@
+"""Load base models and tokenizers by one name: ``"demo"``, a local directory, or a Hub name.
+
+Adapters, harvest and evals all load the model a decomposition was trained on through these two
+functions, so that "demo" means the bundled model everywhere and a Hub name goes through the
+normal Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``), which also makes it work offline
+(``HF_HUB_OFFLINE=1``) once the model has been downloaded. A name that is neither a local directory
+nor in the cache (when offline) raises ``SourceNotFoundError`` with the fix.
+
+Models load in float32 by default: decompositions store float32 weights, and mixing a bfloat16 base
+model with them would fail (or silently lose precision) in every adapter. Pass ``dtype`` to choose.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spd_host.demo import DEMO_MODEL_NAME, demo_model_dir
+from spd_host.errors import FormatError, SourceNotFoundError
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """What to hand to ``from_pretrained``: the demo directory, a local directory, or the Hub name.
+
+    Raises ``SourceNotFoundError`` for a path-like name that does not exist, and ``FormatError``
+    for a local directory without ``config.json``/tokenizer files.
+    """
+    if name_or_path == DEMO_MODEL_NAME:
+        return str(demo_model_dir())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if (
+        path.exists()
+        or name_or_path.startswith(("/", "./", "../", "~"))
+        or name_or_path.count("/") > 1
+    ):
+        raise SourceNotFoundError(
+            f"model directory not found: {path}",
+            hint=f"pass '{DEMO_MODEL_NAME}', an existing Hugging Face model directory, or a Hub name like 'gpt2'",
+        )
+    return name_or_path
+
+
+def _is_offline() -> bool:
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        if getattr(hf_constants, "HF_HUB_OFFLINE", False):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _not_found(name: str, what: str, err: Exception) -> SourceNotFoundError:
+    if _is_offline():
+        message = f"{what} {name!r} is not a local directory and is not in the Hugging Face cache (offline mode)"
+        hint = (
+            "download it once online (unset HF_HUB_OFFLINE; e.g. `huggingface-cli download "
+            f"{name}`), point HF_HOME at a cache that holds it, or pass a local directory"
+        )
+    else:
+        message = f"{what} {name!r} is not a local directory and could not be loaded from the Hugging Face Hub"
+        hint = "check the name (and your network / HF_TOKEN for gated models), or pass a local directory"
+    return SourceNotFoundError(f"{message}: {type(err).__name__}: {err}", hint=hint)
+
+
+def _dtype_kwarg(dtype: torch.dtype | str) -> dict[str, Any]:
+    """transformers >= 4.56 takes ``dtype=``; older releases only ``torch_dtype=``."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> torch.nn.Module:
+    """A causal LM in eval mode with frozen parameters (``requires_grad=False``) on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name_or_path)
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise FormatError(
+            f"{source} has no config.json: not a Hugging Face model directory",
+            hint="save the model with `model.save_pretrained(dir)`",
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **_dtype_kwarg(dtype))
+    except OSError as err:
+        if Path(source).is_dir():
+            raise FormatError(
+                f"cannot load the model in {source}: {err}", hint="check the directory's files"
+            ) from err
+        raise _not_found(name_or_path, "model", err) from err
+    module: torch.nn.Module = model
+    module.to(torch.device(device))
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer stored with a model (``PreTrainedTokenizerBase``), resolved like ``load_base_model``."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        if Path(source).is_dir():
+            raise FormatError(
+                f"cannot load a tokenizer from {source}: {err}",
+                hint="save the tokenizer next to the model with `tokenizer.save_pretrained(dir)`",
+            ) from err
+        raise _not_found(name_or_path, "tokenizer", err) from err
+
+
+__all__ = ["load_base_model", "load_tokenizer", "resolve_model_source"]

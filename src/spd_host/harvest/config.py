@@ -1,0 +1,61 @@
+"""The harvest's configuration: one frozen model, recorded next to every result."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class HarvestConfig(BaseModel):
+    """Everything that determines a harvest's result (same config + same data = same result).
+
+    Dataset fields mirror ``spd_host.data.TokenDatasetSpec``; ``None`` means "take the
+    decomposition's recorded default, else the host default".
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str | None = Field(default=None, description="'demo', a file/dir, or a Hub dataset")
+    dataset_column: str | None = None
+    seq_len: int | None = Field(default=None, gt=1)
+    n_tokens: int = Field(default=200_000, gt=0, description="Tokens to harvest (all ranks together)")
+    batch_size: int = Field(default=16, gt=0, description="Sequences per batch")
+    examples_per_component: int = Field(
+        default=20, gt=0, description="K: reservoir size and number of top-activation examples"
+    )
+    context_tokens: int = Field(
+        default=8, ge=0, description="Tokens kept on each side of a firing in an example window"
+    )
+    threshold: float = Field(default=0.0, description="Passed to the plugin's HarvestFn")
+    seed: int = 0
+    output_top_k: int = Field(
+        default=16, gt=0, description="Next-token probabilities kept per position for output stats"
+    )
+    histogram_bins: int = Field(default=32, gt=1)
+    histogram_min: float = Field(default=1e-4, gt=0)
+    histogram_max: float = Field(default=1e3, gt=0)
+    cooccurrence: bool = True
+    cooccurrence_max_pairs: int = Field(
+        default=300_000_000,
+        gt=0,
+        description="Stop counting co-occurrence (exactly, on the tokens seen so far) once this "
+        "many distinct pairs are stored; the token count it covers is recorded",
+    )
+    min_token_support: int = Field(
+        default=5,
+        ge=1,
+        description="Bottom-PMI lists only rank tokens seen at least this often overall",
+    )
+    checkpoint_every: int = Field(default=50, gt=0, description="Batches between checkpoints")
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check(self) -> HarvestConfig:
+        if self.histogram_max <= self.histogram_min:
+            raise ValueError("histogram_max must exceed histogram_min")
+        return self
+
+    @property
+    def window(self) -> int:
+        return 2 * self.context_tokens + 1

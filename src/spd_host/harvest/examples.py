@@ -1,0 +1,181 @@
+"""Per-component example banks: a uniform reservoir sample and the top-K by activation.
+
+Rows are allocated lazily, the first time a component fires, so memory grows with the number
+of components that fire (alive components), not with the total number of components.
+
+Reservoir (Algorithm R, vectorised per batch): the ``t``-th firing of a component (1-based,
+counted over the whole run in data order) is kept with probability ``min(1, K/t)`` and replaces
+a uniformly chosen slot. Applying every event of a batch at once is equivalent to applying
+them one by one because the draws are independent: for each slot the *last* accepted event wins.
+The result is a uniform sample without replacement of size ``min(K, n)`` from all ``n``
+firings. Randomness comes from a generator seeded by ``(seed, global batch index)``, so a
+resumed or re-run harvest draws exactly the same numbers.
+
+Top-K: the K firings with the largest primary activation (ties broken by data order).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spd_host.harvest.windows import Windows
+
+
+class ExampleBank:
+    """K example windows per component, stored in lazily allocated rows."""
+
+    def __init__(self, n_components: int, k: int, width: int, n_types: int) -> None:
+        self.n_components = n_components
+        self.k = k
+        self.width = width
+        self.n_types = n_types
+        self.row_of = torch.full((n_components,), -1, dtype=torch.int64)
+        self.component = torch.empty(0, dtype=torch.int64)
+        self._alloc(0)
+
+    def _alloc(self, cap: int) -> None:
+        k, w, t = self.k, self.width, self.n_types
+        self.filled = torch.zeros(cap, dtype=torch.int64)
+        self.score = torch.full((cap, k), float("-inf"), dtype=torch.float32)
+        self.pos = torch.full((cap, k), -1, dtype=torch.int64)
+        self.tokens = torch.full((cap, k, w), -1, dtype=torch.int32)
+        self.acts = torch.zeros((cap, k, w, t), dtype=torch.float32)
+        self.fired = torch.zeros((cap, k, w), dtype=torch.bool)
+
+    FIELDS = ("filled", "score", "pos", "tokens", "acts", "fired")
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.component.shape[0])
+
+    def rows_for(self, comps: torch.Tensor) -> torch.Tensor:
+        """Rows of ``comps`` (unique int64), allocating rows for components seen first now."""
+        rows = self.row_of[comps]
+        new = comps[rows < 0]
+        if new.numel():
+            start = self.n_rows
+            need = start + new.numel()
+            cap = self.filled.shape[0]
+            if need > cap:
+                self._grow(max(need, int(cap * 1.5) + 64))
+            self.row_of[new] = torch.arange(start, need)
+            self.component = torch.cat([self.component, new])
+            rows = self.row_of[comps]
+        return rows
+
+    def _grow(self, cap: int) -> None:
+        old = {f: getattr(self, f) for f in self.FIELDS}
+        n = self.n_rows
+        self._alloc(cap)
+        for f, t in old.items():
+            getattr(self, f)[:n] = t[:n]
+
+    def write(
+        self, rows: torch.Tensor, slots: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, w: Windows
+    ) -> None:
+        self.score[rows, slots] = score.to(torch.float32)
+        self.pos[rows, slots] = pos
+        self.tokens[rows, slots] = w.tokens
+        self.acts[rows, slots] = w.acts
+        self.fired[rows, slots] = w.fired
+
+    # -- state ------------------------------------------------------------------------------------
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        n = self.n_rows
+        out = {f"{prefix}.component": self.component.clone()}
+        for f in self.FIELDS:
+            out[f"{prefix}.{f}"] = getattr(self, f)[:n].contiguous()
+        return out
+
+    def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        comp = tensors[f"{prefix}.component"].to(torch.int64)
+        self.row_of = torch.full((self.n_components,), -1, dtype=torch.int64)
+        self.row_of[comp] = torch.arange(comp.shape[0])
+        self.component = comp.clone()
+        for f in self.FIELDS:
+            setattr(self, f, tensors[f"{prefix}.{f}"].clone())
+
+
+def reservoir_plan(
+    comps: torch.Tensor, before: torch.Tensor, k: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which events enter the reservoir, and in which slot.
+
+    ``comps``: component of each event, events in data order. ``before``: firings of each
+    event's component before this batch. Returns ``(event_index, slot)`` of the events that
+    end up in the reservoir after the batch (at most one per (component, slot)).
+    """
+    n = comps.shape[0]
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty
+    order = torch.sort(comps, stable=True).indices  # group by component, data order within
+    sc = comps[order]
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = sc[1:] != sc[:-1]
+    group_start = torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values
+    rank = torch.arange(n) - group_start
+    t = before[order] + rank + 1  # 1-based index of this firing over the whole run
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    r = torch.randint(0, k, (n,), generator=gen)
+    accept = (t <= k) | (u < k / t.to(torch.float64))
+    slot = torch.where(t <= k, t - 1, r)
+    ev = order[accept]
+    slot = slot[accept]
+    tt = t[accept]
+    key = sc[accept] * k + slot
+    # last accepted event per (component, slot) wins
+    uk, inv = torch.unique(key, return_inverse=True)
+    best = torch.full((uk.shape[0],), -1, dtype=torch.int64).scatter_reduce_(0, inv, tt, "amax")
+    win = tt == best[inv]
+    return ev[win], slot[win]
+
+
+def topk_plan(
+    comps: torch.Tensor, values: torch.Tensor, bank: ExampleBank
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge this batch's candidates into the top-K rows.
+
+    Returns ``(rows, slots, src_is_new, src_index)`` for every entry of the new top-K of each
+    touched component (``src_index`` is an event index when new, else an old slot) plus the
+    new ``filled`` count per touched row is implied by the entries.
+    """
+    k = bank.k
+    uc = torch.unique(comps)
+    rows = bank.rows_for(uc)
+    # keep only events that can enter: better than the current K-th (or row not full)
+    row_of_event = bank.row_of[comps]
+    kth = torch.where(
+        bank.filled[row_of_event] >= k,
+        bank.score[row_of_event, k - 1],
+        torch.full_like(values, float("-inf")),
+    )
+    cand = torch.nonzero(values.to(torch.float32) > kth).flatten()
+    if cand.numel() == 0:
+        e = torch.empty(0, dtype=torch.int64)
+        return e, e, torch.empty(0, dtype=torch.bool), e, torch.empty(0)
+    c_rows = row_of_event[cand]
+    touched = torch.unique(c_rows)
+    # existing entries of touched rows
+    filled = bank.filled[touched]
+    slot_idx = torch.arange(k)[None, :].expand(touched.shape[0], k)
+    ok = slot_idx < filled[:, None]
+    old_rows = touched[:, None].expand_as(slot_idx)[ok]
+    old_slots = slot_idx[ok]
+    old_score = bank.score[old_rows, old_slots]
+    all_rows = torch.cat([old_rows, c_rows])
+    all_score = torch.cat([old_score, values[cand].to(torch.float32)])
+    is_new = torch.cat([torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)])
+    src = torch.cat([old_slots, cand])
+    # sort: row ascending, score descending, old entries before new on ties (data order)
+    o = torch.sort(all_score, descending=True, stable=True).indices
+    o = o[torch.sort(all_rows[o], stable=True).indices]
+    r_sorted = all_rows[o]
+    n = o.shape[0]
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = r_sorted[1:] != r_sorted[:-1]
+    gs = torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values
+    rank = torch.arange(n) - gs
+    keep = rank < k
+    o = o[keep]
+    return all_rows[o], rank[keep], is_new[o], src[o], all_score[o]

@@ -1,0 +1,153 @@
+"""Combining shard states into one, exactly.
+
+Counts, sums and sparse pair tables add; maxima take the max; histograms add. Top-K lists are
+re-ranked over the union. Reservoirs are merged so that the result is again a uniform sample
+of all firings: for a component with ``n1`` and ``n2`` firings in the two shards, the number
+taken from shard 1 is drawn from the hypergeometric distribution (``m = min(K, n1 + n2)``
+draws without replacement from a population of ``n1`` + ``n2``), then that many are taken
+uniformly from shard 1's sample (itself uniform over its ``n1`` firings) and the rest from
+shard 2's. The draws come from a generator seeded by ``seed`` and the merge position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spd_host.harvest.accumulator import HarvestAccumulator, batch_generator
+from spd_host.harvest.examples import ExampleBank
+
+_FIELDS = ("score", "pos", "tokens", "acts", "fired")
+
+
+def merge_accumulators(parts: list[HarvestAccumulator]) -> HarvestAccumulator:
+    """Merge shard accumulators (in the order given) into the first one and return it."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    acc = parts[0]
+    for i, other in enumerate(parts[1:], start=1):
+        if other.layout != acc.layout or other.V != acc.V:
+            raise ValueError("shards come from different decompositions or vocabularies")
+        gen = batch_generator(acc.config.seed, -1000 - i)
+        before = acc.firing_count.clone()
+        acc.firing_count += other.firing_count
+        acc.sum_all += other.sum_all
+        acc.sum_firing += other.sum_firing
+        acc.max_firing = torch.maximum(acc.max_firing, other.max_firing)
+        acc.hist += other.hist
+        acc.token_count += other.token_count
+        acc.next_token_mass += other.next_token_mass
+        acc.kept_mass_total += other.kept_mass_total
+        acc.output_kept_mass += other.output_kept_mass
+        acc.input_pairs.merge_(other.input_pairs)
+        acc.output_pairs.merge_(other.output_pairs)
+        acc.cooc.merge_(other.cooc)
+        acc.cooc_count += other.cooc_count
+        acc.cooc_n_tokens += other.cooc_n_tokens
+        acc.cooc_active = acc.cooc_active and other.cooc_active
+        acc.n_tokens += other.n_tokens
+        acc.n_batches += other.n_batches
+        merge_reservoir(acc.reservoir, other.reservoir, before, other.firing_count, gen)
+        merge_top(acc.top, other.top)
+    return acc
+
+
+def _entries(bank: ExampleBank, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = bank.k
+    slot = torch.arange(k)[None, :].expand(rows.shape[0], k)
+    ok = slot < bank.filled[rows][:, None]
+    return rows[:, None].expand_as(slot)[ok], slot[ok]
+
+
+def merge_top(a: ExampleBank, b: ExampleBank) -> None:
+    """Top-K of the union, written into ``a``."""
+    if b.n_rows == 0:
+        return
+    comps = b.component
+    rows_a = a.rows_for(comps)
+    ar, asl = _entries(a, rows_a)
+    br, bsl = _entries(b, torch.arange(b.n_rows))
+    # express b's entries in a's row numbering
+    br_in_a = a.row_of[b.component[br]]
+    rows = torch.cat([ar, br_in_a])
+    score = torch.cat([a.score[ar, asl], b.score[br, bsl]])
+    from_b = torch.cat([torch.zeros_like(ar, dtype=torch.bool), torch.ones_like(br, dtype=torch.bool)])
+    src_row = torch.cat([ar, br])
+    src_slot = torch.cat([asl, bsl])
+    o = torch.sort(score, descending=True, stable=True).indices
+    o = o[torch.sort(rows[o], stable=True).indices]
+    r = rows[o]
+    n = r.shape[0]
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = r[1:] != r[:-1]
+    rank = torch.arange(n) - torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values
+    keep = rank < a.k
+    o, r, rank = o[keep], r[keep], rank[keep]
+    data = {}
+    for f in _FIELDS:
+        va = getattr(a, f)[src_row[o].clamp(max=a.n_rows - 1), src_slot[o]]
+        vb = getattr(b, f)[src_row[o].clamp(max=b.n_rows - 1), src_slot[o]]
+        mask = from_b[o].view(-1, *([1] * (va.ndim - 1)))
+        data[f] = torch.where(mask, vb, va)
+    for f, v in data.items():
+        getattr(a, f)[r, rank] = v
+    filled = torch.zeros_like(a.filled).scatter_reduce_(0, r, rank + 1, "amax")
+    touched = torch.unique(r)
+    a.filled[touched] = filled[touched]
+
+
+def merge_reservoir(
+    a: ExampleBank, b: ExampleBank, n_a: torch.Tensor, n_b: torch.Tensor, gen: torch.Generator
+) -> None:
+    """Uniform sample of the union of two uniform samples, weighted by firing counts."""
+    if b.n_rows == 0:
+        return
+    k = a.k
+    comps = b.component
+    rows_a = a.rows_for(comps)
+    rows_b = torch.arange(b.n_rows)
+    na = n_a[comps].to(torch.float64)
+    nb = n_b[comps].to(torch.float64)
+    m = torch.clamp(na + nb, max=k).to(torch.int64)
+    # sequential hypergeometric draw of how many come from a
+    ra, rb = na.clone(), nb.clone()
+    take_a = torch.zeros_like(m)
+    for j in range(k):
+        active = j < m
+        u = torch.rand(m.shape[0], generator=gen, dtype=torch.float64)
+        pick_a = active & (u * (ra + rb) < ra)
+        pick_b = active & ~pick_a
+        take_a += pick_a.to(torch.int64)
+        ra -= pick_a.to(torch.float64)
+        rb -= pick_b.to(torch.float64)
+    take_b = m - take_a
+    # uniform subsets: random order of each row's filled entries, take the first few
+    def chosen(bank: ExampleBank, rows: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = torch.rand(rows.shape[0], k, generator=gen)
+        slot = torch.arange(k)[None, :].expand(rows.shape[0], k)
+        keys = torch.where(slot < bank.filled[rows][:, None], keys, torch.full_like(keys, 2.0))
+        perm = torch.argsort(keys, dim=1)
+        sel = slot < count[:, None]
+        return rows[:, None].expand_as(slot)[sel], perm[sel], torch.nonzero(sel)[:, 0]
+
+    a_rows_src, a_slots_src, a_owner = chosen(a, rows_a, take_a)
+    b_rows_src, b_slots_src, b_owner = chosen(b, rows_b, take_b)
+    data_a = {f: getattr(a, f)[a_rows_src, a_slots_src].clone() for f in _FIELDS}
+    data_b = {f: getattr(b, f)[b_rows_src, b_slots_src].clone() for f in _FIELDS}
+    dst_rows_a = rows_a[a_owner]
+    dst_slot_a = torch.arange(a_owner.shape[0]) - _group_start(a_owner)
+    dst_rows_b = rows_a[b_owner]
+    dst_slot_b = take_a[b_owner] + torch.arange(b_owner.shape[0]) - _group_start(b_owner)
+    for f in _FIELDS:
+        getattr(a, f)[dst_rows_a, dst_slot_a] = data_a[f]
+        getattr(a, f)[dst_rows_b, dst_slot_b] = data_b[f]
+    a.filled[rows_a] = m
+
+
+def _group_start(owner: torch.Tensor) -> torch.Tensor:
+    """Index of the first element of each run of equal values (owner is sorted)."""
+    n = owner.shape[0]
+    if n == 0:
+        return owner
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = owner[1:] != owner[:-1]
+    return torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values

@@ -1,0 +1,299 @@
+"""``run_harvest``: one pass over a token dataset, with checkpoints, shards and progress.
+
+Sharding follows the data module's convention: global batch ``g`` belongs to rank
+``g % world_size``; rank ``r``'s ``i``-th batch is global batch ``r + i * world_size``. All
+randomness is derived from ``(seed, global batch)``, so the statistics do not depend on how
+the work was split or interrupted (reservoir samples: same distribution).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spd_host.adapter import HarvestOptions
+from spd_host.errors import ConfigError, ResultsNotFoundError
+from spd_host.harvest.accumulator import HarvestAccumulator, Layout
+from spd_host.harvest.checkpoint import load_checkpoint, save_checkpoint
+from spd_host.harvest.config import HarvestConfig
+from spd_host.harvest.merge import merge_accumulators
+from spd_host.harvest.repo import HarvestRepo, harvest_root
+from spd_host.harvest.store import RESULT_JSON, write_results
+
+BatchSource = Callable[[int, int, int], Iterator[torch.Tensor]]
+"""``(rank, world_size, start_batch) -> token batches [B, S]`` of that rank, from its ``start_batch``-th."""
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values win; else torchrun's RANK/WORLD_SIZE; else SLURM_PROCID/SLURM_NTASKS; else 0/1."""
+    env = os.environ
+    if rank is None:
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
+    if world_size is None:
+        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(
+            f"invalid shard: rank {rank} of world size {world_size}",
+            hint="rank must be in [0, world_size); check --rank/--world-size or RANK/WORLD_SIZE",
+        )
+    return rank, world_size
+
+
+def run_dir_name(decomposition_id: str, config: HarvestConfig) -> str:
+    doc = json.dumps({"id": decomposition_id, "config": config.model_dump(mode="json")}, sort_keys=True)
+    return "run-" + hashlib.sha256(doc.encode()).hexdigest()[:10]
+
+
+def shard_dir(out: Path, rank: int, world_size: int) -> Path:
+    return out / "shards" / f"rank-{rank}-of-{world_size}"
+
+
+def resolve_config(adapter: Any, config: HarvestConfig) -> HarvestConfig:
+    """Fill dataset fields left as None from the decomposition's recorded defaults."""
+    d = adapter.defaults
+    return config.model_copy(
+        update={
+            "dataset": config.dataset or d.dataset or "demo",
+            "dataset_column": config.dataset_column or d.dataset_column or "text",
+            "seq_len": config.seq_len or d.seq_len or 128,
+        }
+    )
+
+
+def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
+    """Token batches from ``spd_host.data`` for the resolved config."""
+    try:
+        from spd_host.data import TokenDatasetSpec, iter_token_batches  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as err:
+        raise ConfigError(
+            "spd_host.data is not available in this installation",
+            hint="install a version of spd-host that ships spd_host.data, or pass batches= to run_harvest",
+        ) from err
+    spec = TokenDatasetSpec(
+        source=str(config.dataset), text_column=str(config.dataset_column), seq_len=int(config.seq_len or 128), seed=config.seed
+    )
+    tokenizer = adapter.load_tokenizer()
+
+    def source(rank: int, world_size: int, start_batch: int) -> Iterator[torch.Tensor]:
+        return iter_token_batches(
+            spec, tokenizer, batch_size=config.batch_size, rank=rank, world_size=world_size, start_batch=start_batch
+        )
+
+    return source
+
+
+def run_harvest(
+    decomposition_id: str,
+    config: HarvestConfig,
+    *,
+    out: Path | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    batches: BatchSource | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> HarvestRepo | None:
+    """Harvest a decomposition; resume from the last checkpoint if one exists.
+
+    Single process: returns the finished ``HarvestRepo``. Sharded: each rank writes its final
+    state under ``shards/``; the rank that finishes last merges them and returns the repo, the
+    others return ``None`` (``spd-host harvest merge`` does the same by hand).
+    ``stop_after``: process at most this many batches in this call (tests, budgets).
+    """
+    from spd_host.plugins import get_host
+
+    host = get_host()
+    rank, world_size = resolve_rank(rank, world_size)
+    adapter = host.load_adapter(decomposition_id)
+    did = adapter.decomposition_id
+    config = resolve_config(adapter, config)
+    out = Path(out) if out is not None else harvest_root(did) / run_dir_name(did, config)
+    if world_size == 1 and (out / RESULT_JSON).exists():
+        return HarvestRepo(out)
+    state_dir = out / "state" if world_size == 1 else shard_dir(out, rank, world_size)
+    layout = Layout.of(adapter.sites, adapter.activation_types)
+    fn = host.harvest_fn(adapter, HarvestOptions(threshold=config.threshold, device=config.device))
+    source = batches if batches is not None else dataset_batches(adapter, config)
+
+    seq_len = int(config.seq_len or 128)
+    total_batches = math.ceil(config.n_tokens / (config.batch_size * seq_len))
+    my_batches = len(range(rank, total_batches, world_size))
+    acc: HarvestAccumulator | None = None
+    start = 0
+    found = load_checkpoint(state_dir)
+    if found is not None:
+        acc, meta = found
+        if acc.config != config or acc.layout != layout:
+            raise ConfigError(
+                f"the checkpoint in {state_dir} was made with a different config or decomposition",
+                hint="use a different --out, or delete that directory to start over",
+            )
+        start = int(meta["next_local_batch"])
+        if meta.get("complete"):
+            start = my_batches
+    t0 = time.perf_counter()
+    done_tokens = acc.n_tokens if acc is not None else 0
+    bar = _progress(progress, world_size, rank)
+    processed = 0
+    exhausted = False
+    with bar:
+        task = bar.add_task("harvest", total=my_batches * config.batch_size * seq_len, completed=done_tokens)
+        it = source(rank, world_size, start) if start < my_batches else iter(())
+        for local in range(start, my_batches):
+            if stop_after is not None and processed >= stop_after:
+                break
+            try:
+                tokens = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            g = rank + local * world_size
+            with torch.no_grad():
+                batch = fn(tokens)
+            if acc is None:
+                acc = HarvestAccumulator(layout, config, _vocab_size(batch, adapter))
+            acc.update(batch, g)
+            processed += 1
+            bar.update(task, advance=int(tokens.numel()))
+            if (local + 1) % config.checkpoint_every == 0:
+                save_checkpoint(state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did})
+    if acc is None:
+        raise ConfigError(f"the dataset yielded no batches for rank {rank}", hint="check --dataset and --n-tokens")
+    next_local = start + processed
+    complete = exhausted or next_local >= my_batches
+    save_checkpoint(
+        state_dir, acc, {"next_local_batch": next_local, "decomposition_id": did, "complete": complete}
+    )
+    if not complete:
+        return None
+    meta = {"decomposition_id": did, "world_size": world_size, "seconds": time.perf_counter() - t0}
+    if world_size == 1:
+        write_results(out, acc, meta)
+        return HarvestRepo(out)
+    return _merge_if_last(out, world_size, did)
+
+
+def _vocab_size(batch: Any, adapter: Any) -> int:
+    nt = batch.next_token_logits if batch.next_token_logits is not None else batch.next_token_probs
+    if nt is not None:
+        return int(nt.shape[-1])
+    return int(len(adapter.load_tokenizer()))
+
+
+def _merge_if_last(out: Path, world_size: int, did: str) -> HarvestRepo | None:
+    for r in range(world_size):
+        meta_path = shard_dir(out, r, world_size) / "state.json"
+        if not meta_path.exists() or not json.loads(meta_path.read_text()).get("complete"):
+            return None
+    try:
+        fd = os.open(out / ".merge.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+    os.close(fd)
+    try:
+        return merge_shards(out)
+    finally:
+        (out / ".merge.lock").unlink(missing_ok=True)
+
+
+def merge_shards(out: Path) -> HarvestRepo:
+    """Merge every complete shard state under ``out/shards`` into a finished harvest in ``out``."""
+    dirs = sorted((out / "shards").glob("rank-*-of-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not dirs:
+        raise ResultsNotFoundError(f"no shard states under {out / 'shards'}", hint="run the sharded harvest first")
+    worlds = {p.name.rsplit("-", 1)[1] for p in dirs}
+    if len(worlds) != 1:
+        raise ConfigError(f"shards from different world sizes in {out / 'shards'}: {sorted(worlds)}")
+    world = int(next(iter(worlds)))
+    if len(dirs) != world:
+        raise ResultsNotFoundError(f"{len(dirs)} of {world} shards present in {out / 'shards'}")
+    parts = []
+    did = ""
+    for d in dirs:
+        found = load_checkpoint(d)
+        if found is None or not found[1].get("complete"):
+            raise ResultsNotFoundError(f"shard {d} is not complete", hint="re-run that rank with the same command")
+        parts.append(found[0])
+        did = found[1]["decomposition_id"]
+    acc = merge_accumulators(parts)
+    write_results(out, acc, {"decomposition_id": did, "world_size": world, "seconds": None})
+    return HarvestRepo(out)
+
+
+def _progress(enabled: bool, world_size: int, rank: int) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from spd_host.cli.common import err_console
+
+    class TokensPerSecond(TextColumn):
+        def __init__(self) -> None:
+            super().__init__("")
+
+        def render(self, task: Any) -> Any:
+            from rich.text import Text
+
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s")
+
+    label = "harvest" if world_size == 1 else f"harvest rank {rank}/{world_size}"
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TokensPerSecond(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def summarize(repo: HarvestRepo) -> dict[str, Any]:
+    """The final summary: tokens, alive/dead per site, median density, time."""
+    from safetensors import safe_open
+
+    with safe_open(str(repo.path / "stats.safetensors"), framework="pt") as f:
+        fc = f.get_tensor("firing_count")
+    sites = []
+    for name, off, n in zip(repo.layout.names, repo.layout.offsets, repo.layout.sizes, strict=True):
+        c = fc[off : off + n]
+        alive = int((c > 0).sum())
+        dens = c.to(torch.float64) / max(repo.n_tokens, 1)
+        sites.append(
+            {
+                "site": name,
+                "components": n,
+                "alive": alive,
+                "dead": n - alive,
+                "median_density": float(dens.median()),
+                "median_density_alive": float(dens[c > 0].median()) if alive else 0.0,
+            }
+        )
+    return {
+        "decomposition_id": repo.adapter_id,
+        "run": repo.run,
+        "path": str(repo.path),
+        "n_tokens": repo.n_tokens,
+        "world_size": repo.meta.get("world_size", 1),
+        "seconds": repo.meta.get("seconds"),
+        "cooccurrence_tokens": repo.meta.get("cooc_n_tokens"),
+        "sites": sites,
+    }

@@ -1,0 +1,65 @@
+"""Context windows around firing tokens.
+
+A window is stored centred and padded: ``2W + 1`` slots where slot ``W`` is the firing token and
+slots outside the sequence hold token id ``-1`` (``PAD``). When read back the padding is
+stripped, and the centre index becomes ``W - (number of padded slots on the left)``, so a
+window truncated at a sequence edge still says exactly which token fired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+PAD = -1
+
+
+@dataclass
+class Windows:
+    """``n`` windows: token ids, activations of the component (one per type), its firings."""
+
+    tokens: torch.Tensor  # [n, 2W+1] int32, PAD outside the sequence
+    acts: torch.Tensor  # [n, 2W+1, T] float32, 0 outside
+    fired: torch.Tensor  # [n, 2W+1] bool
+
+
+def extract_windows(
+    tokens: torch.Tensor,
+    fired: torch.Tensor,
+    acts: Mapping[str, torch.Tensor],
+    act_types: Sequence[str],
+    b: torch.Tensor,
+    s: torch.Tensor,
+    c: torch.Tensor,
+    context: int,
+) -> Windows:
+    """Windows for events ``(b, s, c)`` of one site (``c`` local to the site)."""
+    n = b.shape[0]
+    S = tokens.shape[1]
+    offs = torch.arange(-context, context + 1)
+    pos = s[:, None] + offs[None, :]
+    valid = (pos >= 0) & (pos < S)
+    posc = pos.clamp(0, S - 1)
+    bb = b[:, None].expand_as(posc)
+    cc = c[:, None].expand_as(posc)
+    tok = tokens[bb, posc].to(torch.int32)
+    tok = torch.where(valid, tok, torch.full_like(tok, PAD))
+    f = fired[bb, posc, cc] & valid
+    a = torch.empty((n, offs.shape[0], len(act_types)), dtype=torch.float32)
+    for i, t in enumerate(act_types):
+        v = acts[t][bb, posc, cc].to(torch.float32)
+        a[:, :, i] = torch.where(valid, v, torch.zeros_like(v))
+    return Windows(tok, a, f)
+
+
+def strip_padding(tokens: list[int], context: int) -> tuple[int, int]:
+    """``(start, end)`` of the non-padded part of a stored window; centre = context - start."""
+    start = 0
+    while start < context and tokens[start] == PAD:
+        start += 1
+    end = len(tokens)
+    while end > context + 1 and tokens[end - 1] == PAD:
+        end -= 1
+    return start, end

@@ -43,7 +43,10 @@ FIRST_PARTY_DISTRIBUTION = "spd-host"
 # Plugin modules that are part of the host itself (not optional, not behind an entry point).
 # They register first, so an entry-point plugin registering the same provider/strategy name
 # overrides them (``registered`` lists later plugins first).
-BUILTIN_PLUGINS = (("spd_host.evals", "spd_host.evals.plugin"),)
+BUILTIN_PLUGINS = (
+    ("spd_host.autointerp", "spd_host.autointerp.plugin"),
+    ("spd_host.evals", "spd_host.evals.plugin"),
+)
 
 REGISTER_HOOKS = (
     "register_methods",
@@ -109,9 +112,7 @@ class PluginHost:
         import importlib
 
         for name, module in BUILTIN_PLUGINS:
-            record = PluginRecord(
-                name=name, distribution=FIRST_PARTY_DISTRIBUTION, first_party=True
-            )
+            record = PluginRecord(name=name, distribution=FIRST_PARTY_DISTRIBUTION, first_party=True)
             try:
                 plugin = importlib.import_module(module)
             except Exception as err:

@@ -1,0 +1,100 @@
+"""The JSON answer every strategy asks for, and its strict parser.
+
+One schema for all providers: Anthropic receives it as a tool's ``input_schema`` (forced tool
+use), OpenAI-compatible endpoints as a ``json_schema`` response format. The parser is strict on
+purpose: a truncated, non-JSON or off-schema answer raises :class:`MalformedAnswerError` and is
+retried or recorded as a failure, never stored as a label.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spd_host.errors import SpdHostError
+
+
+class MalformedAnswerError(SpdHostError):
+    """The LLM answered, but not with a JSON object matching the label schema.
+
+    Clients attach what the server sent (``raw``) and the tokens it billed, so the failure is
+    recorded with its evidence and its cost counts against the cap.
+    """
+
+    raw: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def with_response(
+        self, raw: str, input_tokens: int, output_tokens: int
+    ) -> MalformedAnswerError:
+        self.raw = raw
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        return self
+
+
+class LabelAnswer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: str = Field(min_length=1, max_length=200)
+    confidence: Literal["low", "medium", "high"]
+    reasoning: str
+
+
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "description": "short label for what the component does"},
+        "confidence": {
+            "type": "string",
+            "enum": ["low", "medium", "high"],
+            "description": "high: specific pattern backed by all evidence; low: speculative",
+        },
+        "reasoning": {"type": "string", "description": "1-3 sentences citing the evidence"},
+    },
+    "required": ["label", "confidence", "reasoning"],
+    "additionalProperties": False,
+}
+
+
+def parse_answer(payload: str | dict[str, Any], *, truncated: bool = False) -> LabelAnswer:
+    """Validate an answer (a JSON string or an already-decoded object)."""
+    if truncated:
+        raise MalformedAnswerError(
+            "the answer was cut off at the output-token limit",
+            hint="raise --max-output-tokens",
+        )
+    obj: Any = payload
+    if isinstance(payload, str):
+        text = _strip_fences(payload)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise MalformedAnswerError(
+                f"the answer is not JSON ({err.msg} at char {err.pos}): {payload[:120]!r}"
+            ) from None
+    if not isinstance(obj, dict):
+        raise MalformedAnswerError(f"the answer is JSON but not an object: {str(obj)[:120]!r}")
+    try:
+        answer = LabelAnswer.model_validate(obj)
+    except ValidationError as err:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise MalformedAnswerError(
+            f"the answer does not match the label schema ({fields})"
+        ) from None
+    return LabelAnswer(
+        label=answer.label.strip(), confidence=answer.confidence, reasoning=answer.reasoning.strip()
+    )
+
+
+def _strip_fences(text: str) -> str:
+    """Accept an answer wrapped in a Markdown code fence (common for JSON-mode-less endpoints)."""
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.split("\n", 1)[1] if "\n" in t else ""
+        if t.rstrip().endswith("```"):
+            t = t.rstrip()[:-3]
+    return t.strip()

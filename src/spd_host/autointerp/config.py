@@ -1,0 +1,33 @@
+"""The options of one autointerp run (everything the CLI flags set)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AutointerpConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: str | None = Field(
+        default=None, description="provider name; None: first provider with a key set, else offline"
+    )
+    model: str | None = Field(default=None, description="None: the provider's default model")
+    strategy: str = "compact_skeptical"
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    max_concurrent: int = Field(default=8, ge=1)
+    rpm: float | None = Field(default=None, gt=0, description="request starts per minute")
+    cost_cap_usd: float | None = Field(default=None, ge=0, description="hard cap for this run")
+    max_attempts: int = Field(default=5, ge=1, description="attempts per component")
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    backoff_max_s: float = Field(default=60.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_output_tokens: int = Field(default=600, ge=16)
+    base_url: str | None = None
+    api_key_env: str | None = Field(
+        default=None, description="read the key from this variable instead of the provider's"
+    )
+    input_price_per_mtok: float | None = Field(default=None, ge=0)
+    output_price_per_mtok: float | None = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=0, description="label at most this many components")

@@ -1,0 +1,122 @@
+"""Anthropic Messages API through the official ``anthropic`` SDK.
+
+The JSON answer is obtained with forced tool use: one tool whose ``input_schema`` is the label
+schema and ``tool_choice`` naming it, so the model must answer with a schema-shaped object.
+The SDK's own retries are disabled (``max_retries=0``): the runner retries, so that Retry-After
+pauses the whole run and every attempt is counted against the cost cap.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.providers.base import (
+    ClientOptions,
+    Completion,
+    CompletionRequest,
+    Pricing,
+    Provider,
+    TransientError,
+    read_api_key,
+)
+from spd_host.autointerp.providers.sdk_errors import translate
+
+TOOL_NAME = "record_component_label"
+
+# USD per million tokens, from Anthropic's public price list; override with --input-price /
+# --output-price when prices change or for models not listed.
+PRICING = {
+    "claude-opus-4-1": Pricing(input_per_mtok=15.0, output_per_mtok=75.0),
+    "claude-sonnet-4-5": Pricing(input_per_mtok=3.0, output_per_mtok=15.0),
+    "claude-sonnet-4-0": Pricing(input_per_mtok=3.0, output_per_mtok=15.0),
+    "claude-haiku-4-5": Pricing(input_per_mtok=1.0, output_per_mtok=5.0),
+    "claude-3-5-haiku-latest": Pricing(input_per_mtok=0.8, output_per_mtok=4.0),
+}
+
+
+class AnthropicClient:
+    def __init__(self, provider: Provider, options: ClientOptions) -> None:
+        import anthropic
+
+        self._sdk = anthropic
+        self._provider = provider.name
+        self._model = options.model
+        self._client = anthropic.AsyncAnthropic(
+            api_key=read_api_key(provider, options),
+            base_url=options.base_url or provider.default_base_url,
+            timeout=options.timeout_s,
+            max_retries=0,
+        )
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        tool: Any = {
+            "name": TOOL_NAME,
+            "description": "Record the label for the neural-network component.",
+            "input_schema": dict(request.schema),
+        }
+        try:
+            message = await self._client.messages.create(
+                model=self._model,
+                max_tokens=request.max_output_tokens,
+                system=request.system,
+                messages=[{"role": "user", "content": request.prompt}],
+                tools=[tool],
+                tool_choice={"type": "tool", "name": TOOL_NAME},
+            )
+        except self._sdk.APIError as err:
+            mapped = translate(err, self._sdk, self._provider)
+            raise (mapped or err) from err
+        if isinstance(message, str) or not hasattr(message, "content"):
+            raise TransientError(
+                f"{self._provider}: the server answered without a message: {str(message)[:200]!r}"
+            )
+        usage = getattr(message, "usage", None)
+        n_in = int(getattr(usage, "input_tokens", 0) or 0)
+        n_out = int(getattr(usage, "output_tokens", 0) or 0)
+        raw = _raw_json(message)
+        truncated = getattr(message, "stop_reason", None) == "max_tokens"
+        payload: Any = None
+        for block in getattr(message, "content", None) or []:
+            if (
+                getattr(block, "type", None) == "tool_use"
+                and getattr(block, "name", None) == TOOL_NAME
+            ):
+                payload = block.input
+                break
+        if payload is None:  # no tool call: accept a JSON object written as text
+            blocks = message.content or []
+            texts = [
+                str(getattr(b, "text", "")) for b in blocks if getattr(b, "type", None) == "text"
+            ]
+            payload = "".join(texts)
+        try:
+            answer = parse_answer(payload, truncated=truncated)
+        except MalformedAnswerError as err:
+            raise err.with_response(raw, n_in, n_out) from None
+        return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _raw_json(message: Any) -> str:
+    try:
+        return str(message.model_dump_json())
+    except Exception:
+        return json.dumps(str(message))
+
+
+def make_provider() -> Provider:
+    return Provider(
+        name="anthropic",
+        description="Anthropic Messages API (official SDK), JSON via forced tool use",
+        make_client=lambda options: AnthropicClient(PROVIDER, options),
+        default_model="claude-haiku-4-5",
+        api_key_env="ANTHROPIC_API_KEY",
+        pricing=PRICING,
+    )
+
+
+PROVIDER = make_provider()

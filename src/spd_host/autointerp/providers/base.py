@@ -1,0 +1,141 @@
+"""The provider contract: what the runner needs from any LLM backend.
+
+A :class:`Provider` is registered through the ``register_llm_providers`` hook. It names the
+environment variable its API key lives in (keys are read from the environment at client
+construction and never stored anywhere else), its pricing, and a factory for an async client.
+
+Clients translate their SDK's failures into the small taxonomy below so the runner's retry
+logic is the same for every provider:
+
+- :class:`RateLimitedError` (HTTP 429/529, with the server's Retry-After when it sent one): retried,
+  and the whole run pauses for Retry-After;
+- :class:`TransientError` (5xx, timeouts, dropped connections): retried with backoff;
+- :class:`~spd_host.autointerp.answer.MalformedAnswerError`: retried (the model may answer
+  well next time), recorded as a failure when attempts run out;
+- :class:`PermanentError` (4xx other than 429: bad key, unknown model): not retried.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from spd_host.autointerp.answer import LabelAnswer
+from spd_host.autointerp.evidence import ComponentEvidence
+from spd_host.errors import ConfigError, SpdHostError
+
+
+class ProviderCallError(SpdHostError):
+    """Base for failures of one provider call (the runner decides whether to retry)."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(ProviderCallError):
+    retryable = True
+
+
+class TransientError(ProviderCallError):
+    retryable = True
+
+
+class PermanentError(ProviderCallError):
+    retryable = False
+
+
+class Pricing(BaseModel):
+    """US dollars per million tokens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+    @property
+    def free(self) -> bool:
+        return self.input_per_mtok == 0 and self.output_per_mtok == 0
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One labelling call. ``evidence`` rides along for providers that do not use the prompt
+    (the offline baseline); network providers send only ``system`` and ``prompt``."""
+
+    system: str
+    prompt: str
+    schema: Mapping[str, Any]
+    max_output_tokens: int
+    evidence: ComponentEvidence
+
+
+@dataclass(frozen=True)
+class Completion:
+    answer: LabelAnswer
+    raw: str
+    input_tokens: int
+    output_tokens: int
+
+
+class LLMClient(Protocol):
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """One call; raises a :class:`ProviderCallError` subclass or ``MalformedAnswerError``
+        with ``.raw`` set where the server answered."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    model: str
+    base_url: str | None = None
+    timeout_s: float = 60.0
+    api_key_env: str | None = None  # override of the provider's default variable name
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An LLM backend as registered by a plugin."""
+
+    name: str
+    description: str
+    make_client: Callable[[ClientOptions], LLMClient]
+    default_model: str
+    api_key_env: str | None = None  # None: needs no key
+    key_required: bool = True
+    pricing: Mapping[str, Pricing] = field(default_factory=dict)
+    default_pricing: Pricing | None = None  # used for models not in ``pricing``
+    baseline: bool = False  # a non-LLM explainer; labels are marked as a baseline
+    default_base_url: str | None = None
+
+    def pricing_for(self, model: str) -> Pricing | None:
+        return self.pricing.get(model, self.default_pricing)
+
+    def has_key(self, env_name: str | None = None) -> bool:
+        name = env_name or self.api_key_env
+        return name is None or bool(os.environ.get(name))
+
+
+def read_api_key(provider: Provider, options: ClientOptions) -> str | None:
+    """The provider's key from the environment; a clear error when it is required and unset."""
+    name = options.api_key_env or provider.api_key_env
+    if name is None:
+        return None
+    value = os.environ.get(name)
+    if not value and provider.key_required:
+        raise ConfigError(
+            f"provider {provider.name!r} needs an API key in the environment variable {name}, which is not set",
+            hint=f"export {name}=... (keys are read only from the environment), or use --provider offline",
+        )
+    return value or None

@@ -1,0 +1,152 @@
+"""OpenAI Chat Completions through the official ``openai`` SDK: OpenAI itself, OpenRouter, and
+any OpenAI-compatible endpoint by base URL (vLLM, Ollama, LM Studio, llama.cpp server).
+
+The answer is requested with a strict JSON-schema response format. The SDK's own retries are
+disabled; the runner retries (see :mod:`spd_host.autointerp.providers.anthropic_provider`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.providers.base import (
+    ClientOptions,
+    Completion,
+    CompletionRequest,
+    Pricing,
+    Provider,
+    TransientError,
+    read_api_key,
+)
+from spd_host.autointerp.providers.sdk_errors import translate
+from spd_host.errors import ConfigError
+
+OPENAI_PRICING = {
+    "gpt-4.1": Pricing(input_per_mtok=2.0, output_per_mtok=8.0),
+    "gpt-4.1-mini": Pricing(input_per_mtok=0.4, output_per_mtok=1.6),
+    "gpt-4.1-nano": Pricing(input_per_mtok=0.1, output_per_mtok=0.4),
+    "gpt-4o": Pricing(input_per_mtok=2.5, output_per_mtok=10.0),
+    "gpt-4o-mini": Pricing(input_per_mtok=0.15, output_per_mtok=0.6),
+}
+
+OPENROUTER_PRICING = {
+    "google/gemini-2.5-flash": Pricing(input_per_mtok=0.3, output_per_mtok=2.5),
+    "openai/gpt-4.1-mini": Pricing(input_per_mtok=0.4, output_per_mtok=1.6),
+    "anthropic/claude-haiku-4.5": Pricing(input_per_mtok=1.0, output_per_mtok=5.0),
+}
+
+
+class OpenAIChatClient:
+    def __init__(self, provider: Provider, options: ClientOptions) -> None:
+        import openai
+
+        base_url = options.base_url or provider.default_base_url
+        if provider.name == "openai-compatible" and not base_url:
+            raise ConfigError(
+                "provider 'openai-compatible' needs --base-url",
+                hint="e.g. --base-url http://127.0.0.1:8000/v1 for a local vLLM server",
+            )
+        self._sdk = openai
+        self._provider = provider.name
+        self._model = options.model
+        self._client = openai.AsyncOpenAI(
+            # local servers accept any key; the SDK refuses an empty one
+            api_key=read_api_key(provider, options) or "not-needed",
+            base_url=base_url,
+            timeout=options.timeout_s,
+            max_retries=0,
+        )
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        response_format: Any = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "component_label",
+                "schema": dict(request.schema),
+                "strict": True,
+            },
+        }
+        try:
+            response = await self._client.chat.completions.create(
+                model=self._model,
+                messages=[
+                    {"role": "system", "content": request.system},
+                    {"role": "user", "content": request.prompt},
+                ],
+                max_completion_tokens=request.max_output_tokens,
+                response_format=response_format,
+            )
+        except self._sdk.APIError as err:
+            mapped = translate(err, self._sdk, self._provider)
+            raise (mapped or err) from err
+        if isinstance(response, str) or not getattr(response, "choices", None):
+            raise TransientError(
+                f"{self._provider}: the server answered without choices: {str(response)[:200]!r}"
+            )
+        usage = getattr(response, "usage", None)
+        n_in = int(getattr(usage, "prompt_tokens", 0) or 0)
+        n_out = int(getattr(usage, "completion_tokens", 0) or 0)
+        raw = response.model_dump_json()
+        choice = response.choices[0]
+        content = choice.message.content or ""
+        try:
+            answer = parse_answer(content, truncated=choice.finish_reason == "length")
+        except MalformedAnswerError as err:
+            raise err.with_response(raw, n_in, n_out) from None
+        return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _openai_like(
+    name: str,
+    description: str,
+    default_model: str,
+    api_key_env: str,
+    *,
+    key_required: bool = True,
+    pricing: dict[str, Pricing] | None = None,
+    default_pricing: Pricing | None = None,
+    default_base_url: str | None = None,
+) -> Provider:
+    holder: list[Provider] = []
+    provider = Provider(
+        name=name,
+        description=description,
+        make_client=lambda options: OpenAIChatClient(holder[0], options),
+        default_model=default_model,
+        api_key_env=api_key_env,
+        key_required=key_required,
+        pricing=pricing or {},
+        default_pricing=default_pricing,
+        default_base_url=default_base_url,
+    )
+    holder.append(provider)
+    return provider
+
+
+OPENAI = _openai_like(
+    "openai",
+    "OpenAI Chat Completions (official SDK), strict JSON-schema response format",
+    "gpt-4.1-mini",
+    "OPENAI_API_KEY",
+    pricing=OPENAI_PRICING,
+)
+OPENROUTER = _openai_like(
+    "openrouter",
+    "OpenRouter through the OpenAI SDK (any model OpenRouter serves)",
+    "google/gemini-2.5-flash",
+    "OPENROUTER_API_KEY",
+    pricing=OPENROUTER_PRICING,
+    default_base_url="https://openrouter.ai/api/v1",
+)
+OPENAI_COMPATIBLE = _openai_like(
+    "openai-compatible",
+    "any OpenAI-compatible server by --base-url (vLLM, Ollama, LM Studio); free unless priced",
+    "default",
+    "OPENAI_COMPATIBLE_API_KEY",
+    key_required=False,
+    default_pricing=Pricing(input_per_mtok=0.0, output_per_mtok=0.0),
+)

@@ -1,0 +1,1 @@
+"""Prompt strategies: the contract (:mod:`.base`) and the built-in ones."""

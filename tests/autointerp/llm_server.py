@@ -1,0 +1,217 @@
+"""A local HTTP server speaking the Anthropic Messages and OpenAI Chat Completions wire formats.
+
+Standard library only (``http.server`` in a thread). Each request is answered by the test's
+``plan(request) -> Reply`` (default: a valid label after ``latency`` seconds). The server
+records every request (arrival time, API, component marker, headers, JSON body) and the peak
+number of requests in flight, which is how tests prove concurrency without timing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TOOL_NAME = "record_component_label"
+MARKER = re.compile(r"MARK(\d+)")
+
+
+@dataclass
+class Request:
+    api: str  # "anthropic" | "openai"
+    body: dict[str, Any]
+    headers: dict[str, str]
+    arrived: float
+    index: int  # arrival order, 0-based
+    marker: str | None  # "MARK<n>" found in the prompt (tests put it in the evidence)
+
+    @property
+    def prompt(self) -> str:
+        msgs = self.body.get("messages", [])
+        return "\n".join(str(m.get("content", "")) for m in msgs)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    answer: dict[str, Any] | str | None = None  # None: a valid label for the marker
+    body: bytes | None = None  # raw body, overrides everything
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float | None = None  # None: the server's latency
+    truncated: bool = False  # finish_reason length / stop_reason max_tokens
+    cut_connection: bool = False  # announce a longer body than sent, then close
+    output_tokens: int = 40
+    input_tokens: int = 100
+
+
+def valid_answer(marker: str | None) -> dict[str, Any]:
+    return {"label": f"label of {marker}", "confidence": "medium", "reasoning": "test server"}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the listen backlog; the default 5 drops bursts of connections
+
+
+class LLMServer:
+    def __init__(self, *, latency: float = 0.0, plan: Callable[[Request], Reply] | None = None):
+        self.latency = latency
+        self.plan: Callable[[Request], Reply] = plan or (lambda r: Reply())
+        self.requests: list[Request] = []
+        self.responses: list[tuple[Request, int, float]] = []  # (request, status, time sent)
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path.endswith("/messages"):
+                    api = "anthropic"
+                elif self.path.endswith("/chat/completions"):
+                    api = "openai"
+                else:
+                    self.send_error(404)
+                    return
+                server._handle(self, api, body)
+
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> LLMServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def anthropic_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def markers(self) -> list[str | None]:
+        return [r.marker for r in self.requests]
+
+    # -- one request -------------------------------------------------------------------------
+    def _handle(self, h: BaseHTTPRequestHandler, api: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            req = Request(
+                api=api,
+                body=body,
+                headers={k.lower(): v for k, v in h.headers.items()},
+                arrived=time.monotonic(),
+                index=len(self.requests),
+                marker=None,
+            )
+            m = MARKER.search(req.prompt)
+            req.marker = m.group(0) if m else None
+            self.requests.append(req)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            reply = self.plan(req)
+            delay = self.latency if reply.delay is None else reply.delay
+            if delay:
+                time.sleep(delay)
+            payload = reply.body if reply.body is not None else self._payload(api, req, reply)
+            content_type = "application/json" if reply.body is None else "text/html"
+            with self._lock:
+                self.responses.append((req, reply.status, time.monotonic()))
+            try:
+                h.send_response(reply.status)
+                h.send_header("content-type", content_type)
+                for k, v in reply.headers.items():
+                    h.send_header(k, v)
+                if reply.cut_connection:
+                    h.send_header("content-length", str(len(payload) + 500))
+                    h.send_header("connection", "close")
+                    h.end_headers()
+                    h.wfile.write(payload[: len(payload) // 2])
+                    h.wfile.flush()
+                    h.close_connection = True
+                    return
+                h.send_header("content-length", str(len(payload)))
+                h.end_headers()
+                h.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout test)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _payload(self, api: str, req: Request, reply: Reply) -> bytes:
+        if reply.status >= 400:
+            if api == "anthropic":
+                kind = "rate_limit_error" if reply.status == 429 else "api_error"
+                doc: dict[str, Any] = {
+                    "type": "error",
+                    "error": {"type": kind, "message": f"status {reply.status}"},
+                }
+            else:
+                doc = {
+                    "error": {
+                        "message": f"status {reply.status}",
+                        "type": "server_error",
+                        "code": None,
+                    }
+                }
+            return json.dumps(doc).encode()
+        answer = reply.answer if reply.answer is not None else valid_answer(req.marker)
+        model = req.body.get("model", "m")
+        if api == "anthropic":
+            if isinstance(answer, str):
+                content = [{"type": "text", "text": answer}]
+            else:
+                content = [
+                    {"type": "tool_use", "id": "toolu_01", "name": TOOL_NAME, "input": answer}
+                ]
+            doc = {
+                "id": f"msg_{req.index}",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": content,
+                "stop_reason": "max_tokens" if reply.truncated else "tool_use",
+                "stop_sequence": None,
+                "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+            }
+        else:
+            text = answer if isinstance(answer, str) else json.dumps(answer)
+            doc = {
+                "id": f"chatcmpl-{req.index}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "length" if reply.truncated else "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": reply.input_tokens,
+                    "completion_tokens": reply.output_tokens,
+                    "total_tokens": reply.input_tokens + reply.output_tokens,
+                },
+            }
+        return json.dumps(doc).encode()

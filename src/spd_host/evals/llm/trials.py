@@ -172,8 +172,9 @@ def fuzzing_trial(
         if i in correct:
             items.append((shown, True))
             continue
-        real = pool.fires(key, shown.tokens)  # as shown: never mark a real firing
-        free = [j for j, f in enumerate(real) if not f]
+        # never mark a real firing: neither a recorded one nor one in the window as shown
+        real = pool.fires(key, shown.tokens)
+        free = [j for j, (f, m) in enumerate(zip(real, shown.marks, strict=True)) if not (f or m)]
         k = min(max(1, sum(shown.marks)), len(free))
         if k == 0:
             continue

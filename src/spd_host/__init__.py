@@ -30,6 +30,9 @@ _LAZY = {
     "get_host": "spd_host.plugins",
     "temporary_plugins": "spd_host.plugins",
     "SpdHostError": "spd_host.errors",
+    "topology_of": "spd_host.topology",
+    "TransformerTopology": "spd_host.topology",
+    "ArchitectureSpec": "spd_host.topology",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

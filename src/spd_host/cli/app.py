@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from spd_host.cli import eval_cmd, info_cmd, plugins_cmd
+from spd_host.cli import eval_cmd, info_cmd, plugins_cmd, topology_cmd
 
 app = typer.Typer(
     name="spd-host",
@@ -16,6 +16,7 @@ app = typer.Typer(
 
 app.command("plugins")(plugins_cmd.plugins)
 app.command("info")(info_cmd.info)
+app.command("topology")(topology_cmd.topology)
 app.add_typer(eval_cmd.eval_app, name="eval")
 
 

@@ -144,9 +144,9 @@ _ROLE_TEXT = {
     ("norm", "mlp_post"): "layer norm after the MLP (on the MLP output)",
 }
 _GLOBAL_ADDRESS_TEXT = {
-    "embed": "token embedding",
-    "output": "unembedding (LM head)",
-    "final_norm": "final layer norm before the unembedding",
+    "embed": "Token embedding",
+    "output": "Unembedding (LM head)",
+    "final_norm": "Final layer norm before the unembedding",
 }
 _HOOK_TEXT = {
     "resid_pre": "residual stream entering",

@@ -195,10 +195,11 @@ class TransformerTopology:
     def describe(self, address_or_hook_point: str) -> str:
         """``"3.glu.down"`` -> ``"MLP down-projection in block 3 of 12"`` (blocks are 0-based)."""
         text = address_or_hook_point
-        if text in self._sites:
-            return describe_hook_point(parse_hook_point(text), self.n_layers)
+        # "embed" is both an address and a hook point: the module reading wins
         if text in self._paths or text in self._norm_paths:
             return describe_address(parse_address(text), self.n_layers)
+        if text in self._sites:
+            return describe_hook_point(parse_hook_point(text), self.n_layers)
         try:
             parse_hook_point(text)
         except TopologyError:
@@ -253,7 +254,7 @@ class TransformerTopology:
                 h: {
                     "module_path": s.module_path,
                     "where": s.where if s.resid_block is None else "block input + output",
-                    "description": self.describe(h),
+                    "description": describe_hook_point(parse_hook_point(h), self.n_layers),
                 }
                 for h, s in self._sites.items()
             },

@@ -171,6 +171,58 @@ def fidelity(
     )
 
 
+Provider = Annotated[
+    str | None,
+    typer.Option("--provider", help="LLM judge provider; default: first with a key, else offline."),
+]
+Model = Annotated[str | None, typer.Option("--model", help="Judge model (provider default).")]
+BaseUrl = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint URL.")]
+MaxConcurrent = Annotated[int | None, typer.Option("--max-concurrent", help="Calls in flight.")]
+MaxCost = Annotated[float | None, typer.Option("--max-cost", help="Hard cost cap in USD.")]
+NComponents = Annotated[int | None, typer.Option("--n-components", help="Components sampled.")]
+NTrials = Annotated[int | None, typer.Option("--n-trials", help="Trials per component.")]
+HarvestRun = Annotated[str | None, typer.Option("--harvest-run", help="Harvest sub-run (latest).")]
+
+
+def _judge_command(kind: str) -> Any:
+    def command(
+        ids: IdsArg,
+        provider: Provider = None,
+        model: Model = None,
+        base_url: BaseUrl = None,
+        max_concurrent: MaxConcurrent = None,
+        max_cost: MaxCost = None,
+        n_components: NComponents = None,
+        n_trials: NTrials = None,
+        harvest_run: HarvestRun = None,
+        json_out: JsonOut = False,
+        wandb: Wandb = False,
+        wandb_project: WandbProject = "spd-host-evals",
+    ) -> None:
+        options = {
+            "provider": provider,
+            "model": model,
+            "base_url": base_url,
+            "max_concurrent": max_concurrent,
+            "cost_cap_usd": max_cost,
+            "n_components": n_components,
+            "n_trials": n_trials,
+            "harvest_run": harvest_run,
+        }
+        run_many([kind], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+
+    command.__doc__ = {
+        "intruder": "Coherence without labels: can a judge spot the intruding example?",
+        "detection": "Label quality: does the label predict which examples fire? (balanced accuracy)",
+        "fuzzing": "Label specificity: real firing marks vs random marks (balanced accuracy).",
+    }[kind]
+    return handles_errors(command)
+
+
+for _kind in ("intruder", "detection", "fuzzing"):
+    eval_app.command(_kind)(_judge_command(_kind))
+
+
 @eval_app.command("run")
 @handles_errors
 def run(

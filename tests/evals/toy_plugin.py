@@ -68,6 +68,22 @@ def reconstruct(model: GPT2LMHeadModel, layer: int, x: torch.Tensor, variant: st
     return acts @ proj.weight + proj.bias
 
 
+TEXT_CHARS = "abcdefghijklmnopqrstuvwxyz .,'\n"
+
+
+def build_tokenizer() -> Any:
+    """A character-level fast tokenizer (BPE without merges) within the toy's vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(TEXT_CHARS)}
+    vocab["<unk>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
 class ToyAdapter:
     def __init__(self, did: DecompositionId) -> None:
         self.decomposition_id = did.normalized
@@ -93,7 +109,7 @@ class ToyAdapter:
         return self._model
 
     def load_tokenizer(self) -> Any:
-        return None
+        return build_tokenizer()
 
     @contextmanager
     def splice(

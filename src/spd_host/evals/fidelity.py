@@ -363,7 +363,7 @@ def harvest_run_name(repo: Any) -> str:
 
 def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> FidelityResult:
     """The suite entry point: held-out tokens from the configured dataset, then measure."""
-    from spd_host.data import TokenDatasetSpec, iter_token_batches
+    from spd_host.data import TokenDatasetSpec, available_tokens, iter_token_batches
 
     check_splice(adapter)
     defaults = adapter.defaults
@@ -380,10 +380,17 @@ def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> Fidel
         spec_kwargs["text_column"] = column
     spec = TokenDatasetSpec(**spec_kwargs)
     tokenizer = adapter.load_tokenizer()
-    batches = iter_token_batches(
-        spec, tokenizer, batch_size=config.batch_size, n_tokens=config.n_tokens
-    )
-    hint = -(-config.n_tokens // (config.batch_size * seq_len))
-    return fidelity_on_batches(
+    # a small held-out split is used whole rather than refused
+    n_tokens = min(config.n_tokens, available_tokens(spec, tokenizer))
+    batches = iter_token_batches(spec, tokenizer, batch_size=config.batch_size, n_tokens=n_tokens)
+    hint = -(-n_tokens // (config.batch_size * seq_len))
+    result = fidelity_on_batches(
         adapter, batches, config, dataset=f"{source} (heldout)", n_batches_hint=hint
     )
+    if n_tokens < config.n_tokens:
+        notes = [
+            *result.notes,
+            f"the held-out split has only {n_tokens} tokens (asked {config.n_tokens})",
+        ]
+        result = result.model_copy(update={"notes": notes})
+    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def test_round_trip_sends_schema_and_key_and_stores_label(
         fmt = req.body["response_format"]
         assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == ANSWER_SCHEMA
         assert fmt["json_schema"]["strict"] is True
+        assert req.body["max_completion_tokens"] == 600 and "max_tokens" not in req.body
     assert METHOD_DESCRIPTION in req.prompt  # the method blurb comes from the evidence/adapter
     (row,) = rows(db)
     assert row.status == "ok" and row.label == "label of MARK7" and row.confidence == "medium"
@@ -186,3 +188,57 @@ def test_permanent_error_is_not_retried_and_key_is_redacted(
     (row,) = rows(db)
     assert "401" in (row.error or "") and SECRET not in (row.error or "")
     assert SECRET.encode() not in db.read_bytes()
+
+
+def test_rpm_spaces_request_starts(keyed: None, tmp_path: Path) -> None:
+    """600 requests per minute = one start per 0.1 s, even with eight workers free: the fifth
+    request cannot reach the server before 0.4 s after the run began (a lower bound, which no
+    amount of machine load can break; not a speed assertion)."""
+    with LLMServer() as server:
+        began = time.monotonic()
+        report = run(server, "openai", make_many(5), tmp_path / "l.db", max_concurrent=8, rpm=600)
+    assert report.n_labelled == 5 and report.calls == 5
+    assert max(r.arrived for r in server.requests) - began >= 0.4 - 1e-3
+
+
+def test_compatible_servers_get_max_tokens(tmp_path: Path) -> None:
+    with LLMServer() as server:
+        from spd_host.autointerp.config import AutointerpConfig
+        from spd_host.autointerp.runner import label_components
+
+        config = AutointerpConfig(
+            provider="openai-compatible", model="local", base_url=server.openai_url
+        )
+        report = label_components(
+            [make_evidence(1)],
+            config,
+            db_path=tmp_path / "l.db",
+            harvest_id="h",
+            decomposition_id="t:demo",
+        )
+    assert report.n_labelled == 1 and report.spent_usd == 0
+    assert server.requests[0].body["max_tokens"] == 600
+    assert "authorization" in server.requests[0].headers  # a placeholder key; no env var needed
+
+
+def test_openrouter_speaks_openai_wire_format(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OPENROUTER_API_KEY", SECRET)
+    with LLMServer() as server:
+        from spd_host.autointerp.config import AutointerpConfig
+        from spd_host.autointerp.runner import label_components
+
+        config = AutointerpConfig(
+            provider="openrouter", model="google/gemini-2.5-flash", base_url=server.openai_url
+        )
+        report = label_components(
+            [make_evidence(3)],
+            config,
+            db_path=tmp_path / "l.db",
+            harvest_id="h",
+            decomposition_id="t:demo",
+        )
+    assert report.n_labelled == 1
+    assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
+    assert report.spent_usd == pytest.approx((100 * 0.3 + 40 * 2.5) / 1e6)

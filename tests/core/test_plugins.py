@@ -19,7 +19,7 @@ from spd_host.adapter import DecompositionDefaults, HarvestBatch, HarvestOptions
 from spd_host.cli.app import app
 from spd_host.errors import DecompositionIdError, HarvestBatchError, PluginError
 from spd_host.hookspecs import hookimpl
-from spd_host.plugins import PluginHost, get_host, reset_host, temporary_plugins
+from spd_host.plugins import BUILTIN_PLUGINS, PluginHost, get_host, reset_host, temporary_plugins
 
 TOY_PLUGIN = """
 from spd_host.adapter import MethodInfo
@@ -104,10 +104,11 @@ def test_env_var_restricts_third_party(third_party: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("SPD_HOST_LOAD_PLUGINS", "toy_good")
     reset_host()
     host = get_host()
-    assert set(host.records) == {"spd", "transcoder", "clt", "toy_good"}
+    builtins = {name for name, _ in BUILTIN_PLUGINS}  # the host's own plugin modules always load
+    assert set(host.records) == {"spd", "transcoder", "clt", "toy_good", *builtins}
     monkeypatch.setenv("SPD_HOST_LOAD_PLUGINS", "")
     reset_host()
-    assert set(get_host().records) == {"spd", "transcoder", "clt"}
+    assert set(get_host().records) == {"spd", "transcoder", "clt", *builtins}
     monkeypatch.setenv("SPD_HOST_LOAD_PLUGINS", "spd-host-toys")  # by distribution name
     reset_host()
     assert "toy_broken_import" in get_host().records

@@ -31,3 +31,6 @@ class AutointerpConfig(BaseModel):
     input_price_per_mtok: float | None = Field(default=None, ge=0)
     output_price_per_mtok: float | None = Field(default=None, ge=0)
     limit: int | None = Field(default=None, ge=0, description="label at most this many components")
+    min_firing_count: int = Field(
+        default=1, ge=0, description="skip components that fired fewer times in the harvest"
+    )

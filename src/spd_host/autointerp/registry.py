@@ -69,3 +69,8 @@ def get_strategy(name: str, host: PluginHost | None = None) -> Strategy:
             hint=f"installed strategies: {', '.join(known) or '(none)'}",
         )
     return known[name]
+
+
+# the package exports these names (``providers``/``strategies`` are also subpackage names)
+list_providers = providers
+list_strategies = strategies

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from spd_host.cli import eval_cmd, info_cmd, plugins_cmd, topology_cmd
+from spd_host.cli import autointerp_cmd, eval_cmd, info_cmd, plugins_cmd, show_cmd, topology_cmd
 
 app = typer.Typer(
     name="spd-host",
@@ -16,6 +16,8 @@ app = typer.Typer(
 
 app.command("plugins")(plugins_cmd.plugins)
 app.command("info")(info_cmd.info)
+app.command("autointerp")(autointerp_cmd.autointerp)
+app.command("show")(show_cmd.show)
 app.command("topology")(topology_cmd.topology)
 app.add_typer(eval_cmd.eval_app, name="eval")
 

@@ -74,8 +74,11 @@ class OpenAIChatClient:
                     {"role": "system", "content": request.system},
                     {"role": "user", "content": request.prompt},
                 ],
-                max_completion_tokens=request.max_output_tokens,
                 response_format=response_format,
+                max_completion_tokens=request.max_output_tokens
+                if self._new_limit
+                else self._sdk.omit,
+                max_tokens=self._sdk.omit if self._new_limit else request.max_output_tokens,
             )
         except self._sdk.APIError as err:
             mapped = translate(err, self._sdk, self._provider)
@@ -95,6 +98,12 @@ class OpenAIChatClient:
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
         return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
+
+    @property
+    def _new_limit(self) -> bool:
+        """OpenAI wants ``max_completion_tokens`` (``max_tokens`` is deprecated there and
+        rejected by reasoning models); many compatible servers only know ``max_tokens``."""
+        return self._provider == "openai"
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -1,0 +1,109 @@
+"""``spd-host autointerp <id>``: label every harvested component with an LLM (or the offline
+baseline), resumably and within a cost cap."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from spd_host.cli.common import console, err_console, handles_errors, print_json
+
+DEFAULT_COST_CAP = 5.0
+
+
+@handles_errors
+def autointerp(
+    decomposition_id: Annotated[str, typer.Argument(help="e.g. transcoder:demo")],
+    provider: Annotated[
+        str | None,
+        typer.Option(
+            help="offline | anthropic | openai | openrouter | openai-compatible | a plugin's; default: first with a key set, else offline"
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="default: the provider's default model")] = None,
+    strategy: Annotated[
+        str, typer.Option(help="compact_skeptical | dual_view | a plugin's")
+    ] = "compact_skeptical",
+    max_concurrent: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 8,
+    rpm: Annotated[
+        float | None, typer.Option(help="request starts per minute (default: unlimited)")
+    ] = None,
+    cost_cap: Annotated[
+        float, typer.Option(help="hard cap in USD for this run")
+    ] = DEFAULT_COST_CAP,
+    no_cost_cap: Annotated[
+        bool, typer.Option("--no-cost-cap", help="remove the cap (paid providers: careful)")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="label at most this many components")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="API endpoint (required for openai-compatible)")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="read the API key from this environment variable")
+    ] = None,
+    input_price: Annotated[
+        float | None, typer.Option(help="USD per million input tokens (overrides the price list)")
+    ] = None,
+    output_price: Annotated[
+        float | None, typer.Option(help="USD per million output tokens")
+    ] = None,
+    max_output_tokens: Annotated[int, typer.Option(help="per call")] = 600,
+    max_attempts: Annotated[int, typer.Option(min=1, help="attempts per component")] = 5,
+    timeout: Annotated[float, typer.Option(help="seconds per request")] = 60.0,
+    n_top: Annotated[int, typer.Option(help="strongest examples shown")] = 10,
+    n_quantiles: Annotated[int, typer.Option(help="strata for further examples")] = 4,
+    per_quantile: Annotated[int, typer.Option(help="examples drawn per stratum")] = 2,
+    harvest_run: Annotated[
+        str | None, typer.Option(help="harvest sub-run (default: latest)")
+    ] = None,
+    min_firing_count: Annotated[int, typer.Option(help="skip components that fired less")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """Label components with an LLM; re-running continues where the last run stopped."""
+    from spd_host.autointerp.api import run_autointerp
+    from spd_host.autointerp.config import AutointerpConfig
+    from spd_host.autointerp.registry import get_provider
+    from spd_host.autointerp.runner import report_table
+
+    chosen = get_provider(provider)
+    if provider is None:
+        note = " (offline BASELINE: no API key set)" if chosen.baseline else ""
+        err_console.print(f"provider: {chosen.name}{note}", highlight=False)
+    config = AutointerpConfig(
+        provider=chosen.name,
+        model=model,
+        strategy=strategy,
+        strategy_options={
+            "selection": {"n_top": n_top, "n_quantiles": n_quantiles, "per_quantile": per_quantile}
+        },
+        max_concurrent=max_concurrent,
+        rpm=rpm,
+        cost_cap_usd=None if no_cost_cap else cost_cap,
+        max_attempts=max_attempts,
+        timeout_s=timeout,
+        max_output_tokens=max_output_tokens,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        input_price_per_mtok=input_price,
+        output_price_per_mtok=output_price,
+        limit=limit,
+        min_firing_count=min_firing_count,
+    )
+    report = run_autointerp(
+        decomposition_id,
+        config,
+        harvest_run=harvest_run,
+        progress=not (no_progress or json_out),
+        console=err_console,
+    )
+    if json_out:
+        print_json(report.model_dump(mode="json"))
+    else:
+        console.print(report_table(report))
+    if report.n_failed:
+        err_console.print(
+            f"[yellow]{report.n_failed} component(s) failed; their errors are stored. Re-run the same "
+            "command to retry them.[/]"
+        )

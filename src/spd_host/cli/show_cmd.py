@@ -1,0 +1,136 @@
+"""``spd-host show <id> <component>``: a component's labels with its harvest evidence."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from spd_host.cli.common import console, handles_errors, print_json
+from spd_host.errors import ResultsNotFoundError
+
+
+@handles_errors
+def show(
+    decomposition_id: Annotated[str, typer.Argument(help="e.g. transcoder:demo")],
+    component: Annotated[str, typer.Argument(help="component key '<site>:<index>'")],
+    strategy: Annotated[str | None, typer.Option(help="only labels of this strategy")] = None,
+    model: Annotated[str | None, typer.Option(help="only labels of this model")] = None,
+    harvest_run: Annotated[
+        str | None, typer.Option(help="harvest sub-run (default: latest)")
+    ] = None,
+    examples: Annotated[int, typer.Option(help="activation examples to print")] = 8,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Print the component's labels (and failures) and the evidence they were made from."""
+    from spd_host.autointerp.api import labels_db_path
+    from spd_host.autointerp.store import LabelStore
+
+    db = labels_db_path(decomposition_id)
+    records = []
+    if db.exists():
+        with LabelStore(db) as store:
+            records = store.records(component_key=component, strategy=strategy, model=model)
+    evidence: Any = None
+    evidence_error = None
+    try:
+        from spd_host.autointerp.bridge import HarvestEvidence
+        from spd_host.harvest import HarvestRepo
+
+        evidence = HarvestEvidence(HarvestRepo.open(decomposition_id, harvest_run))(component)
+    except ResultsNotFoundError as err:
+        evidence_error = err.message
+    if not records and evidence is None:
+        raise ResultsNotFoundError(
+            f"nothing stored for {component} of {decomposition_id}: no labels and no harvest ({evidence_error})",
+            hint=f"run `spd-host harvest {decomposition_id}` then `spd-host autointerp {decomposition_id}`",
+        )
+    if json_out:
+        print_json(
+            {
+                "component": component,
+                "labels": [
+                    r.model_dump(exclude={"prompt", "system_prompt", "raw_response"})
+                    for r in records
+                ],
+                "evidence": evidence.model_dump(mode="json") if evidence is not None else None,
+            }
+        )
+        return
+    console.print(f"[bold]{escape(component)}[/]  {escape(decomposition_id)}")
+    if records:
+        table = Table(title="labels")
+        for col in ("label", "confidence", "strategy", "model", "status", "cost", "when"):
+            table.add_column(col)
+        for r in records:
+            label = r.label if r.status == "ok" else f"[red]failed: {escape(r.error or '')}[/]"
+            if r.is_baseline and r.status == "ok":
+                label = f"{escape(label or '')} [yellow](BASELINE, not an LLM)[/]"
+            elif r.status == "ok":
+                label = escape(label or "")
+            table.add_row(
+                label,
+                r.confidence or "-",
+                r.strategy,
+                f"{r.provider}/{r.model}",
+                r.status,
+                f"${r.cost_usd:.4f}",
+                r.finished_at,
+            )
+        console.print(table)
+        if any(r.is_baseline for r in records):
+            console.print(
+                "[yellow]BASELINE rows come from the offline PMI baseline explainer, not an LLM.[/]"
+            )
+        for r in records:
+            if r.status == "ok" and r.reasoning:
+                console.print(
+                    f"[dim]{escape(r.strategy)} · {escape(r.model)}:[/] {escape(r.reasoning)}"
+                )
+    else:
+        console.print("[yellow]no labels yet[/]")
+    if evidence is None:
+        console.print(f"[yellow]no harvest evidence: {escape(evidence_error or '')}[/]")
+        return
+    _print_evidence(evidence, examples)
+
+
+def _print_evidence(ev: Any, n_examples: int) -> None:
+    from spd_host.autointerp.selection import ExampleSelection, select_examples
+    from spd_host.autointerp.strategies.formatting import fires_on, rate_text
+
+    console.print(
+        f"\n[bold]evidence[/] ({escape(ev.method_name)}, {escape(ev.location_description or ev.location)})"
+    )
+    console.print(f"firing rate: {rate_text(ev.firing_density)}")
+    for side, stats in (
+        ("input (current token)", ev.input_tokens),
+        ("output (predicted next)", ev.output_tokens),
+    ):
+        table = Table(title=side)
+        for col in ("PMI", "precision", "recall"):
+            table.add_column(col)
+        columns = [stats.pmi, stats.precision, stats.recall]
+        for i in range(max((len(c) for c in columns), default=0)):
+            cells = []
+            for j, c in enumerate(columns):
+                if i < len(c):
+                    v = c[i].value
+                    cells.append(
+                        escape(f"{c[i].token!r} {v:.2f}" if j == 0 else f"{c[i].token!r} {v:.0%}")
+                    )
+                else:
+                    cells.append("")
+            table.add_row(*cells)
+        console.print(table)
+    chosen = select_examples(
+        ev.examples, ExampleSelection(n_top=n_examples, n_quantiles=0), key=ev.component_key
+    )
+    console.print("[bold]top examples[/] (firing tokens in << >>)")
+    for i, ex in enumerate(chosen, 1):
+        console.print(
+            f"{i:>2}. {escape(fires_on(ex))}  [dim](max {ex.max_activation:.3g})[/]",
+            highlight=False,
+        )

@@ -91,17 +91,21 @@ def _open_harvest(adapter: DecompositionAdapter, run: str | None) -> Any:
         ) from None
 
 
-def _labels(storage_key: str, model: str | None) -> dict[str, str]:
-    from spd_host.autointerp.store import LabelStore, default_db_path
+def _labels(decomposition_id: str, model: str | None) -> tuple[dict[str, str], bool]:
+    """The newest ok label per component, and whether any is an offline baseline label."""
+    from spd_host.autointerp.api import load_labels
 
-    path = default_db_path(storage_key)
-    if not path.is_file():
-        return {}
-    with LabelStore(path) as store:
-        records = store.records(status="ok", model=model)
-    return {
-        r.component_key: r.label for r in sorted(records, key=lambda r: r.finished_at) if r.label
-    }
+    try:
+        records = load_labels(decomposition_id, model=model)
+    except ResultsNotFoundError:
+        return {}, False
+    out: dict[str, str] = {}
+    baseline = False
+    for r in sorted(records, key=lambda r: r.finished_at):
+        if r.label:
+            out[r.component_key] = r.label
+            baseline = baseline or r.is_baseline
+    return out, baseline
 
 
 def _firing_checker(adapter: DecompositionAdapter, threshold: float) -> Any:
@@ -156,12 +160,9 @@ def build_trials(
     density = {c.key: c.density for c in summary}
     site = {c.key: c.site for c in summary}
     labels: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     if kind != "intruder":
-        from spd_host.plugins import get_host
-
-        labels = _labels(
-            get_host().parse_id(adapter.decomposition_id).storage_key, config.label_model
-        )
+        labels, _ = _labels(adapter.decomposition_id, config.label_model)
         if not labels:
             raise ResultsNotFoundError(
                 f"the {kind} suite scores labels, and {adapter.decomposition_id!r} has none",
@@ -187,7 +188,6 @@ def build_trials(
     rng.shuffle(eligible)
     chosen = eligible[: config.n_components] if config.n_components else eligible
     trials: list[Trial] = []
-    skipped: dict[str, str] = {}
     for key in sorted(chosen):
         krng = random.Random(f"{config.seed}:{kind}:{key}")
         for i in range(config.n_trials):
@@ -304,6 +304,8 @@ def run_judge_suite(
         notes.append("offline BASELINE judge (token overlap / top tokens), not an LLM")
     if capped:
         notes.append("stopped by the cost cap: some trials were not sent")
+    if kind != "intruder" and _labels(adapter.decomposition_id, config.label_model)[1]:
+        notes.append("scored labels include offline BASELINE labels, not an LLM's")
     return JudgeResult(
         suite=kind,
         decomposition_id=adapter.decomposition_id,

@@ -104,11 +104,9 @@ class FidelityResult(EvalResult):
         rows = []
         for v in self.variants:
             r = self.loss_row(ALL_SITES, v)
-            evs = [
-                x.explained_variance
-                for x in self.recon
-                if x.scope != ALL_SITES and x.variant == v and x.explained_variance is not None
-            ]
+            single = [x for x in self.recon if x.scope != ALL_SITES and x.variant == v]
+            rows_ev = single or [x for x in self.recon if x.variant == v]  # one site: "all" is it
+            evs = [x.explained_variance for x in rows_ev if x.explained_variance is not None]
             rows.append(
                 {
                     "variant": v,

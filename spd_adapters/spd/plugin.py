@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from spd_host.adapter import MethodInfo
 from spd_host.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from spd_host.adapter import DecompositionAdapter, HarvestFn, HarvestOptions
+    from spd_host.ids import DecompositionId
 
 METHOD = MethodInfo(
     name="spd",
@@ -16,7 +21,8 @@ METHOD = MethodInfo(
         "layer's output there (0 = can be ablated, 1 = needed). Each component is one rank-one "
         "piece of one weight matrix; it 'fires' where its causal importance is above a threshold, "
         "and its component activation is the input's projection onto the piece's input direction "
-        "scaled by the norm of its output direction."
+        "scaled by the norm of its output direction. Causal importances are computed without the "
+        "training-time noise, so harvests are deterministic."
     ),
     short_id_pattern=r"s-[0-9a-z]{8}",
 )
@@ -25,3 +31,22 @@ METHOD = MethodInfo(
 @hookimpl
 def register_methods(register: Callable[[MethodInfo], None]) -> None:
     register(METHOD)
+
+
+@hookimpl
+def load_decomposition(decomposition_id: DecompositionId) -> DecompositionAdapter | None:
+    if decomposition_id.method != METHOD.name:
+        return None
+    from spd_adapters.spd.adapter import SpdAdapter, resolve_run_dir
+
+    return SpdAdapter(decomposition_id, METHOD, resolve_run_dir(decomposition_id))
+
+
+@hookimpl
+def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> HarvestFn | None:
+    from spd_adapters.spd.adapter import SpdAdapter
+    from spd_adapters.spd.harvest_fn import make_harvest_fn
+
+    if not isinstance(adapter, SpdAdapter):
+        return None
+    return make_harvest_fn(adapter, options)

@@ -1,0 +1,236 @@
+"""``SpdAdapter``: an SPD run as a ``DecompositionAdapter`` (+ ``SupportsSplice``).
+
+Metadata (sites, C, defaults) comes from the config and the checkpoint's key names and shapes
+(the ``.pth`` is memory-mapped, so nothing is copied); the base model is built only on
+``load_base_model``. Sites are named by the topology's canonical module address (``1.mlp.down``)
+when the architecture is known, else by the module path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from spd_adapters.spd import base, formats
+from spd_adapters.spd.harvest_fn import ACTIVATION_TYPES
+from spd_adapters.spd.model import SpdModel
+from spd_adapters.spd.splice import SPLICE_VARIANTS, splice
+from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
+from spd_host.errors import ConfigError, SourceNotFoundError
+from spd_host.ids import DecompositionId, SourceKind, fetch_source, fetch_wandb_run
+
+WANDB_ENTITY_ENV = "SPD_HOST_WANDB_ENTITY"
+WANDB_PROJECT_ENV = "SPD_HOST_WANDB_PROJECT"
+RUN_FILE_PATTERNS = ("final_config.yaml", "model_*.pth", "model.pth")
+
+
+def demo_run_dir() -> Path:
+    return Path(__file__).parent / "demo_assets"
+
+
+def resolve_run_dir(did: DecompositionId) -> Path:
+    """Any accepted source -> a local run directory (or checkpoint file)."""
+    if did.kind is SourceKind.DEMO:
+        path = demo_run_dir()
+        if not (path / formats.CONFIG_FILENAME).exists():
+            raise SourceNotFoundError(
+                f"the SPD demo decomposition is not installed ({path})",
+                hint="build it with `python -m spd_adapters.spd.train_demo`",
+            )
+        return path
+    if did.kind is SourceKind.SHORT:
+        entity, project = os.environ.get(WANDB_ENTITY_ENV), os.environ.get(WANDB_PROJECT_ENV)
+        if not entity or not project:
+            raise SourceNotFoundError(
+                f"short SPD run ID {did.raw!r} needs a default wandb entity and project",
+                hint=f"set {WANDB_ENTITY_ENV} and {WANDB_PROJECT_ENV} (e.g. goodfire / spd), or use "
+                f"spd:wandb:<entity>/<project>/{did.short_id}",
+            )
+        return fetch_wandb_run(
+            f"{entity}/{project}/{did.short_id}", allow_patterns=RUN_FILE_PATTERNS
+        )
+    if did.kind is SourceKind.WANDB:
+        return fetch_source(did, allow_patterns=RUN_FILE_PATTERNS)
+    return fetch_source(did)
+
+
+def _site_io(address: str) -> tuple[str, tuple[str, ...]]:
+    """Hook points a module site reads from / writes to, where the module has canonical ones."""
+    if address == "embed":
+        return address, ("0.resid_pre",)
+    layer, _, rest = address.partition(".")
+    if rest in ("mlp.up", "glu.gate", "glu.up", "glu_fused.gate_up"):
+        return f"{layer}.mlp_in", (address,)
+    if rest in ("mlp.down", "glu.down"):
+        return address, (f"{layer}.mlp_out",)
+    if rest in ("attn.o", "attn_fused.o"):
+        return address, (f"{layer}.attn_out",)
+    return address, (address,)
+
+
+class SpdAdapter:
+    """An SPD run directory (or the shipped demo) as a DecompositionAdapter."""
+
+    def __init__(self, did: DecompositionId, method: MethodInfo, run_path: Path):
+        self._id = did
+        self._method = method
+        self.files, self.config, self.parts = formats.read_run(run_path)
+        where = self.files.checkpoint_path
+        self.module_to_c = formats.expand_module_info(
+            self.config, formats.module_paths_from_checkpoint(self.parts), where=where
+        )
+        formats.check_component_keys(self.parts, self.module_to_c, where=where)
+        self._model: nn.Module | None = None
+        self._spd: SpdModel | None = None
+        self._tokenizer: Any = None
+
+    # -- metadata ------------------------------------------------------------------------------
+    @property
+    def decomposition_id(self) -> str:
+        return self._id.normalized
+
+    @property
+    def method(self) -> MethodInfo:
+        return self._method
+
+    @cached_property
+    def _addresses(self) -> dict[str, str]:
+        """module path -> canonical address, for the paths the topology knows.
+
+        Needs the base model's structure (a meta-device skeleton from its HF config): if that
+        config cannot be read the error propagates, so that site names never silently depend on
+        what happens to be cached. An architecture the topology does not know falls back to
+        module paths (deterministically).
+        """
+        from spd_host.errors import TopologyError
+        from spd_host.topology import topology_of
+
+        model = self._model if self._model is not None else base.build_skeleton(self.config)
+        try:
+            topo = topology_of(model)
+        except TopologyError:
+            return {}
+        out: dict[str, str] = {}
+        for path in self.module_to_c:
+            try:
+                out[path] = topo.address_of(path)
+            except TopologyError:
+                continue
+        return out
+
+    def site_names_by_path(self) -> dict[str, str]:
+        return {p: self._addresses.get(p, p) for p in sorted(self.module_to_c)}
+
+    @cached_property
+    def _sites(self) -> list[Site]:
+        sites = []
+        for path, name in self.site_names_by_path().items():
+            address = self._addresses.get(path)
+            reads, writes = _site_io(address) if address else (path, (path,))
+            C = self.module_to_c[path]
+            sites.append(
+                Site(
+                    name=name,
+                    n_components=C,
+                    reads_from=reads,
+                    writes_to=writes,
+                    address=address,
+                    description=f"SPD decomposition of {path} into {C} rank-one subcomponents",
+                )
+            )
+        return sites
+
+    @property
+    def sites(self) -> Sequence[Site]:
+        return self._sites
+
+    @property
+    def activation_types(self) -> Sequence[str]:
+        return ACTIVATION_TYPES
+
+    @property
+    def base_model_name(self) -> str:
+        return base.base_model_name(self.config)
+
+    @property
+    def defaults(self) -> DecompositionDefaults:
+        task = self.config.task_config
+        ci = self.config.ci_config
+        return DecompositionDefaults(
+            dataset=task.dataset_name if task else None,
+            dataset_column=task.column_name if task else None,
+            seq_len=task.max_seq_len if task else None,
+            extra={
+                "run_dir": str(self.files.run_dir),
+                "checkpoint": self.files.checkpoint_path.name,
+                "step": self.files.step,
+                "ci_mode": ci.mode,
+                "ci_fn_type": ci.fn_type,
+                "ci_hidden_dims": list(ci.hidden_dims),
+                "sigmoid_type": self.config.sigmoid_type,
+                "sampling": self.config.sampling,
+                "module_paths": {n: p for p, n in self.site_names_by_path().items()},
+            },
+        )
+
+    # -- weights -------------------------------------------------------------------------------
+    def load_base_model(self) -> nn.Module:
+        if self._model is None:
+            model = base.load_base(self.config, self.parts.target, where=self.files.checkpoint_path)
+            # Re-match the patterns against the real model: it is the authority on module paths.
+            real = formats.expand_module_info(
+                self.config, (n for n, _ in model.named_modules()), where=self.files.config_path
+            )
+            if real != self.module_to_c:
+                formats.check_component_keys(self.parts, real, where=self.files.checkpoint_path)
+                self.module_to_c = real
+            self._model = model
+        return self._model
+
+    def spd_model(self) -> SpdModel:
+        if self._spd is None:
+            model = self.load_base_model()
+            specs = {p: base.module_spec(model.get_submodule(p), p) for p in self.module_to_c}
+            self._spd = formats.build_spd_model(
+                self.config, self.parts, specs, where=self.files.checkpoint_path
+            )
+        return self._spd
+
+    def load_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from spd_host.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_name)
+        return self._tokenizer
+
+    # -- splice --------------------------------------------------------------------------------
+    @property
+    def splice_variants(self) -> Sequence[str]:
+        return SPLICE_VARIANTS
+
+    def splice(
+        self,
+        model: nn.Module,
+        *,
+        sites: Sequence[str] | None = None,
+        variant: str | None = None,
+    ) -> AbstractContextManager[None]:
+        spd = self.spd_model()
+        by_name = {n: p for p, n in self.site_names_by_path().items()}
+        if sites is None:
+            paths = spd.paths
+        else:
+            unknown = [s for s in sites if s not in by_name]
+            if unknown:
+                raise ConfigError(
+                    f"unknown SPD sites {unknown} for {self.decomposition_id}",
+                    hint=f"sites: {', '.join(by_name)}",
+                )
+            paths = [by_name[s] for s in sites]
+        return splice(model, spd, paths, variant or "ci_masked")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from spd_host.adapter import MethodInfo
+from spd_host.adapter import DecompositionAdapter, HarvestFn, HarvestOptions, MethodInfo
 from spd_host.hookspecs import hookimpl
+from spd_host.ids import DecompositionId, SourceKind
 
 METHOD = MethodInfo(
     name="clt",
@@ -19,7 +21,39 @@ METHOD = MethodInfo(
     ),
 )
 
+DEMO_DIR = Path(__file__).parent / "demo_assets"
+
 
 @hookimpl
 def register_methods(register: Callable[[MethodInfo], None]) -> None:
     register(METHOD)
+
+
+@hookimpl
+def load_decomposition(decomposition_id: DecompositionId) -> DecompositionAdapter | None:
+    from spd_adapters.clt.adapter import CLTAdapter
+    from spd_adapters.clt.formats import read_clt
+    from spd_host.errors import SourceNotFoundError
+    from spd_host.ids import fetch_source
+
+    if decomposition_id.kind is SourceKind.DEMO:
+        if not (DEMO_DIR / "config.yaml").is_file():
+            raise SourceNotFoundError(
+                f"the CLT demo is not installed ({DEMO_DIR} is missing)",
+                hint="build it with: python -m spd_adapters.clt.train_demo",
+            )
+        root = DEMO_DIR
+    elif decomposition_id.kind is SourceKind.SHORT:
+        return None
+    else:
+        root = fetch_source(decomposition_id)
+    return CLTAdapter(decomposition_id, METHOD, read_clt(root))
+
+
+@hookimpl
+def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> HarvestFn | None:
+    from spd_adapters.clt.adapter import CLTAdapter
+
+    if not isinstance(adapter, CLTAdapter):
+        return None
+    return adapter.harvest_fn(options)

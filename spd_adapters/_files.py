@@ -1,0 +1,103 @@
+"""Reading config files and safetensors headers with errors that name the file and tensor.
+
+Shapes are read from safetensors headers (``safe_open(...).get_slice(name).get_shape()``) so
+that listing a decomposition's sites never loads its weights; tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spd_host.errors import FormatError
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FormatError(f"{path}: file not found") from err
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise FormatError(f"{path}: file not found") from err
+    except yaml.YAMLError as err:
+        raise FormatError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+class TensorFile:
+    """One safetensors file: its keys and shapes from the header; tensors on demand."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        if not path.is_file():
+            raise FormatError(
+                f"{path}: file not found",
+                hint="the directory is incomplete; download or export it again",
+            )
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                self.shapes: dict[str, tuple[int, ...]] = {
+                    k: tuple(f.get_slice(k).get_shape())
+                    for k in f.keys()  # noqa: SIM118
+                }
+        except Exception as err:  # safetensors raises SafetensorError / OSError variants
+            raise FormatError(f"{path}: not a readable safetensors file ({err})") from err
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        self.require(key)
+        return self.shapes[key]
+
+    def require(self, key: str) -> None:
+        if key not in self.shapes:
+            raise FormatError(
+                f"{self.path}: missing tensor {key!r} (found: {sorted(self.shapes)})",
+                hint="the file is incomplete or was written by a different library/version",
+            )
+
+    def expect(self, key: str, shape: tuple[int, ...], what: str = "") -> None:
+        got = self.shape(key)
+        if got != tuple(shape):
+            extra = f" ({what})" if what else ""
+            raise FormatError(
+                f"{self.path}: tensor {key!r} has shape {list(got)}, expected {list(shape)}{extra}",
+                hint="the file does not match its config or its sibling tensors",
+            )
+
+    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> Tensor:
+        from safetensors import safe_open
+
+        self.require(key)
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            t = f.get_tensor(key)
+        return t if dtype is None else t.to(dtype)
+
+    def get_slice(self, key: str, index: Any, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``tensor[index]`` read from disk without loading the rest of the tensor."""
+        from safetensors import safe_open
+
+        self.require(key)
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return f.get_slice(key)[index].to(dtype)

@@ -1,0 +1,17 @@
+"""Train and save the ``clt:demo`` decomposition: ``python -m spd_adapters.clt.train_demo [OUT]``.
+
+Seeded and CPU-friendly (about a minute); writes circuit-tracer's layout plus
+``demo_metrics.json`` (mean L0, held-out CE clean / spliced / zero-ablated) into
+``spd_adapters/clt/demo_assets/`` unless another directory is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from spd_adapters._demo_training import main
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "demo_assets"
+    main("clt", out)

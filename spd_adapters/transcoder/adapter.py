@@ -1,0 +1,178 @@
+"""``TranscoderAdapter``: per-layer transcoders and SAEs from any reader in ``formats.py``.
+
+Sites: one per dictionary. A site is named ``layer_{i}`` after the layer of the hook point it
+reads (the same name whatever format the files are in); when several dictionaries read the
+same layer (e.g. SAEs on the residual stream and on the MLP output), each is named
+``layer_{i}.{hook kind}`` instead, e.g. ``layer_3.resid_post``. ``reads_from`` and
+``writes_to`` are canonical hook points; an SAE reads and writes the same one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from spd_adapters import _hooks
+from spd_adapters._adapter_base import DictionaryAdapter
+from spd_adapters._dictionary import Dictionary
+from spd_adapters.transcoder.formats import SiteSource, TranscoderLayout
+from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
+from spd_host.errors import ConfigError
+from spd_host.ids import DecompositionId
+
+
+def site_names(sources: Sequence[SiteSource]) -> list[str]:
+    counts = Counter(s.layer for s in sources)
+    names = [
+        f"layer_{s.layer}"
+        if counts[s.layer] == 1
+        else f"layer_{s.layer}.{_hooks.kind_of(s.input_hook)}"
+        for s in sources
+    ]
+    dupes = [n for n, c in Counter(names).items() if c > 1]
+    if dupes:
+        from spd_host.errors import FormatError
+
+        raise FormatError(
+            f"two dictionaries read the same hook point ({dupes[0]})",
+            hint="keep one per hook point",
+        )
+    return names
+
+
+class TranscoderAdapter(DictionaryAdapter):
+    def __init__(
+        self,
+        did: DecompositionId,
+        method: MethodInfo,
+        layout: TranscoderLayout,
+        *,
+        base_model: str | None = None,
+    ) -> None:
+        super().__init__(
+            did,
+            method,
+            root=layout.root,
+            base_model=base_model or layout.model_name,
+            defaults=DecompositionDefaults(
+                dataset=layout.dataset,
+                seq_len=layout.seq_len,
+                extra={"format": layout.format, **layout.extra},
+            ),
+        )
+        self.layout = layout
+        names = site_names(layout.sites)
+        self._sources: dict[str, SiteSource] = dict(zip(names, layout.sites, strict=True))
+        self._sites = [
+            Site(
+                name=name,
+                n_components=src.n_features,
+                reads_from=src.input_hook,
+                writes_to=(src.output_hook,),
+                description=(
+                    f"{'SAE' if src.is_sae else 'transcoder'} ({layout.format}, {src.activation}) reading "
+                    f"{src.native_input}" + ("" if src.is_sae else f", writing {src.native_output}")
+                ),
+            )
+            for name, src in self._sources.items()
+        ]
+        self._dicts: dict[str, Dictionary] = {}
+        self._device = torch.device("cpu")
+
+    @property
+    def sites(self) -> Sequence[Site]:
+        return self._sites
+
+    def source(self, site: str) -> SiteSource:
+        if site not in self._sources:
+            raise ConfigError(
+                f"unknown site {site!r}", hint=f"sites are: {', '.join(self._sources)}"
+            )
+        return self._sources[site]
+
+    def dictionary(self, site: str) -> Dictionary:
+        """The site's weights (read from disk on first use)."""
+        if site not in self._dicts:
+            self._dicts[site] = self.source(site).load().to(self._device)
+        return self._dicts[site]
+
+    def to(self, device: str | torch.device) -> TranscoderAdapter:
+        self._device = torch.device(device)
+        self._dicts = {k: v.to(self._device) for k, v in self._dicts.items()}
+        return self
+
+    # -- the maths, per site --------------------------------------------------------------
+    def encode(self, site: str, acts: Tensor) -> Tensor:
+        """Feature activations ``[..., n]`` for the site's input ``[..., d_in]``."""
+        return self.dictionary(site).encode(acts)
+
+    def reconstruct(self, site: str, acts: Tensor) -> Tensor:
+        """The site's reconstruction of its output hook point from its input ``acts``."""
+        return self.dictionary(site).reconstruct(acts)
+
+    # -- host hooks -------------------------------------------------------------------------
+    def hook_requirements(self) -> list[tuple[str, str, str]]:
+        out = []
+        for src in self._sources.values():
+            out.append((src.input_hook, src.native_input, str(src.config_file)))
+            out.append((src.output_hook, src.native_output, str(src.config_file)))
+        return out
+
+    def input_hook_points(self, sites: Sequence[str] | None = None) -> list[str]:
+        return sorted({self.source(s).input_hook for s in self._select(sites)})
+
+    def encode_captured(self, captured: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            name: self.encode(name, captured[src.input_hook]) for name, src in self._sources.items()
+        }
+
+    @contextmanager
+    def splice(
+        self,
+        model: torch.nn.Module,
+        *,
+        sites: Sequence[str] | None = None,
+        variant: str | None = None,
+    ) -> Iterator[None]:
+        """Replace each chosen site's output hook point by its reconstruction (same forward)."""
+        from spd_host.topology import topology_of
+
+        self._check_variant(variant)
+        chosen = self._select(sites)
+        topo = topology_of(model)
+        targets = Counter(self.source(s).output_hook for s in chosen)
+        clash = [h for h, c in targets.items() if c > 1]
+        if clash:
+            raise ConfigError(
+                f"several chosen sites write {clash[0]}", hint="splice them one at a time"
+            )
+        needed = sorted({self.source(s).input_hook for s in chosen if not self.source(s).is_sae})
+        with topo.capture(needed) as captured:
+            replacements: dict[str, Any] = {}
+            for s in chosen:
+                src, d = self.source(s), self.dictionary(s)
+                if src.is_sae:
+                    replacements[src.output_hook] = _sae_fn(d)
+                else:
+                    replacements[src.output_hook] = _transcoder_fn(d, captured, src.input_hook)
+            with topo.replace(replacements):
+                yield
+
+
+def _sae_fn(d: Dictionary) -> Any:
+    def fn(orig: Tensor) -> Tensor:
+        return d.reconstruct(orig).to(orig.dtype)
+
+    return fn
+
+
+def _transcoder_fn(d: Dictionary, captured: Mapping[str, Tensor], hook: str) -> Any:
+    def fn(orig: Tensor) -> Tensor:
+        return d.reconstruct(captured[hook]).to(orig.dtype)
+
+    return fn

@@ -70,3 +70,36 @@ def test_fidelity_reads_what_the_adapter_spliced(tmp_path: Path, kind: str) -> N
         x, y = clean[i].reshape(-1, 8), spliced[i].reshape(-1, 8)
         assert not torch.allclose(x, y)
         assert rec.mse == pytest.approx(((x - y) ** 2).mean().item(), rel=1e-5, abs=1e-9)
+
+
+def test_spd_rows_per_variant_and_exact_all_ones(tmp_path: Path) -> None:
+    spd_splice = pytest.importorskip("tests.spd.test_spd_splice")
+    from tests.spd.run_writer import expand, make_state_dict, tiny_gpt2, write_run
+
+    model = tiny_gpt2()
+    cls, patterns = spd_splice.GPT2
+    module_to_c = expand(model, patterns)
+    sd = make_state_dict(model, module_to_c, "mlp", [2])
+    spd_splice._exact(model, sd, module_to_c)
+    write_run(
+        tmp_path / "run",
+        model,
+        model_class=cls,
+        patterns=patterns,
+        fn_type="mlp",
+        hidden=[2],
+        state_dict=sd,
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'run'}")
+    tokens = torch.randint(0, 61, (4, 7), generator=torch.Generator().manual_seed(5))
+    res = fidelity_on_batches(adapter, [tokens[:2], tokens[2:]], FidelityConfig(use_harvest=False))
+    assert set(res.variants) == {"ci_masked", "all_ones", "rounded_ci", "zero_mask"}
+    assert [r["variant"] for r in res.table_rows()] == res.variants
+    exact = res.loss_row("all", "all_ones")
+    assert exact.ce_loss_score == pytest.approx(1.0, abs=1e-3)
+    for r in res.recon:
+        if r.variant == "all_ones":
+            assert r.explained_variance == pytest.approx(1.0, abs=1e-4), r
+    zero = res.loss_row("all", "zero_mask")
+    assert zero.kl_spliced > exact.kl_spliced + 1e-3
+    assert {s.site for s in res.sparsity} == {s.name for s in adapter.sites}

@@ -190,10 +190,8 @@ def fidelity_on_batches(
     scopes: list[tuple[str, list[str] | None, list[str]]] = [
         (ALL_SITES, None, _unique(t for s in sites for t in s.writes_to))
     ]
-    if config.per_site and len(sites) > 1:
+    if config.per_site and len(sites) > 1:  # with one site, "each alone" is the "all" scope
         scopes += [(s.name, [s.name], list(s.writes_to)) for s in sites]
-    elif config.per_site:
-        pass  # one site: "each site alone" is the all-sites scope
     all_targets = scopes[0][2]
     vname = {v: (v if v is not None else DEFAULT_VARIANT) for v in variants}
 

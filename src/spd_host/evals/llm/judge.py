@@ -280,5 +280,13 @@ def judge_trials(
                 )
             )
         return 0.0, False, True, f"{provider.name}/baseline-judge"
-    spent, capped = asyncio.run(_ajudge(trials, config, decode, evidence_for, on_record))
+    from spd_host.evals.progress import progress_bar
+
+    with progress_bar(f"judging with {provider.name}/{model}", total=len(trials)) as advance:
+
+        def record(rec: TrialRecord) -> None:
+            on_record(rec)
+            advance()
+
+        spent, capped = asyncio.run(_ajudge(trials, config, decode, evidence_for, record))
     return spent, capped, False, f"{provider.name}/{model}"

@@ -40,6 +40,12 @@ _LAZY = {
     "topology_of": "spd_host.topology",
     "TransformerTopology": "spd_host.topology",
     "ArchitectureSpec": "spd_host.topology",
+    "load_base_model": "spd_host.models",
+    "load_tokenizer": "spd_host.models",
+    "TokenDatasetSpec": "spd_host.data",
+    "iter_token_batches": "spd_host.data",
+    "DEMO_MODEL_NAME": "spd_host.demo",
+    "demo_model_dir": "spd_host.demo",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

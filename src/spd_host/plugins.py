@@ -112,7 +112,9 @@ class PluginHost:
         import importlib
 
         for name, module in BUILTIN_PLUGINS:
-            record = PluginRecord(name=name, distribution=FIRST_PARTY_DISTRIBUTION, first_party=True)
+            record = PluginRecord(
+                name=name, distribution=FIRST_PARTY_DISTRIBUTION, first_party=True
+            )
             try:
                 plugin = importlib.import_module(module)
             except Exception as err:
@@ -162,7 +164,17 @@ class PluginHost:
     def _run_register_hooks(self) -> None:
         for hook_name in REGISTER_HOOKS:
             caller = getattr(self.pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):
+            # Registration order, first-party (built-ins and this distribution's entry points)
+            # first: a third-party plugin cannot take a first-party method name, and
+            # ``registered()`` (which lists later registrations first) lets it override a
+            # built-in provider, strategy, suite or architecture on purpose.
+            impls = sorted(
+                caller.get_hookimpls(),
+                key=lambda impl: (
+                    not self.records.get(impl.plugin_name, PluginRecord("")).first_party
+                ),
+            )
+            for impl in impls:
                 record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
                 register = self._register_callback(hook_name, impl.plugin_name, impl.plugin)
                 try:

@@ -54,16 +54,18 @@ class TrainConfig(BaseModel):
     n_positions: int = 256
     dropout: float = 0.1
     seq_len: int = 128
-    batch_size: int = 24
-    steps: int = 900
+    batch_size: int = 16
+    steps: int = 600
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_fraction: float = 0.1
     weight_decay: float = 0.05
-    threads: int = 2
+    threads: int = 1
     max_corpus_chars: int | None = None
     """Truncate the corpus (for fast tests of the trainer itself)."""
     eval_batch_size: int = 64
+    train_eval_chunks: int = 512
+    """How many (evenly spaced) train chunks the final train loss is measured on."""
 
 
 class TrainResult(BaseModel):
@@ -161,7 +163,12 @@ def unigram_losses(
 
 
 def train(
-    cfg: TrainConfig, out: Path, *, corpus: Path | None = None, progress: bool = True
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    corpus: Path | None = None,
+    progress: bool = True,
+    log_every: bool = False,
 ) -> TrainResult:
     """Train tokenizer and model per ``cfg`` and save both (plus ``training.json``) to ``out``."""
     import tokenizers
@@ -237,11 +244,20 @@ def train(
             if step % 50 == 0 or step == cfg.steps - 1:
                 losses.append(round(loss.item(), 4))
                 bar.update(task, description=f"training demo model (loss {loss.item():.3f})")
+                if log_every:
+                    print(
+                        f"step {step}/{cfg.steps} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s",
+                        flush=True,
+                    )
             bar.advance(task)
     train_seconds = time.perf_counter() - t0
     model.eval()
 
-    final_train = mean_token_loss(model, train_tokens, cfg.seq_len, cfg.eval_batch_size)
+    # the train loss on an evenly spaced sample of train chunks (the held-out loss uses all of them)
+    n_chunks = train_tokens.numel() // cfg.seq_len
+    pick = torch.linspace(0, n_chunks - 1, min(n_chunks, cfg.train_eval_chunks)).long()
+    sample = train_tokens[: n_chunks * cfg.seq_len].view(n_chunks, cfg.seq_len)[pick].reshape(-1)
+    final_train = mean_token_loss(model, sample, cfg.seq_len, cfg.eval_batch_size)
     final_heldout = mean_token_loss(model, heldout_tokens, cfg.seq_len, cfg.eval_batch_size)
     uni_ce, uni_h = unigram_losses(train_tokens, heldout_tokens, vocab)
 
@@ -298,11 +314,17 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         flag = "--" + name.replace("_", "-")
         kind = float if field.annotation is float else int
         parser.add_argument(flag, type=kind, default=field.default, dest=name)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--log", action="store_true", help="print the loss every 50 steps")
     args = vars(parser.parse_args(argv))
-    out, corpus, quiet = args.pop("out"), args.pop("corpus"), args.pop("quiet")
+    out, corpus, quiet, log = (
+        args.pop("out"),
+        args.pop("corpus"),
+        args.pop("quiet"),
+        args.pop("log"),
+    )
     cfg = TrainConfig(**args)
-    result = train(cfg, out, corpus=corpus, progress=not quiet)
+    result = train(cfg, out, corpus=corpus, progress=not quiet, log_every=log)
     summary = {
         k: getattr(result, k)
         for k in (

@@ -47,7 +47,7 @@ class DemoSpdConfig(BaseModel):
     seed: int = 0
     C: int = 128
     ci_hidden: int = 32
-    steps: int = 600
+    steps: int = 300
     warmup_steps: int = 400
     batch_size: int = 8
     seq_len: int = 64
@@ -55,7 +55,8 @@ class DemoSpdConfig(BaseModel):
     warmup_lr: float = 1e-2
     faithfulness_coeff: float = 1.0
     recon_coeff: float = 1.0
-    importance_coeff: float = 2e-3
+    ci_recon_coeff: float = 1.0
+    importance_coeff: float = 5e-4
     pnorm: float = 1.0
     leak: float = 0.01
     eval_batches: int = 8
@@ -99,6 +100,16 @@ class _Decomposed(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         out = ((x @ self.V) * mask) @ self.U
         return out + self.bias if self.bias is not None else out
+
+
+def _kl(clean: Tensor, other: Tensor) -> Tensor:
+    """KL(clean || other) of next-token distributions, mean over tokens."""
+    return F.kl_div(
+        F.log_softmax(other, -1).flatten(0, 1),
+        F.log_softmax(clean, -1).flatten(0, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def _masked_forward(d: _Decomposed, mask: Tensor) -> Callable[[Tensor], Tensor]:
@@ -182,16 +193,15 @@ def train(
             repl = {p: _masked_forward(decomp[p], masks[p]) for p in paths}
             with replace_outputs(model, repl):
                 masked = logits_of(model(tokens))
-            recon = F.kl_div(
-                F.log_softmax(masked, -1).flatten(0, 1),
-                F.log_softmax(clean, -1).flatten(0, 1),
-                log_target=True,
-                reduction="batchmean",
-            )
+            recon = _kl(clean, masked)
+            ci_repl = {p: _masked_forward(decomp[p], ci_lower[p]) for p in paths}
+            with replace_outputs(model, ci_repl):
+                ci_recon = _kl(clean, logits_of(model(tokens)))
             faith = faithfulness()
             loss = (
                 cfg.faithfulness_coeff * faith
                 + cfg.recon_coeff * recon
+                + cfg.ci_recon_coeff * ci_recon
                 + cfg.importance_coeff * imp
             )
             opt.zero_grad()
@@ -206,12 +216,13 @@ def train(
                         "step": step,
                         "faithfulness": float(faith.detach()),
                         "recon_kl": float(recon.detach()),
+                        "ci_recon_kl": float(ci_recon.detach()),
                         "importance": float(imp.detach()),
                         "mean_l0": l0,
                     }
                 )
                 progress.console.print(
-                    f"step {step}: faith {float(faith.detach()):.2e} kl {float(recon.detach()):.4f} imp {float(imp.detach()):.2f} L0 {l0:.1f}"
+                    f"step {step}: faith {float(faith.detach()):.2e} kl {float(recon.detach()):.4f} ci-kl {float(ci_recon.detach()):.4f} imp {float(imp.detach()):.2f} L0 {l0:.1f}"
                 )
             progress.advance(task)
 
@@ -254,6 +265,7 @@ def run_config(cfg: DemoSpdConfig, base_model: str = "demo") -> dict[str, Any]:
                 "beta": 0,
             },
             {"classname": "StochasticReconLoss", "coeff": cfg.recon_coeff},
+            {"classname": "CIMaskedReconLoss", "coeff": cfg.ci_recon_coeff},
         ],
         "output_loss_type": "kl",
         "batch_size": cfg.batch_size,

@@ -25,7 +25,14 @@ shift || true
 case "$cmd" in
   setup) setup ;;
   demo) setup; "$VENV/bin/spd-host" demo "$@" ;;
-  test) setup; "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
+  test)
+    setup
+    # Separately installable plugin distributions test from their own source trees, not installed.
+    for plugin in plugins/*/; do
+      (cd "$plugin" && PYTHONPATH="$PWD/src" "../../$PY" -m pytest -q -p no:cacheprovider tests)
+    done
+    "$PY" -m pytest -q -p no:cacheprovider "$@"
+    ;;
   check)
     setup
     "$VENV/bin/ruff" check .

@@ -55,7 +55,7 @@ def run_many(
 ) -> None:
     """Run suites x IDs; save each result as it completes; a failure does not stop the others."""
     from spd_host.evals import get_suite, run_suite
-    from spd_host.evals.tables import comparison_table, fidelity_detail_table
+    from spd_host.evals.tables import comparison_table, fidelity_detail_table, print_table
 
     results = []
     failures: list[tuple[str, str, SpdHostError]] = []
@@ -83,10 +83,10 @@ def run_many(
         for suite_name in suite_names:
             mine = [r for r in results if r.suite == suite_name]
             if mine:
-                console.print(comparison_table(mine))
+                print_table(console, comparison_table(mine))
                 if detail and suite_name == "fidelity":
                     for r in mine:
-                        console.print(fidelity_detail_table(r))
+                        print_table(console, fidelity_detail_table(r))
     for suite_name, did, failure in failures:
         err_console.print(
             f"[bold red]{escape(suite_name)} failed for {escape(did)}:[/] {escape(failure.message)}"

@@ -19,7 +19,7 @@ class FidelityConfig(_Frozen):
     )
     text_column: str | None = None
     seq_len: int | None = Field(default=None, gt=1, description="Default: the decomposition's.")
-    n_tokens: int = Field(default=32_768, gt=0, description="Held-out tokens to evaluate on.")
+    n_tokens: int = Field(default=8_192, gt=0, description="Held-out tokens to evaluate on.")
     batch_size: int = Field(default=16, gt=0)
     seed: int = 0
     per_site: bool = Field(default=True, description="Also splice / ablate each site alone.")

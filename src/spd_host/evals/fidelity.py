@@ -111,13 +111,13 @@ class FidelityResult(EvalResult):
                 {
                     "variant": v,
                     "CE clean": r.ce_clean,
-                    "CE spliced": r.ce_spliced,
-                    "CE zero-abl": r.ce_ablated,
+                    "CE splice": r.ce_spliced,
+                    "CE abl": r.ce_ablated,
                     "CE score": r.ce_loss_score,
                     "KL": r.kl_spliced,
                     "KL score": r.kl_div_score,
-                    "EV (site mean)": sum(evs) / len(evs) if evs else None,
-                    "L0 total": self.l0_total,
+                    "EV": sum(evs) / len(evs) if evs else None,
+                    "L0": self.l0_total,
                     "alive": self.alive_fraction,
                 }
             )

@@ -18,8 +18,27 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         if value != value:
             return "nan"
-        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
     return str(value)
+
+
+def print_table(console: Any, table: Table) -> None:
+    """Print without squeezing numbers to ellipses: off a terminal (pipes, files, CI logs) the
+    console is widened to what the table needs for this one print."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
+        console.print(table)
+        return
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    previous = console.width
+    console.width = max(previous, needed)
+    try:
+        console.print(table)
+    finally:
+        console.width = previous
 
 
 def comparison_rows(results: Sequence[EvalResult]) -> list[dict[str, Any]]:
@@ -39,7 +58,11 @@ def comparison_table(results: Sequence[EvalResult], *, title: str | None = None)
     suites = sorted({r.suite for r in results})
     table = Table(title=title or f"{', '.join(suites)}: {len(results)} decomposition(s)")
     for c in columns:
-        table.add_column(c, justify="left" if c in ("decomposition", "variant") else "right")
+        label = "decomposition" if c == "decomposition" else c
+        if c in ("decomposition", "variant", "judge"):
+            table.add_column(label, justify="left", no_wrap=True)
+        else:
+            table.add_column(label, justify="right")
     for row in rows:
         table.add_row(*(fmt(row.get(c)) for c in columns))
     notes = sorted({n for r in results for n in r.notes})

@@ -400,15 +400,28 @@ def _load_from_hub(source: str) -> Any:
     try:
         return datasets.load_dataset(name, config, split="train")
     except Exception as err:  # datasets raises many types for "not there"; all mean the same here
-        offline = (
-            os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        )
+        offline = _is_offline(datasets)
         raise DatasetError(
             f"cannot load dataset {source!r}: it is not a local file or directory, and loading it from "
             f"the Hugging Face Hub failed{' (offline mode, and it is not cached)' if offline else ''}: "
             f"{type(err).__name__}: {err}",
             hint="check the name, or download it once online (datasets caches it), or point at a local file",
         ) from err
+
+
+def _is_offline(datasets: Any) -> bool:
+    """Offline as the libraries see it (they read the environment once, at import)."""
+    if getattr(getattr(datasets, "config", None), "HF_HUB_OFFLINE", False):
+        return True
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        if hf_constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    flags = (os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag in {"1", "true", "yes", "on"} for flag in flags)
 
 
 def _check_column(dataset: Any, text_column: str, where: str) -> None:

@@ -258,9 +258,12 @@ def test_directory_that_is_not_a_dataset(tmp_path: Path, tokenizer) -> None:
         load_token_stream(str(tmp_path / "junk"), tokenizer)
 
 
-def test_uncached_hub_dataset_offline(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_uncached_hub_dataset_offline(
+    tokenizer, offline_hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    # datasets reads the offline flag at import, which may predate this test's environment
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetError, match="not cached"):
         load_token_stream("nobody-here/no-such-dataset", tokenizer)
 
@@ -316,3 +319,27 @@ def test_spec_is_frozen_and_strict() -> None:
         TokenDatasetSpec(sorce="demo")  # type: ignore[call-arg]
     with pytest.raises(ValueError):
         TokenDatasetSpec(split="test")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("special", [{}, {"bos_token": "<|endoftext|>"}])
+def test_boundary_token_without_eos(jsonl: Path, special: dict[str, str]) -> None:
+    """No EOS: the BOS (if any) separates documents; with neither, documents simply abut."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(demo_model_dir() / "tokenizer.json"), **special
+    )
+    assert tok.eos_token_id is None
+    sep = [tok.bos_token_id] if special else []
+    expected = [i for doc in DOCS[:10] for i in [*tok.encode(doc, add_special_tokens=False), *sep]]
+    got = load_token_stream(str(jsonl), tok, text_column="body").tolist()
+    assert got[: len(expected)] == expected
+
+
+def test_jsonl_bad_lines(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2 is not valid JSON"):
+        load_token_stream(str(tmp_path / "bad.jsonl"), tokenizer)
+    (tmp_path / "num.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(DatasetError, match=r"num.jsonl:1: field 'text' is int, not a string"):
+        load_token_stream(str(tmp_path / "num.jsonl"), tokenizer)

@@ -32,25 +32,28 @@ SEQ_LEN = 128
 N_TOKENS = 65_536
 N_FEATURES = 512
 TARGET_L0 = 12.0
-STEPS = 1500
-BATCH = 1024
+STEPS = 500
+BATCH = 512
 LR = 2e-3
 THRESHOLD_QUANTILE = 0.10  # of each feature's positive activations, set to zero by JumpReLU
 EVAL_SEQUENCES = 32
+FIT_TOKENS = 16_384  # tokens used to set thresholds and refit decoders
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def collect(n_tokens: int = N_TOKENS) -> tuple[torch.nn.Module, list[Tensor], list[Tensor]]:
+def collect(
+    model_name: str = "demo", n_tokens: int = N_TOKENS
+) -> tuple[torch.nn.Module, list[Tensor], list[Tensor]]:
     """Base model plus ``mlp_in`` and ``mlp_out`` activations ``[T, d]`` per layer."""
     from spd_host.data import TokenDatasetSpec, iter_token_batches
     from spd_host.models import load_base_model, load_tokenizer
     from spd_host.topology import topology_of
 
-    model = load_base_model("demo")
-    tok = load_tokenizer("demo")
+    model = load_base_model(model_name)
+    tok = load_tokenizer(model_name)
     topo = topology_of(model)
     L = topo.n_layers
     hooks = [f"{i}.mlp_in" for i in range(L)] + [f"{i}.mlp_out" for i in range(L)]
@@ -116,7 +119,7 @@ def train(xs: list[Tensor], ys: list[Tensor], *, cross_layer: bool, steps: int =
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     var = torch.stack([y.var(0).sum() for y in ys])
     T = xs[0].shape[0]
-    lam = 1e-3
+    lam = 1e-2
     gen = torch.Generator().manual_seed(SEED)
     for step in range(steps):
         idx = torch.randint(0, T, (BATCH,), generator=gen)
@@ -137,10 +140,10 @@ def train(xs: list[Tensor], ys: list[Tensor], *, cross_layer: bool, steps: int =
         for g in opt.param_groups:
             g["lr"] = LR * min(1.0, 2.0 * (1 - step / steps))
         l0 = float(torch.stack([(a > 0).float().sum(-1).mean() for a in acts]).mean())
-        lam *= 1.02 if l0 > TARGET_L0 else 1 / 1.02
-        if step % 250 == 0 or step == steps - 1:
+        lam *= 1.03 if l0 > TARGET_L0 else 1 / 1.03
+        if step % 100 == 0 or step == steps - 1:
             _log(
-                f"step {step}: fvu {[round(float(m), 3) for m in mse]} L0 {l0:.1f} lambda {lam:.2e}"
+                f"step {step}: fvu {[round(float(m), 3) for m in mse.detach()]} L0 {l0:.1f} lambda {lam:.2e}"
             )
     return net
 
@@ -150,14 +153,16 @@ def finalise(net: _Sparse, xs: list[Tensor], ys: list[Tensor]) -> dict[str, Tens
     """JumpReLU thresholds from activation quantiles, then least-squares decoders."""
     L = net.L
     W_enc, b_enc = net.W_enc.detach(), net.b_enc.detach()
+    gen = torch.Generator().manual_seed(SEED)
+    rows = torch.randperm(xs[0].shape[0], generator=gen)[:FIT_TOKENS]
+    xs = [x[rows] for x in xs]
+    ys = [y[rows] for y in ys]
     thresholds, acts = [], []
     for i in range(L):
         pre = xs[i] @ W_enc[i].T + b_enc[i]
-        thr = torch.zeros(pre.shape[1])
-        for f in range(pre.shape[1]):
-            pos = pre[:, f][pre[:, f] > 0]
-            if pos.numel() > 10:
-                thr[f] = torch.quantile(pos[:100_000], THRESHOLD_QUANTILE)
+        # per-feature quantile of the positive pre-activations (NaN where a feature never fires)
+        pos = torch.where(pre > 0, pre, torch.full_like(pre, float("nan")))
+        thr = torch.nanquantile(pos, THRESHOLD_QUANTILE, dim=0).nan_to_num(0.0)
         thresholds.append(thr)
         acts.append(pre * (pre > thr))
     n = W_enc.shape[1]
@@ -185,7 +190,7 @@ def finalise(net: _Sparse, xs: list[Tensor], ys: list[Tensor]) -> dict[str, Tens
     }
 
 
-def save_transcoders(w: dict[str, Tensor], out: Path) -> None:
+def save_transcoders(w: dict[str, Tensor], out: Path, model_name: str = "demo") -> None:
     import yaml
     from safetensors.torch import save_file
 
@@ -194,7 +199,7 @@ def save_transcoders(w: dict[str, Tensor], out: Path) -> None:
         p.unlink()
     cfg = {
         "model_kind": "transcoder_set",
-        "model_name": "demo",
+        "model_name": model_name,
         "feature_input_hook": "ln2.hook_normalized",
         "feature_output_hook": "hook_mlp_out",
         "scan": "spd-host/demo-transcoders",
@@ -213,7 +218,7 @@ def save_transcoders(w: dict[str, Tensor], out: Path) -> None:
         )
 
 
-def save_clt(w: dict[str, Tensor], out: Path) -> None:
+def save_clt(w: dict[str, Tensor], out: Path, model_name: str = "demo") -> None:
     import yaml
     from safetensors.torch import save_file
 
@@ -222,7 +227,7 @@ def save_clt(w: dict[str, Tensor], out: Path) -> None:
         p.unlink()
     cfg = {
         "model_kind": "cross_layer_transcoder",
-        "model_name": "demo",
+        "model_name": model_name,
         "feature_input_hook": "mlp.hook_in",
         "feature_output_hook": "hook_mlp_out",
         "scan": "spd-host/demo-clt",
@@ -245,16 +250,13 @@ def save_clt(w: dict[str, Tensor], out: Path) -> None:
         )
 
 
-def heldout_batches(n_sequences: int = EVAL_SEQUENCES) -> Iterator[Tensor]:
+def heldout_batches(tokenizer: Any, n_sequences: int = EVAL_SEQUENCES) -> Iterator[Tensor]:
     from spd_host.data import TokenDatasetSpec, iter_token_batches
-    from spd_host.models import load_tokenizer
 
     spec = TokenDatasetSpec(
         source="demo", split="heldout", seq_len=SEQ_LEN, seed=SEED, shuffle=False
     )
-    yield from iter_token_batches(
-        spec, load_tokenizer("demo"), batch_size=8, n_tokens=n_sequences * SEQ_LEN
-    )
+    yield from iter_token_batches(spec, tokenizer, batch_size=8, n_tokens=n_sequences * SEQ_LEN)
 
 
 @contextmanager
@@ -287,7 +289,7 @@ def evaluate(decomposition_id: str, n_sequences: int = EVAL_SEQUENCES) -> dict[s
             F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
         )
 
-    for tokens in heldout_batches(n_sequences):
+    for tokens in heldout_batches(adapter.load_tokenizer(), n_sequences):
         batch = harvest(tokens)
         for s, fired in batch.firings.items():
             l0_sum[s] += float(fired.sum())
@@ -308,24 +310,24 @@ def evaluate(decomposition_id: str, n_sequences: int = EVAL_SEQUENCES) -> dict[s
         "ce": {k: round(v / n_pred, 4) for k, v in totals.items()},
         "seed": SEED,
         "train_tokens": N_TOKENS,
-        "steps": STEPS,
     }
 
 
-def main(kind: str, out: Path) -> dict[str, Any]:
+def main(kind: str, out: Path, model_name: str = "demo", steps: int = STEPS) -> dict[str, Any]:
     torch.manual_seed(SEED)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     _log(f"collecting {N_TOKENS} tokens of activations from the demo model")
-    _, xs, ys = collect()
+    _, xs, ys = collect(model_name)
     cross = kind == "clt"
     _log(
         f"training {'a CLT' if cross else 'per-layer transcoders'} ({N_FEATURES} features per layer)"
     )
-    net = train(xs, ys, cross_layer=cross)
+    net = train(xs, ys, cross_layer=cross, steps=steps)
     weights = finalise(net, xs, ys)
-    (save_clt if cross else save_transcoders)(weights, out)
+    (save_clt if cross else save_transcoders)(weights, out, model_name)
     _log(f"saved to {out}; evaluating through the real loader")
     metrics = evaluate(f"{kind}:{out}")
+    metrics["steps"] = steps
     metrics["decomposition_id"] = f"{kind}:demo"
     (out / "demo_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _log(json.dumps(metrics, indent=2))

@@ -1,4 +1,4 @@
-"""Train and save the ``transcoder:demo`` decomposition: ``python -m spd_adapters.transcoder.train_demo [OUT]``.
+"""Train and save the ``transcoder:demo`` decomposition: ``python -m spd_adapters.transcoder.train_demo [OUT [MODEL]]``.
 
 Seeded and CPU-friendly (about a minute); writes circuit-tracer's layout plus
 ``demo_metrics.json`` (mean L0, held-out CE clean / spliced / zero-ablated) into
@@ -14,4 +14,9 @@ from spd_adapters._demo_training import main
 
 if __name__ == "__main__":
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "demo_assets"
-    main("transcoder", out)
+    main(
+        "transcoder",
+        out,
+        sys.argv[2] if len(sys.argv) > 2 else "demo",
+        int(sys.argv[3]) if len(sys.argv) > 3 else 500,
+    )

@@ -32,7 +32,7 @@ SEQ_LEN = 128
 N_TOKENS = 65_536
 N_FEATURES = 512
 TARGET_L0 = 12.0
-STEPS = 500
+STEPS = 1000
 BATCH = 512
 LR = 2e-3
 THRESHOLD_QUANTILE = 0.10  # of each feature's positive activations, set to zero by JumpReLU
@@ -119,7 +119,7 @@ def train(xs: list[Tensor], ys: list[Tensor], *, cross_layer: bool, steps: int =
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     var = torch.stack([y.var(0).sum() for y in ys])
     T = xs[0].shape[0]
-    lam = 1e-2
+    lam = torch.full((L,), 1e-2)  # one L1 coefficient per layer, steered to TARGET_L0
     gen = torch.Generator().manual_seed(SEED)
     for step in range(steps):
         idx = torch.randint(0, T, (BATCH,), generator=gen)
@@ -133,17 +133,18 @@ def train(xs: list[Tensor], ys: list[Tensor], *, cross_layer: bool, steps: int =
         )
         norms = net.dec_norms()
         l1 = torch.stack([(a * norms[i]).sum(-1).mean() for i, a in enumerate(acts)])
-        loss = mse.sum() + lam * l1.sum()
+        loss = mse.sum() + (lam * l1).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         for g in opt.param_groups:
             g["lr"] = LR * min(1.0, 2.0 * (1 - step / steps))
-        l0 = float(torch.stack([(a > 0).float().sum(-1).mean() for a in acts]).mean())
-        lam *= 1.03 if l0 > TARGET_L0 else 1 / 1.03
+        l0s = torch.stack([(a > 0).float().sum(-1).mean() for a in acts]).detach()
+        lam = torch.where(l0s > TARGET_L0, lam * 1.03, lam / 1.03)
         if step % 100 == 0 or step == steps - 1:
             _log(
-                f"step {step}: fvu {[round(float(m), 3) for m in mse.detach()]} L0 {l0:.1f} lambda {lam:.2e}"
+                f"step {step}: fvu {[round(float(m), 3) for m in mse.detach()]} "
+                f"L0 {[round(float(v), 1) for v in l0s]} lambda {[f'{float(v):.1e}' for v in lam]}"
             )
     return net
 
@@ -315,7 +316,7 @@ def evaluate(decomposition_id: str, n_sequences: int = EVAL_SEQUENCES) -> dict[s
 
 def main(kind: str, out: Path, model_name: str = "demo", steps: int = STEPS) -> dict[str, Any]:
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    torch.set_num_threads(1)  # deterministic, and fast on a shared machine
     _log(f"collecting {N_TOKENS} tokens of activations from the demo model")
     _, xs, ys = collect(model_name)
     cross = kind == "clt"

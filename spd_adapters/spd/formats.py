@@ -97,9 +97,14 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = (
+            f"it holds an object of type {found.group(1)}"
+            if found
+            else "it holds a non-tensor object"
+        )
         raise FormatError(
-            f"{path}: refused to unpickle a non-tensor object ({first})",
+            f"{path}: refused to unpickle the checkpoint: {what}",
             hint="an SPD checkpoint must be a plain state dict of tensors; re-save it with "
             "torch.save(model.state_dict(), ...) in a trusted environment",
         ) from err

@@ -47,7 +47,7 @@ class DemoSpdConfig(BaseModel):
     seed: int = 0
     C: int = 128
     ci_hidden: int = 32
-    steps: int = 300
+    steps: int = 400
     warmup_steps: int = 400
     batch_size: int = 8
     seq_len: int = 64
@@ -56,7 +56,7 @@ class DemoSpdConfig(BaseModel):
     faithfulness_coeff: float = 1.0
     recon_coeff: float = 1.0
     ci_recon_coeff: float = 1.0
-    importance_coeff: float = 5e-4
+    importance_coeff: float = 1.5e-3
     pnorm: float = 1.0
     leak: float = 0.01
     eval_batches: int = 8
@@ -339,6 +339,15 @@ def evaluate(run_dir: Path, cfg: DemoSpdConfig) -> dict[str, Any]:
     }
 
 
+def demo_base_sha256() -> str:
+    """Fingerprint of the demo base model the decomposition belongs to (retrain when it changes)."""
+    import hashlib
+
+    from spd_host.demo import demo_model_dir
+
+    return hashlib.sha256((demo_model_dir() / "model.safetensors").read_bytes()).hexdigest()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo_assets")
@@ -363,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.save(sd, out / f"model_{cfg.steps}.pth")
     metrics["eval"] = evaluate(out, cfg)
     metrics["config"] = cfg.model_dump()
+    metrics["base_model_sha256"] = demo_base_sha256()
     (out / "training.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics["eval"], indent=2))
     return metrics

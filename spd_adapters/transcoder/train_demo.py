@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from spd_adapters._demo_training import main
+from spd_adapters._demo_training import STEPS, main
 
 if __name__ == "__main__":
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "demo_assets"
@@ -18,5 +18,5 @@ if __name__ == "__main__":
         "transcoder",
         out,
         sys.argv[2] if len(sys.argv) > 2 else "demo",
-        int(sys.argv[3]) if len(sys.argv) > 3 else 500,
+        int(sys.argv[3]) if len(sys.argv) > 3 else STEPS,
     )

@@ -51,7 +51,9 @@ def test_sigkill_halfway_then_resume_labels_everything_exactly_once(tmp_path: Pa
         "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo}",
         "OPENAI_API_KEY": "sk-test",
     }
-    with LLMServer(latency=0.05) as server:
+    # 120 calls / 8 workers x 0.3 s = 4.5 s of labelling: a wide window to kill it in,
+    # even when the machine is loaded and this polling loop is descheduled for a while.
+    with LLMServer(latency=0.3) as server:
         proc = subprocess.Popen(
             [sys.executable, str(worker), server.openai_url, str(db), str(n)],
             env=env,

@@ -55,7 +55,10 @@ def test_pickled_object_is_refused(tmp_path: Path) -> None:
     evil = dict(sd)
     evil["_extra_state"] = argparse.Namespace(cmd="echo pwned")  # type: ignore[assignment]
     torch.save(evil, run / "model_300.pth")
-    with pytest.raises(FormatError, match="refused to unpickle") as err:
+    with pytest.raises(
+        FormatError,
+        match=r"refused to unpickle the checkpoint: it holds an object of type argparse\.Namespace",
+    ) as err:
         get_host().load_adapter(f"spd:{run}")
     assert "model_300.pth" in str(err.value)
 

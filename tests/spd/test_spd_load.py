@@ -223,3 +223,32 @@ def test_sites_are_named_by_canonical_address(tmp_path: Path) -> None:
     adapter = get_host().load_adapter(f"spd:{tmp_path / 'run2'}")
     assert {s.name for s in adapter.sites} == {"0.glu.down", "1.glu.down", "0.attn.q"}
     assert {s.name: s.writes_to for s in adapter.sites}["1.glu.down"] == ("1.mlp_out",)
+
+
+def test_binomial_runs_harvest_noiseless_and_deterministic(tmp_path: Path) -> None:
+    import yaml
+
+    model, cls, patterns = _setup("llama", "vector_mlp")
+    run = tmp_path / "run"
+    sd = write_run(run, model, model_class=cls, patterns=patterns, fn_type="vector_mlp", hidden=[3])
+    cfg = yaml.safe_load((run / "final_config.yaml").read_text())
+    cfg["sampling"] = "binomial"
+    (run / "final_config.yaml").write_text(yaml.safe_dump(cfg))
+    adapter = _check(run, model, sd, patterns, "vector_mlp", "leaky_hard")  # noiseless reference
+    fn = get_host().harvest_fn(adapter)
+    a, b = fn(_tokens()), fn(_tokens())
+    for site in a.activations:
+        assert torch.equal(
+            a.activations[site]["causal_importance"], b.activations[site]["causal_importance"]
+        )
+
+
+def test_checkpoint_file_as_source(tmp_path: Path) -> None:
+    model, cls, patterns = _setup("llama", "mlp")
+    run = tmp_path / "run"
+    sd = write_run(
+        run, model, model_class=cls, patterns=patterns, fn_type="mlp", hidden=[2], step=7
+    )
+    adapter = get_host().load_adapter(f"spd:{run / 'model_7.pth'}")
+    assert adapter.defaults.extra["step"] == 7
+    assert len(sd) > 0 and len(adapter.sites) == 3

@@ -34,7 +34,11 @@ def test_info_json(method: str) -> None:
     assert doc["n_components"] == sum(s["n_components"] for s in doc["sites"]) > 0
     for i, s in enumerate(doc["sites"]):
         assert s["reads_from"] == f"{i}.mlp_in"
-        expected = [f"{i}.mlp_out"] if method == "transcoder" else [f"{j}.mlp_out" for j in range(i, N_LAYERS)]
+        expected = (
+            [f"{i}.mlp_out"]
+            if method == "transcoder"
+            else [f"{j}.mlp_out" for j in range(i, N_LAYERS)]
+        )
         assert s["writes_to"] == expected
     assert doc["defaults"]["extra"]["format"] == "circuit-tracer"
 
@@ -46,9 +50,11 @@ def test_demo_is_small_and_in_circuit_tracer_layout(method: str) -> None:
     assert size < 6 * 2**20
     names = {p.name for p in root.iterdir()}
     assert "config.yaml" in names
-    expected = {f"layer_{i}.safetensors" for i in range(N_LAYERS)} if method == "transcoder" else {
-        f"W_{k}_{i}.safetensors" for k in ("enc", "dec") for i in range(N_LAYERS)
-    }
+    expected = (
+        {f"layer_{i}.safetensors" for i in range(N_LAYERS)}
+        if method == "transcoder"
+        else {f"W_{k}_{i}.safetensors" for k in ("enc", "dec") for i in range(N_LAYERS)}
+    )
     assert expected <= names
 
 

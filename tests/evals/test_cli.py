@@ -89,9 +89,11 @@ def test_fidelity_cli_two_ids_one_table_json_and_wandb(host, corpus, tmp_path, m
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     (tmp_path / "wandb").mkdir()
-    other = "toytc:" + str(tmp_path / "second")
-    (tmp_path / "second").mkdir()
-    args = ["eval", "fidelity", "toytc:demo", other, "--dataset", str(corpus), "--seq-len", "16"]
+    # the second decomposition records seq_len 16; the first records none (default 128 would not
+    # even fit the toy's 32 positions): both must be evaluated on the same 16-token sequences
+    other = "toytc:" + str(tmp_path / "seq16")
+    (tmp_path / "seq16").mkdir()
+    args = ["eval", "fidelity", "toytc:demo", other, "--dataset", str(corpus)]
     args += ["--n-tokens", "256", "--batch-size", "4", "--variant", "relu", "--no-per-site"]
     table = runner.invoke(app, [*args, "--wandb", "--wandb-project", "p"])
     assert table.exit_code == 0, table.output

@@ -99,7 +99,10 @@ class ToyAdapter:
         ]
         self.activation_types = ("activation",)
         self.base_model_name = "toy"
-        self.defaults = DecompositionDefaults()
+        # a local path named "seq<N>" records a training sequence length of N
+        name = did.path.name if did.path is not None else ""
+        seq = int(name[3:]) if name.startswith("seq") and name[3:].isdigit() else None
+        self.defaults = DecompositionDefaults(seq_len=seq)
         self.splice_variants = ("relu", "exact")
         self._model: GPT2LMHeadModel | None = None
 

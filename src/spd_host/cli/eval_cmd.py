@@ -55,10 +55,12 @@ def run_many(
 ) -> None:
     """Run suites x IDs; save each result as it completes; a failure does not stop the others."""
     from spd_host.evals import get_suite, run_suite
+    from spd_host.evals.runner import common_data_options
     from spd_host.evals.tables import comparison_table, fidelity_detail_table, print_table
 
     results = []
     failures: list[tuple[str, str, SpdHostError]] = []
+    options = common_data_options(ids, options)
     for suite_name in suite_names:
         suite = get_suite(suite_name)
         config = _config(suite, options)

@@ -33,3 +33,26 @@ def run_suite(
     if save:
         save_result(result, did.storage_key)
     return result
+
+
+def common_data_options(ids: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    """Compare on the same footing: with several IDs, one dataset and sequence length for all.
+
+    Options given explicitly win; otherwise the first decomposition (in the order given) that
+    records a dataset / seq_len sets it for every ID (cheap: metadata only, no weights).
+    """
+    if len(ids) < 2 or (options.get("dataset") and options.get("seq_len")):
+        return options
+    from spd_host.plugins import get_host
+
+    out = dict(options)
+    host = get_host()
+    for raw in ids:
+        defaults = host.load_adapter(raw).defaults
+        if out.get("dataset") is None and defaults.dataset:
+            out["dataset"] = defaults.dataset
+            if out.get("text_column") is None and defaults.dataset_column:
+                out["text_column"] = defaults.dataset_column
+        if out.get("seq_len") is None and defaults.seq_len:
+            out["seq_len"] = defaults.seq_len
+    return out

@@ -49,6 +49,9 @@ _LAZY = {
     "HarvestConfig": "spd_host.harvest",
     "HarvestRepo": "spd_host.harvest",
     "run_harvest": "spd_host.harvest",
+    "ComponentSummary": "spd_host.harvest",
+    "ComponentDetail": "spd_host.harvest",
+    "TokenStats": "spd_host.harvest",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -15,6 +15,9 @@ def run_example(name: str, args: list[str], home: Path) -> subprocess.CompletedP
         **os.environ,
         "SPD_HOST_HOME": str(home),
         "HF_HUB_OFFLINE": "1",
+        # one torch thread: on a shared, loaded machine two threads per tiny matmul made the
+        # examples 3x slower (measured), and the examples' sizes gain nothing from threads
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
     }
     proc = subprocess.run(

@@ -75,6 +75,7 @@ def eval_suites(host: PluginHost | None = None) -> dict[str, EvalSuite]:
 
 
 def get_suite(name: str, host: PluginHost | None = None) -> EvalSuite:
+    """The installed suite called ``name``; ``ConfigError`` listing the known ones otherwise."""
     known = eval_suites(host)
     if name not in known:
         raise ConfigError(

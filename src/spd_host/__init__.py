@@ -120,7 +120,51 @@ _LAZY = {
     "SpdHostError": "spd_host.errors",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+# literal, so that linters and type checkers see the public names
+__all__ = [
+    "DEMO_MODEL_NAME",
+    "ArchitectureSpec",
+    "AutointerpConfig",
+    "ComponentDetail",
+    "ComponentEvidence",
+    "ComponentSummary",
+    "DecompositionAdapter",
+    "DecompositionDefaults",
+    "DecompositionId",
+    "EvalResult",
+    "EvalSuite",
+    "HarvestBatch",
+    "HarvestConfig",
+    "HarvestFn",
+    "HarvestOptions",
+    "HarvestRepo",
+    "MethodInfo",
+    "Site",
+    "SpdHostError",
+    "SupportsSplice",
+    "TokenDatasetSpec",
+    "TokenStats",
+    "TransformerTopology",
+    "__version__",
+    "component_key",
+    "demo_model_dir",
+    "eval_suites",
+    "fetch_source",
+    "get_host",
+    "get_suite",
+    "hookimpl",
+    "iter_token_batches",
+    "load_adapter",
+    "load_base_model",
+    "load_labels",
+    "load_tokenizer",
+    "parse_decomposition_id",
+    "run_autointerp",
+    "run_harvest",
+    "run_suite",
+    "temporary_plugins",
+    "topology_of",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,7 @@ import typer
 
 from spd_host.cli import (
     autointerp_cmd,
+    demo_cmd,
     eval_cmd,
     harvest_cmd,
     info_cmd,
@@ -29,6 +30,7 @@ app.command("show")(show_cmd.show)
 app.command("topology")(topology_cmd.topology)
 app.add_typer(harvest_cmd.harvest_app, name="harvest")
 app.add_typer(eval_cmd.eval_app, name="eval")
+app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:

@@ -101,3 +101,24 @@ class TensorFile:
         self.require(key)
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
             return f.get_slice(key)[index].to(dtype)
+
+
+def decomposition_dir(decomposition_id: Any, *, demo_dir: Path, trainer: str) -> Path | None:
+    """Where a transcoder/CLT decomposition's files are: the bundled demo, or ``fetch_source``.
+
+    Returns ``None`` for short IDs, which these methods do not own. ``trainer`` is the module
+    that rebuilds the demo, named in the error when the demo assets are missing.
+    """
+    from spd_host.errors import SourceNotFoundError
+    from spd_host.ids import SourceKind, fetch_source
+
+    if decomposition_id.kind is SourceKind.DEMO:
+        if not (demo_dir / "config.yaml").is_file():
+            raise SourceNotFoundError(
+                f"{decomposition_id.method}:demo is not installed ({demo_dir} is missing)",
+                hint=f"build it with: python -m {trainer}",
+            )
+        return demo_dir
+    if decomposition_id.kind is SourceKind.SHORT:
+        return None
+    return fetch_source(decomposition_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from spd_host.adapter import DecompositionAdapter, HarvestFn, HarvestOptions, MethodInfo
 from spd_host.hookspecs import hookimpl
-from spd_host.ids import DecompositionId, SourceKind
+from spd_host.ids import DecompositionId
 
 METHOD = MethodInfo(
     name="transcoder",
@@ -31,22 +31,15 @@ def register_methods(register: Callable[[MethodInfo], None]) -> None:
 
 @hookimpl
 def load_decomposition(decomposition_id: DecompositionId) -> DecompositionAdapter | None:
+    from spd_adapters._files import decomposition_dir
     from spd_adapters.transcoder.adapter import TranscoderAdapter
     from spd_adapters.transcoder.formats import read_layout
-    from spd_host.errors import SourceNotFoundError
-    from spd_host.ids import fetch_source
 
-    if decomposition_id.kind is SourceKind.DEMO:
-        if not (DEMO_DIR / "config.yaml").is_file():
-            raise SourceNotFoundError(
-                f"the transcoder demo is not installed ({DEMO_DIR} is missing)",
-                hint="build it with: python -m spd_adapters.transcoder.train_demo",
-            )
-        root = DEMO_DIR
-    elif decomposition_id.kind is SourceKind.SHORT:
+    root = decomposition_dir(
+        decomposition_id, demo_dir=DEMO_DIR, trainer="spd_adapters.transcoder.train_demo"
+    )
+    if root is None:
         return None
-    else:
-        root = fetch_source(decomposition_id)
     return TranscoderAdapter(decomposition_id, METHOD, read_layout(root))
 
 

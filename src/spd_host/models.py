@@ -12,7 +12,9 @@ model with them would fail (or silently lose precision) in every adapter. Pass `
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,31 @@ def _dtype_kwarg(dtype: torch.dtype | str) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide transformers' "Loading weights" tqdm bar for one load, then restore the user's setting.
+
+    The bar interleaves with our rich progress output. transformers only offers a process-wide
+    switch (which also drives huggingface_hub's download bars), so it is turned off here and
+    both libraries' previous states are put back afterwards, even on error.
+    """
+    import huggingface_hub.utils as hf_hub_utils
+    from transformers.utils import logging as hf_logging
+
+    transformers_on = hf_logging.is_progress_bar_enabled()
+    hub_on = not hf_hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if not hub_on:
+            hf_hub_utils.disable_progress_bars()
+        elif hf_hub_utils.are_progress_bars_disabled():
+            hf_hub_utils.enable_progress_bars()
+
+
 def load_base_model(
     name_or_path: str,
     *,
@@ -93,7 +120,8 @@ def load_base_model(
             hint="save the model with `model.save_pretrained(dir)`",
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **_dtype_kwarg(dtype))
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(source, **_dtype_kwarg(dtype))
     except OSError as err:
         if Path(source).is_dir():
             raise FormatError(

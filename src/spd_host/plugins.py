@@ -43,7 +43,10 @@ FIRST_PARTY_DISTRIBUTION = "spd-host"
 # Plugin modules that are part of the host itself (not optional, not behind an entry point).
 # They register first, so an entry-point plugin registering the same provider/strategy name
 # overrides them (``registered`` lists later plugins first).
-BUILTIN_PLUGINS = (("spd_host.autointerp", "spd_host.autointerp.plugin"),)
+BUILTIN_PLUGINS = (
+    ("spd_host.autointerp", "spd_host.autointerp.plugin"),
+    ("spd_host.evals", "spd_host.evals.plugin"),
+)
 
 REGISTER_HOOKS = (
     "register_methods",

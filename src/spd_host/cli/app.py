@@ -6,6 +6,8 @@ import typer
 
 from spd_host.cli import (
     autointerp_cmd,
+    demo_cmd,
+    eval_cmd,
     harvest_cmd,
     info_cmd,
     plugins_cmd,
@@ -27,6 +29,8 @@ app.command("autointerp")(autointerp_cmd.autointerp)
 app.command("show")(show_cmd.show)
 app.command("topology")(topology_cmd.topology)
 app.add_typer(harvest_cmd.harvest_app, name="harvest")
+app.add_typer(eval_cmd.eval_app, name="eval")
+app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:

@@ -6,20 +6,41 @@ Public API::
     ComponentSummary, ComponentDetail, ActivationExample, TokenStats, TokenScore
 
 See ``docs/harvest.md`` for definitions, data structures and exactness.
+
+Importing this package is cheap: the config and result models are pydantic only, and torch
+loads when ``HarvestRepo``/``run_harvest``/``merge_shards``/``summarize`` are first used (so
+``spd_host.HarvestConfig`` can be built without importing torch).
 """
 
 from __future__ import annotations
 
-from spd_host.harvest.config import HarvestConfig
-from spd_host.harvest.models import (
-    ActivationExample,
-    ComponentDetail,
-    ComponentSummary,
-    TokenScore,
-    TokenStats,
-)
-from spd_host.harvest.repo import HarvestRepo
-from spd_host.harvest.runner import merge_shards, run_harvest, summarize
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spd_host.harvest.config import HarvestConfig
+    from spd_host.harvest.models import (
+        ActivationExample,
+        ComponentDetail,
+        ComponentSummary,
+        TokenScore,
+        TokenStats,
+    )
+    from spd_host.harvest.repo import HarvestRepo
+    from spd_host.harvest.runner import merge_shards, run_harvest, summarize
+
+_LAZY = {
+    "HarvestConfig": "spd_host.harvest.config",
+    "ActivationExample": "spd_host.harvest.models",
+    "ComponentDetail": "spd_host.harvest.models",
+    "ComponentSummary": "spd_host.harvest.models",
+    "TokenScore": "spd_host.harvest.models",
+    "TokenStats": "spd_host.harvest.models",
+    "HarvestRepo": "spd_host.harvest.repo",
+    "merge_shards": "spd_host.harvest.runner",
+    "run_harvest": "spd_host.harvest.runner",
+    "summarize": "spd_host.harvest.runner",
+}
 
 __all__ = [
     "ActivationExample",
@@ -33,3 +54,16 @@ __all__ = [
     "run_harvest",
     "summarize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spd_host.harvest' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,279 @@
+"""``spd-host eval``: run eval suites on one or more decompositions and compare them.
+
+``spd-host eval fidelity ID [ID ...]`` prints one comparison table (a row per decomposition
+and splice variant); ``spd-host eval all ID`` runs every installed suite; ``spd-host eval run
+SUITE ID ...`` runs a suite a plugin added; ``spd-host eval list`` shows what is installed.
+Every result is saved as JSON under ``<results>/<storage key>/evals/<suite>.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from spd_host.cli.common import console, err_console, handles_errors, print_json
+from spd_host.errors import SpdHostError
+
+eval_app = typer.Typer(
+    help="Evaluate decompositions (fidelity, intruder, detection, fuzzing, plugin suites).",
+    no_args_is_help=True,
+)
+
+IdsArg = Annotated[
+    list[str], typer.Argument(help="Decomposition IDs, e.g. transcoder:demo spd:demo")
+]
+NTokens = Annotated[int | None, typer.Option("--n-tokens", help="Held-out tokens to evaluate on.")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Sequences per batch.")]
+SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")]
+Dataset = Annotated[
+    str | None, typer.Option("--dataset", help="Token source (default: the decomposition's).")
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
+Wandb = Annotated[bool, typer.Option("--wandb", help="Also log the results to a wandb run.")]
+WandbProject = Annotated[str, typer.Option("--wandb-project", help="wandb project for --wandb.")]
+Detail = Annotated[bool, typer.Option("--detail", help="Also print each result's detail table.")]
+
+
+def _config(suite: Any, options: dict[str, Any]) -> Any:
+    """Keep the options this suite's config has (``all`` passes every flag to every suite)."""
+    fields = suite.config_model.model_fields
+    return suite.make_config(**{k: v for k, v in options.items() if k in fields})
+
+
+def run_many(
+    suite_names: list[str],
+    ids: list[str],
+    options: dict[str, Any],
+    *,
+    json_out: bool,
+    wandb: bool,
+    wandb_project: str,
+    detail: bool = False,
+) -> None:
+    """Run suites x IDs; save each result as it completes; a failure does not stop the others."""
+    from spd_host.evals import get_suite, run_suite
+    from spd_host.evals.runner import common_data_options
+    from spd_host.evals.tables import comparison_table, fidelity_detail_table, print_table
+
+    results = []
+    failures: list[tuple[str, str, SpdHostError]] = []
+    options = common_data_options(ids, options)
+    for suite_name in suite_names:
+        suite = get_suite(suite_name)
+        config = _config(suite, options)
+        for did in ids:
+            try:
+                results.append(run_suite(suite_name, did, config))
+            except SpdHostError as err:
+                if len(ids) * len(suite_names) == 1:
+                    raise
+                failures.append((suite_name, did, err))
+    if json_out:
+        print_json(
+            {
+                "results": [r.model_dump(mode="json") for r in results],
+                "failures": [
+                    {"suite": s, "decomposition_id": d, "error": e.message, "hint": e.hint}
+                    for s, d, e in failures
+                ],
+            }
+        )
+    else:
+        for suite_name in suite_names:
+            mine = [r for r in results if r.suite == suite_name]
+            if mine:
+                print_table(console, comparison_table(mine))
+                if detail and suite_name == "fidelity":
+                    for r in mine:
+                        print_table(console, fidelity_detail_table(r))
+    for suite_name, did, failure in failures:
+        err_console.print(
+            f"[bold red]{escape(suite_name)} failed for {escape(did)}:[/] {escape(failure.message)}"
+            + (f"\n  [yellow]hint:[/] {escape(failure.hint)}" if failure.hint else ""),
+            highlight=False,
+        )
+    if wandb and results:
+        from spd_host.evals.wandb_log import log_results
+
+        where = log_results(results, project=wandb_project)
+        err_console.print(f"logged {len(results)} result(s) to wandb: {escape(where)}")
+    if failures:
+        raise SystemExit(1)
+
+
+@eval_app.command("list")
+@handles_errors
+def list_suites(json_out: JsonOut = False) -> None:
+    """List the installed eval suites (the host's and every plugin's)."""
+    from spd_host.evals import eval_suites
+
+    suites = eval_suites()
+    if json_out:
+        print_json(
+            [
+                {
+                    "name": s.name,
+                    "description": s.description,
+                    "needs_llm": s.needs_llm,
+                    "needs_harvest": s.needs_harvest,
+                    "config": s.config_model.model_json_schema(),
+                }
+                for s in suites.values()
+            ]
+        )
+        return
+    table = Table(title=f"{len(suites)} eval suites")
+    for c in ("suite", "needs", "description"):
+        table.add_column(c)
+    for s in suites.values():
+        needs = ", ".join(n for n, f in (("LLM", s.needs_llm), ("harvest", s.needs_harvest)) if f)
+        table.add_row(s.name, needs or "-", s.description)
+    console.print(table)
+
+
+@eval_app.command("fidelity")
+@handles_errors
+def fidelity(
+    ids: IdsArg,
+    n_tokens: NTokens = None,
+    batch_size: BatchSize = None,
+    seq_len: SeqLen = None,
+    dataset: Dataset = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="Splice variant(s); default all.")
+    ] = None,
+    per_site: Annotated[
+        bool, typer.Option("--per-site/--no-per-site", help="Also splice each site alone.")
+    ] = True,
+    json_out: JsonOut = False,
+    wandb: Wandb = False,
+    wandb_project: WandbProject = "spd-host-evals",
+    detail: Detail = False,
+) -> None:
+    """Splice each decomposition into its base model: CE/KL scores, explained variance, L0."""
+    options = {
+        "n_tokens": n_tokens,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "dataset": dataset,
+        "variants": tuple(variant) if variant else None,
+        "per_site": per_site,
+    }
+    run_many(
+        ["fidelity"],
+        ids,
+        options,
+        json_out=json_out,
+        wandb=wandb,
+        wandb_project=wandb_project,
+        detail=detail,
+    )
+
+
+Provider = Annotated[
+    str | None,
+    typer.Option("--provider", help="LLM judge provider; default: first with a key, else offline."),
+]
+Model = Annotated[str | None, typer.Option("--model", help="Judge model (provider default).")]
+BaseUrl = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint URL.")]
+MaxConcurrent = Annotated[int | None, typer.Option("--max-concurrent", help="Calls in flight.")]
+MaxCost = Annotated[float | None, typer.Option("--max-cost", help="Hard cost cap in USD.")]
+NComponents = Annotated[int | None, typer.Option("--n-components", help="Components sampled.")]
+NTrials = Annotated[int | None, typer.Option("--n-trials", help="Trials per component.")]
+HarvestRun = Annotated[str | None, typer.Option("--harvest-run", help="Harvest sub-run (latest).")]
+
+
+def _judge_command(kind: str) -> Any:
+    def command(
+        ids: IdsArg,
+        provider: Provider = None,
+        model: Model = None,
+        base_url: BaseUrl = None,
+        max_concurrent: MaxConcurrent = None,
+        max_cost: MaxCost = None,
+        n_components: NComponents = None,
+        n_trials: NTrials = None,
+        harvest_run: HarvestRun = None,
+        json_out: JsonOut = False,
+        wandb: Wandb = False,
+        wandb_project: WandbProject = "spd-host-evals",
+    ) -> None:
+        options = {
+            "provider": provider,
+            "model": model,
+            "base_url": base_url,
+            "max_concurrent": max_concurrent,
+            "cost_cap_usd": max_cost,
+            "n_components": n_components,
+            "n_trials": n_trials,
+            "harvest_run": harvest_run,
+        }
+        run_many([kind], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+
+    command.__doc__ = {
+        "intruder": "Coherence without labels: can a judge spot the intruding example?",
+        "detection": "Label quality: does the label predict which examples fire? (balanced accuracy)",
+        "fuzzing": "Label specificity: real firing marks vs random marks (balanced accuracy).",
+    }[kind]
+    return handles_errors(command)
+
+
+for _kind in ("intruder", "detection", "fuzzing"):
+    eval_app.command(_kind)(_judge_command(_kind))
+
+
+@eval_app.command("run")
+@handles_errors
+def run(
+    suite: Annotated[str, typer.Argument(help="Suite name (see `spd-host eval list`).")],
+    ids: IdsArg,
+    n_tokens: NTokens = None,
+    batch_size: BatchSize = None,
+    seq_len: SeqLen = None,
+    dataset: Dataset = None,
+    json_out: JsonOut = False,
+    wandb: Wandb = False,
+    wandb_project: WandbProject = "spd-host-evals",
+) -> None:
+    """Run any installed suite (plugin suites included) with its default config."""
+    options = {
+        "n_tokens": n_tokens,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "dataset": dataset,
+    }
+    run_many([suite], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+
+
+@eval_app.command("all")
+@handles_errors
+def run_all(
+    decomposition_id: Annotated[str, typer.Argument(help="One decomposition ID.")],
+    n_tokens: NTokens = None,
+    batch_size: BatchSize = None,
+    seq_len: SeqLen = None,
+    dataset: Dataset = None,
+    json_out: JsonOut = False,
+    wandb: Wandb = False,
+    wandb_project: WandbProject = "spd-host-evals",
+) -> None:
+    """Run every installed suite on one decomposition (a failing suite does not stop the rest)."""
+    from spd_host.evals import eval_suites
+
+    options = {
+        "n_tokens": n_tokens,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "dataset": dataset,
+    }
+    run_many(
+        list(eval_suites()),
+        [decomposition_id],
+        options,
+        json_out=json_out,
+        wandb=wandb,
+        wandb_project=wandb_project,
+    )

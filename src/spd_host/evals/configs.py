@@ -1,0 +1,91 @@
+"""Config models of the built-in suites (pydantic only: importing them stays cheap)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FidelityConfig(_Frozen):
+    """Options of the fidelity suite (CLI flags map onto these)."""
+
+    dataset: str | None = Field(
+        default=None, description="Token source; default: the decomposition's dataset, else demo."
+    )
+    text_column: str | None = None
+    seq_len: int | None = Field(default=None, gt=1, description="Default: the decomposition's.")
+    n_tokens: int = Field(default=8_192, gt=0, description="Held-out tokens to evaluate on.")
+    batch_size: int = Field(default=16, gt=0)
+    seed: int = 0
+    per_site: bool = Field(default=True, description="Also splice / ablate each site alone.")
+    variants: tuple[str, ...] | None = Field(
+        default=None, description="Splice variants to run; default: all the adapter exposes."
+    )
+    threshold: float = Field(default=0.0, description="Firing threshold passed to the HarvestFn.")
+    use_harvest: bool = Field(
+        default=True, description="Count alive components from the stored harvest if one exists."
+    )
+    harvest_run: str | None = Field(default=None, description="Harvest sub-run (default latest).")
+
+
+class JudgeSuiteConfig(_Frozen):
+    """Options of the LLM-judged suites (intruder, detection, fuzzing).
+
+    The judge fields mirror ``spd_host.autointerp.AutointerpConfig`` (same providers, limits
+    and cost cap); ``provider=None`` picks the first provider with a key set, else ``offline``
+    (a deterministic baseline judge, not an LLM).
+    """
+
+    provider: str | None = None
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    max_concurrent: int = Field(default=8, ge=1)
+    rpm: float | None = Field(default=None, gt=0)
+    cost_cap_usd: float | None = Field(default=None, ge=0)
+    max_attempts: int = Field(default=3, ge=1)
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_output_tokens: int = Field(default=300, ge=16)
+    input_price_per_mtok: float | None = Field(default=None, ge=0)
+    output_price_per_mtok: float | None = Field(default=None, ge=0)
+
+    n_components: int | None = Field(default=50, ge=1, description="Components sampled (seeded).")
+    n_trials: int = Field(default=5, ge=1, description="Trials per component.")
+    seed: int = 0
+    harvest_run: str | None = None
+    max_example_tokens: int = Field(default=64, ge=4)
+    density_tolerance: float = Field(
+        default=0.5, gt=0, description="Intruder: |d_other - d_target| <= tolerance * d_target."
+    )
+    n_real: int = Field(default=4, ge=2, description="Intruder: real examples per trial.")
+    n_positive: int = Field(default=5, ge=1, description="Detection: activating examples.")
+    n_negative: int = Field(default=5, ge=1, description="Detection: non-activating examples.")
+    n_fuzz_examples: int = Field(default=6, ge=2, description="Fuzzing: examples per trial.")
+    label_model: str | None = Field(
+        default=None, description="Detection/fuzzing: use labels by this autointerp model only."
+    )
+
+    def llm(self) -> Any:
+        from spd_host.autointerp.config import AutointerpConfig
+
+        return AutointerpConfig(
+            provider=self.provider,
+            model=self.model,
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            max_concurrent=self.max_concurrent,
+            rpm=self.rpm,
+            cost_cap_usd=self.cost_cap_usd,
+            max_attempts=self.max_attempts,
+            backoff_base_s=self.backoff_base_s,
+            timeout_s=self.timeout_s,
+            max_output_tokens=self.max_output_tokens,
+            input_price_per_mtok=self.input_price_per_mtok,
+            output_price_per_mtok=self.output_price_per_mtok,
+        )

@@ -1,0 +1,110 @@
+"""Reading and zeroing what decomposition sites write, through the canonical topology.
+
+A site's ``writes_to`` names canonical hook points (``3.mlp_out``) or module addresses
+(``3.mlp.down``, for methods that decompose single modules). Hook points go through
+``TransformerTopology.capture`` / ``replace``; module addresses through a forward hook on the
+module the topology maps them to. Captures are entered *inside* a splice context, so they are
+registered after the splice's own hooks and see the spliced values; when a forward runs more
+than once (a splice that needs a clean pre-pass), the last forward wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from spd_host.errors import TopologyError
+
+
+def _split(topo: Any, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    hook_points = set(topo.hook_points())
+    addresses = set(topo.addresses())
+    hps: list[str] = []
+    mods: list[str] = []
+    for t in targets:
+        if t in hook_points:
+            hps.append(t)
+        elif t in addresses:
+            mods.append(t)
+        else:
+            raise TopologyError(
+                f"site write target {t!r} is neither a hook point nor a module address of this {topo.architecture} model",
+                hint="the decomposition's Site.writes_to must use canonical names (see spd_host.topology)",
+            )
+    return hps, mods
+
+
+def _module(model: nn.Module, topo: Any, address: str) -> nn.Module:
+    # looked up at call time: a splice may have swapped the module object
+    return model.get_submodule(topo.module_path(address))
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Merged(Mapping[str, torch.Tensor]):
+    """A live view over the topology's capture dict and the module-output captures."""
+
+    def __init__(self, *parts: Mapping[str, torch.Tensor]) -> None:
+        self._parts = parts
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        for part in self._parts:
+            if key in part:
+                return part[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for part in self._parts:
+            for k in part:
+                if k not in seen:
+                    seen.add(k)
+                    yield k
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@contextmanager
+def capture_targets(
+    model: nn.Module, topo: Any, targets: Sequence[str]
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """``with capture_targets(model, topo, ["3.mlp_out"]) as acts: model(x); y = acts[...]``.
+
+    Read the values inside the ``with`` block.
+    """
+    hps, mods = _split(topo, targets)
+    out: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        hp_acts: Mapping[str, torch.Tensor] = stack.enter_context(topo.capture(hps)) if hps else {}
+        for address in mods:
+
+            def hook(_m: nn.Module, _a: Any, output: Any, address: str = address) -> None:
+                out[address] = _output_tensor(output).detach()
+
+            stack.callback(_module(model, topo, address).register_forward_hook(hook).remove)
+        yield _Merged(out, hp_acts)
+
+
+@contextmanager
+def zero_targets(model: nn.Module, topo: Any, targets: Sequence[str]) -> Iterator[None]:
+    """Within the context, each target's value is replaced by zeros (zero-ablation)."""
+    hps, mods = _split(topo, targets)
+    with ExitStack() as stack:
+        if hps:
+            stack.enter_context(topo.replace({hp: torch.zeros_like for hp in hps}))
+        for address in mods:
+
+            def hook(_m: nn.Module, _a: Any, output: Any) -> Any:
+                if isinstance(output, tuple):
+                    return (torch.zeros_like(output[0]), *output[1:])
+                return torch.zeros_like(output)
+
+            stack.callback(_module(model, topo, address).register_forward_hook(hook).remove)
+        yield

@@ -1,0 +1,1 @@
+"""LLM-judged suites (intruder, detection, fuzzing): trials, the judge runner, the suites."""

@@ -1,0 +1,292 @@
+"""Asking a judge (an LLM through the autointerp providers, or the offline baseline) about trials.
+
+The calls go through the autointerp provider registry and its limits (concurrency, requests
+per minute, shared Retry-After pause, retries with backoff, a hard cost cap with in-flight
+reservations). The judge answers in the providers' label schema: the example number(s) in
+``label`` (``"3"``, ``"1, 4"`` or ``"none"``), its reasoning in ``reasoning``. A trial whose
+calls all fail is recorded as *failed*, with the error, and never scored.
+
+With the ``offline`` provider no call is made: a deterministic baseline judge answers from
+token overlap and the component's top tokens, and every result says it is a baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from spd_host.autointerp.answer import ANSWER_SCHEMA, MalformedAnswerError
+from spd_host.autointerp.config import AutointerpConfig
+from spd_host.autointerp.cost import estimate_cost, estimate_prompt_tokens
+from spd_host.autointerp.evidence import ComponentEvidence
+from spd_host.autointerp.limits import CostBudget, RateLimiter, SharedPause
+from spd_host.autointerp.providers.base import ClientOptions, CompletionRequest, ProviderCallError
+from spd_host.autointerp.registry import get_provider
+from spd_host.autointerp.runner import backoff_delay, resolve_pricing
+from spd_host.evals.llm.trials import Shown, Trial
+
+SYSTEM = (
+    "You are a careful judge in an interpretability experiment. You read short text excerpts "
+    "and answer exactly the question asked. Put ONLY the example number(s) in the 'label' "
+    "field, comma-separated (or 'none'), and your brief reasoning in 'reasoning'."
+)
+
+QUESTIONS = {
+    "intruder": (
+        "All but one of these examples come from the same neural-network component; tokens "
+        "where a component fires are marked <<like this>>. One example is an intruder from a "
+        "different component. Which example is the intruder? Answer with one number."
+    ),
+    "detection": (
+        'A component has been described as: "{label}". Which of these examples make it fire '
+        "(anywhere in the example)? Answer with every such number, or 'none'."
+    ),
+    "fuzzing": (
+        'A component has been described as: "{label}". In each example some tokens are marked '
+        "<<like this>>. In which examples are the marked tokens exactly where such a component "
+        "would fire? Answer with every such number, or 'none'."
+    ),
+}
+
+
+def render(shown: Shown, decode: Callable[[list[int]], str]) -> str:
+    parts = []
+    for tok, mark in zip(shown.tokens, shown.marks, strict=True):
+        text = decode([tok])
+        parts.append(f"<<{text}>>" if mark else text)
+    return "".join(parts).replace("\n", "\\n")
+
+
+def prompt_for(trial: Trial, decode: Callable[[list[int]], str]) -> str:
+    lines = [f"Trial {trial.trial_id}", QUESTIONS[trial.kind].format(label=trial.label or ""), ""]
+    for i, item in enumerate(trial.items, 1):
+        lines.append(f"Example {i}: {render(item, decode)}")
+    return "\n".join(lines)
+
+
+_NUM = re.compile(r"\d+")
+
+
+def parse_indices(text: str, n_items: int) -> frozenset[int]:
+    """Example numbers in the judge's answer; malformed if none (and not 'none') or out of range."""
+    t = text.strip().lower()
+    nums = [int(x) for x in _NUM.findall(t)]
+    if not nums:
+        if t in ("none", "no", "[]", ""):
+            return frozenset()
+        raise MalformedAnswerError(f"the judge's answer has no example number: {text[:80]!r}")
+    bad = [n for n in nums if not 1 <= n <= n_items]
+    if bad:
+        raise MalformedAnswerError(f"the judge named example(s) {bad} of {n_items}")
+    return frozenset(nums)
+
+
+def trial_score(kind: str, truth: frozenset[int], predicted: frozenset[int], n_items: int) -> float:
+    """Intruder: 1 if the single named example is the intruder. Detection/fuzzing: balanced
+    accuracy (mean of true-positive and true-negative rates) over the items."""
+    if kind == "intruder":
+        return 1.0 if predicted == truth else 0.0
+    negatives = set(range(1, n_items + 1)) - truth
+    tpr = len(predicted & truth) / len(truth) if truth else None
+    tnr = len(negatives - predicted) / len(negatives) if negatives else None
+    rates = [r for r in (tpr, tnr) if r is not None]
+    return sum(rates) / len(rates)
+
+
+class TrialRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trial_id: str
+    component_key: str
+    status: Literal["ok", "failed"]
+    truth: list[int]
+    predicted: list[int] | None = None
+    score: float | None = None
+    error: str | None = None
+    cost_usd: float = 0.0
+    attempts: int = 0
+
+
+def baseline_answer(trial: Trial, top_tokens: set[int]) -> frozenset[int]:
+    """The deterministic offline judge (not an LLM).
+
+    intruder: the example sharing the fewest distinct tokens with the others; detection: the
+    examples containing one of the component's top input tokens; fuzzing: the examples whose
+    marked tokens are mostly top input tokens.
+    """
+    if trial.kind == "intruder":
+        sets = [set(s.tokens) for s in trial.items]
+
+        def overlap(i: int) -> float:
+            others = set().union(*(sets[j] for j in range(len(sets)) if j != i))
+            return len(sets[i] & others) / max(1, len(sets[i]))
+
+        return frozenset({min(range(len(sets)), key=lambda i: (overlap(i), i)) + 1})
+    if trial.kind == "detection":
+        return frozenset(i for i, s in enumerate(trial.items, 1) if top_tokens & set(s.tokens))
+    out = set()
+    for i, s in enumerate(trial.items, 1):
+        marked = [t for t, m in zip(s.tokens, s.marks, strict=True) if m]
+        if marked and sum(t in top_tokens for t in marked) * 2 >= len(marked):
+            out.add(i)
+    return frozenset(out)
+
+
+async def _ajudge(
+    trials: Sequence[Trial],
+    config: AutointerpConfig,
+    decode: Callable[[list[int]], str],
+    evidence_for: Callable[[str], ComponentEvidence],
+    on_record: Callable[[TrialRecord], None],
+) -> tuple[float, bool]:
+    """Judge ``trials`` with a network provider; returns (spent USD, stopped by the cost cap)."""
+    provider = get_provider(config.provider)
+    model = config.model or provider.default_model
+    pricing = resolve_pricing(provider, model, config)
+    client = provider.make_client(
+        ClientOptions(
+            model=model,
+            base_url=config.base_url,
+            timeout_s=config.timeout_s,
+            api_key_env=config.api_key_env,
+        )
+    )
+    budget = CostBudget(config.cost_cap_usd)
+    rate = RateLimiter(config.rpm)
+    pause = SharedPause()
+    rng = random.Random(0)
+    queue: asyncio.Queue[Trial] = asyncio.Queue()
+    for t in trials:
+        queue.put_nowait(t)
+    stop = {"flag": False}
+
+    async def one(trial: Trial) -> None:
+        prompt = prompt_for(trial, decode)
+        request = CompletionRequest(
+            system=SYSTEM,
+            prompt=prompt,
+            schema=ANSWER_SCHEMA,
+            max_output_tokens=config.max_output_tokens,
+            evidence=evidence_for(trial.key),
+        )
+        estimate = estimate_cost(
+            pricing, estimate_prompt_tokens(SYSTEM, prompt, ANSWER_SCHEMA), config.max_output_tokens
+        )
+        cost, attempts, error = 0.0, 0, ""
+        for attempt in range(1, config.max_attempts + 1):
+            await pause.wait()
+            if stop["flag"] or not budget.reserve(estimate):
+                stop["flag"] = True
+                if attempts == 0:
+                    return  # never sent: neither scored nor failed; a re-run picks it up
+                break
+            await rate.acquire()
+            attempts += 1
+            retry_after = None
+            actual = 0.0
+            try:
+                completion = await client.complete(request)
+                actual = pricing.cost(completion.input_tokens, completion.output_tokens)
+                predicted = parse_indices(completion.answer.label, len(trial.items))
+            except MalformedAnswerError as err:
+                actual = actual or pricing.cost(
+                    getattr(err, "input_tokens", 0), getattr(err, "output_tokens", 0)
+                )
+                error = f"malformed answer: {err.message}"
+            except ProviderCallError as err:
+                error = err.message
+                retry_after = err.retry_after
+                if err.retry_after is not None:
+                    pause.pause_for(err.retry_after)
+                if not err.retryable:
+                    budget.settle(estimate, actual)
+                    break
+            else:
+                budget.settle(estimate, actual)
+                cost += actual
+                on_record(
+                    TrialRecord(
+                        trial_id=trial.trial_id,
+                        component_key=trial.key,
+                        status="ok",
+                        truth=sorted(trial.truth),
+                        predicted=sorted(predicted),
+                        score=trial_score(trial.kind, trial.truth, predicted, len(trial.items)),
+                        cost_usd=cost,
+                        attempts=attempts,
+                    )
+                )
+                return
+            budget.settle(estimate, actual)
+            cost += actual
+            if attempt < config.max_attempts:
+                await asyncio.sleep(backoff_delay(attempt, config, retry_after, rng))
+        on_record(
+            TrialRecord(
+                trial_id=trial.trial_id,
+                component_key=trial.key,
+                status="failed",
+                truth=sorted(trial.truth),
+                error=error or "no attempt completed",
+                cost_usd=cost,
+                attempts=attempts,
+            )
+        )
+
+    async def worker() -> None:
+        while not stop["flag"]:
+            try:
+                trial = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await one(trial)
+
+    try:
+        n = min(config.max_concurrent, max(1, len(trials)))
+        await asyncio.gather(*(worker() for _ in range(n)))
+    finally:
+        await client.aclose()
+    return budget.spent, budget.exhausted
+
+
+def judge_trials(
+    trials: Sequence[Trial],
+    config: AutointerpConfig,
+    *,
+    decode: Callable[[list[int]], str],
+    evidence_for: Callable[[str], ComponentEvidence],
+    top_tokens: Callable[[str], set[int]],
+    on_record: Callable[[TrialRecord], None],
+) -> tuple[float, bool, bool, str]:
+    """Judge every trial; returns (spent USD, stopped by cap, baseline?, judge name)."""
+    provider = get_provider(config.provider)
+    model = config.model or provider.default_model
+    if provider.baseline:
+        for t in trials:
+            predicted = baseline_answer(t, top_tokens(t.key))
+            on_record(
+                TrialRecord(
+                    trial_id=t.trial_id,
+                    component_key=t.key,
+                    status="ok",
+                    truth=sorted(t.truth),
+                    predicted=sorted(predicted),
+                    score=trial_score(t.kind, t.truth, predicted, len(t.items)),
+                )
+            )
+        return 0.0, False, True, f"{provider.name}/baseline-judge"
+    from spd_host.evals.progress import progress_bar
+
+    with progress_bar(f"judging with {provider.name}/{model}", total=len(trials)) as advance:
+
+        def record(rec: TrialRecord) -> None:
+            on_record(rec)
+            advance()
+
+        spent, capped = asyncio.run(_ajudge(trials, config, decode, evidence_for, record))
+    return spent, capped, False, f"{provider.name}/{model}"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from spd_host.adapter import HarvestOptions
-from spd_host.errors import ConfigError, ResultsNotFoundError
+from spd_host.errors import ConfigError, DatasetError, ResultsNotFoundError
 from spd_host.harvest.accumulator import HarvestAccumulator, Layout
 from spd_host.harvest.checkpoint import load_checkpoint, save_checkpoint
 from spd_host.harvest.config import HarvestConfig
@@ -74,7 +74,7 @@ def resolve_config(adapter: Any, config: HarvestConfig) -> HarvestConfig:
 def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
     """Token batches from ``spd_host.data`` for the resolved config."""
     try:
-        from spd_host.data import TokenDatasetSpec, iter_token_batches
+        from spd_host.data import TokenDatasetSpec, available_tokens, iter_token_batches
     except ImportError as err:
         raise ConfigError(
             "spd_host.data is not available in this installation",
@@ -87,6 +87,14 @@ def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
         seed=config.seed,
     )
     tokenizer = adapter.load_tokenizer()
+    # Fail before the progress bar and the model load, not at the first batch.
+    available = available_tokens(spec, tokenizer)
+    if config.n_tokens > available:
+        raise DatasetError(
+            f"asked for {config.n_tokens:,} tokens but the train split of {spec.source!r} holds "
+            f"{available:,} tokens in sequences of {spec.seq_len}",
+            hint=f"pass --n-tokens {available} or less, or use a larger dataset",
+        )
 
     def source(rank: int, world_size: int, start_batch: int) -> Iterator[torch.Tensor]:
         return iter_token_batches(

@@ -65,10 +65,24 @@ def comparison_table(results: Sequence[EvalResult], *, title: str | None = None)
             table.add_column(label, justify="right")
     for row in rows:
         table.add_row(*(fmt(row.get(c)) for c in columns))
-    notes = sorted({n for r in results for n in r.notes})
-    if notes:
-        table.caption = "; ".join(notes)
+    table.caption = "; ".join(attributed_notes(results)) or None
     return table
+
+
+def attributed_notes(results: Sequence[EvalResult]) -> list[str]:
+    """Each distinct note once, prefixed with the decompositions it applies to unless it applies
+    to every row, so a caption never suggests that one row's caveat holds for all."""
+    ids = list(dict.fromkeys(r.decomposition_id for r in results))
+    holders: dict[str, list[str]] = {}
+    for r in results:
+        for note in r.notes:
+            holders.setdefault(note, [])
+            if r.decomposition_id not in holders[note]:
+                holders[note].append(r.decomposition_id)
+    return [
+        note if len(who) == len(ids) else f"{', '.join(who)}: {note}"
+        for note, who in sorted(holders.items())
+    ]
 
 
 def fidelity_detail_table(result: Any) -> Table:

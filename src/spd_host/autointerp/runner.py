@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
@@ -205,6 +206,30 @@ async def alabel_components(
         started = now_iso()
         cost = 0.0
         n_in = n_out = 0
+
+        def write_record(**outcome: Any) -> None:
+            """Commit this component's row: the outcome plus what every row records."""
+            store.write(
+                LabelRecord(
+                    harvest_id=harvest_id,
+                    component_key=key,
+                    strategy=strategy.name,
+                    model=model,
+                    provider=provider.name,
+                    decomposition_id=decomposition_id,
+                    is_baseline=provider.baseline,
+                    system_prompt=prompt.system,
+                    prompt=prompt.user,
+                    cost_usd=cost,
+                    input_tokens=n_in,
+                    output_tokens=n_out,
+                    attempts=attempts,
+                    started_at=started,
+                    finished_at=now_iso(),
+                    **outcome,
+                )
+            )
+
         last_error = ""
         last_raw: str | None = None
         attempts = 0
@@ -217,7 +242,7 @@ async def alabel_components(
                     return
                 break  # some attempts were made: record the failure so far
             await rate.acquire()
-            attempts += 1
+            attempts += 1  # noqa: SIM113 (counts only attempts actually sent)
             state.calls += 1
             actual = 0.0
             try:
@@ -247,30 +272,13 @@ async def alabel_components(
                 cost += actual
                 n_in += completion.input_tokens
                 n_out += completion.output_tokens
-                store.write(
-                    LabelRecord(
-                        harvest_id=harvest_id,
-                        component_key=key,
-                        strategy=strategy.name,
-                        model=model,
-                        provider=provider.name,
-                        decomposition_id=decomposition_id,
-                        status="ok",
-                        is_baseline=provider.baseline,
-                        label=completion.answer.label,
-                        confidence=completion.answer.confidence,
-                        reasoning=completion.answer.reasoning,
-                        raw_response=completion.raw,
-                        system_prompt=prompt.system,
-                        prompt=prompt.user,
-                        error=None,
-                        cost_usd=cost,
-                        input_tokens=n_in,
-                        output_tokens=n_out,
-                        attempts=attempts,
-                        started_at=started,
-                        finished_at=now_iso(),
-                    )
+                write_record(
+                    status="ok",
+                    label=completion.answer.label,
+                    confidence=completion.answer.confidence,
+                    reasoning=completion.answer.reasoning,
+                    raw_response=completion.raw,
+                    error=None,
                 )
                 state.labelled += 1
                 tick()
@@ -279,30 +287,13 @@ async def alabel_components(
             cost += actual
             if attempt < config.max_attempts:
                 await asyncio.sleep(backoff_delay(attempt, config, retry_after, rng))
-        store.write(
-            LabelRecord(
-                harvest_id=harvest_id,
-                component_key=key,
-                strategy=strategy.name,
-                model=model,
-                provider=provider.name,
-                decomposition_id=decomposition_id,
-                status="failed",
-                is_baseline=provider.baseline,
-                label=None,
-                confidence=None,
-                reasoning=None,
-                raw_response=_redact(last_raw, state.secrets) if last_raw else None,
-                system_prompt=prompt.system,
-                prompt=prompt.user,
-                error=_redact(last_error, state.secrets) or "no attempt completed",
-                cost_usd=cost,
-                input_tokens=n_in,
-                output_tokens=n_out,
-                attempts=attempts,
-                started_at=started,
-                finished_at=now_iso(),
-            )
+        write_record(
+            status="failed",
+            label=None,
+            confidence=None,
+            reasoning=None,
+            raw_response=_redact(last_raw, state.secrets) if last_raw else None,
+            error=_redact(last_error, state.secrets) or "no attempt completed",
         )
         state.failed += 1
         tick()

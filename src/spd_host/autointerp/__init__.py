@@ -17,8 +17,7 @@ harvest is opened. See ``docs/autointerp.md``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spd_host._lazy import lazy_exports
 
 _LAZY = {
     "AutointerpConfig": "spd_host.autointerp.config",
@@ -62,14 +61,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spd_host.autointerp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports("spd_host.autointerp", _LAZY, __all__, globals())

@@ -14,8 +14,9 @@ loads when ``HarvestRepo``/``run_harvest``/``merge_shards``/``summarize`` are fi
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spd_host._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from spd_host.harvest.config import HarvestConfig
@@ -56,14 +57,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spd_host.harvest' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports("spd_host.harvest", _LAZY, __all__, globals())

@@ -263,8 +263,7 @@ class HarvestAccumulator:
         ev, slot = reservoir_plan(g, self.firing_count[g], bank.k, gen)
         if ev.numel() == 0:
             return
-        rows = bank.rows_for(torch.unique(g[ev]))
-        del rows
+        bank.rows_for(torch.unique(g[ev]))  # allocate rows for components firing first now
         rows = bank.row_of[g[ev]]
         w = extract_windows(
             tokens,

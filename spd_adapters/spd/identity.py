@@ -87,7 +87,7 @@ def insert_identities(
             d = int(module.weight.shape[0])
         else:
             raise FormatError(
-                f"{where}: identity_module_info matches {path!r}, a {type(module).__name__}; "
+                f"{where}: identity_module_info matches {path!r} ({type(module).__name__}); "
                 "identities can only be inserted before Linear or Conv1D modules"
             )
         if hasattr(module, IDENTITY_NAME):

@@ -270,7 +270,7 @@ def check_component_keys(
         raise FormatError(
             f"{where}: checkpoint components do not match module_info: "
             f"missing for {[expected[m] for m in missing]}, unexpected {[f'_components.{e}' for e in extra]}",
-            hint="the config and checkpoint must come from the same run",
+            hint="final_config.yaml's module_info and this checkpoint must come from the same run",
         )
     for name, path in expected.items():
         tensors = parts.components[name]
@@ -282,7 +282,7 @@ def check_component_keys(
             raise FormatError(
                 f"{where}: _components.{name}: V {list(V.shape)} / U {list(U.shape)} do not have "
                 f"C={C} (expected V [d_in, {C}], U [{C}, d_out])",
-                hint="module_info's C must equal the checkpoint's",
+                hint="module_info's C in final_config.yaml must equal the checkpoint's",
             )
     if parts.unknown:
         raise FormatError(
@@ -318,7 +318,7 @@ def _check_chain(
     if len(layers) != len(dims) - 1:
         raise FormatError(
             f"{what}: {len(layers)} layers, but ci_config.hidden_dims implies {len(dims) - 1}",
-            hint="ci_config.hidden_dims must match the checkpoint",
+            hint="ci_config.hidden_dims in final_config.yaml must match the checkpoint",
         )
     for k, layer in enumerate(layers):
         want_W = (
@@ -331,7 +331,7 @@ def _check_chain(
             raise FormatError(
                 f"{what}: layers.{2 * k}.W {list(layer.W.shape)} / b {list(layer.b.shape)}, "
                 f"expected {list(want_W)} / {list(want_b)}",
-                hint="ci_config (fn_type, hidden_dims) and module_info must match the checkpoint",
+                hint="final_config.yaml's ci_config (fn_type, hidden_dims) and module_info must match the checkpoint",
             )
 
 

@@ -370,3 +370,38 @@ def test_identity_splice_replaces_the_module_input(tmp_path: Path) -> None:
     with torch.no_grad(), adapter.splice(base, sites=["1.glu.down.pre_identity"]):  # type: ignore[attr-defined]
         got = base(toks).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_identity_modules_from_legacy_config_keys(tmp_path: Path) -> None:
+    """Old configs: one global C, target_module_patterns and identity_module_patterns."""
+    import yaml
+
+    model = tiny_llama()
+    patterns = {"model.layers.0.self_attn.q_proj": 4}
+    identity = {"model.layers.1.mlp.down_proj": 4}
+    run = tmp_path / "run"
+    sd = write_run(
+        run,
+        model,
+        model_class=LLAMA,
+        patterns=patterns,
+        fn_type="vector_mlp",
+        hidden=[3],
+        identity=identity,
+    )
+    path = run / "final_config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    for key in ("module_info", "identity_module_info", "ci_config"):
+        cfg.pop(key)
+    cfg.update(
+        C=4,
+        target_module_patterns=list(patterns),
+        identity_module_patterns=list(identity),
+        ci_fn_type="vector_mlp",
+        ci_fn_hidden_dims=[3],
+    )
+    path.write_text(yaml.safe_dump(cfg))
+    order = reference_order(model, patterns, identity)
+    ci = {"mode": "layerwise", "fn_type": "vector_mlp", "hidden_dims": [3]}
+    adapter = check_against_reference(run, model, sd, order, {p: 4 for p in order}, ci, [])
+    assert "1.glu.down.pre_identity" in {s.name for s in adapter.sites}

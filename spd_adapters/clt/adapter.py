@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from spd_adapters._adapter_base import DictionaryAdapter
-from spd_adapters.clt.formats import CLTLayout
-from spd_adapters.clt.goodfire import GoodfireCLTLayout
+from spd_adapters.clt.formats import CLTLayer, CLTLayout
+from spd_adapters.clt.goodfire import GoodfireCLTLayer, GoodfireCLTLayout
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError
 from spd_host.ids import DecompositionId
@@ -49,7 +49,8 @@ class CLTAdapter(DictionaryAdapter):
         self.layout = layout
         self.clt = layout.model()
         act = layout.activation_name
-        layers = layout.layers
+        layers: list[CLTLayer | GoodfireCLTLayer] = list(layout.layers)
+        self._layers = layers
         self._positions = {site_name(layer.layer): p for p, layer in enumerate(layers)}
         self._sites = [
             Site(
@@ -122,14 +123,14 @@ class CLTAdapter(DictionaryAdapter):
         Layer ``j`` is reconstructed when the inputs of every source layer ``<= j`` are given.
         """
         by_pos = {self.layer_of(s): x for s, x in inputs.items()}
-        layers = self.layout.layers
+        layers = self._layers
         return {site_name(layers[q].layer): out for q, out in self.clt.reconstruct(by_pos).items()}
 
     # -- host hooks --------------------------------------------------------------------------
     def hook_requirements(self) -> list[tuple[str, str, str]]:
         where = str(self.layout.config_file)
         out = []
-        for layer in self.layout.layers:
+        for layer in self._layers:
             native_in = self.layout.native_input.replace("{i}", str(layer.layer))
             native_out = self.layout.native_output.replace("{i}", str(layer.layer))
             out.append((layer.input_hook, f"{native_in} (layer {layer.layer})", where))
@@ -138,13 +139,13 @@ class CLTAdapter(DictionaryAdapter):
 
     def input_hook_points(self, sites: Sequence[str] | None = None) -> list[str]:
         return sorted(
-            {self.layout.layers[self.layer_of(s)].input_hook for s in self._select(sites)}
+            {self._layers[self.layer_of(s)].input_hook for s in self._select(sites)}
         )
 
     def encode_captured(self, captured: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {
             site_name(layer.layer): self.clt.encode_layer(p, captured[layer.input_hook])
-            for p, layer in enumerate(self.layout.layers)
+            for p, layer in enumerate(self._layers)
         }
 
     @contextmanager
@@ -160,7 +161,7 @@ class CLTAdapter(DictionaryAdapter):
         self._check_variant(variant)
         targets = sorted(self.layer_of(s) for s in self._select(sites))
         topo = topology_of(model)
-        layers = self.layout.layers
+        layers = self._layers
         needed = sorted({layers[i].input_hook for i in range(max(targets) + 1)})
         memo: dict[int, tuple[Tensor, Tensor]] = {}
 

@@ -401,29 +401,38 @@ def load_transcoder(root: Path, mode: str | None = None) -> Dictionary:
     cfg, _ = read_checkpoint_config(root)
     where = str(root / CONFIG_FILE)
     check_inference(mode, cfg.encoder_type, where)
-    path = root / WEIGHTS_FILE
-    sd = load_state_dict(root)
-    i, o, n = cfg.input_size, cfg.output_size, cfg.dict_size
-    W_enc = expect_tensor(sd, "W_enc", (i, n), path, "[input_size, dict_size]")
-    b_enc = expect_tensor(sd, "b_enc", (n,), path, "[dict_size]")
-    W_dec = expect_tensor(sd, "W_dec", (n, o), path, "[dict_size, output_size]")
-    b_dec = expect_tensor(sd, "b_dec", (o,), path, "[output_size]")
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    t = transcoder_tensors(load_state_dict(root), cfg, root / WEIGHTS_FILE)
     act = trained_activation(cfg, where)
-    if cfg.encoder_type == "jumprelu":
-        log_t = expect_tensor(sd, "jumprelu.log_threshold", (n,), path, "[dict_size]")
-        act = replace(act, threshold=log_t.exp())
-        expected.add("jumprelu.log_threshold")
-    reject_unexpected(sd, expected, path)
+    if "jumprelu.log_threshold" in t:
+        act = replace(act, threshold=t["jumprelu.log_threshold"].exp())
+    i, o = cfg.input_size, cfg.output_size
     return Dictionary(
-        W_enc=W_enc.T.contiguous(),
-        b_enc=b_enc,
+        W_enc=t["W_enc"].T.contiguous(),
+        b_enc=t["b_enc"],
         activation=with_inference(act, mode),
-        W_dec=W_dec,
-        b_dec=b_dec,
-        input_bias=b_dec if cfg.pre_enc_bias and i == o else None,
+        W_dec=t["W_dec"],
+        b_dec=t["b_dec"],
+        input_bias=t["b_dec"] if cfg.pre_enc_bias and i == o else None,
         input_norm=cfg.input_unit_norm,
     )
+
+
+def transcoder_tensors(
+    sd: Mapping[str, Tensor], cfg: EncoderCheckpointConfig, path: Path
+) -> dict[str, Tensor]:
+    """The state dict checked key by key and shape by shape against ``config.json`` (strict)."""
+    i, o, n = cfg.input_size, cfg.output_size, cfg.dict_size
+    shapes = {
+        "W_enc": ((i, n), "[input_size, dict_size]"),
+        "b_enc": ((n,), "[dict_size]"),
+        "W_dec": ((n, o), "[dict_size, output_size]"),
+        "b_dec": ((o,), "[output_size]"),
+    }
+    if cfg.encoder_type == "jumprelu":
+        shapes["jumprelu.log_threshold"] = ((n,), "[dict_size]")
+    out = {k: expect_tensor(sd, k, shape, path, what) for k, (shape, what) in shapes.items()}
+    reject_unexpected(sd, set(shapes), path)
+    return out
 
 
 def read_goodfire_transcoders(path: Path, *, inference: str | None = None) -> Any:
@@ -449,7 +458,8 @@ def read_goodfire_transcoders(path: Path, *, inference: str | None = None) -> An
         check_inference(spec.inference, cfg.encoder_type, where)
         inp = _hooks.from_module_path(module_path, "input", where=where)
         out = _hooks.from_module_path(module_path, "output", where=where)
-        _check_weights_header(root, cfg)
+        # encoder.pt is memory-mapped: checking names and shapes here reads no weights
+        transcoder_tensors(load_state_dict(root), cfg, root / WEIGHTS_FILE)
 
         def load(root: Path = root) -> Dictionary:
             return load_transcoder(root, spec.inference)
@@ -479,14 +489,6 @@ def read_goodfire_transcoders(path: Path, *, inference: str | None = None) -> An
             **shared.get("batch", {}),
         },
     )
-
-
-def _check_weights_header(root: Path, cfg: EncoderCheckpointConfig) -> None:
-    """Shapes checked at metadata time (``encoder.pt`` is memory-mapped, not read)."""
-    sd = load_state_dict(root)
-    path = root / WEIGHTS_FILE
-    expect_tensor(sd, "W_enc", (cfg.input_size, cfg.dict_size), path, "[input_size, dict_size]")
-    expect_tensor(sd, "W_dec", (cfg.dict_size, cfg.output_size), path, "[dict_size, output_size]")
 
 
 def lone_checkpoint_error(root: Path, method: str) -> FormatError:

@@ -138,9 +138,7 @@ class CLTAdapter(DictionaryAdapter):
         return out
 
     def input_hook_points(self, sites: Sequence[str] | None = None) -> list[str]:
-        return sorted(
-            {self._layers[self.layer_of(s)].input_hook for s in self._select(sites)}
-        )
+        return sorted({self._layers[self.layer_of(s)].input_hook for s in self._select(sites)})
 
     def encode_captured(self, captured: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {

@@ -128,7 +128,9 @@ def test_wandb_id_from_the_artifact_cache(tmp_path: Path, gen: torch.Generator) 
 
 def test_splice_matches_hand_applied_hooks(tmp_path: Path, gen: torch.Generator) -> None:
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=8, n_head=2, n_layer=3, vocab_size=40, n_positions=16))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_embd=8, n_head=2, n_layer=3, vocab_size=40, n_positions=16)
+    )
     model.eval()
     sd = write_clt(tmp_path / "ck", gen=gen, layers=[0, 1, 2])
     adapter = load(str(tmp_path / "ck"))
@@ -170,7 +172,9 @@ def test_missing_and_misshapen_tensors_name_file_and_tensor(
     sd = write_clt(tmp_path / "ck", gen=gen, layers=[0, 1])
     sd["W_dec.1"] = torch.zeros(2, 16, 8)  # should be [n - 1, dict, out] = [1, 16, 8]
     torch.save(sd, tmp_path / "ck" / "encoder.pt")
-    with pytest.raises(FormatError, match=r"tensor 'W_dec\.1' has shape \[2, 16, 8\], expected \[1, 16, 8\]"):
+    with pytest.raises(
+        FormatError, match=r"tensor 'W_dec\.1' has shape \[2, 16, 8\], expected \[1, 16, 8\]"
+    ):
         load(str(tmp_path / "ck"))
 
 

@@ -28,7 +28,7 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def load(ref: str):  # noqa: ANN201
+def load(ref: str):
     return get_host().load_adapter(f"clt:{ref}")
 
 
@@ -137,7 +137,7 @@ def test_splice_matches_hand_applied_hooks(tmp_path: Path, gen: torch.Generator)
     tokens = torch.randint(0, 40, (2, 6), generator=gen)
     inputs: dict[int, torch.Tensor] = {}
 
-    def replace(q: int):  # noqa: ANN202
+    def replace(q: int):
         def hook(_m, args, out):
             inputs[q] = args[0].reshape(-1, 8)
             xs = [inputs[p] for p in range(q + 1)] + [inputs[q]] * (2 - q)

@@ -229,7 +229,13 @@ def _gelu(x: Tensor) -> Tensor:
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
+#: when set, ``_linear`` appends each module's input here (for CI references)
+RECORD: dict[str, list[Tensor]] | None = None
+
+
 def _linear(sd: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+    if RECORD is not None:
+        RECORD.setdefault(name, []).append(x)
     y = x @ sd[f"{name}.weight"].T
     b = sd.get(f"{name}.bias")
     return y if b is None else y + b
@@ -285,6 +291,21 @@ def _attention(sd: dict[str, Tensor], p: str, x: Tensor, cfg: dict[str, Any]) ->
             out[t] = (w / w.sum()) @ vh[: t + 1]
         heads.append(out)
     return _linear(sd, f"{p}.attn.o_proj", torch.cat(heads, dim=-1))
+
+
+def reference_forward(
+    sd: dict[str, Tensor], cfg: dict[str, Any], tokens: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits and the input of every linear module (``[B, T, d_in]``, by module path)."""
+    global RECORD
+    RECORD = {}
+    try:
+        logits = reference_logits(sd, cfg, tokens)
+        inputs = {k: torch.stack(v) for k, v in RECORD.items()}
+    finally:
+        RECORD = None
+    inputs["wte"] = tokens
+    return logits, inputs
 
 
 def reference_logits(sd: dict[str, Tensor], cfg: dict[str, Any], tokens: Tensor) -> Tensor:

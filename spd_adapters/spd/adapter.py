@@ -285,9 +285,7 @@ class SpdAdapter:
 
     def load_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from spd_host.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_name)
+            self._tokenizer = base.load_tokenizer(self.config)
         return self._tokenizer
 
     # -- splice --------------------------------------------------------------------------------

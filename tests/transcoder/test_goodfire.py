@@ -261,7 +261,7 @@ def test_unexpected_tensor_for_encoder_type(tmp_path: Path, gen: torch.Generator
 
 def test_pickled_objects_are_refused(tmp_path: Path, gen: torch.Generator) -> None:
     write_transcoder(tmp_path / "L0", gen=gen)
-    (tmp_path / "L0" / "encoder.pt").write_bytes(pickle.dumps({"W_enc": object()}))
+    (tmp_path / "L0" / "encoder.pt").write_bytes(pickle.dumps({"W_enc": object()}, protocol=2))
     with pytest.raises(FormatError, match=r"encoder\.pt: not a readable torch state dict"):
         load(write_harvest_config(tmp_path / "tc.yaml", "demo", {"h.0.mlp": "L0"}))
 

@@ -123,8 +123,10 @@ def test_inference_option_in_the_yaml(tmp_path: Path, gen: torch.Generator) -> N
 def test_info_lists_sites_and_records_the_batch_semantics(
     tmp_path: Path, gen: torch.Generator
 ) -> None:
-    for i in range(3):
-        write_transcoder(tmp_path / f"L{i}", gen=gen, batch_size=2048)
+    for i in range(3):  # e2e runs add fields EncoderConfig lacks; Goodfire strips them
+        write_transcoder(
+            tmp_path / f"L{i}", gen=gen, batch_size=2048, e2e=True, e2e_cascading=False
+        )
     cfg = write_harvest_config(
         tmp_path / "tc.yaml", "demo", {f"h.{i}.mlp": f"L{i}" for i in range(3)}
     )

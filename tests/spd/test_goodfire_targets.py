@@ -176,9 +176,24 @@ def test_weights_come_from_the_pretrain_checkpoint_without_target_model(tmp_path
         "goodfire/spd/runs/ab12cd34",
         "goodfire/spd/ab12cd34",
         "https://wandb.ai/goodfire/spd/runs/ab12cd34?nw=x",
+        "https://wandb.ai/goodfire/spd/runs/ab12cd34/overview",
     ],
 )
-def test_wandb_name_reads_the_offline_cache(tmp_path: Path, form: str) -> None:
+def test_wandb_name_forms(form: str) -> None:
+    from spd_adapters.spd.targets.run_reader import parse_wandb_name
+
+    assert parse_wandb_name(form) == ("goodfire", "spd", "ab12cd34")
+
+
+@pytest.mark.parametrize("form", ["not/a/wandbrunid", "./ckpt/model_step_1.pt", "wandb:a/b"])
+def test_not_wandb_names(form: str) -> None:
+    from spd_adapters.spd.targets.run_reader import parse_wandb_name
+
+    assert parse_wandb_name(form) is None
+
+
+@pytest.mark.parametrize("form", ["wandb:goodfire/spd/runs/ab12cd34", "goodfire/spd/ab12cd34"])
+def test_wandb_name_reads_the_offline_cache(tmp_path: Path, form: str, offline_hub: Path) -> None:
     """A wandb pretrain run: the same files flat in the run's files, read from spd-host's cache."""
     from spd_host.paths import cache_dir
 
@@ -260,10 +275,15 @@ def test_topology_maps_the_canonical_structure(tmp_path: Path, variant: str) -> 
         logits = model(tokens)[0]
     attn_in = "h.0.attn.c_attn" if variant.endswith("fused_qkv") else "h.0.attn.q_proj"
     torch.testing.assert_close(acts["0.attn_in"], inputs[attn_in], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(acts["0.mlp_hidden"], inputs["h.0.mlp.down_proj"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        acts["0.attn_out"], inputs["h.0.attn.o_proj"] @ target_sd["h.0.attn.o_proj.weight"].T
-        + target_sd.get("h.0.attn.o_proj.bias", torch.zeros(())), atol=1e-5, rtol=1e-5
+        acts["0.mlp_hidden"], inputs["h.0.mlp.down_proj"], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        acts["0.attn_out"],
+        inputs["h.0.attn.o_proj"] @ target_sd["h.0.attn.o_proj.weight"].T
+        + target_sd.get("h.0.attn.o_proj.bias", torch.zeros(())),
+        atol=1e-5,
+        rtol=1e-5,
     )
     torch.testing.assert_close(acts["0.resid_mid"], acts["0.resid_pre"] + acts["0.attn_out"])
     torch.testing.assert_close(acts["0.resid_post"], acts["0.resid_mid"] + acts["0.mlp_out"])
@@ -391,3 +411,23 @@ def test_missing_pretrain_run(tmp_path: Path) -> None:
     _write_spd_run(spd, gp.GPT2_SIMPLE, str(tmp_path / "nope.pt"), {"h.0.mlp.c_fc": 3})
     with pytest.raises(SourceNotFoundError, match="neither a local checkpoint"):
         _load(spd)
+
+
+def test_tokenizer_name_other_than_the_pretrain_tokenizer_wins(tmp_path: Path) -> None:
+    """A local ``tokenizer_name`` that is not the run's training tokenizer is used as given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    _ckpt, spd = _error_run(tmp_path)
+    other = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "zz": 1}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=other, unk_token="[UNK]").save_pretrained(
+        str(tmp_path / "tok")
+    )
+    cfg = yaml.safe_load((spd / "final_config.yaml").read_text())
+    adapter = get_host().load_adapter(f"spd:{spd}")
+    assert adapter.load_tokenizer().convert_ids_to_tokens([5]) == ["w5"]  # same as training
+    cfg["tokenizer_name"] = str(tmp_path / "tok")
+    (spd / "final_config.yaml").write_text(yaml.safe_dump(cfg))
+    adapter = get_host().load_adapter(f"spd:{spd}")
+    assert adapter.load_tokenizer().convert_ids_to_tokens([1]) == ["zz"]

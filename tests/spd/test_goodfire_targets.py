@@ -431,3 +431,38 @@ def test_tokenizer_name_other_than_the_pretrain_tokenizer_wins(tmp_path: Path) -
     (spd / "final_config.yaml").write_text(yaml.safe_dump(cfg))
     adapter = get_host().load_adapter(f"spd:{spd}")
     assert adapter.load_tokenizer().convert_ids_to_tokens([1]) == ["zz"]
+
+
+def test_param_decomp_pretrain_cache_safetensors_without_lm_head(tmp_path: Path) -> None:
+    """param-decomp's hand-off layout: flat model_step_<N>.safetensors (no lm_head.weight)."""
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "pretrain_cache" / "spd-ab12cd34"
+    cache.mkdir(parents=True)
+    cfg = gp.LLAMA_SIMPLE_MLP
+    (cache / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    target_sd = gp.goodfire_state_dict(cfg, seed=9)
+    save_file(
+        {k: v.contiguous() for k, v in target_sd.items() if k != "lm_head.weight"},
+        str(cache / "model_step_2000.safetensors"),
+    )
+    spd_sd = _write_spd_run(
+        tmp_path / "spd",
+        cfg,
+        str(cache),
+        PATTERNS["LlamaSimpleMLP"],
+        with_target=False,
+        class_path="param_decomp.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'spd'}")
+    _check_harvest(adapter, target_sd, spd_sd, cfg)
+
+
+def test_tied_weights_that_differ_are_refused(tmp_path: Path) -> None:
+    ckpt, spd = _error_run(tmp_path, "gpt2_simple")
+    _write_spd_run(spd, gp.GPT2_SIMPLE, str(ckpt), {"h.0.mlp.c_fc": 3}, with_target=False)
+    sd = torch.load(ckpt, weights_only=True)
+    sd["lm_head.weight"] = sd["wte.weight"] + 1
+    torch.save(sd, ckpt)
+    with pytest.raises(FormatError, match=r"'wte\.weight' and 'lm_head\.weight' differ"):
+        _load(spd)

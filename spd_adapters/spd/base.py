@@ -130,13 +130,12 @@ def _load_goodfire(
     config: SpdRunConfig, model_type: str, target_state: Mapping[str, Tensor], where: Path | str
 ) -> nn.Module:
     """From the SPD checkpoint's ``target_model.*`` when present, else the pretrain checkpoint."""
-    from spd_adapters.spd.targets.loading import load_model, read_checkpoint, read_config
+    from spd_adapters.spd.targets.loading import load_model, load_pretrained, read_config
 
-    run = _goodfire_run(config)
-    cfg = read_config(run, model_type)
-    if target_state:
-        return load_model(cfg, target_state, where=f"{where} (target_model.*)")
-    return load_model(cfg, read_checkpoint(run.checkpoint), where=run.checkpoint)
+    if not target_state:
+        return load_pretrained(model_type, base_model_name(config))
+    cfg = read_config(_goodfire_run(config), model_type)
+    return load_model(cfg, target_state, where=f"{where} (target_model.*)")
 
 
 def load_base(

@@ -31,6 +31,7 @@ VARIANTS = {
     "llama_simple": gp.LLAMA_SIMPLE,
     "llama_simple_fused_qkv": gp.LLAMA_SIMPLE_FUSED,
     "llama_simple_mlp": gp.LLAMA_SIMPLE_MLP,
+    "llama_simple_mlp_untied_sinks": gp.LLAMA_SIMPLE_MLP_SINKS,
     "gpt2_simple": gp.GPT2_SIMPLE,
 }
 PATTERNS = {
@@ -43,6 +44,7 @@ EXPECTED_SITES = {
     "llama_simple": {"0.glu.down", "1.glu.down", "0.glu.gate", "1.attn.q"},
     "llama_simple_fused_qkv": {"0.glu.down", "1.glu.down", "0.attn_fused.qkv"},
     "llama_simple_mlp": {"0.mlp.up", "1.mlp.up", "1.mlp.down", "0.attn.k"},
+    "llama_simple_mlp_untied_sinks": {"0.mlp.up", "1.mlp.up", "1.mlp.down", "0.attn.k"},
     "gpt2_simple": {"0.mlp.down", "1.mlp.down", "0.mlp.up", "1.attn.o"},
 }
 SEQ = 12  # longer than LLAMA_SIMPLE's n_ctx (8): clamped RoPE positions are exercised
@@ -288,7 +290,7 @@ def test_topology_maps_the_canonical_structure(tmp_path: Path, variant: str) -> 
     torch.testing.assert_close(acts["0.resid_mid"], acts["0.resid_pre"] + acts["0.attn_out"])
     torch.testing.assert_close(acts["0.resid_post"], acts["0.resid_mid"] + acts["0.mlp_out"])
     torch.testing.assert_close(acts["0.resid_post"], acts["1.resid_pre"])
-    torch.testing.assert_close(acts["unembed_in"] @ target_sd["wte.weight"].T, logits)
+    torch.testing.assert_close(acts["unembed_in"] @ target_sd["lm_head.weight"].T, logits)
 
 
 def test_info_lists_the_sites(tmp_path: Path) -> None:

@@ -468,3 +468,51 @@ def test_tied_weights_that_differ_are_refused(tmp_path: Path) -> None:
     torch.save(sd, ckpt)
     with pytest.raises(FormatError, match=r"'wte\.weight' and 'lm_head\.weight' differ"):
         _load(spd)
+
+
+def test_wandb_download_fetches_configs_tokenizer_and_only_the_latest_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download path, against a stand-in for wandb's public API (``Api().run(p).files()``,
+    each file with ``name`` and ``download(root=, replace=, exist_ok=)``) serving a run's files."""
+    import sys
+    import types
+
+    served = tmp_path / "served"
+    gp.write_pretrain_run(served, gp.GPT2_SIMPLE, flat=True)
+    (served / "output.log").write_text("not wanted")
+    asked: list[str] = []
+
+    class _File:
+        def __init__(self, path: Path) -> None:
+            self.name = path.name
+            self._path = path
+
+        def download(self, root: str, replace: bool = False, exist_ok: bool = False) -> None:
+            asked.append(self.name)
+            (Path(root) / self.name).write_bytes(self._path.read_bytes())
+
+    class _Run:
+        def files(self) -> list[_File]:
+            return [_File(p) for p in sorted(served.iterdir())]
+
+    class _Api:
+        def run(self, path: str) -> _Run:
+            assert path == "goodfire/spd/ab12cd34"
+            return _Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=_Api))
+    monkeypatch.delenv("WANDB_MODE")
+    from spd_adapters.spd.targets.run_reader import locate
+
+    run = locate("wandb:goodfire/spd/runs/ab12cd34")
+    assert sorted(asked) == [
+        "final_config.yaml",
+        "model_config.yaml",
+        "model_step_100.pt",
+        "tokenizer.json",
+    ]
+    assert run.checkpoint.name == "model_step_100.pt" and run.tokenizer_dir is not None
+    asked.clear()
+    assert locate("goodfire/spd/ab12cd34").checkpoint == run.checkpoint  # cached: no download
+    assert asked == []

@@ -6,8 +6,10 @@ imported (a config must never make us import arbitrary code): ``transformers.*``
 other callables are refused), and Goodfire's own target models
 (``spd.pretrain.models.<module>.<Class>``, also under ``param_decomp``; see
 ``spd_adapters.spd.targets``), which are built from their pretrain run's ``model_config.yaml``
-(``pretrained_model_name`` / ``pretrained_model_path``: a wandb run or a local checkpoint). When the checkpoint carries the frozen base
-model (``target_model.*``), the model is built from its Hugging Face config
+(``pretrained_model_name`` / ``pretrained_model_path``: a wandb run or a local checkpoint).
+
+For ``transformers`` classes: when the checkpoint carries the frozen base model
+(``target_model.*``), the model is built from its Hugging Face config
 (``pretrained_model_name``: ``demo``, a local directory, or a cached Hub name) and those weights
 are loaded, so the decomposition is always paired with exactly the weights it was trained on.
 Without them, ``spd_host.models.load_base_model(pretrained_model_name)`` loads the published
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,10 @@ from torch import Tensor, nn
 from spd_adapters.spd.config import SpdRunConfig
 from spd_adapters.spd.formats import ModuleSpec
 from spd_host.errors import FormatError, SourceNotFoundError
+
+if TYPE_CHECKING:
+    from spd_adapters.spd.targets.configs import TargetConfig
+    from spd_adapters.spd.targets.run_reader import PretrainRun
 
 
 def goodfire_model_type(config: SpdRunConfig) -> str | None:
@@ -103,13 +109,13 @@ def _instantiate(config: SpdRunConfig) -> nn.Module:
     return cls(hf)  # type: ignore[no-any-return]
 
 
-def _goodfire_run(config: SpdRunConfig) -> Any:
+def _goodfire_run(config: SpdRunConfig) -> PretrainRun:
     from spd_adapters.spd.targets.run_reader import locate
 
     return locate(base_model_name(config))
 
 
-def _goodfire_config(config: SpdRunConfig, model_type: str) -> Any:
+def _goodfire_config(config: SpdRunConfig, model_type: str) -> TargetConfig:
     from spd_adapters.spd.targets.loading import read_config
 
     return read_config(_goodfire_run(config), model_type)
@@ -169,9 +175,8 @@ def load_base(
 def load_tokenizer(config: SpdRunConfig) -> Any:
     """The run's tokenizer: ``tokenizer_name`` (else the base model's own).
 
-    For a Goodfire target, ``tokenizer_name`` (a Hub name, as Goodfire's SPD runs give it) is
-    tried first; if it is not available locally, the tokenizer the pretrain run saved next to
-    its configs (``tokenizer.json``) is used, then the run's ``hf_tokenizer_path``.
+    For a Goodfire target the pretrain run's saved tokenizer is also a candidate (see
+    ``spd_adapters.spd.targets.tokenizer`` for the order).
     """
     from spd_host.models import load_tokenizer as load_named
 

@@ -516,3 +516,16 @@ def test_wandb_download_fetches_configs_tokenizer_and_only_the_latest_checkpoint
     asked.clear()
     assert locate("goodfire/spd/ab12cd34").checkpoint == run.checkpoint  # cached: no download
     assert asked == []
+
+
+def test_sequences_longer_than_block_size_are_refused_before_the_forward(tmp_path: Path) -> None:
+    from spd_host.data import check_seq_len
+    from spd_host.errors import DatasetError
+
+    _, spd = _error_run(tmp_path, "llama_simple")
+    model = _load(spd)
+    check_seq_len(32, model)  # block_size (n_ctx is 8: later positions reuse the last angle)
+    with pytest.raises(DatasetError, match="longer than the model's context of 32"):
+        check_seq_len(33, model)
+    with pytest.raises(ValueError, match="block_size=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))

@@ -110,9 +110,10 @@ def _instantiate(config: SpdRunConfig) -> nn.Module:
 
 
 def _goodfire_run(config: SpdRunConfig) -> PretrainRun:
+    """The target's pretrain run, without its weights (configs and tokenizer only)."""
     from spd_adapters.spd.targets.run_reader import locate
 
-    return locate(base_model_name(config))
+    return locate(base_model_name(config), weights=False)
 
 
 def _goodfire_config(config: SpdRunConfig, model_type: str) -> TargetConfig:

@@ -474,12 +474,16 @@ def test_wandb_download_fetches_configs_tokenizer_and_only_the_latest_checkpoint
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The download path, against a stand-in for wandb's public API (``Api().run(p).files()``,
-    each file with ``name`` and ``download(root=, replace=, exist_ok=)``) serving a run's files."""
+    each file with ``name`` and ``download(root=, replace=, exist_ok=)``) serving a run's files.
+
+    An SPD run whose checkpoint holds ``target_model.*`` never downloads the pretrain checkpoint
+    (real runs always do); one without downloads only the highest step, once.
+    """
     import sys
     import types
 
     served = tmp_path / "served"
-    gp.write_pretrain_run(served, gp.GPT2_SIMPLE, flat=True)
+    target_sd = gp.write_pretrain_run(served, gp.GPT2_SIMPLE, flat=True)
     (served / "output.log").write_text("not wanted")
     asked: list[str] = []
 
@@ -503,18 +507,25 @@ def test_wandb_download_fetches_configs_tokenizer_and_only_the_latest_checkpoint
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=_Api))
     monkeypatch.delenv("WANDB_MODE")
+    name = "wandb:goodfire/spd/runs/ab12cd34"
+    spd_sd = _write_spd_run(
+        tmp_path / "with", gp.GPT2_SIMPLE, name, PATTERNS["GPT2Simple"], target_sd=target_sd
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'with'}")
+    _check_harvest(adapter, target_sd, spd_sd, gp.GPT2_SIMPLE)
+    assert sorted(asked) == ["final_config.yaml", "model_config.yaml", "tokenizer.json"]
+    asked.clear()
+
+    spd_sd = _write_spd_run(
+        tmp_path / "without", gp.GPT2_SIMPLE, name, PATTERNS["GPT2Simple"], with_target=False
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'without'}")
+    _check_harvest(adapter, target_sd, spd_sd, gp.GPT2_SIMPLE)
+    assert asked == ["model_step_100.pt"]  # not steps 0 and 4, not output.log
+    asked.clear()
     from spd_adapters.spd.targets.run_reader import locate
 
-    run = locate("wandb:goodfire/spd/runs/ab12cd34")
-    assert sorted(asked) == [
-        "final_config.yaml",
-        "model_config.yaml",
-        "model_step_100.pt",
-        "tokenizer.json",
-    ]
-    assert run.checkpoint.name == "model_step_100.pt" and run.tokenizer_dir is not None
-    asked.clear()
-    assert locate("goodfire/spd/ab12cd34").checkpoint == run.checkpoint  # cached: no download
+    assert locate("goodfire/spd/ab12cd34").checkpoint is not None  # cached: no download
     assert asked == []
 
 
@@ -529,3 +540,20 @@ def test_sequences_longer_than_block_size_are_refused_before_the_forward(tmp_pat
         check_seq_len(33, model)
     with pytest.raises(ValueError, match="block_size=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_wandb_configs_cached_but_checkpoint_needed_offline(tmp_path: Path) -> None:
+    from spd_host.paths import cache_dir
+
+    cached = cache_dir("wandb") / "goodfire__spd__ab12cd34"
+    gp.write_pretrain_run(cached, gp.GPT2_SIMPLE, flat=True)
+    for ckpt in cached.glob("model_step_*.pt"):
+        ckpt.unlink()
+    (cached / ".configs-complete").write_text("goodfire/spd/ab12cd34")
+    spd = tmp_path / "spd"
+    name = "wandb:goodfire/spd/runs/ab12cd34"
+    _write_spd_run(spd, gp.GPT2_SIMPLE, name, {"h.0.mlp.c_fc": 3}, with_target=False)
+    adapter = get_host().load_adapter(f"spd:{spd}")
+    assert {s.name for s in adapter.sites} == {"0.mlp.up"}  # metadata needs no weights
+    with pytest.raises(SourceNotFoundError, match="its checkpoint is not in the local cache"):
+        adapter.load_base_model()

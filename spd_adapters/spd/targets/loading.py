@@ -141,6 +141,7 @@ def load_pretrained(model_type: str, name: str) -> nn.Module:
     a launch config whose frozen target is not saved with the decomposition).
     """
     run = locate(name)
+    assert run.checkpoint is not None  # located with weights
     return load_model(
         read_config(run, model_type), read_checkpoint(run.checkpoint), where=run.checkpoint
     )

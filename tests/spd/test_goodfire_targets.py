@@ -557,3 +557,37 @@ def test_wandb_configs_cached_but_checkpoint_needed_offline(tmp_path: Path) -> N
     assert {s.name for s in adapter.sites} == {"0.mlp.up"}  # metadata needs no weights
     with pytest.raises(SourceNotFoundError, match="its checkpoint is not in the local cache"):
         adapter.load_base_model()
+
+
+def test_param_decomp_jax_gpt2_simple_without_linear_biases(tmp_path: Path) -> None:
+    """param-decomp's JAX GPT2Simple: no q/k/v/o/MLP biases, no lm_head, ``n_intermediate`` and
+    ``layer_norm_eps`` in model_config.yaml; the missing biases are zero."""
+    from safetensors.torch import save_file
+
+    cfg = {**gp.GPT2_SIMPLE, "n_intermediate": 64, "layer_norm_eps": 1e-5}
+    full = gp.goodfire_state_dict(gp.GPT2_SIMPLE, seed=4)
+    target_sd = {
+        k: v
+        for k, v in full.items()
+        if k != "lm_head.weight" and not (k.endswith(".bias") and (".attn." in k or ".mlp." in k))
+    }
+    assert "h.0.ln_1.bias" in target_sd and "h.0.attn.q_proj.bias" not in target_sd
+    cache = tmp_path / "pretrain_cache" / "spd-ab12cd34"
+    cache.mkdir(parents=True)
+    (cache / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    save_file(
+        {k: v.contiguous() for k, v in target_sd.items()}, str(cache / "model_step_5.safetensors")
+    )
+    spd_sd = _write_spd_run(
+        tmp_path / "spd", gp.GPT2_SIMPLE, str(cache), PATTERNS["GPT2Simple"], with_target=False
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'spd'}")
+    _check_harvest(
+        adapter, {**target_sd, "lm_head.weight": full["wte.weight"]}, spd_sd, gp.GPT2_SIMPLE
+    )
+    partial = {**target_sd, "h.0.attn.q_proj.bias": torch.zeros(16)}
+    save_file(
+        {k: v.contiguous() for k, v in partial.items()}, str(cache / "model_step_6.safetensors")
+    )
+    with pytest.raises(FormatError, match=r"missing \['h\.0\.attn\.k_proj\.bias'"):
+        _load(tmp_path / "spd")

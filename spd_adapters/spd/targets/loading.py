@@ -6,11 +6,14 @@ and which tensor is wrong. Old pretrain runs have no ``model_type`` in ``model_c
 like Goodfire we then take it from ``pretrained_model_class``. The tied ``lm_head.weight`` /
 ``wte.weight`` may be present under either name or both (torch saves both; param-decomp's
 safetensors only ``wte.weight``); when both are present they must be equal. Untied heads
-(``tie_word_embeddings: false``) need both.
+(``tie_word_embeddings: false``) need both. A GPT2Simple state dict without any attention or MLP
+bias (param-decomp's JAX-pretrained GPT2Simple has none) loads with those biases zero; one that
+lacks only some of them is refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,12 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from spd_adapters.spd.targets.configs import CONFIG_CLASSES, TargetConfig
-from spd_adapters.spd.targets.models import build_model
+from spd_adapters.spd.targets.models import GPT2Simple, build_model
 from spd_adapters.spd.targets.run_reader import PretrainRun, locate
 from spd_host.errors import FormatError
 
 TIED = ("wte.weight", "lm_head.weight")
+_LINEAR_BIAS = re.compile(r"^h\.\d+\.(attn\.[qkvo]_proj|mlp\.(c_fc|down_proj))\.bias$")
 
 
 def parse_model_config(
@@ -99,6 +103,10 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, where: Path |
         for k in TIED:
             state.setdefault(k, state[present[0]])
     expected = model.state_dict()
+    linear_biases = [k for k in expected if _LINEAR_BIAS.match(k)]
+    if isinstance(model, GPT2Simple) and not any(k in state for k in linear_biases):
+        # param-decomp's JAX-pretrained GPT2Simple has no q/k/v/o or MLP biases: they are zero
+        state.update({k: torch.zeros_like(expected[k]) for k in linear_biases})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

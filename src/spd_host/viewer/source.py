@@ -27,6 +27,12 @@ class DecompositionSource:
         self.decomposition_id = decomposition_id
         self.did = get_host().parse_id(decomposition_id)
         self.repo = HarvestRepo.open(decomposition_id, harvest_run)
+        from spd_host.autointerp.store import default_db_path
+        from spd_host.evals.results import evals_dir
+
+        # resolved once: a running server keeps reading the stores it was started on
+        self.labels_path: Path = default_db_path(self.storage_key)
+        self.evals_dir: Path = evals_dir(self.storage_key)
         self._decoded: dict[int, str] = {}
 
     # -- identity ---------------------------------------------------------------------------------
@@ -77,12 +83,6 @@ class DecompositionSource:
         }
 
     # -- labels -----------------------------------------------------------------------------------
-    @property
-    def labels_path(self) -> Path:
-        from spd_host.autointerp.api import labels_db_path
-
-        return labels_db_path(self.decomposition_id)
-
     def label_records(self, key: str | None = None) -> list[Any]:
         """Stored label rows (newest first), failures included; [] when nothing is stored."""
         from spd_host.autointerp.store import LabelStore
@@ -103,10 +103,8 @@ class DecompositionSource:
     # -- evals ------------------------------------------------------------------------------------
     def eval_results(self) -> list[Any]:
         """Every stored eval result this host can read (unreadable files are skipped)."""
-        from spd_host.evals.results import evals_dir
-
-        out = []
-        d = evals_dir(self.storage_key)
+        out: list[Any] = []
+        d = self.evals_dir
         if not d.exists():
             return out
         for path in sorted(d.glob("*.json")):
@@ -131,15 +129,13 @@ class DecompositionSource:
 
     def fingerprint(self) -> str:
         """Changes whenever labels or eval results change (so caches know to refresh)."""
-        from spd_host.evals.results import evals_dir
-
         parts = [str(self.repo.path)]
         paths = [
             self.repo.path / "harvest.json",
             self.labels_path,
             self.labels_path.with_name(self.labels_path.name + "-wal"),
         ]
-        d = evals_dir(self.storage_key)
+        d = self.evals_dir
         if d.exists():
             paths += sorted(d.glob("*.json"))
         for p in paths:

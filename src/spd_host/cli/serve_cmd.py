@@ -25,6 +25,18 @@ Top = Annotated[int | None, typer.Option(help="the N densest alive components")]
 Search = Annotated[str | None, typer.Option(help="only components whose label or top tokens match")]
 
 
+def _need_viewer() -> None:
+    """The web stack is the optional ``viewer`` extra: say how to get it instead of a traceback."""
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"the viewer needs {', '.join(missing)}, which are not installed",
+            hint="pip install 'spd-host[viewer]'",
+        )
+
+
 def _keys(components: str | None) -> list[str] | None:
     return [k.strip() for k in components.split(",") if k.strip()] if components else None
 
@@ -43,6 +55,7 @@ def serve(
     harvest_run: HarvestRun = None,
 ) -> None:
     """Browse harvests in a local web app: index, component pages, compare view."""
+    _need_viewer()
     import uvicorn
 
     from spd_host.viewer.app import Viewer, create_app
@@ -67,6 +80,7 @@ def dashboard(
     harvest_run: HarvestRun = None,
 ) -> None:
     """Write a static, self-contained dashboard (opens from file://, no server, no network)."""
+    _need_viewer()
     from spd_host.viewer.source import DecompositionSource
     from spd_host.viewer.static_site import write_dashboard
 
@@ -94,6 +108,7 @@ def neuronpedia(
     harvest_run: HarvestRun = None,
 ) -> None:
     """Neuronpedia feature JSON (activations, quantile bins, logits, histogram, explanations)."""
+    _need_viewer()
     from spd_host.viewer.exports import export_neuronpedia
     from spd_host.viewer.index import ComponentIndex
     from spd_host.viewer.source import DecompositionSource

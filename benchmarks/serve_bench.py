@@ -46,7 +46,9 @@ from spd_host.adapter import (  # noqa: E402
 )
 from spd_host.hookspecs import hookimpl  # noqa: E402
 
-METHOD = MethodInfo(name="servebench", description="synthetic decomposition for the viewer benchmark")
+METHOD = MethodInfo(
+    name="servebench", description="synthetic decomposition for the viewer benchmark"
+)
 
 
 @dataclass
@@ -101,7 +103,9 @@ def make_adapter(n_sites: int, C: int, V: int, l0: int) -> Adapter:
             firings[f"{s}.mlp"] = (a > 0).view(B, S, C)
             acts[f"{s}.mlp"] = {"act": a.view(B, S, C)}
         logits = (torch.randn(N, 32, generator=g) @ U).view(B, S, V)
-        return HarvestBatch(tokens=tokens, firings=firings, activations=acts, next_token_logits=logits)
+        return HarvestBatch(
+            tokens=tokens, firings=firings, activations=acts, next_token_logits=logits
+        )
 
     sites = [
         Site(name=f"{s}.mlp", n_components=C, reads_from=f"{s}.mlp_in", writes_to=(f"{s}.mlp_out",))
@@ -114,7 +118,9 @@ def batches(V: int, B: int, S: int) -> Callable[[int, int, int], Iterator[torch.
     def source(rank: int, world: int, start: int) -> Iterator[torch.Tensor]:
         i = start
         while True:
-            yield torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(rank + i * world))
+            yield torch.randint(
+                0, V, (B, S), generator=torch.Generator().manual_seed(rank + i * world)
+            )
             i += 1
 
     return source
@@ -129,7 +135,9 @@ def fetch(url: str) -> tuple[float, int, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sites", type=int, default=8)
     ap.add_argument("--per-site", type=int, default=125_000)
     ap.add_argument("--vocab", type=int, default=5000)
@@ -149,14 +157,19 @@ def main() -> None:
     adapter = make_adapter(args.sites, args.per_site, args.vocab, args.l0)
     B, S = 2, 64
     result: dict[str, Any] = {"components": args.sites * args.per_site}
-    with tempfile.TemporaryDirectory() as tmp, temporary_plugins(("servebench", Plugin(adapter)), entry_points=False):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        temporary_plugins(("servebench", Plugin(adapter)), entry_points=False),
+    ):
         os.environ["SPD_HOST_HOME"] = tmp
         config = HarvestConfig(
             n_tokens=args.n_batches * B * S, batch_size=B, seq_len=S, examples_per_component=8,
             context_tokens=8, checkpoint_every=1000, cooccurrence_fraction=0.2,
         )  # fmt: skip
         t0 = time.perf_counter()
-        repo = run_harvest("servebench:demo", config, batches=batches(args.vocab, B, S), progress=False)
+        repo = run_harvest(
+            "servebench:demo", config, batches=batches(args.vocab, B, S), progress=False
+        )
         assert repo is not None
         result["harvest_seconds"] = round(time.perf_counter() - t0, 2)
 
@@ -173,7 +186,9 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(viewer), host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(viewer), host="127.0.0.1", port=port, log_level="warning")
+        )
         th = threading.Thread(target=server.run, daemon=True)
         th.start()
         while not server.started:
@@ -190,8 +205,17 @@ def main() -> None:
         for name, path in pages.items():
             first = fetch(base + path)
             again = [fetch(base + path)[0] for _ in range(3)]
-            timings[name] = {"status": first[1], "first_s": round(first[0], 3), "repeat_s": round(min(again), 3)}
-        alive = viewer.indexes[0].keys(__import__("spd_host.viewer.index", fromlist=["IndexQuery"]).IndexQuery(alive="alive", sort="density"), limit=5000)
+            timings[name] = {
+                "status": first[1],
+                "first_s": round(first[0], 3),
+                "repeat_s": round(min(again), 3),
+            }
+        alive = viewer.indexes[0].keys(
+            __import__("spd_host.viewer.index", fromlist=["IndexQuery"]).IndexQuery(
+                alive="alive", sort="density"
+            ),
+            limit=5000,
+        )
         rng = random.Random(0)
         comp = []
         for key in rng.sample(alive, min(5, len(alive))):

@@ -78,12 +78,16 @@ def test_index_sort_filter_search(
     assert count_text(browser) == len(summary)
     # default order: density, descending (ties by harvest order)
     ref = sorted(range(len(summary)), key=lambda g: (-summary[g].density, g))[:50]
-    assert [r.get_attribute("data-key") for r in table_rows(browser)] == [summary[g].key for g in ref]
+    assert [r.get_attribute("data-key") for r in table_rows(browser)] == [
+        summary[g].key for g in ref
+    ]
     # click the density header: ascending
     browser.find_element(By.CSS_SELECTOR, 'a.sort[data-col="density"]').click()
     wait_for(browser, lambda d: "desc=0" in d.current_url)
     ref = sorted(range(len(summary)), key=lambda g: (summary[g].density, g))[:50]
-    assert [r.get_attribute("data-key") for r in table_rows(browser)] == [summary[g].key for g in ref]
+    assert [r.get_attribute("data-key") for r in table_rows(browser)] == [
+        summary[g].key for g in ref
+    ]
     # filter by site and a density range
     Select(browser.find_element(By.ID, "site")).select_by_visible_text("layer_1")
     browser.find_element(By.ID, "dmin").send_keys("0.001")
@@ -147,7 +151,7 @@ def test_component_page_matches_harvest_repo(
         assert sorted(scores) == pytest.approx(sorted(e.score for e in d.reservoir_examples))
         # the input-token PMI column equals token_stats
         ts = repo.token_stats(key, "input", top=10)
-        cells = browser.find_elements(By.CSS_SELECTOR, '#input-tokens table tr td.tokcell')
+        cells = browser.find_elements(By.CSS_SELECTOR, "#input-tokens table tr td.tokcell")
         shown = [json.loads(c.text) for c in cells[::3]]
         assert shown == [repo.tokenizer.decode([s.token]) for s in ts.top_pmi]
         # the histogram chart was drawn by the vendored Chart.js (no network)
@@ -163,7 +167,9 @@ def test_correlated_link_and_keyboard(
 ) -> None:
     repo = fresh_repo(viewer, 0)
     summary = repo.summary()
-    key = next(s.key for s in sorted(summary, key=lambda s: -s.firing_count) if repo.correlated(s.key))
+    key = next(
+        s.key for s in sorted(summary, key=lambda s: -s.firing_count) if repo.correlated(s.key)
+    )
     expect = repo.correlated(key, metric="jaccard", top=12)
     browser.get(f"{server}/d/0/c/{key}")
     links = browser.find_elements(By.CSS_SELECTOR, "#correlated a.corr")
@@ -198,7 +204,9 @@ def test_compare_view(home: Path, server: str, browser: Any, viewer: Any, tmp_pa
     ra, rb = fresh_repo(viewer, 0), fresh_repo(viewer, 1)
     ta = {s.token for s in ra.token_stats(a.text, "input", top=5).top_pmi}
     tb = {s.token for s in rb.token_stats(b_links[0].text, "input", top=5).top_pmi}
-    jac = float(browser.find_elements(By.CSS_SELECTOR, "table.match-table tr td:nth-child(5)")[0].text)
+    jac = float(
+        browser.find_elements(By.CSS_SELECTOR, "table.match-table tr td:nth-child(5)")[0].text
+    )
     assert jac == pytest.approx(len(ta & tb) / len(ta | tb), abs=1e-3)
     target = b_links[0].text
     b_links[0].click()
@@ -215,7 +223,9 @@ def test_static_dashboard_from_file_url(
     repo = fresh_repo(viewer, 0)
     summary = {s.key: s for s in repo.summary()}
     alive = sorted((s for s in summary.values() if s.firing_count), key=lambda s: -s.density)
-    assert keys == [s.key for s in sorted(alive, key=lambda s: (-s.density, repo.layout.index(s.key)))[:20]]
+    assert keys == [
+        s.key for s in sorted(alive, key=lambda s: (-s.density, repo.layout.index(s.key)))[:20]
+    ]
     for p in out.rglob("*.html"):
         assert "http://" not in p.read_text() and "https://" not in p.read_text(), p
     browser.get((out / "index.html").as_uri())

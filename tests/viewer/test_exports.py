@@ -1,3 +1,4 @@
+# ruff: noqa: N815
 """Exports read back by readers written here from the published schemas, the index cache against
 brute force over ``HarvestRepo.summary()``, decoder logits against a dense reference, CLI errors.
 
@@ -128,7 +129,9 @@ def test_circuit_tracer_files_round_trip(home: Path, viewer: Any, tmp_path: Path
         assert len(offs) == n + 1 and offs[-1] == (path.parent / f"{site}.bin").stat().st_size
     P = repo.layout.act_types[0]
     summary = repo.summary()
-    alive = [s for s in summary if s.firing_count][:5] + [s for s in summary if not s.firing_count][:1]
+    alive = [s for s in summary if s.firing_count][:5] + [s for s in summary if not s.firing_count][
+        :1
+    ]
     logits = _dense_logits(src)
     for s in alive:
         layer = repo.layout.names.index(s.site)
@@ -141,7 +144,9 @@ def test_circuit_tracer_files_round_trip(home: Path, viewer: Any, tmp_path: Path
         assert feat.act_max == pytest.approx(d.max_firing[P] or 0.0)
         assert feat.histogram == [float(c) for c in d.histogram_counts]
         top = feat.examples_quantiles[0].examples
-        assert [e.tokens for e in top] == [[repo.tokenizer.decode([t]) for t in ex.tokens] for ex in d.top_examples]
+        assert [e.tokens for e in top] == [
+            [repo.tokenizer.decode([t]) for t in ex.tokens] for ex in d.top_examples
+        ]
         assert [e.train_token_ind for e in top] == [ex.centre for ex in d.top_examples]
         for e, ex in zip(top, d.top_examples, strict=True):
             assert e.tokens_acts_list == pytest.approx(ex.activations[P])
@@ -207,7 +212,9 @@ def test_neuronpedia_round_trip(home: Path, viewer: Any, tmp_path: Path) -> None
             assert a.tokens == [repo.tokenizer.decode([t]) for t in ex.tokens]
         binned = [a for a in f.activations if a.binMin != -1]
         assert len(binned) == len(d.reservoir_examples)
-        assert all(a.binMin is not None and a.binMax is not None and a.binMin <= a.binMax for a in binned)
+        assert all(
+            a.binMin is not None and a.binMax is not None and a.binMin <= a.binMax for a in binned
+        )
         labels = {r.label for r in src.label_records(key) if r.status == "ok"}
         assert {e.description for e in f.explanations} == labels
         assert len(f.pos_str) == 10 and f.pos_values == sorted(f.pos_values, reverse=True)
@@ -243,9 +250,24 @@ def test_cli_errors_are_one_line(home: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(
         app, ["dashboard", "transcoder:demo", "--out", str(tmp_path), "--components", "layer_9:1"]
     )
-    assert r.exit_code == 1 and "components not in the harvest: layer_9:1" in " ".join(r.output.split())
-    r = CliRunner().invoke(app, ["dashboard", "transcoder:demo", "--out", str(tmp_path), "--search", "zzqqxx"])
+    assert r.exit_code == 1 and "components not in the harvest: layer_9:1" in " ".join(
+        r.output.split()
+    )
+    r = CliRunner().invoke(
+        app, ["dashboard", "transcoder:demo", "--out", str(tmp_path), "--search", "zzqqxx"]
+    )
     assert r.exit_code == 1 and "no component matches search 'zzqqxx'" in " ".join(r.output.split())
-    r = CliRunner().invoke(app, ["export", "neuronpedia", "transcoder:demo", "--out", str(tmp_path / "np"), "--components", "layer_0:1,layer_0:2"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "neuronpedia",
+            "transcoder:demo",
+            "--out",
+            str(tmp_path / "np"),
+            "--components",
+            "layer_0:1,layer_0:2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "np" / "layer_0").iterdir()) == ["1.json", "2.json"]

@@ -50,7 +50,9 @@ def _free_port(host: str) -> int:
 @handles_errors
 def serve(
     ids: Annotated[list[str], typer.Argument(help="one or more decomposition IDs")],
-    host: Annotated[str, typer.Option(help="interface to bind (loopback by default)")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="interface to bind (loopback by default)")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port (0: pick a free one)")] = 8765,
     harvest_run: HarvestRun = None,
 ) -> None:
@@ -134,7 +136,9 @@ def circuit_tracer(
     from spd_host.viewer.source import DecompositionSource
 
     path = export_circuit_tracer(DecompositionSource(decomposition_id, harvest_run), out)
-    console.print(f"wrote {path} (serve with circuit_tracer's local server, features_dir={path.parent})")
+    console.print(
+        f"wrote {path} (serve with circuit_tracer's local server, features_dir={path.parent})"
+    )
 
 
 @export_app.command("logits")

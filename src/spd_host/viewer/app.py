@@ -54,7 +54,9 @@ class Viewer:
 
     def __init__(self, sources: list[DecompositionSource], *, background_tokens: bool = True):
         self.sources = sources
-        self.indexes = [ComponentIndex(s).ensure(background_tokens=background_tokens) for s in sources]
+        self.indexes = [
+            ComponentIndex(s).ensure(background_tokens=background_tokens) for s in sources
+        ]
         self.logits = [LogitTable.load(s) for s in sources]
         self.links = ServerLinks()
 
@@ -67,7 +69,7 @@ class Viewer:
 
     def _source(self, n: int) -> tuple[DecompositionSource, ComponentIndex]:
         if not 0 <= n < len(self.sources):
-            raise _NotFound(f"no decomposition number {n}")
+            raise _NotFoundError(f"no decomposition number {n}")
         return self.sources[n], self.indexes[n]
 
     # -- pages ------------------------------------------------------------------------------------
@@ -144,12 +146,15 @@ class Viewer:
 
     def status(self, request: Request) -> Response:
         return JSONResponse(
-            {s.decomposition_id: i.status() for s, i in zip(self.sources, self.indexes, strict=True)}
+            {
+                s.decomposition_id: i.status()
+                for s, i in zip(self.sources, self.indexes, strict=True)
+            }
         )
 
 
-class _NotFound(SpdHostError):
-    pass
+class _NotFoundError(SpdHostError):
+    """A page that does not exist (404)."""
 
 
 def parse_query(params: dict[str, str]) -> IndexQuery:
@@ -188,7 +193,7 @@ def create_app(viewer: Viewer) -> Starlette:
         def endpoint(request: Request) -> Response:
             try:
                 return fn(request)  # type: ignore[no-any-return]
-            except _NotFound as err:
+            except _NotFoundError as err:
                 return HTMLResponse(f"<h1>not found</h1><p>{err.message}</p>", status_code=404)
             except SpdHostError as err:
                 status = 404 if "not in harvest" in err.message else 400

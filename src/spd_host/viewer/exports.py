@@ -145,7 +145,9 @@ def circuit_tracer_feature(
             "tokens": [source.decode(t) for t in ex.tokens],
         }
 
-    groups = [{"quantile_name": "Top activations", "examples": [example(e) for e in d.top_examples]}]
+    groups = [
+        {"quantile_name": "Top activations", "examples": [example(e) for e in d.top_examples]}
+    ]
     qvals = []
     for q, part in enumerate(_quantiles(d.reservoir_examples)):
         groups.append(
@@ -170,7 +172,9 @@ def circuit_tracer_feature(
     }
 
 
-def export_circuit_tracer(source: DecompositionSource, out: Path, progress: Progress = None) -> Path:
+def export_circuit_tracer(
+    source: DecompositionSource, out: Path, progress: Progress = None
+) -> Path:
     """``<out>/features/index.json.gz`` + ``<out>/features/<site>.bin`` (every feature of every site).
 
     Each feature is one gzip member of its site's ``.bin``; ``offsets[f]`` is where feature ``f``

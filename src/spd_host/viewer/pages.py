@@ -110,9 +110,7 @@ def correlated(source: DecompositionSource, key: str, top: int = 12) -> list[dic
         for m in COOC_METRICS
     }
     ranked = list(by_metric["jaccard"].items())[:top]
-    return [
-        {"key": k, **{m: finite(by_metric[m].get(k)) for m in COOC_METRICS}} for k, _ in ranked
-    ]
+    return [{"key": k, **{m: finite(by_metric[m].get(k)) for m in COOC_METRICS}} for k, _ in ranked]
 
 
 def label_views(source: DecompositionSource, key: str) -> list[dict[str, Any]]:

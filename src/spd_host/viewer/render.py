@@ -77,7 +77,16 @@ def density_chart(hist: dict[str, Any]) -> dict[str, Any]:
     """Chart.js data: one dataset per site over log10-density bins (dead components apart)."""
     edges = hist.get("edges", DENSITY_BINS)
     labels = ["dead", *[f"{edges[i]:.2f}" for i in range(len(edges) - 1)]]
-    palette = ["#e07b00", "#2a6fdb", "#2f9e44", "#b02a8f", "#7a5af8", "#c92a2a", "#0b7285", "#5c940d"]
+    palette = [
+        "#e07b00",
+        "#2a6fdb",
+        "#2f9e44",
+        "#b02a8f",
+        "#7a5af8",
+        "#c92a2a",
+        "#0b7285",
+        "#5c940d",
+    ]
     datasets = [
         {
             "label": site,
@@ -90,7 +99,10 @@ def density_chart(hist: dict[str, Any]) -> dict[str, Any]:
 
 
 def activation_chart(bins: list[dict[str, Any]], primary: str) -> dict[str, Any]:
-    labels = [f"{b['lo']:.3g}–{b['hi']:.3g}" if math.isfinite(b["hi"]) else f"≥{b['lo']:.3g}" for b in bins]
+    labels = [
+        f"{b['lo']:.3g}–{b['hi']:.3g}" if math.isfinite(b["hi"]) else f"≥{b['lo']:.3g}"
+        for b in bins
+    ]
     return {
         "labels": labels,
         "datasets": [

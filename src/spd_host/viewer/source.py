@@ -164,5 +164,7 @@ def finite(x: float | None) -> float | None:
 def open_sources(ids: list[str], harvest_run: str | None = None) -> list[DecompositionSource]:
     """Open each ID; a clear error naming the one without a harvest."""
     if not ids:
-        raise ResultsNotFoundError("no decomposition ID given", hint="e.g. `spd-host serve transcoder:demo`")
+        raise ResultsNotFoundError(
+            "no decomposition ID given", hint="e.g. `spd-host serve transcoder:demo`"
+        )
     return [DecompositionSource(i, harvest_run) for i in ids]

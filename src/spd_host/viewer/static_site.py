@@ -32,6 +32,12 @@ from spd_host.viewer.render import (
 )
 from spd_host.viewer.source import JUDGE_SUITES, DecompositionSource
 
+STATIC_ROW_FIELDS = (
+    "gidx", "key", "site", "density", "mean_act", "max_act", "label", "label_model",
+    "label_strategy", "label_baseline", "detection", "fuzzing", "intruder", "alive",
+    "input_tokens", "output_tokens", "href",
+)  # fmt: skip
+
 
 def page_name(key: str) -> str:
     """A component's file name (``layer_0:12`` -> ``layer_0__12.html``)."""
@@ -118,16 +124,7 @@ def write_dashboard(
         row = index.row(key)
         assert row is not None
         row["href"] = f"c/{page_name(key)}"
-        rows.append(
-            {
-                k: row[k]
-                for k in (
-                    "gidx", "key", "site", "density", "mean_act", "max_act", "label",
-                    "label_model", "label_strategy", "label_baseline", "detection", "fuzzing",
-                    "intruder", "alive", "input_tokens", "output_tokens", "href",
-                )
-            }  # fmt: skip
-        )
+        rows.append({k: row[k] for k in STATIC_ROW_FIELDS})
         if progress:
             progress(i + 1, len(keys))
     (out / "data" / "index.js").write_text(

@@ -76,8 +76,8 @@ def test_index_sort_filter_search(
     browser.get(f"{server}/d/0/")
     shoot(browser, tmp_path, "index")
     assert count_text(browser) == len(summary)
-    # default order: density, descending (ties by harvest order)
-    ref = sorted(range(len(summary)), key=lambda g: (-summary[g].density, g))[:50]
+    # default order: density, descending (ties: later components first, the same direction)
+    ref = sorted(range(len(summary)), key=lambda g: (-summary[g].density, -g))[:50]
     assert [r.get_attribute("data-key") for r in table_rows(browser)] == [
         summary[g].key for g in ref
     ]

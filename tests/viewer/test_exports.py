@@ -229,11 +229,13 @@ def test_index_queries_equal_brute_force(home: Path, viewer: Any) -> None:
     g = {s.key: i for i, s in enumerate(summary)}
     for q, keep, sort_key in (
         (IndexQuery(sort="max", desc=True, page=2, per_page=30), lambda s: True,
-         lambda s: (s.max_firing[prim] is None, -(s.max_firing[prim] or 0), g[s.key])),
+         lambda s: (s.max_firing[prim] is None, -(s.max_firing[prim] or 0), -g[s.key])),
         (IndexQuery(sort="key", desc=False, site="2.mlp.down", alive="alive"),
          lambda s: s.site == "2.mlp.down" and s.firing_count > 0, lambda s: g[s.key]),
         (IndexQuery(sort="density", desc=False, dmin=0.01, dmax=0.2, alive="all"),
          lambda s: 0.01 <= s.density <= 0.2, lambda s: (s.density, g[s.key])),
+        (IndexQuery(sort="mean", desc=False, page=3, per_page=100), lambda s: True,
+         lambda s: (s.mean_firing[prim] is None, s.mean_firing[prim] or 0, g[s.key])),
     ):  # fmt: skip
         rows, total = index.query(q)
         ref = sorted((s for s in summary if keep(s)), key=sort_key)

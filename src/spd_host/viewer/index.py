@@ -29,10 +29,10 @@ from typing import Any
 from spd_host.errors import ConfigError
 from spd_host.viewer.source import JUDGE_SUITES, DecompositionSource, finite
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 SORTS = {
     "key": "gidx",
-    "site": "site_order, idx",
+    "site": "gidx",  # harvest order is site order, then index
     "density": "density",
     "mean": "mean_act",
     "max": "max_act",
@@ -45,7 +45,7 @@ DENSITY_BINS = [-8.0 + 0.25 * i for i in range(33)]  # log10 density edges, 1e-8
 TOKEN_CHUNK = 2000
 TOP_TOKENS = 5
 
-_DDL = """
+_TABLES = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE components (
   gidx INTEGER PRIMARY KEY, key TEXT NOT NULL, site TEXT NOT NULL, site_order INTEGER NOT NULL,
@@ -55,17 +55,22 @@ CREATE TABLE components (
   detection REAL, fuzzing REAL, intruder REAL,
   input_tokens TEXT, output_tokens TEXT, input_ids TEXT
 );
-CREATE UNIQUE INDEX c_key ON components(key);
-CREATE INDEX c_site ON components(site, idx);
-CREATE INDEX c_density ON components(density);
-CREATE INDEX c_site_density ON components(site, density);
-CREATE INDEX c_mean ON components(mean_act);
-CREATE INDEX c_max ON components(max_act);
-CREATE INDEX c_label ON components(label);
-CREATE INDEX c_detection ON components(detection);
-CREATE INDEX c_fuzzing ON components(fuzzing);
-CREATE INDEX c_intruder ON components(intruder);
 CREATE VIRTUAL TABLE fts USING fts5(label, tokens, tokenize = 'unicode61');
+"""
+# Every sort column is indexed together with gidx (the tie-break), so ``ORDER BY col, gidx``
+# in either direction is an index walk that stops after one page, even over 1M rows.
+_INDEXES = """
+CREATE UNIQUE INDEX c_key ON components(key);
+CREATE INDEX c_site ON components(site, gidx);
+CREATE INDEX c_alive ON components(alive, gidx);
+CREATE INDEX c_density ON components(density, gidx);
+CREATE INDEX c_site_density ON components(site, density, gidx);
+CREATE INDEX c_mean ON components(mean_act, gidx);
+CREATE INDEX c_max ON components(max_act, gidx);
+CREATE INDEX c_label ON components(label, gidx);
+CREATE INDEX c_detection ON components(detection, gidx);
+CREATE INDEX c_fuzzing ON components(fuzzing, gidx);
+CREATE INDEX c_intruder ON components(intruder, gidx);
 """
 
 
@@ -162,9 +167,11 @@ class ComponentIndex:
         repo = self.source.repo
         primary = self.source.primary
         order = {s: i for i, s in enumerate(repo.layout.names)}
-        con = self._connect()
+        con = sqlite3.connect(self.path)
+        con.execute("PRAGMA journal_mode=OFF")  # a cache: rebuilt from scratch if interrupted
+        con.execute("PRAGMA synchronous=OFF")
         try:
-            con.executescript(_DDL)
+            con.executescript(_TABLES)
             rows = (
                 (
                     g,
@@ -185,17 +192,22 @@ class ComponentIndex:
                 " mean_act, max_act, alive) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
-            con.execute("INSERT INTO fts(rowid, label, tokens) SELECT gidx, '', '' FROM components")
+            con.executescript(_INDEXES)
             hist = self._density_histogram(con)
+            n_alive = con.execute("SELECT count(*) FROM components WHERE alive=1").fetchone()[0]
             meta = {
                 "version": str(INDEX_VERSION),
                 "harvest": harvest_id,
                 "density_histogram": json.dumps(hist),
                 "tokens_done": "0",
+                "tokens_indexed": "0",
+                "n_components": str(repo.layout.total),
+                "n_alive": str(n_alive),
                 "base_done": "1",
             }
             con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
             con.commit()
+            con.execute("PRAGMA journal_mode=WAL")
         finally:
             con.close()
 
@@ -223,6 +235,8 @@ class ComponentIndex:
             con.execute(
                 "UPDATE components SET label=NULL, label_model=NULL, label_strategy=NULL,"
                 " label_baseline=NULL, detection=NULL, fuzzing=NULL, intruder=NULL"
+                " WHERE label IS NOT NULL OR detection IS NOT NULL OR fuzzing IS NOT NULL"
+                " OR intruder IS NOT NULL"
             )
             con.executemany(
                 "UPDATE components SET label=?, label_model=?, label_strategy=?, label_baseline=?"
@@ -241,6 +255,7 @@ class ComponentIndex:
             con.execute(
                 "INSERT INTO fts(rowid, label, tokens) SELECT gidx, coalesce(label, ''),"
                 " coalesce(input_tokens, '') || ' ' || coalesce(output_tokens, '') FROM components"
+                " WHERE label IS NOT NULL OR input_ids IS NOT NULL"
             )
             con.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fingerprint,))
             con.commit()
@@ -287,9 +302,16 @@ class ComponentIndex:
                     " WHERE gidx=?",
                     updates,
                 )
+                gids = [(g,) for *_, g in updates]
+                con.executemany("DELETE FROM fts WHERE rowid=?", gids)
                 con.executemany(
-                    "UPDATE fts SET tokens=? WHERE rowid=?",
-                    ((f"{a} {b}", g) for a, b, _, g in updates),
+                    "INSERT INTO fts(rowid, label, tokens) SELECT gidx, coalesce(label, ''),"
+                    " input_tokens || ' ' || output_tokens FROM components WHERE gidx=?",
+                    gids,
+                )
+                con.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='tokens_indexed'",
+                    (len(updates),),
                 )
                 con.commit()
             if not self._stop.is_set():
@@ -300,39 +322,59 @@ class ComponentIndex:
 
     # -- queries ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        """Counts kept in ``meta`` (no table scan per page view)."""
         with self._connect() as con:
-            alive = con.execute("SELECT count(*) FROM components WHERE alive=1").fetchone()[0]
-            done = con.execute(
-                "SELECT count(*) FROM components WHERE input_ids IS NOT NULL"
-            ).fetchone()[0]
-            return {
-                "components": con.execute("SELECT max(gidx) + 1 FROM components").fetchone()[0]
-                or 0,
-                "alive": alive,
-                "tokens_indexed": done,
-                "tokens_done": self._meta(con, "tokens_done") == "1",
-            }
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        return {
+            "components": int(meta.get("n_components", 0)),
+            "alive": int(meta.get("n_alive", 0)),
+            "tokens_indexed": int(meta.get("tokens_indexed", 0)),
+            "tokens_done": meta.get("tokens_done") == "1",
+        }
 
     def density_histogram(self) -> dict[str, Any]:
         with self._connect() as con:
             return dict(json.loads(self._meta(con, "density_histogram") or "{}"))
 
     def query(self, q: IndexQuery) -> tuple[list[dict[str, Any]], int]:
-        """One page of rows and the number of rows matching the filters."""
+        """One page of rows and the number of rows matching the filters.
+
+        Order: ``col`` then ``gidx``, both in the asked direction, rows without a value last.
+        Non-null rows and null rows are two index walks (a single ``ORDER BY col IS NULL``
+        would sort every row).
+        """
         q = q.validated()
         where, args = self._where(q)
-        order = SORTS[q.sort]
-        direction = "DESC" if q.desc else "ASC"
-        cols = ", ".join(f"{c} {direction}" for c in order.split(", "))
-        nulls = f"{order.split(', ')[0]} IS NULL, " if q.sort not in ("key", "site") else ""
-        sql_where = f" WHERE {' AND '.join(where)}" if where else ""
+        col = SORTS[q.sort]
+        d = "DESC" if q.desc else "ASC"
+        offset, limit = (q.page - 1) * q.per_page, q.per_page
+        nullable = col != "gidx" and col != "density"
+
+        def clause(extra: list[str]) -> str:
+            parts = where + extra
+            return f" WHERE {' AND '.join(parts)}" if parts else ""
+
         with self._connect() as con:
             con.row_factory = sqlite3.Row
-            total = con.execute(f"SELECT count(*) FROM components{sql_where}", args).fetchone()[0]
+            if not where:
+                total = int(self._meta(con, "n_components") or 0)
+            else:
+                total = con.execute(f"SELECT count(*) FROM components{clause([])}", args).fetchone()[0]
+            first = [f"{col} IS NOT NULL"] if nullable else []
             rows = con.execute(
-                f"SELECT * FROM components{sql_where} ORDER BY {nulls}{cols}, gidx LIMIT ? OFFSET ?",
-                [*args, q.per_page, (q.page - 1) * q.per_page],
+                f"SELECT * FROM components{clause(first)} ORDER BY {col} {d}, gidx {d}"
+                " LIMIT ? OFFSET ?",
+                [*args, limit, offset],
             ).fetchall()
+            if nullable and len(rows) < limit:
+                n_values = con.execute(
+                    f"SELECT count(*) FROM components{clause(first)}", args
+                ).fetchone()[0]
+                rows += con.execute(
+                    f"SELECT * FROM components{clause([f'{col} IS NULL'])} ORDER BY gidx {d}"
+                    " LIMIT ? OFFSET ?",
+                    [*args, limit - len(rows), max(0, offset - n_values)],
+                ).fetchall()
         return [dict(r) for r in rows], int(total)
 
     def _where(self, q: IndexQuery) -> tuple[list[str], list[Any]]:

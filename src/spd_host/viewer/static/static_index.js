@@ -20,9 +20,9 @@
     var col = state.sort, sign = state.desc ? -1 : 1;
     out.sort(function (a, b) {
       var x = col === "key" ? a.gidx : a[col], y = col === "key" ? b.gidx : b[col];
-      if (x === null && y === null) return a.gidx - b.gidx;
+      if (x === null && y === null) return sign * (a.gidx - b.gidx);
       if (x === null) return 1; if (y === null) return -1;
-      return x < y ? -sign : x > y ? sign : a.gidx - b.gidx;
+      return x < y ? -sign : x > y ? sign : sign * (a.gidx - b.gidx);
     });
     return out;
   }

@@ -359,7 +359,9 @@ class ComponentIndex:
             if not where:
                 total = int(self._meta(con, "n_components") or 0)
             else:
-                total = con.execute(f"SELECT count(*) FROM components{clause([])}", args).fetchone()[0]
+                total = con.execute(
+                    f"SELECT count(*) FROM components{clause([])}", args
+                ).fetchone()[0]
             first = [f"{col} IS NOT NULL"] if nullable else []
             rows = con.execute(
                 f"SELECT * FROM components{clause(first)} ORDER BY {col} {d}, gidx {d}"

@@ -60,6 +60,9 @@ def check_examples(driver: Any, section: str, examples: list[Any], tok: Any) -> 
             cls = span.get_attribute("class").split()
             assert ("fired" in cls) == bool(ex.firings[i])
             assert ("centre" in cls) == (i == ex.centre)
+            title = span.get_attribute("title")  # the no-JavaScript hover
+            assert title.startswith(tok.decode([ex.tokens[i]]))
+            assert all(f"{t} = " in title for t in ex.activations)
             acts = json.loads(span.get_attribute("data-acts"))
             assert set(acts) == set(ex.activations)
             for t, vals in ex.activations.items():

@@ -273,3 +273,51 @@ def test_cli_errors_are_one_line(home: Path, tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "np" / "layer_0").iterdir()) == ["1.json", "2.json"]
+
+
+def test_index_refreshes_labels_and_searches_tokens(
+    demo_home: Path, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A label written after the cache was built is found on the next start; top tokens are
+    searchable (on a copy of the demo home, so other tests see the original)."""
+    import shutil
+
+    from spd_host.autointerp.store import LabelRecord, LabelStore, now_iso
+    from spd_host.plugins import reset_host
+    from spd_host.viewer.index import ComponentIndex, IndexQuery
+    from spd_host.viewer.source import DecompositionSource
+
+    home = tmp_path / "home"
+    shutil.copytree(demo_home / "results", home / "results")
+    monkeypatch.setenv("SPD_HOST_HOME", str(home))
+    reset_host()
+    src = DecompositionSource("transcoder:demo")
+    index = ComponentIndex(src).ensure(background_tokens=False)
+    summary = src.repo.summary()
+    labelled = {r.component_key for r in src.label_records()}
+    tok = src.repo.tokenizer
+
+    def words(k: str) -> list[str]:
+        top = src.repo.token_stats(k, "input", top=5).top_pmi
+        return [w for s in top for w in tok.decode([s.token]).split() if w.isalnum()]
+
+    key = next(s.key for s in summary if s.firing_count and s.key not in labelled and words(s.key))
+    assert index.query(IndexQuery(q="zebracrossing"))[1] == 0
+    with LabelStore(src.labels_path) as store:
+        t = now_iso()
+        store.write(
+            LabelRecord(
+                harvest_id=src.repo.run, component_key=key, strategy="manual", model="person",
+                provider="test", decomposition_id="transcoder:demo", status="ok",
+                is_baseline=False, label="zebracrossing detector", confidence=None,
+                reasoning=None, raw_response=None, system_prompt="", prompt="", error=None,
+                cost_usd=0.0, input_tokens=0, output_tokens=0, attempts=1, started_at=t,
+                finished_at=t,
+            )
+        )  # fmt: skip
+    index = ComponentIndex(DecompositionSource("transcoder:demo")).ensure(background_tokens=False)
+    rows, total = index.query(IndexQuery(q="zebra"))
+    assert total == 1 and rows[0]["key"] == key and rows[0]["label_model"] == "test/person"
+    # a top input token of that component (by PMI, from token_stats) finds it too
+    rows, _ = index.query(IndexQuery(q=words(key)[0], per_page=1000))
+    assert key in {r["key"] for r in rows}

@@ -63,7 +63,9 @@ def serve(
     from spd_host.viewer.app import Viewer, create_app
     from spd_host.viewer.source import open_sources
 
-    viewer = Viewer(open_sources(ids, harvest_run))
+    sources = open_sources(ids, harvest_run)
+    console.print("opening the component index (built once per harvest; large ones take a while)")
+    viewer = Viewer(sources)
     port = port or _free_port(host)
     console.print(f"serving {', '.join(ids)} at [bold]http://{host}:{port}/[/] (Ctrl-C stops)")
     try:

@@ -195,6 +195,10 @@ def test_correlated_link_and_keyboard(
 def test_compare_view(home: Path, server: str, browser: Any, viewer: Any, tmp_path: Path) -> None:
     browser.get(f"{server}/compare")
     shoot(browser, tmp_path, "compare")
+    bases = browser.find_element(By.ID, "base-models").text
+    for s in viewer.sources:
+        assert f"{s.decomposition_id} → {s.adapter.base_model_name}" in bases
+    assert not browser.find_elements(By.ID, "base-model-warning")  # both demos share a model
     table = browser.find_element(By.CSS_SELECTOR, 'table.eval-table[data-suite="detection"]')
     assert "transcoder:demo" in table.text
     heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#compare-matches h3")]

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -35,6 +37,21 @@ def _need_viewer() -> None:
             f"the viewer needs {', '.join(missing)}, which are not installed",
             hint="pip install 'spd-host[viewer]'",
         )
+
+
+@contextmanager
+def _bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on stderr; yields ``update(done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def _keys(components: str | None) -> list[str] | None:
@@ -91,13 +108,15 @@ def dashboard(
     if components and (top or search):
         raise ConfigError("give either --components or --top/--search, not both")
     source = DecompositionSource(decomposition_id, harvest_run)
-    keys = write_dashboard(
-        source,
-        out,
-        components=_keys(components),
-        top=top if top is not None else (None if search else 100),
-        search=search,
-    )
+    with _bar("component pages") as update:
+        keys = write_dashboard(
+            source,
+            out,
+            components=_keys(components),
+            top=top if top is not None else (None if search else 100),
+            search=search,
+            progress=update,
+        )
     console.print(f"wrote {len(keys)} component pages: {out / 'index.html'}")
 
 
@@ -121,7 +140,8 @@ def neuronpedia(
     source = DecompositionSource(decomposition_id, harvest_run)
     index = ComponentIndex(source).ensure(background_tokens=search is None)
     keys = select_keys(index, components=_keys(components), top=top, search=search)
-    n = export_neuronpedia(source, out, keys)
+    with _bar("Neuronpedia features") as update:
+        n = export_neuronpedia(source, out, keys, progress=update)
     index.stop()
     console.print(f"wrote {n} Neuronpedia feature files under {out}")
 
@@ -137,7 +157,10 @@ def circuit_tracer(
     from spd_host.viewer.exports import export_circuit_tracer
     from spd_host.viewer.source import DecompositionSource
 
-    path = export_circuit_tracer(DecompositionSource(decomposition_id, harvest_run), out)
+    with _bar("circuit-tracer features") as update:
+        path = export_circuit_tracer(
+            DecompositionSource(decomposition_id, harvest_run), out, progress=update
+        )
     console.print(
         f"wrote {path} (serve with circuit_tracer's local server, features_dir={path.parent})"
     )

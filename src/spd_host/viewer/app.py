@@ -139,6 +139,7 @@ class Viewer:
         html = render(
             "compare.html",
             eval_tables=compare_mod.eval_tables(self.sources),
+            base_models=compare_mod.base_models(self.sources),
             matches=compare_mod.matches(self.sources, self.indexes),
             **self._common(),
         )

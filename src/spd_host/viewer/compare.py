@@ -33,6 +33,11 @@ def eval_tables(sources: list[DecompositionSource]) -> list[dict[str, Any]]:
     return out
 
 
+def base_models(sources: list[DecompositionSource]) -> dict[str, str]:
+    """Each decomposition's base model (the compare view warns when they differ)."""
+    return {s.decomposition_id: str(s.adapter.base_model_name) for s in sources}
+
+
 def _hooks(source: DecompositionSource) -> dict[str, set[str]]:
     return {
         s.name: {s.reads_from, *s.writes_to, *([s.address] if s.address else [])}

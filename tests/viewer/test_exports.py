@@ -321,3 +321,41 @@ def test_index_refreshes_labels_and_searches_tokens(
     # a top input token of that component (by PMI, from token_stats) finds it too
     rows, _ = index.query(IndexQuery(q=words(key)[0], per_page=1000))
     assert key in {r["key"] for r in rows}
+
+
+def test_serve_command_binds_loopback_and_answers(home: Path) -> None:
+    """The real `spd-host serve` process: loopback by default, a free port with --port 0."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = {**os.environ, "SPD_HOST_HOME": str(home), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spd_host.cli.app", "serve", "transcoder:demo", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = None
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line, "serve exited early"
+            m = re.search(r"http://(127\.0\.0\.1):(\d+)/", line)
+            url = m.group(0) if m else None
+        assert url is not None
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(url + "d/0/?sort=max", timeout=10) as r:
+                    assert r.status == 200 and "layer_0" in r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("serve did not answer")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

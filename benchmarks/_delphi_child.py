@@ -37,7 +37,7 @@ def _import_cache() -> types.ModuleType:
     return importlib.import_module("delphi.latents.cache")
 
 
-def _encoder(folder: Path):  # noqa: ANN202
+def _encoder(folder: Path):
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "cfg.json").read_text())
@@ -110,11 +110,24 @@ def main() -> None:
         save_s = time.perf_counter() - t1
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
     fired = sum(int(v.sum()) for v in cache.hookpoint_firing_counts.values())
-    print(json.dumps({"case": args.case, "phase": "delphi", "tokens": n, "batch": [B, S],
-                      "threads": args.threads, "delphi_model": args.delphi_model,
-                      "seconds": round(run_s + save_s, 3), "run_seconds": round(run_s, 3),
-                      "save_seconds": round(save_s, 3), "total_firings": fired,
-                      "result_bytes_on_disk": disk, "tokens_per_s": round(n / (run_s + save_s), 1)}))
+    print(
+        json.dumps(
+            {
+                "case": args.case,
+                "phase": "delphi",
+                "tokens": n,
+                "batch": [B, S],
+                "threads": args.threads,
+                "delphi_model": args.delphi_model,
+                "seconds": round(run_s + save_s, 3),
+                "run_seconds": round(run_s, 3),
+                "save_seconds": round(save_s, 3),
+                "total_firings": fired,
+                "result_bytes_on_disk": disk,
+                "tokens_per_s": round(n / (run_s + save_s), 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

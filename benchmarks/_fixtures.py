@@ -32,7 +32,7 @@ GPT2_VOCAB = 50_257
 
 
 @dataclass(frozen=True)
-class Dict_:
+class DictSpec:
     """One dictionary to write: a TopK SAE on a residual stream or a JumpReLU transcoder."""
 
     kind: str  # "topk_sae" | "jumprelu_transcoder"
@@ -41,8 +41,15 @@ class Dict_:
     k: int = 32
 
 
-def gpt2_dir(root: Path, n_layer: int, *, d_model: int = 768, n_head: int = 12,
-             vocab: int = GPT2_VOCAB, seed: int = 0) -> Path:
+def gpt2_dir(
+    root: Path,
+    n_layer: int,
+    *,
+    d_model: int = 768,
+    n_head: int = 12,
+    vocab: int = GPT2_VOCAB,
+    seed: int = 0,
+) -> Path:
     """A saved random-init GPT2LMHeadModel directory (config.json + model.safetensors)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -50,8 +57,9 @@ def gpt2_dir(root: Path, n_layer: int, *, d_model: int = 768, n_head: int = 12,
     if (out / ".done").exists():
         return out
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=d_model, n_head=n_head, vocab_size=vocab,
-                     n_positions=1024)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=d_model, n_head=n_head, vocab_size=vocab, n_positions=1024
+    )
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         model.transformer.ln_f.weight.mul_(8.0)
@@ -60,21 +68,41 @@ def gpt2_dir(root: Path, n_layer: int, *, d_model: int = 768, n_head: int = 12,
     return out
 
 
-def _write_saelens(folder: Path, *, arch: str, d_in: int, d_out: int, n: int, model: Path,
-                   hook_in: str, hook_out: str | None, k: int | None,
-                   tensors: dict[str, torch.Tensor]) -> None:
+def _write_saelens(
+    folder: Path,
+    *,
+    arch: str,
+    d_in: int,
+    d_out: int,
+    n: int,
+    model: Path,
+    hook_in: str,
+    hook_out: str | None,
+    k: int | None,
+    tensors: dict[str, torch.Tensor],
+) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     is_tc = "transcoder" in arch
-    meta: dict[str, object] = {"model_name": str(model), "hook_name": hook_in,
-                               "dataset_path": "synthetic-zipf", "context_size": 256}
+    meta: dict[str, object] = {
+        "model_name": str(model),
+        "hook_name": hook_in,
+        "dataset_path": "synthetic-zipf",
+        "context_size": 256,
+    }
     if hook_out is not None:
         meta["hook_name_out"] = hook_out
     cfg: dict[str, object] = {
-        "architecture": arch, "d_in": d_in, "d_sae": n, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": not is_tc, "normalize_activations": "none",
-        "reshape_activations": "none", "metadata": meta,
+        "architecture": arch,
+        "d_in": d_in,
+        "d_sae": n,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": not is_tc,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": meta,
     }
     if is_tc:
         cfg["d_out"] = d_out
@@ -82,12 +110,15 @@ def _write_saelens(folder: Path, *, arch: str, d_in: int, d_out: int, n: int, mo
         cfg["k"] = k
         cfg["rescale_acts_by_decoder_norm"] = False
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    save_file({name: t.contiguous() for name, t in tensors.items()},
-              str(folder / "sae_weights.safetensors"))
+    save_file(
+        {name: t.contiguous() for name, t in tensors.items()},
+        str(folder / "sae_weights.safetensors"),
+    )
 
 
-def decomposition_dir(root: Path, model: Path, dicts: list[Dict_], *, d_model: int = 768,
-                      seed: int = 1) -> Path:
+def decomposition_dir(
+    root: Path, model: Path, dicts: list[DictSpec], *, d_model: int = 768, seed: int = 1
+) -> Path:
     """A SAELens release directory: one sub-folder per dictionary (the transcoder plugin reads it)."""
     name = "-".join(f"{d.kind}{d.layer}n{d.n}" for d in dicts)
     out = root / f"dec-{model.name}-{name}"
@@ -100,20 +131,39 @@ def decomposition_dir(root: Path, model: Path, dicts: list[Dict_], *, d_model: i
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         b_dec = torch.randn(d_model, generator=gen) * 0.01
         if d.kind == "topk_sae":
-            _write_saelens(out / f"blocks.{d.layer}.hook_resid_post", arch="topk", d_in=d_model,
-                           d_out=d_model, n=d.n, model=model,
-                           hook_in=f"blocks.{d.layer}.hook_resid_post", hook_out=None, k=d.k,
-                           tensors={"W_enc": W_enc, "b_enc": torch.zeros(d.n), "W_dec": W_dec,
-                                    "b_dec": b_dec})
+            _write_saelens(
+                out / f"blocks.{d.layer}.hook_resid_post",
+                arch="topk",
+                d_in=d_model,
+                d_out=d_model,
+                n=d.n,
+                model=model,
+                hook_in=f"blocks.{d.layer}.hook_resid_post",
+                hook_out=None,
+                k=d.k,
+                tensors={"W_enc": W_enc, "b_enc": torch.zeros(d.n), "W_dec": W_dec, "b_dec": b_dec},
+            )
         elif d.kind == "jumprelu_transcoder":
             # pre ~ N(0, 1) per feature on LayerNorm output; P(pre > 2.9) ~ 0.19%: ~60 of 32k fire
             thr = 2.9 + 0.2 * torch.rand(d.n, generator=gen)
-            _write_saelens(out / f"blocks.{d.layer}.ln2_to_mlp_out", arch="jumprelu_transcoder",
-                           d_in=d_model, d_out=d_model, n=d.n, model=model,
-                           hook_in=f"blocks.{d.layer}.ln2.hook_normalized",
-                           hook_out=f"blocks.{d.layer}.hook_mlp_out", k=None,
-                           tensors={"W_enc": W_enc, "b_enc": torch.zeros(d.n), "W_dec": W_dec,
-                                    "b_dec": b_dec, "threshold": thr})
+            _write_saelens(
+                out / f"blocks.{d.layer}.ln2_to_mlp_out",
+                arch="jumprelu_transcoder",
+                d_in=d_model,
+                d_out=d_model,
+                n=d.n,
+                model=model,
+                hook_in=f"blocks.{d.layer}.ln2.hook_normalized",
+                hook_out=f"blocks.{d.layer}.hook_mlp_out",
+                k=None,
+                tensors={
+                    "W_enc": W_enc,
+                    "b_enc": torch.zeros(d.n),
+                    "W_dec": W_dec,
+                    "b_dec": b_dec,
+                    "threshold": thr,
+                },
+            )
         else:
             raise ValueError(f"unknown dictionary kind {d.kind!r}")
     (out / ".done").write_text("ok")
@@ -134,22 +184,32 @@ class Case:
 
 
 def build_case(name: str, root: Path = DEFAULT_ROOT, *, tiny: bool = False) -> Case:
-    """Write (or reuse) the files of a named case and return how to harvest it."""
+    """Write (or reuse) the files of a named case and return how to harvest it.
+
+    ``tiny`` (or the case ``tiny``) swaps in a 2 x 64 GPT-2 (vocab 1,024) with 512-latent
+    dictionaries of the same kinds, for checking the scripts themselves in seconds.
+    """
     if name == "demo":
         return Case(name, "transcoder:demo", 2048, 16, 128)
     if name == "gpt2-small":  # 12 x 768, 32k TopK SAE (layer 6) + 32k JumpReLU transcoder (layer 8)
-        layers, dicts = 12, [Dict_("topk_sae", 6), Dict_("jumprelu_transcoder", 8)]
+        layers, dicts = 12, [DictSpec("topk_sae", 6), DictSpec("jumprelu_transcoder", 8)]
     elif name == "gpt2-6x768":  # 6 x 768, two 32k TopK SAEs (layers 2 and 4)
-        layers, dicts = 6, [Dict_("topk_sae", 2), Dict_("topk_sae", 4)]
-    elif name == "tiny":  # for --tiny runs of the scripts themselves
-        layers, dicts = 2, [Dict_("topk_sae", 0, n=512, k=8), Dict_("jumprelu_transcoder", 1, n=512)]
+        layers, dicts = 6, [DictSpec("topk_sae", 2), DictSpec("topk_sae", 4)]
+    elif name == "gpu":  # sized for one GPU: 12 x 768, 131k TopK SAE (k=64) + 32k JumpReLU
+        layers, dicts = (
+            12,
+            [DictSpec("topk_sae", 6, n=131_072, k=64), DictSpec("jumprelu_transcoder", 8)],
+        )
+    elif name == "tiny":
+        layers, dicts = 2, [DictSpec("topk_sae", 0), DictSpec("jumprelu_transcoder", 1)]
     else:
         raise ValueError(f"unknown case {name!r}")
     if tiny or name == "tiny":
         model = gpt2_dir(root, 2, d_model=64, n_head=4, vocab=1024)
-        dicts = [Dict_(d.kind, min(d.layer, 1), n=512, k=8) for d in dicts]
+        dicts = [DictSpec(d.kind, min(d.layer, 1), n=512, k=8) for d in dicts]
         dec = decomposition_dir(root, model, dicts, d_model=64)
         return Case(name, f"transcoder:{dec}", 1024, 4, 32, dec, model)
     model = gpt2_dir(root, layers)
     dec = decomposition_dir(root, model, dicts)
-    return Case(name, f"transcoder:{dec}", GPT2_VOCAB, 8, 256, dec, model)
+    bs, seq = (16, 1024) if name == "gpu" else (8, 256)
+    return Case(name, f"transcoder:{dec}", GPT2_VOCAB, bs, seq, dec, model)

@@ -42,16 +42,35 @@ DELPHI_PYTHON = Path(os.environ.get("SPD_HOST_DELPHI_PYTHON", "/work/wt/_bench_v
 
 
 # ----------------------------------------------------------------------------- parent side
-def run_phase(phase: str, case: str, tokens: int, *, threads: int, extra: Sequence[str] = (),
-              python: str | None = None) -> dict[str, Any]:
+def run_phase(
+    phase: str,
+    case: str,
+    tokens: int,
+    *,
+    threads: int,
+    extra: Sequence[str] = (),
+    python: str | None = None,
+) -> dict[str, Any]:
     """Run one phase in a child process; its JSON result plus ``peak_rss_mib`` and ``wall_s``."""
     script = HERE / ("_delphi_child.py" if phase == "delphi" else "_harness.py")
     exe = str(DELPHI_PYTHON) if phase == "delphi" else (python or sys.executable)
-    cmd = [exe, str(script), "--phase", phase, "--case", case, "--tokens", str(tokens),
-           "--threads", str(threads), *extra]
+    cmd = [
+        exe,
+        str(script),
+        "--phase",
+        phase,
+        "--case",
+        case,
+        "--tokens",
+        str(tokens),
+        "--threads",
+        str(threads),
+        *extra,
+    ]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), str(HERE),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT), str(HERE), env.get("PYTHONPATH", "")]
+    )
     if phase == "delphi":
         env["PYTHONPATH"] = str(HERE)  # the delphi venv sees only torch/transformers/delphi
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -64,8 +83,10 @@ def run_phase(phase: str, case: str, tokens: int, *, threads: int, extra: Sequen
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"phase {phase} ({case}, {tokens} tokens) failed "
-                           f"(exit {proc.returncode}):\n{stderr[-4000:]}")
+        raise RuntimeError(
+            f"phase {phase} ({case}, {tokens} tokens) failed "
+            f"(exit {proc.returncode}):\n{stderr[-4000:]}"
+        )
     res: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     res["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     res["child_wall_s"] = round(wall, 2)
@@ -75,9 +96,13 @@ def run_phase(phase: str, case: str, tokens: int, *, threads: int, extra: Sequen
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min, max and (max - min) / median of repeated measurements."""
     med = statistics.median(values)
-    return {"median": round(med, 4), "min": round(min(values), 4), "max": round(max(values), 4),
-            "spread_pct": round(100 * (max(values) - min(values)) / med, 1) if med else 0.0,
-            "n": len(values)}
+    return {
+        "median": round(med, 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "spread_pct": round(100 * (max(values) - min(values)) / med, 1) if med else 0.0,
+        "n": len(values),
+    }
 
 
 def fmt(s: dict[str, float], digits: int = 2) -> str:
@@ -102,13 +127,24 @@ def machine() -> dict[str, Any]:
     import platform
 
     load = os.getloadavg()
-    return {"cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in load],
-            "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())}
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in load],
+        "python": platform.python_version(),
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+    }
 
 
-def sweep(case: str, token_counts: Sequence[int], repeats: int, phases: Sequence[str], *,
-          threads: int, extra: dict[str, Sequence[str]] | None = None,
-          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def sweep(
+    case: str,
+    token_counts: Sequence[int],
+    repeats: int,
+    phases: Sequence[str],
+    *,
+    threads: int,
+    extra: dict[str, Sequence[str]] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """Every phase at every token count, ``repeats`` times; phases of one repeat back to back."""
     runs: list[dict[str, Any]] = []
     for n in token_counts:
@@ -117,8 +153,10 @@ def sweep(case: str, token_counts: Sequence[int], repeats: int, phases: Sequence
                 res = run_phase(ph, case, n, threads=threads, extra=(extra or {}).get(ph, ()))
                 res["repeat"] = r
                 runs.append(res)
-                log(f"  {case} {n:>9} tok  repeat {r}  {ph:<8} {res['seconds']:>9.2f} s  "
-                    f"{res['tokens_per_s']:>9.1f} tok/s  peak RSS {res['peak_rss_mib']:>8.0f} MiB")
+                log(
+                    f"  {case} {n:>9} tok  repeat {r}  {ph:<8} {res['seconds']:>9.2f} s  "
+                    f"{res['tokens_per_s']:>9.1f} tok/s  peak RSS {res['peak_rss_mib']:>8.0f} MiB"
+                )
     return runs
 
 
@@ -143,16 +181,24 @@ def summarise(runs: list[dict[str, Any]], phases: Sequence[str]) -> list[dict[st
             by_rep.setdefault(r["repeat"], {})[r["phase"]] = r
         if "bare" in phases and "harvest" in phases:
             pairs = [v for v in by_rep.values() if "bare" in v and "harvest" in v]
-            row["overhead"] = spread([v["harvest"]["seconds"] / v["bare"]["seconds"] for v in pairs])
+            row["overhead"] = spread(
+                [v["harvest"]["seconds"] / v["bare"]["seconds"] for v in pairs]
+            )
             row["overhead_excl_load"] = spread(
-                [(v["harvest"]["seconds"] - v["harvest"].get("load_seconds", 0.0))
-                 / v["bare"]["seconds"] for v in pairs])
+                [
+                    (v["harvest"]["seconds"] - v["harvest"].get("load_seconds", 0.0))
+                    / v["bare"]["seconds"]
+                    for v in pairs
+                ]
+            )
         if "delphi" in phases and "harvest" in phases:
             pairs = [v for v in by_rep.values() if "delphi" in v and "harvest" in v]
             row["harvest_over_delphi_seconds"] = spread(
-                [v["harvest"]["seconds"] / v["delphi"]["seconds"] for v in pairs])
+                [v["harvest"]["seconds"] / v["delphi"]["seconds"] for v in pairs]
+            )
             row["harvest_over_delphi_rss"] = spread(
-                [v["harvest"]["peak_rss_mib"] / v["delphi"]["peak_rss_mib"] for v in pairs])
+                [v["harvest"]["peak_rss_mib"] / v["delphi"]["peak_rss_mib"] for v in pairs]
+            )
         out.append(row)
     return out
 
@@ -194,7 +240,9 @@ def synthetic_adapter(device: str = "cpu") -> ToyAdapter:
     from spd_host import adapter as A
 
     popularity = 1.0 / torch.arange(1, SYN_C + 1, dtype=torch.float64) ** 0.8
-    perms = [torch.randperm(SYN_C, generator=torch.Generator().manual_seed(s)) for s in range(SYN_SITES)]
+    perms = [
+        torch.randperm(SYN_C, generator=torch.Generator().manual_seed(s)) for s in range(SYN_SITES)
+    ]
     U = torch.randn(64, SYN_V, generator=torch.Generator().manual_seed(99)) * 1.5
     dev = torch.device(device)
     U = U.to(dev)
@@ -216,9 +264,11 @@ def synthetic_adapter(device: str = "cpu") -> ToyAdapter:
             vals = torch.rand(key.numel(), generator=g) * 3 + 0.01
             name = f"{s}.mlp"
             if sparse_cls is not None:
-                sparse[name] = sparse_cls(position=(key // SYN_C).to(dev),
-                                          component=(key % SYN_C).to(dev),
-                                          values={"act": vals.to(dev)})
+                sparse[name] = sparse_cls(
+                    position=(key // SYN_C).to(dev),
+                    component=(key % SYN_C).to(dev),
+                    values={"act": vals.to(dev)},
+                )
             else:
                 a = torch.zeros(N * SYN_C)
                 a[key] = vals
@@ -236,10 +286,22 @@ def synthetic_adapter(device: str = "cpu") -> ToyAdapter:
             kw["next_token_logits"] = logits
         return A.HarvestBatch(tokens=tokens.to(dev), firings=firings, activations=acts, **kw)
 
-    sites = [A.Site(name=f"{s}.mlp", n_components=SYN_C, reads_from=f"{s}.mlp_in",
-                    writes_to=(f"{s}.mlp_out",)) for s in range(SYN_SITES)]
-    ad = ToyAdapter(sites, ("act",), fn, method=A.MethodInfo(name="bench", description="synthetic"),
-                    defaults=A.DecompositionDefaults())
+    sites = [
+        A.Site(
+            name=f"{s}.mlp",
+            n_components=SYN_C,
+            reads_from=f"{s}.mlp_in",
+            writes_to=(f"{s}.mlp_out",),
+        )
+        for s in range(SYN_SITES)
+    ]
+    ad = ToyAdapter(
+        sites,
+        ("act",),
+        fn,
+        method=A.MethodInfo(name="bench", description="synthetic"),
+        defaults=A.DecompositionDefaults(),
+    )
     ad.fn_state = state  # type: ignore[attr-defined]
     return ad
 
@@ -277,23 +339,32 @@ def _disk_bytes(path: Path) -> int:
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     import _fixtures
     import _tokens
+    import torch
 
     torch.set_num_threads(args.threads)
     synthetic = args.case == "synthetic-1m"
     if synthetic:
-        case = _fixtures.Case("synthetic-1m", "bench:synthetic", SYN_V, args.batch_size or 2, 128)
+        from spd_host import adapter as A
+
+        # dense [B, S, 125000] x 8 sites is 0.5 GB per sequence: small batches unless sparse
+        bs = args.batch_size or (16 if hasattr(A, "SparseActivity") else 2)
+        case = _fixtures.Case("synthetic-1m", "bench:synthetic", SYN_V, bs, 128)
     else:
         case = _fixtures.build_case(args.case, Path(args.fixtures), tiny=args.tiny)
     B, S = args.batch_size or case.batch_size, case.seq_len
     n_batches = max(1, args.tokens // (B * S))
     batches = _tokens.make_batches(case.vocab, B, S, n_batches)
     n_tokens = n_batches * B * S
-    res: dict[str, Any] = {"case": case.name, "phase": args.phase, "tokens": n_tokens,
-                           "batch": [B, S], "threads": args.threads, "device": args.device}
+    res: dict[str, Any] = {
+        "case": case.name,
+        "phase": args.phase,
+        "tokens": n_tokens,
+        "batch": [B, S],
+        "threads": args.threads,
+        "device": args.device,
+    }
     if args.phase == "bare":
         res.update(_bare(case, batches, args, synthetic))
     elif args.phase == "harvest":
@@ -311,7 +382,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _bare(case: Any, batches: list[Any], args: argparse.Namespace, synthetic: bool) -> dict[str, Any]:
+def _bare(
+    case: Any, batches: list[Any], args: argparse.Namespace, synthetic: bool
+) -> dict[str, Any]:
     import torch
 
     if synthetic:
@@ -349,7 +422,9 @@ def _bare(case: Any, batches: list[Any], args: argparse.Namespace, synthetic: bo
     return {"seconds": round(seconds, 3), "total_firings": fired}
 
 
-def _harvest(case: Any, batches: list[Any], args: argparse.Namespace, synthetic: bool) -> dict[str, Any]:
+def _harvest(
+    case: Any, batches: list[Any], args: argparse.Namespace, synthetic: bool
+) -> dict[str, Any]:
     import contextlib
 
     import torch
@@ -358,16 +433,22 @@ def _harvest(case: Any, batches: list[Any], args: argparse.Namespace, synthetic:
     from spd_host.plugins import temporary_plugins
 
     B, S = batches[0].shape
-    config = HarvestConfig(n_tokens=len(batches) * B * S, batch_size=B, seq_len=S,
-                           device=args.device, **json.loads(args.config))
+    config = HarvestConfig(
+        n_tokens=len(batches) * B * S,
+        batch_size=B,
+        seq_len=S,
+        device=args.device,
+        **json.loads(args.config),
+    )
 
     def source(rank: int, world: int, start: int) -> Iterator[Any]:
         yield from batches[start * world + rank :: world]
 
     ctx: Any = contextlib.nullcontext()
     if synthetic:
-        ctx = temporary_plugins(("bench", _hookimpls(ToyPlugin(synthetic_adapter(args.device)))),
-                                entry_points=False)
+        ctx = temporary_plugins(
+            ("bench", _hookimpls(ToyPlugin(synthetic_adapter(args.device)))), entry_points=False
+        )
     prof = cProfile.Profile() if args.profile else None
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, ctx:
         load_s = 0.0
@@ -392,17 +473,21 @@ def _harvest(case: Any, batches: list[Any], args: argparse.Namespace, synthetic:
             prof.disable()
         assert repo is not None
         counts = repo._tensor("firing_count")
-        res: dict[str, Any] = {"seconds": round(seconds, 3), "load_seconds": round(load_s, 3),
-                               "alive_components": int((counts > 0).sum()),
-                               "components": int(counts.numel()),
-                               "total_firings": int(counts.sum()),
-                               "result_bytes_on_disk": _disk_bytes(out)}
+        res: dict[str, Any] = {
+            "seconds": round(seconds, 3),
+            "load_seconds": round(load_s, 3),
+            "alive_components": int((counts > 0).sum()),
+            "components": int(counts.numel()),
+            "total_firings": int(counts.sum()),
+            "result_bytes_on_disk": _disk_bytes(out),
+        }
         if args.keep_stats:
             from safetensors.torch import load_file
 
             stats = {f"stats/{k}": v for k, v in load_file(str(out / "stats.safetensors")).items()}
-            stats |= {f"examples/{k}": v
-                      for k, v in load_file(str(out / "examples.safetensors")).items()}
+            stats |= {
+                f"examples/{k}": v for k, v in load_file(str(out / "examples.safetensors")).items()
+            }
             torch.save(stats, args.keep_stats)
     if prof is not None:
         buf = io.StringIO()
@@ -421,8 +506,12 @@ def child_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--fixtures", default=str(Path(os.environ.get(
-        "SPD_HOST_BENCH_FIXTURES", "/tmp/spd_host_bench_fixtures"))))
+    p.add_argument(
+        "--fixtures",
+        default=str(
+            Path(os.environ.get("SPD_HOST_BENCH_FIXTURES", "/tmp/spd_host_bench_fixtures"))
+        ),
+    )
     p.add_argument("--config", default="{}", help="extra HarvestConfig fields as JSON")
     p.add_argument("--profile", default=None, help="write a cProfile of the harvest here")
     p.add_argument("--profile-lines", type=int, default=25)

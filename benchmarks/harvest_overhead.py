@@ -34,12 +34,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--case", choices=["demo", "gpt2-small", "tiny"], default="demo")
     p.add_argument("--tokens", default="200000,2000000", help="comma-separated token counts")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--profile", action="store_true", help="one extra profiled harvest at the smallest count")
+    p.add_argument(
+        "--profile", action="store_true", help="one extra profiled harvest at the smallest count"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     counts = [int(x) for x in args.tokens.split(",")]
@@ -52,21 +56,52 @@ def main() -> None:
         from _harness import run_phase
 
         prof_path = HERE / f"harvest_overhead-{args.case}.profile.txt"
-        run_phase("harvest", args.case, counts[0], threads=args.threads,
-                  extra=["--profile", str(prof_path)])
+        run_phase(
+            "harvest",
+            args.case,
+            counts[0],
+            threads=args.threads,
+            extra=["--profile", str(prof_path)],
+        )
         profile = str(prof_path)
     print_table(
         f"{args.case}: harvest / (forward + encode), median [min-max] of {args.repeats}",
-        ["tokens", "bare tok/s", "harvest tok/s", "overhead", "overhead excl. model load",
-         "bare µs/tok", "harvest µs/tok", "bare peak RSS MiB", "harvest peak RSS MiB"],
-        [[r["tokens"], fmt(r["bare"]["tokens_per_s"], 0), fmt(r["harvest"]["tokens_per_s"], 0),
-          fmt(r["overhead"]), fmt(r["overhead_excl_load"]), fmt(r["bare"]["us_per_token"], 0),
-          fmt(r["harvest"]["us_per_token"], 0), fmt(r["bare"]["peak_rss_mib"], 0),
-          fmt(r["harvest"]["peak_rss_mib"], 0)] for r in rows],
+        [
+            "tokens",
+            "bare tok/s",
+            "harvest tok/s",
+            "overhead",
+            "overhead excl. model load",
+            "bare µs/tok",
+            "harvest µs/tok",
+            "bare peak RSS MiB",
+            "harvest peak RSS MiB",
+        ],
+        [
+            [
+                r["tokens"],
+                fmt(r["bare"]["tokens_per_s"], 0),
+                fmt(r["harvest"]["tokens_per_s"], 0),
+                fmt(r["overhead"]),
+                fmt(r["overhead_excl_load"]),
+                fmt(r["bare"]["us_per_token"], 0),
+                fmt(r["harvest"]["us_per_token"], 0),
+                fmt(r["bare"]["peak_rss_mib"], 0),
+                fmt(r["harvest"]["peak_rss_mib"], 0),
+            ]
+            for r in rows
+        ],
     )
-    write_json(args.json or HERE / f"harvest_overhead-{args.case}.json",
-               {"case": args.case, "machine": info, "summary": rows, "runs": runs,
-                "profile_file": profile})
+    write_json(
+        args.json or HERE / f"harvest_overhead-{args.case}.json",
+        {
+            "case": args.case,
+            "machine": info,
+            "summary": rows,
+            "runs": runs,
+            "profile_file": profile,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -294,8 +294,10 @@ def validate_harvest_batch(
         raise fail(f"sites {sorted(both)} are given both dense (firings) and sparse")
     dense_sites = set(expected) - set(sparse)
     if set(batch.firings) | set(sparse) != set(expected):
+        if not sparse:
+            raise fail(f"firings has sites {sorted(batch.firings)}, expected {sorted(expected)}")
         given = sorted(set(batch.firings) | set(sparse))
-        raise fail(f"firings/sparse have sites {given}, expected {sorted(expected)}")
+        raise fail(f"firings + sparse have sites {given}, expected {sorted(expected)}")
     if set(batch.activations) != dense_sites:
         raise fail(
             f"activations has sites {sorted(batch.activations)}, expected the dense sites "

@@ -79,6 +79,12 @@ class HarvestOptions(Frozen):
     next_token: bool = Field(
         default=True, description="Whether the batch must carry next-token logits or probs."
     )
+    sparse: bool = Field(
+        default=False,
+        description="The host accepts sites in the sparse form (``HarvestBatch.sparse``); "
+        "without it, plugins return dense firings and activations (older hosts and direct "
+        "callers expect those).",
+    )
     next_token_top_k: int | None = Field(
         default=None,
         gt=0,

@@ -139,7 +139,10 @@ def run_harvest(
     state_dir = out / "state" if world_size == 1 else shard_dir(out, rank, world_size)
     layout = Layout.of(adapter.sites, adapter.activation_types)
     options = HarvestOptions(
-        threshold=config.threshold, device=config.device, next_token_top_k=config.output_top_k
+        threshold=config.threshold,
+        device=config.device,
+        sparse=True,
+        next_token_top_k=config.output_top_k,
     )
     fn = host.harvest_fn(adapter, options)
     source = batches if batches is not None else dataset_batches(adapter, config)

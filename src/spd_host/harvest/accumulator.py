@@ -295,11 +295,15 @@ class HarvestAccumulator:
         self.max_firing.view(-1).scatter_reduce_(0, idx, values.reshape(-1), "amax")
         bins = torch.bucketize(values[0].abs(), self._edges_dev, right=True)
         self.hist.view(-1).index_add_(0, g * self.hist.shape[1] + bins, torch.ones_like(g))
-        self.input_pairs.add(g, flat_tok[n])
-        self.output_kept_mass.index_add_(0, g, kept[n])
-        w = qv[n].reshape(-1)
-        nz = w > 0
-        self.output_pairs.add_keys((g[:, None] * self.V + pi[n]).reshape(-1)[nz], w[nz])
+        self.input_pairs.add(g, flat_tok.index_select(0, n))
+        self.output_kept_mass.index_add_(0, g, kept.index_select(0, n))
+        keys = (g[:, None] * self.V + pi.index_select(0, n)).reshape(-1)
+        w = qv.index_select(0, n).reshape(-1)
+        if isinstance(self.output_pairs, DensePairCounter):
+            self.output_pairs.table.index_add_(0, keys, w)  # zero weights add nothing
+        else:
+            nz = w > 0
+            self.output_pairs.add_keys(keys[nz], w[nz])
 
     def _add_dense_sums(self, e: SiteEntries, off: int, N: int) -> torch.Tensor:
         """All-position sums of a site's types whose non-zeros are not all at firings.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from spd_host.adapter import HarvestBatch
+from spd_host.errors import HarvestBatchError
 
 
 @dataclass
@@ -103,6 +104,9 @@ def site_entries(
     keys = n * C + c
     keys, order = torch.sort(keys)
     if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
-        raise ValueError(f"sparse activity of site {site!r} lists an entry twice")
+        raise HarvestBatchError(
+            f"the sparse activity of site {site!r} lists a (position, component) entry twice",
+            hint="this is a bug in the plugin's harvest_fn: each firing is one entry",
+        )
     values = torch.stack([sp.values[t].to(device, torch.float32)[order] for t in act_types])
     return SiteEntries(torch.div(keys, C, rounding_mode="floor"), keys % C, values, C, keys=keys)

@@ -49,9 +49,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 
 
 def run_dir_name(decomposition_id: str, config: HarvestConfig) -> str:
-    doc = json.dumps(
-        {"id": decomposition_id, "config": config.model_dump(mode="json")}, sort_keys=True
-    )
+    doc = json.dumps({"id": decomposition_id, "config": config.identity()}, sort_keys=True)
     return "run-" + hashlib.sha256(doc.encode()).hexdigest()[:10]
 
 
@@ -140,7 +138,13 @@ def run_harvest(
         return HarvestRepo(out)
     state_dir = out / "state" if world_size == 1 else shard_dir(out, rank, world_size)
     layout = Layout.of(adapter.sites, adapter.activation_types)
-    fn = host.harvest_fn(adapter, HarvestOptions(threshold=config.threshold, device=config.device))
+    options = HarvestOptions(
+        threshold=config.threshold,
+        device=config.device,
+        sparse=True,
+        next_token_top_k=config.output_top_k,
+    )
+    fn = host.harvest_fn(adapter, options)
     source = batches if batches is not None else dataset_batches(adapter, config)
 
     seq_len = int(config.seq_len or 128)
@@ -148,14 +152,15 @@ def run_harvest(
     my_batches = len(range(rank, total_batches, world_size))
     acc: HarvestAccumulator | None = None
     start = 0
-    found = load_checkpoint(state_dir)
+    found = load_checkpoint(state_dir, device=config.device)
     if found is not None:
         acc, meta = found
-        if acc.config != config or acc.layout != layout:
+        if acc.config.identity() != config.identity() or acc.layout != layout:
             raise ConfigError(
                 f"the checkpoint in {state_dir} was made with a different config or decomposition",
                 hint="use a different --out, or delete that directory to start over",
             )
+        acc.config = config  # the same up to the device, which may differ on a resume
         start = int(meta["next_local_batch"])
         if meta.get("complete"):
             start = my_batches
@@ -195,11 +200,15 @@ def run_harvest(
         )
     next_local = start + processed
     complete = exhausted or next_local >= my_batches
-    save_checkpoint(
-        state_dir,
-        acc,
-        {"next_local_batch": next_local, "decomposition_id": did, "complete": complete},
-    )
+    if not complete or world_size > 1:
+        # the state is what a later call resumes from, or this shard's part of the merge; a
+        # finished single-process run writes its results directly (a crash during that write
+        # resumes from the last periodic checkpoint)
+        save_checkpoint(
+            state_dir,
+            acc,
+            {"next_local_batch": next_local, "decomposition_id": did, "complete": complete},
+        )
     if not complete:
         return None
     meta = {"decomposition_id": did, "world_size": world_size, "seconds": time.perf_counter() - t0}
@@ -212,6 +221,8 @@ def run_harvest(
 
 
 def _vocab_size(batch: Any, adapter: Any) -> int:
+    if batch.next_token_topk is not None:
+        return int(batch.next_token_topk.vocab_size)
     nt = batch.next_token_logits if batch.next_token_logits is not None else batch.next_token_probs
     if nt is not None:
         return int(nt.shape[-1])

@@ -397,7 +397,7 @@ def _bare(
     from spd_host.plugins import get_host
     from spd_host.topology import topology_of
 
-    adapter = get_host().load_adapter(case.decomposition_id)
+    adapter: Any = get_host().load_adapter(case.decomposition_id)
     model = adapter.load_base_model().to(args.device)
     adapter.to(args.device)
     topo = topology_of(model)

@@ -70,7 +70,7 @@ def bare_seconds(case: Any, batches: list[torch.Tensor], device: str) -> float:
     from spd_host.plugins import get_host
     from spd_host.topology import topology_of
 
-    adapter = get_host().load_adapter(case.decomposition_id)
+    adapter: Any = get_host().load_adapter(case.decomposition_id)
     model = adapter.load_base_model().to(device)
     adapter.to(device)
     topo = topology_of(model)

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import os
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,8 +53,12 @@ def run_phase(
     threads: int,
     extra: Sequence[str] = (),
     python: str | None = None,
+    rss_limit_gib: float | None = None,
 ) -> dict[str, Any]:
-    """Run one phase in a child process; its JSON result plus ``peak_rss_mib`` and ``wall_s``."""
+    """Run one phase in a child process; its JSON result plus ``peak_rss_mib`` and ``wall_s``.
+
+    ``rss_limit_gib``: kill the child (and raise) if its RSS passes this many GiB.
+    """
     script = HERE / ("_delphi_child.py" if phase == "delphi" else "_harness.py")
     exe = str(DELPHI_PYTHON) if phase == "delphi" else (python or sys.executable)
     cmd = [
@@ -76,12 +83,22 @@ def run_phase(
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
+        killed: list[float] = []
+        if rss_limit_gib:
+            threading.Thread(
+                target=_rss_guard, args=(proc.pid, rss_limit_gib, killed), daemon=True
+            ).start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
+    if killed:
+        raise RuntimeError(
+            f"phase {phase} ({case}, {tokens} tokens) killed: its RSS passed "
+            f"{rss_limit_gib} GiB (--rss-limit-gib) after {killed[0]:.0f} s"
+        )
     if proc.returncode != 0:
         raise RuntimeError(
             f"phase {phase} ({case}, {tokens} tokens) failed "
@@ -91,6 +108,24 @@ def run_phase(
     res["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     res["child_wall_s"] = round(wall, 2)
     return res
+
+
+def _rss_guard(pid: int, limit_gib: float, killed: list[float]) -> None:
+    """Kill ``pid`` if its resident set passes ``limit_gib`` (a shared machine must not OOM)."""
+    import signal
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    t0 = time.perf_counter()
+    while True:
+        try:
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            return
+        if rss > limit_gib * 2**30:
+            killed.append(time.perf_counter() - t0)
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.5)
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -144,13 +179,21 @@ def sweep(
     threads: int,
     extra: dict[str, Sequence[str]] | None = None,
     log: Callable[[str], None] = print,
+    rss_limit_gib: float | None = None,
 ) -> list[dict[str, Any]]:
     """Every phase at every token count, ``repeats`` times; phases of one repeat back to back."""
     runs: list[dict[str, Any]] = []
     for n in token_counts:
         for r in range(repeats):
             for ph in phases:
-                res = run_phase(ph, case, n, threads=threads, extra=(extra or {}).get(ph, ()))
+                res = run_phase(
+                    ph,
+                    case,
+                    n,
+                    threads=threads,
+                    extra=(extra or {}).get(ph, ()),
+                    rss_limit_gib=rss_limit_gib,
+                )
                 res["repeat"] = r
                 runs.append(res)
                 log(
@@ -459,9 +502,12 @@ def _harvest(
             from spd_host.plugins import get_host
 
             get_host().load_adapter(case.decomposition_id).load_base_model()
+            gc.collect()  # one model at a time: the warm-up must not raise the peak RSS
             t0 = time.perf_counter()
             get_host().load_adapter(case.decomposition_id).load_base_model()
             load_s = time.perf_counter() - t0
+            gc.collect()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out = Path(tmp) / "run"
         if prof is not None:
             prof.enable()
@@ -474,6 +520,7 @@ def _harvest(
         assert repo is not None
         counts = repo._tensor("firing_count")
         res: dict[str, Any] = {
+            "peak_rss_mib_before_run_harvest": round(rss_before, 1),
             "seconds": round(seconds, 3),
             "load_seconds": round(load_s, 3),
             "alive_components": int((counts > 0).sum()),

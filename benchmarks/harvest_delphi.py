@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-bare", action="store_true", help="skip the forward + encode phase")
     p.add_argument("--delphi-model", choices=["base", "lm"], default="base")
+    p.add_argument(
+        "--rss-limit-gib", type=float, default=12.0, help="kill a phase whose RSS passes this"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     import _fixtures
@@ -72,7 +75,13 @@ def main() -> None:
     counts = [int(x) for x in args.tokens.split(",")]
     info = machine()
     runs = sweep(
-        args.case, counts, args.repeats, phases, threads=args.threads, extra={"delphi": delphi_args}
+        args.case,
+        counts,
+        args.repeats,
+        phases,
+        threads=args.threads,
+        extra={"delphi": delphi_args},
+        rss_limit_gib=args.rss_limit_gib,
     )
     rows = summarise(runs, phases)
     for r in rows:  # the two tools must have seen the same firings

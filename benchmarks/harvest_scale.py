@@ -42,12 +42,22 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="one extra profiled harvest at the smallest count"
     )
+    p.add_argument(
+        "--rss-limit-gib", type=float, default=12.0, help="kill a phase whose RSS passes this"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     counts = [int(x) for x in args.tokens.split(",")]
     phases = (["bare"] if not args.no_bare else []) + ["harvest"]
     info = machine()
-    runs = sweep(args.case, counts, args.repeats, phases, threads=args.threads)
+    runs = sweep(
+        args.case,
+        counts,
+        args.repeats,
+        phases,
+        threads=args.threads,
+        rss_limit_gib=args.rss_limit_gib,
+    )
     rows = summarise(runs, phases)
     profile = None
     if args.profile:

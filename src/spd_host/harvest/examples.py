@@ -191,9 +191,10 @@ def topk_plan(
     src = torch.cat([old_slots, cand])
     # sort: row ascending, score descending, earlier position first on ties (so a merge of
     # shards ranks ties exactly like a single pass)
-    o = torch.sort(all_pos, stable=True).indices
-    o = o[torch.sort(all_score[o], descending=True, stable=True).indices]
-    o = o[torch.sort(all_rows[o], stable=True).indices]
+    # One stable sort by (row, score descending): the input lists each row's old entries
+    # first, already ranked (score descending, earlier position first), then the new events in
+    # data order, all later than the old ones, so equal scores stay in position order.
+    o = torch.sort(all_rows * (1 << 32) + descending_key(all_score), stable=True).indices
     r_sorted = all_rows[o]
     n = o.shape[0]
     starts = torch.ones(n, dtype=torch.bool, device=dev)
@@ -204,3 +205,10 @@ def topk_plan(
     keep = rank < k
     o = o[keep]
     return all_rows[o], rank[keep], is_new[o], src[o], all_score[o]
+
+
+def descending_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 in ``[0, 2**32)`` that sorts float32 ``x`` descending (``-0.0`` equals ``0.0``)."""
+    b = (x.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    ascending = torch.where(b >= 0, b + (1 << 31), -1 - b)
+    return (1 << 32) - 1 - ascending

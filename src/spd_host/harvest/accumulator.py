@@ -336,7 +336,7 @@ class HarvestAccumulator:
 
     def _update_top(self, tokens, e, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
         bank = self.top
-        rows, slots, is_new, src, _score = topk_plan(g, primary, pos, bank)
+        rows, slots, is_new, src, _score = topk_plan(g, primary, bank)
         if rows.numel() == 0:
             return
         old = ~is_new

@@ -150,9 +150,9 @@ def reservoir_plan(
 
 
 def topk_plan(
-    comps: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bank: ExampleBank
+    comps: torch.Tensor, values: torch.Tensor, bank: ExampleBank
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge this batch's candidates into the top-K rows.
+    """Merge this batch's candidates (events in data order) into the top-K rows.
 
     Returns ``(rows, slots, src_is_new, src_index)`` for every entry of the new top-K of each
     touched component (``src_index`` is an event index when new, else an old slot) plus the
@@ -184,7 +184,6 @@ def topk_plan(
     old_score = bank.score[old_rows, old_slots]
     all_rows = torch.cat([old_rows, c_rows])
     all_score = torch.cat([old_score, values[cand].to(torch.float32)])
-    all_pos = torch.cat([bank.pos[old_rows, old_slots], pos[cand]])
     is_new = torch.cat(
         [torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)]
     )

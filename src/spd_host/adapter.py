@@ -207,18 +207,13 @@ def sparse_activity_of(
     """
     import torch
 
-    n_fired = int(torch.count_nonzero(fired))
-    if any(int(torch.count_nonzero(a)) > n_fired for a in activations.values()):
-        return None
     C = int(fired.shape[-1])
-    flat = fired.reshape(-1, C)
-    pos, comp = flat.nonzero().unbind(1)
+    pos, comp = fired.reshape(-1, C).nonzero().unbind(1)
     values = {t: a.reshape(-1, C)[pos, comp] for t, a in activations.items()}
-    if any(
-        int(torch.count_nonzero(v)) != int(torch.count_nonzero(activations[t]))
-        for t, v in values.items()
-    ):
-        return None  # a non-zero activation sits where the component does not fire
+    for t, v in values.items():
+        # every non-zero of the dense tensor is among the firing values: one dense count
+        if int(torch.count_nonzero(activations[t])) != int(torch.count_nonzero(v)):
+            return None
     return SparseActivity(pos, comp, values)
 
 

@@ -179,3 +179,16 @@ def test_duplicate_sparse_entries_are_a_clear_error() -> None:
         acc.update(
             _sparse_batch(position=torch.tensor([0, 5, 5]), component=torch.tensor([3, 2, 2])), 0
         )
+
+
+def test_descending_key_sorts_like_a_float_sort() -> None:
+    from spd_host.harvest.examples import descending_key
+
+    x = torch.cat(
+        [
+            _floats(500, 5),
+            torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1.0, 1.0, -0.0, 0.0]),
+        ]
+    )
+    o = torch.sort(descending_key(x), stable=True).indices
+    assert torch.equal(o, torch.sort(x, descending=True, stable=True).indices)

@@ -50,10 +50,11 @@ from spd_host.harvest.entries import SiteEntries, site_entries
 from spd_host.harvest.exact import PROB_FRAC_BITS, ExactSum, quantize, split_fixed
 from spd_host.harvest.examples import ExampleBank, reservoir_plan, topk_plan
 from spd_host.harvest.next_token import next_token_topk
-from spd_host.harvest.sparse_counts import DensePairCounter, pair_counter
+from spd_host.harvest.sparse_counts import DensePairCounter, SparsePairCounter, pair_counter
 from spd_host.harvest.windows import extract_windows
 
 SUM_FRAC_BITS = 32
+PRUNE_EVERY = 16  # batches between checks of token_table_max_pairs
 _DENSE_SUM_CHUNK = 1 << 22  # elements quantised at once by the dense all-position sum
 
 
@@ -194,6 +195,8 @@ class HarvestAccumulator:
         self.input_pairs = pair_counter(C, vocab_size, dense_bytes=budget, device=dev)
         self.output_pairs = pair_counter(C, vocab_size, dense_bytes=budget, device=dev)
         self.cooc = pair_counter(C, C, dense_bytes=budget, device=dev)
+        # summed prune thresholds of the bounded token tables (token_table_max_pairs)
+        self.prune_bound = {"input": 0, "output": 0}
         self.cooc_count = torch.zeros(C, dtype=torch.int64, device=dev)
         self.cooc_n_tokens = 0
         self.cooc_active = config.cooccurrence
@@ -267,6 +270,14 @@ class HarvestAccumulator:
             self._update_cooc(all_n, all_g, N if keep is None else int(keep.sum()))
         self.n_tokens += N
         self.n_batches += 1
+        if cfg.token_table_max_pairs is not None and self.n_batches % PRUNE_EVERY == 0:
+            self._prune_token_tables(cfg.token_table_max_pairs)
+
+    def _prune_token_tables(self, cap: int) -> None:
+        """Bound the sparse token tables (at fixed batch counts, so a resume prunes alike)."""
+        for name, table in (("input", self.input_pairs), ("output", self.output_pairs)):
+            if isinstance(table, SparsePairCounter) and len(table) > cap:
+                self.prune_bound[name] += table.prune(cap // 2)
 
     def _update_per_component(
         self,
@@ -336,7 +347,7 @@ class HarvestAccumulator:
 
     def _update_top(self, tokens, e, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
         bank = self.top
-        rows, slots, is_new, src, _score = topk_plan(g, primary, pos, bank)
+        rows, slots, is_new, src, _score = topk_plan(g, primary, bank)
         if rows.numel() == 0:
             return
         old = ~is_new
@@ -397,6 +408,7 @@ class HarvestAccumulator:
             "kept_mass_total": self.kept_mass_total.reshape(1),
             "output_kept_mass": self.output_kept_mass,
             "cooc_count": self.cooc_count,
+            "prune_bound": torch.tensor([self.prune_bound["input"], self.prune_bound["output"]]),
         }
         t.update(self.sum_all.state("sum_all"))
         t.update(self.sum_firing.state("sum_firing"))
@@ -439,6 +451,9 @@ class HarvestAccumulator:
         ):
             setattr(acc, name, tensors[name].to(dev).clone())
         acc.kept_mass_total = tensors["kept_mass_total"].reshape(()).to(dev).clone()
+        pb = tensors.get("prune_bound")  # absent in states written before bounded tables
+        if pb is not None:
+            acc.prune_bound = {"input": int(pb[0]), "output": int(pb[1])}
         acc.input_pairs.load_state("input_pairs", tensors)
         acc.output_pairs.load_state("output_pairs", tensors)
         acc.cooc.load_state("cooc", tensors)

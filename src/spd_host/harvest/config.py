@@ -70,6 +70,14 @@ class HarvestConfig(BaseModel):
         description="A (component, token) or co-occurrence table is kept dense (int64, one "
         "scatter-add per batch, no sort) when rows x columns x 8 bytes fit this; else sparse",
     )
+    token_table_max_pairs: int | None = Field(
+        default=None,
+        gt=0,
+        description="Bound on the distinct (component, token) pairs a sparse token table keeps "
+        "(None: exact and unbounded). Every 16 batches a table above it drops its smallest "
+        "counts down to half of it; the summed thresholds are recorded as the bound on how much "
+        "any stored or missing count under-estimates the exact one",
+    )
     checkpoint_every: int = Field(default=50, gt=0, description="Batches between checkpoints")
     device: str = Field(
         default="cpu",

@@ -150,9 +150,9 @@ def reservoir_plan(
 
 
 def topk_plan(
-    comps: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bank: ExampleBank
+    comps: torch.Tensor, values: torch.Tensor, bank: ExampleBank
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge this batch's candidates into the top-K rows.
+    """Merge this batch's candidates (events in data order) into the top-K rows.
 
     Returns ``(rows, slots, src_is_new, src_index)`` for every entry of the new top-K of each
     touched component (``src_index`` is an event index when new, else an old slot) plus the
@@ -184,16 +184,16 @@ def topk_plan(
     old_score = bank.score[old_rows, old_slots]
     all_rows = torch.cat([old_rows, c_rows])
     all_score = torch.cat([old_score, values[cand].to(torch.float32)])
-    all_pos = torch.cat([bank.pos[old_rows, old_slots], pos[cand]])
     is_new = torch.cat(
         [torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)]
     )
     src = torch.cat([old_slots, cand])
     # sort: row ascending, score descending, earlier position first on ties (so a merge of
     # shards ranks ties exactly like a single pass)
-    o = torch.sort(all_pos, stable=True).indices
-    o = o[torch.sort(all_score[o], descending=True, stable=True).indices]
-    o = o[torch.sort(all_rows[o], stable=True).indices]
+    # One stable sort by (row, score descending): the input lists each row's old entries
+    # first, already ranked (score descending, earlier position first), then the new events in
+    # data order, all later than the old ones, so equal scores stay in position order.
+    o = torch.sort(all_rows * (1 << 32) + descending_key(all_score), stable=True).indices
     r_sorted = all_rows[o]
     n = o.shape[0]
     starts = torch.ones(n, dtype=torch.bool, device=dev)
@@ -204,3 +204,10 @@ def topk_plan(
     keep = rank < k
     o = o[keep]
     return all_rows[o], rank[keep], is_new[o], src[o], all_score[o]
+
+
+def descending_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 in ``[0, 2**32)`` that sorts float32 ``x`` descending (``-0.0`` equals ``0.0``)."""
+    b = (x.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    ascending = torch.where(b >= 0, b + (1 << 31), -1 - b)
+    return (1 << 32) - 1 - ascending

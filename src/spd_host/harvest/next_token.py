@@ -4,8 +4,10 @@ Three input forms (see ``HarvestBatch``): full logits, full probabilities, or th
 ``NextTokenTopK`` (top-k logits, their indices and the logsumexp of the full logits). For
 logits, ``p_i = exp(l_i - logsumexp(l))`` for the k largest logits only: ``topk`` plus one
 ``logsumexp`` over the vocabulary instead of a ``[N, V]`` softmax. Probabilities are computed
-in float64 from the float32 logits (the same formula in every form, so a plugin's top-k and
-the host's top-k of the same logits give the same numbers).
+in float64 from the float32 logits, on the CPU (the same formula in every form and on every
+device, so a plugin's top-k and the host's top-k of the same logits, on any device, give the
+same bits). The logsumexp of full logits handed to the host is computed on the harvest
+device in float32; a plugin's ``NextTokenTopK`` carries its own.
 """
 
 from __future__ import annotations
@@ -54,4 +56,13 @@ def next_token_topk(
 
 
 def _probs(values: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    return torch.exp(values.to(torch.float64) - lse.to(torch.float64)[:, None])
+    """``exp(value - logsumexp)`` in float64, evaluated on the CPU whatever the device.
+
+    Why the CPU: ``exp`` differs in the last bit between device libraries, and one bit can
+    move a probability across a ``2**-30`` rounding step; only ``[N, k]`` values cross (a few
+    MB per batch), so every device gets the CPU's bits.
+    """
+    dev = values.device
+    v = values.to("cpu", torch.float64)
+    p = torch.exp(v - lse.to("cpu", torch.float64)[:, None])
+    return p.to(dev)

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,7 @@ def run_harvest(
     t0 = time.perf_counter()
     done_tokens = acc.n_tokens if acc is not None else 0
     bar = _progress(progress, world_size, rank)
+    pacer = CheckpointPacer()
     processed = 0
     exhausted = False
     with bar:
@@ -190,10 +192,11 @@ def run_harvest(
             acc.update(batch, g)
             processed += 1
             bar.update(task, advance=int(tokens.numel()))
-            if (local + 1) % config.checkpoint_every == 0:
-                save_checkpoint(
-                    state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did}
-                )
+            if (local + 1) % config.checkpoint_every == 0 and pacer.due():
+                with pacer.timing():
+                    save_checkpoint(
+                        state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did}
+                    )
     if acc is None:
         raise ConfigError(
             f"the dataset yielded no batches for rank {rank}", hint="check --dataset and --n-tokens"
@@ -218,6 +221,33 @@ def run_harvest(
         shutil.rmtree(state_dir, ignore_errors=True)
         return HarvestRepo(out)
     return _merge_if_last(out, world_size, did)
+
+
+class CheckpointPacer:
+    """Keeps checkpoints cheap relative to the batches between them.
+
+    A checkpoint falls due every ``checkpoint_every`` batches, and is skipped while less than
+    ``RATIO`` times the last checkpoint's duration has passed since it ended, so writing state
+    costs at most about ``1 / RATIO`` of the run however large the state grows. Skipping is
+    safe: a state is exact at every batch boundary, so when checkpoints happen never changes
+    the result (a resume re-does the batches since the last one).
+    """
+
+    RATIO = 10.0
+
+    def __init__(self) -> None:
+        self._last_end = time.perf_counter()
+        self._last_cost = 0.0
+
+    def due(self) -> bool:
+        return time.perf_counter() - self._last_end >= self.RATIO * self._last_cost
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self._last_end = time.perf_counter()
+        self._last_cost = self._last_end - t0
 
 
 def _vocab_size(batch: Any, adapter: Any) -> int:

@@ -98,6 +98,23 @@ class SparsePairCounter:
         self._buf_values.append(other.values.to(self.device, self.dtype))
         self.consolidate()
 
+    def prune(self, keep: int) -> int:
+        """Drop the smallest entries so that at most ``keep`` remain; return the threshold.
+
+        Every entry with a value ``<= tau`` goes (``tau``: the value below which all but
+        ``keep`` entries lie), so each surviving or later re-created entry under-estimates its
+        exact total by at most the sum of the thresholds of all prunes (lossy counting), and a
+        dropped pair's exact total is at most that sum too.
+        """
+        self.consolidate()
+        n = int(self.keys.shape[0])
+        if n <= keep:
+            return 0
+        tau = int(torch.kthvalue(self.values.cpu(), n - keep).values)
+        mask = self.values > tau
+        self.keys, self.values = self.keys[mask], self.values[mask]
+        return tau
+
     # -- queries ----------------------------------------------------------------------------------
     def upper_len(self) -> int:
         """An upper bound on ``len`` that does not consolidate (table plus raw buffer)."""

@@ -145,6 +145,9 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         "vocab_size": acc.V,
         "cooc_n_tokens": acc.cooc_n_tokens,
         "kept_mass_total": float(acc.kept_mass_total) * unit,
+        # bounded token tables: how much any stored or missing n(c, t) / m(c, t) may be low
+        "input_prune_bound": float(acc.prune_bound["input"]),
+        "output_prune_bound": float(acc.prune_bound["output"]) * unit,
         "layout": acc.layout.as_json(),
         "config": acc.config.model_dump(mode="json"),
     }

@@ -1,0 +1,68 @@
+"""Read the trained decomposition out of an orbax checkpoint item, as numpy arrays.
+
+param-decomp saves ``Decomposition(components, ci_fn)`` (equinox modules and registered
+dataclasses) with ``ocp.args.StandardSave``; restored without a target structure, orbax gives
+the same tree as nested dicts (attribute and dict keys), lists (tuples and lists) and ``None``
+(absent optional leaves, e.g. a GELU block's ``gate``). Older runs hold one ``default`` item with
+the whole ``TrainState``; only its ``components`` and ``ci_fn`` subtrees are kept.
+
+orbax-checkpoint is the optional extra ``spd-host[jax]``; importing it is deferred to the read.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spd_host.errors import FormatError, SpdHostError
+
+EXTRA_HINT = "install the optional extra: pip install 'spd-host[jax]' (orbax-checkpoint, jax CPU)"
+
+
+class MissingExtraError(SpdHostError):
+    """An optional dependency needed for this input is not installed."""
+
+
+def _orbax() -> Any:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as err:
+        raise MissingExtraError(
+            f"reading param-decomp (orbax) checkpoints needs orbax-checkpoint ({err})",
+            hint=EXTRA_HINT,
+        ) from err
+    return ocp
+
+
+def _to_numpy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _to_numpy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_to_numpy(v) for v in tree]
+    if tree is None:
+        return None
+    return np.asarray(tree)
+
+
+def read_item(item_dir: Path) -> dict[str, Any]:
+    """The ``{components, ci_fn}`` tree of one checkpoint item (``decomposition`` or ``default``)."""
+    ocp = _orbax()
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            restored = ocp.PyTreeCheckpointer().restore(item_dir.resolve())
+    except Exception as err:  # orbax/tensorstore raise many types for unreadable data
+        raise FormatError(f"{item_dir}: not a readable orbax checkpoint item ({err})") from err
+    if not isinstance(restored, dict):
+        raise FormatError(f"{item_dir}: expected a tree with components and ci_fn")
+    missing = [k for k in ("components", "ci_fn") if k not in restored]
+    if missing:
+        raise FormatError(
+            f"{item_dir}: checkpoint item has no {missing} (top-level keys: {sorted(restored)})"
+        )
+    return {"components": _to_numpy(restored["components"]), "ci_fn": _to_numpy(restored["ci_fn"])}

@@ -1,0 +1,163 @@
+"""The frozen target of a param-decomp run, and where its sites and taps live in torch.
+
+Checkpoints never hold the target: ``target.spec`` names it. :func:`load_target` is the one
+place a spec becomes a torch model — today ``kind: hf`` (``model_name`` is a Hub name, resolved
+through the normal cache, or a local model directory); Goodfire's own pretrain targets
+(``kind: pretrained``) plug in here once their architectures are available to this plugin.
+
+Site names are decoder-relative module paths (``layers.0.mlp.gate_proj``); in a transformers
+``*ForCausalLM`` they sit under the decoder (``model.layers.0.mlp.gate_proj``). Every tap is the
+*input* of one module: ``resid.{b}`` enters ``layers.{b}`` (``resid.{n_layer}`` enters the final
+norm), ``attn_in``/``attn_out``/``mlp_in``/``mlp_hidden`` enter q_proj/o_proj/gate_proj/down_proj.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from spd_adapters.spd.param_decomp.launch_config import LaunchConfig
+from spd_host.errors import FormatError, SourceNotFoundError
+
+_TAP_MODULE = {
+    "attn_in": "self_attn.q_proj",
+    "attn_out": "self_attn.o_proj",
+    "post_attn": "post_attention_layernorm",
+    "mlp_in": "mlp.gate_proj",
+    "mlp_hidden": "mlp.down_proj",
+}
+
+
+def target_name(cfg: LaunchConfig) -> str:
+    spec = cfg.target.spec
+    name = spec.get("model_name") or spec.get("run_path")
+    return str(name) if name else f"<{spec.get('kind')} target>"
+
+
+def _hf_spec(cfg: LaunchConfig) -> tuple[str, str]:
+    spec = cfg.target.spec
+    kind = spec.get("kind")
+    if kind not in ("hf", "hf_weights_in_vendored"):
+        raise FormatError(
+            f"target.spec.kind={kind!r} is not loadable yet: spd-host builds param-decomp "
+            "targets from Hugging Face models (kind: hf)",
+        )
+    name, cls = spec.get("model_name"), spec.get("model_class")
+    if not isinstance(name, str) or not isinstance(cls, str):
+        raise FormatError("target.spec needs model_name and model_class")
+    return name, cls
+
+
+def _hf_class(cls_name: str) -> Any:
+    import transformers
+
+    module, _, attr = cls_name.rpartition(".")
+    if module != "transformers":
+        # The vendored Llama is the HF Llama architecture with HF weights.
+        attr = "LlamaForCausalLM" if attr == "VendoredLlama" else attr
+    cls = getattr(transformers, attr, None)
+    if cls is None:
+        raise FormatError(f"target.spec.model_class {cls_name!r}: transformers has no {attr!r}")
+    return cls
+
+
+def hf_config(cfg: LaunchConfig) -> Any:
+    from transformers import AutoConfig
+
+    from spd_host.models import resolve_model_source
+
+    name, _ = _hf_spec(cfg)
+    source = resolve_model_source(name)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise SourceNotFoundError(
+            f"cannot read the Hugging Face config of the run's target {name!r}: {err}",
+            hint="make the model available in the local HF cache, or point target.spec.model_name "
+            "at a local model directory",
+        ) from err
+
+
+def build_skeleton(cfg: LaunchConfig) -> nn.Module:
+    """The target's structure on the meta device: names and shapes, no weights."""
+    _, cls_name = _hf_spec(cfg)
+    cls = _hf_class(cls_name)
+    with torch.device("meta"):
+        if hasattr(cls, "from_config"):
+            return cls.from_config(hf_config(cfg))  # type: ignore[no-any-return]
+        return cls(hf_config(cfg))  # type: ignore[no-any-return]
+
+
+def load_target(cfg: LaunchConfig) -> nn.Module:
+    """The frozen target model (eval mode, fp32, no grads) named by ``target.spec``."""
+    from spd_host.models import load_base_model
+
+    name, _ = _hf_spec(cfg)
+    return load_base_model(name)
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    """Where a decoder's blocks sit inside the torch model."""
+
+    prefix: str  # "model." for transformers *ForCausalLM
+    n_layer: int
+    norm_path: str
+
+    def site_path(self, site: str) -> str:
+        return f"{self.prefix}{site}"
+
+    def tap_path(self, tap: str) -> str:
+        name, _, block = tap.rpartition(".")
+        if not block.isdigit():
+            raise FormatError(f"malformed CI input tap {tap!r}")
+        b = int(block)
+        if name == "resid":
+            if not 0 <= b <= self.n_layer:
+                raise FormatError(f"CI input tap {tap!r} outside 0..{self.n_layer}")
+            return self.norm_path if b == self.n_layer else f"{self.prefix}layers.{b}"
+        if name not in _TAP_MODULE or not 0 <= b < self.n_layer:
+            raise FormatError(f"unknown CI input tap {tap!r}")
+        return f"{self.prefix}layers.{b}.{_TAP_MODULE[name]}"
+
+
+def layout_of(model: nn.Module) -> TargetLayout:
+    names = dict(model.named_modules())
+    for path, module in names.items():
+        if path.split(".")[-1] == "layers" and isinstance(module, nn.ModuleList):
+            prefix = path[: -len("layers")]
+            norm = f"{prefix}norm"
+            if norm not in names:
+                break
+            return TargetLayout(prefix, len(module), norm)
+    raise FormatError(
+        f"{type(model).__name__}: no decoder `layers` ModuleList with a final `norm` — not a "
+        "Llama/Qwen-style target"
+    )
+
+
+def linear_dims(model: nn.Module, path: str) -> tuple[int, int]:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as err:
+        raise FormatError(f"the target has no module {path!r} for a decomposed site") from err
+    if not isinstance(module, nn.Linear):
+        raise FormatError(f"decomposed site {path!r} is a {type(module).__name__}, not a Linear")
+    return module.in_features, module.out_features
+
+
+def tap_width(model: nn.Module, layout: TargetLayout, tap: str) -> int:
+    """Feature width of a tap: the input width of the module it enters."""
+    module = model.get_submodule(layout.tap_path(tap))
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 1:  # a norm
+        return int(weight.shape[0])
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(hidden, int):
+        return hidden
+    raise FormatError(f"cannot tell the width of CI input tap {tap!r}")

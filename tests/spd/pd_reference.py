@@ -26,12 +26,16 @@ def taps_and_site_inputs(model: Any, tokens: torch.Tensor) -> dict[str, np.ndarr
     hooks = []
     layers = model.model.layers
     hooks.append(
-        model.model.embed_tokens.register_forward_hook(lambda m, a, o: got.__setitem__("resid.0", o))
+        model.model.embed_tokens.register_forward_hook(
+            lambda m, a, o: got.__setitem__("resid.0", o)
+        )
     )
     for b, layer in enumerate(layers):
         hooks += [
             layer.register_forward_hook(
-                lambda m, a, o, b=b: got.__setitem__(f"resid.{b + 1}", o[0] if isinstance(o, tuple) else o)
+                lambda m, a, o, b=b: got.__setitem__(
+                    f"resid.{b + 1}", o[0] if isinstance(o, tuple) else o
+                )
             ),
             layer.input_layernorm.register_forward_hook(
                 lambda m, a, o, b=b: got.__setitem__(f"attn_in.{b}", o)
@@ -130,7 +134,8 @@ def reference_ci(
     p = {k: v if k in ("VU", "groups") else _f64(v) for k, v in p.items()}
     inv_freq = p["inv_freq"]
     acts = {
-        site_name(layer, kind): taps[site_input_tap(layer, kind)] @ p["VU"][(layer, kind)][0].astype(np.float64)
+        site_name(layer, kind): taps[site_input_tap(layer, kind)]
+        @ p["VU"][(layer, kind)][0].astype(np.float64)
         for layer, kind in sites_of(spec)
     }
     kinds = [k for k in KIND_ORDER if k in spec.cs]
@@ -140,7 +145,14 @@ def reference_ci(
             x = np.concatenate([_rms(taps[t]) for t in input_taps(ci, group)], -1)
             x = x @ p["in_w"][c] + p["in_b"][c]
             blocks = [
-                {k: (None if v is None else (tuple(a[c] for a in v) if isinstance(v, tuple) else v[c])) for k, v in b.items()}
+                {
+                    k: (
+                        None
+                        if v is None
+                        else (tuple(a[c] for a in v) if isinstance(v, tuple) else v[c])
+                    )
+                    for k, v in b.items()
+                }
                 for b in p["blocks"]
             ]
             x = _transformer(x, blocks, ci, inv_freq)
@@ -153,7 +165,14 @@ def reference_ci(
         n = ci["n_blocks"]
         b = p["blocks"]
         blocks = [
-            {k: (None if v is None else (tuple(a[i] for a in v) if isinstance(v, tuple) else v[i])) for k, v in b.items()}
+            {
+                k: (
+                    None
+                    if v is None
+                    else (tuple(a[i] for a in v) if isinstance(v, tuple) else v[i])
+                )
+                for k, v in b.items()
+            }
             for i in range(n)
         ]
         x = _transformer(x, blocks, ci, inv_freq)

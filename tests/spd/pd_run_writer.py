@@ -43,9 +43,7 @@ Decomposition = _dc("Decomposition", ["components", "ci_fn"])
 ComponentStacks = _dc("ComponentStacks", ["stacks"])
 BackboneCIFn = _dc("BackboneCIFn", ["backbone"])
 ChunkwiseTransformerBackbone = _dc("ChunkwiseTransformerBackbone", ["chunks", "inv_freq"])
-CIFnTransformer = _dc(
-    "CIFnTransformer", ["in_proj_w", "in_proj_b", "blocks", "out_ws", "out_bs"]
-)
+CIFnTransformer = _dc("CIFnTransformer", ["in_proj_w", "in_proj_b", "blocks", "out_ws", "out_bs"])
 CIFnBlock = _dc(
     "CIFnBlock", ["wq", "wk", "wv", "wo", "w1", "b1", "w2", "b2", "gate", "norm_scales"]
 )
@@ -215,7 +213,9 @@ def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[s
         p["readouts"] = {
             (layer, kind): {
                 arm: tuple(
-                    (1 + _rng_arrays(rng, (spec.cs[kind],), 0.3)) if i != 1 else _rng_arrays(rng, (spec.cs[kind],), 0.3)
+                    (1 + _rng_arrays(rng, (spec.cs[kind],), 0.3))
+                    if i != 1
+                    else _rng_arrays(rng, (spec.cs[kind],), 0.3)
                     for i in range(3)
                 )
                 for arm in ("positive", "negative")

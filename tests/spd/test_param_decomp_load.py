@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("orbax.checkpoint")
 
-from spd_host.adapter import HarvestOptions  # noqa: E402
-from spd_host.plugins import get_host  # noqa: E402
-from tests.spd import pd_reference as ref  # noqa: E402
-from tests.spd.pd_run_writer import RunSpec, site_name, tiny_llama, write_pd_run  # noqa: E402
+from spd_host.adapter import HarvestOptions
+from spd_host.plugins import get_host
+from tests.spd import pd_reference as ref
+from tests.spd.pd_run_writer import RunSpec, site_name, tiny_llama, write_pd_run
 
 ATTN_MHA = {"kind": "mha", "n_heads": 2, "implementation": "xla", "mask": "bidirectional"}
 ATTN_GQA = {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "implementation": "xla", "mask": "causal"}
@@ -95,7 +95,9 @@ def _check(adapter: Any, spec: RunSpec, params: dict[str, Any], model: Any) -> N
         name = paths[site].removeprefix("model.")
         ci = acts["causal_importance"].numpy()
         np.testing.assert_allclose(ci, want_ci[name], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(acts["component_activation"].numpy(), want_acts[name], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            acts["component_activation"].numpy(), want_acts[name], atol=1e-5, rtol=1e-5
+        )
         assert torch.equal(batch.firings[site], acts["causal_importance"] > 0.1)
         n_mid += int(((ci > 0.01) & (ci < 0.99)).sum())
     assert n_mid > 0, "the CI never leaves the clamp: the comparison would be vacuous"
@@ -144,7 +146,9 @@ def test_sites_metadata_and_non_causal_note(tmp_path: Path) -> None:
     assert names == ["0.attn.q", "0.glu.gate", "0.glu.down", "1.attn.q", "1.glu.gate", "1.glu.down"]
     by = {s.name: s for s in adapter.sites}
     assert by["0.glu.down"].n_components == 5 and by["1.attn.q"].n_components == 3
-    assert by["0.glu.down"].reads_from == "0.glu.down" and by["0.glu.down"].writes_to == ("0.mlp_out",)
+    assert by["0.glu.down"].reads_from == "0.glu.down" and by["0.glu.down"].writes_to == (
+        "0.mlp_out",
+    )
     assert by["1.glu.gate"].reads_from == "1.mlp_in"
     assert adapter.defaults.extra["module_paths"]["1.glu.gate"] == "model." + site_name(1, "gate")
     assert adapter.defaults.extra["ci_sees_future_tokens"] is True

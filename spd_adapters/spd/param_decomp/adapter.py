@@ -115,7 +115,11 @@ class PdAdapter:
             info = by_name[path.removeprefix(prefix)]
             address = self._addresses.get(path)
             reads, writes = _site_io(address) if address else (path, (path,))
-            note = " Its CI sees future tokens (bidirectional CI attention)." if self.non_causal else ""
+            note = (
+                " Its CI sees future tokens (bidirectional CI attention)."
+                if self.non_causal
+                else ""
+            )
             out.append(
                 Site(
                     name=name,
@@ -158,7 +162,9 @@ class PdAdapter:
                 "ci_fn_type": ci.type,
                 "ci_attention_mask": ci.attention.mask,
                 "ci_sees_future_tokens": self.non_causal,
-                "ci_input_taps": list(dict.fromkeys(t for n in self.structure.nets for t in n.input_taps)),
+                "ci_input_taps": list(
+                    dict.fromkeys(t for n in self.structure.nets for t in n.input_taps)
+                ),
                 "component_conditioning": ci.component_conditioning is not None,
                 "module_paths": {n: p for p, n in self.site_names_by_path().items()},
             },
@@ -193,7 +199,10 @@ class PdAdapter:
                 path = layout.site_path(s.name)
                 bias = getattr(model.get_submodule(path), "bias", None)
                 components[path] = Components(
-                    dec.V[s.name], dec.U[s.name], None if bias is None else bias.detach().float(), "linear"
+                    dec.V[s.name],
+                    dec.U[s.name],
+                    None if bias is None else bias.detach().float(),
+                    "linear",
                 )
                 site_of_path[path] = s.name
             taps = {t: layout.tap_path(t) for t in dec.ci_fn.input_taps}

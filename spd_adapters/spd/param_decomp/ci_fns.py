@@ -86,7 +86,11 @@ class TransformerNet:
         def split(w: Tensor, n: int) -> Tensor:
             return (h @ w.T).view(b, t, n, hd).transpose(1, 2)  # [b, n, t, hd]
 
-        q, k, v = split(blk.wq, self.n_heads), split(blk.wk, self.n_kv_heads), split(blk.wv, self.n_kv_heads)
+        q, k, v = (
+            split(blk.wq, self.n_heads),
+            split(blk.wk, self.n_kv_heads),
+            split(blk.wv, self.n_kv_heads),
+        )
         angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * self.inv_freq
         emb = torch.cat([angles, angles], dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -104,10 +108,8 @@ class TransformerNet:
     def _ffn(self, x: Tensor, blk: Block) -> Tensor:
         h = rms_norm(x, blk.norm_scales[1] if blk.norm_scales else None)
         up = h @ blk.w1 + blk.b1
-        if blk.gate is None:
-            hidden = F.gelu(up)
-        else:
-            hidden = F.silu(h @ blk.gate[0] + blk.gate[1]) * up
+        gate = blk.gate
+        hidden = F.gelu(up) if gate is None else F.silu(h @ gate[0] + gate[1]) * up
         return x + hidden @ blk.w2 + blk.b2
 
     def __call__(self, taps: list[Tensor]) -> list[Tensor]:
@@ -161,7 +163,10 @@ class Readout:
 
     def tensors(self) -> list[Tensor]:
         arms = (self.positive, self.negative)
-        return [self.bias, *(t for a in arms for t in (a.input_scale, a.input_bias, a.output_scale))]
+        return [
+            self.bias,
+            *(t for a in arms for t in (a.input_scale, a.input_bias, a.output_scale)),
+        ]
 
 
 @dataclass

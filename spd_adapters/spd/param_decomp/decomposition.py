@@ -111,11 +111,8 @@ def read_components(
     return V, U
 
 
-def _block(
-    tree: _Tree, node: Any, path: str, index: int, ci: TransformerCi, lead: int
-) -> Block:
-    """One block's weights; ``index`` selects along the ``lead``-th... leading axis (0)."""
-    del lead
+def _block(tree: _Tree, node: Any, path: str, index: int, ci: TransformerCi) -> Block:
+    """One block's weights; ``index`` selects along every leaf's leading (chunk/depth) axis."""
 
     def arr(key: str, ndim: int) -> Tensor:
         return _t(tree.array(node, key, path, ndim + 1)[index])
@@ -225,7 +222,13 @@ def read_ci_fn(
         )
     if not isinstance(node, dict):
         raise tree.fail(f"ci_fn is a {type(node).__name__}, expected a CI network")
-    kind = "chunkwise_transformer" if "chunks" in node else "global_transformer" if "heads" in node else None
+    kind = (
+        "chunkwise_transformer"
+        if "chunks" in node
+        else "global_transformer"
+        if "heads" in node
+        else None
+    )
     if kind != ci.type:
         raise tree.fail(
             f"the checkpoint's CI fn is {kind or 'of an unknown layout'} (keys {sorted(node)}), "
@@ -254,9 +257,7 @@ def read_ci_fn(
                 f"{len(structure.nets)}"
             )
         for c, route in enumerate(structure.nets):
-            blocks = [
-                _block(tree, b, f"{p}.blocks.{i}", c, ci, 0) for i, b in enumerate(blocks_node)
-            ]
+            blocks = [_block(tree, b, f"{p}.blocks.{i}", c, ci) for i, b in enumerate(blocks_node)]
             heads = [
                 (
                     _t(tree.array(out_ws, j, f"{p}.out_ws", 3)[c]),
@@ -283,7 +284,7 @@ def read_ci_fn(
         depth = tree.array(blocks_node, "wq", "ci_fn.blocks", 3).shape[0]
         if depth != ci.n_blocks:
             raise tree.fail(f"ci_fn.blocks stacks {depth} blocks, the config says {ci.n_blocks}")
-        blocks = [_block(tree, blocks_node, "ci_fn.blocks", i, ci, 0) for i in range(depth)]
+        blocks = [_block(tree, blocks_node, "ci_fn.blocks", i, ci) for i in range(depth)]
         heads_node = tree.get(node, "heads", "ci_fn")
         groups: dict[str, list[str]] = {}
         for s in structure.sites:
@@ -323,7 +324,10 @@ def read_ci_fn(
             rp = f"ci_fn.readouts.{s.name}"
 
             def arm(node: Any, path: str, C: int) -> Arm:
-                vals = [_t(tree.array(node, k, path, 1)) for k in ("input_scale", "input_bias", "output_scale")]
+                vals = [
+                    _t(tree.array(node, k, path, 1))
+                    for k in ("input_scale", "input_bias", "output_scale")
+                ]
                 for k, v in zip(("input_scale", "input_bias", "output_scale"), vals, strict=True):
                     _expect(tree, f"{path}.{k}", tuple(v.shape), (C,))
                 return Arm(*vals)

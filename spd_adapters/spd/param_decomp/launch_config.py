@@ -199,6 +199,9 @@ def load_launch_config(path: Path) -> LaunchConfig:
         cfg.decomposition.sites.kinds()
     except ValueError as err:
         raise FormatError(f"{path}: decomposition.sites: {err}") from err
-    if cfg.decomposition.ci.type == "chunkwise_transformer" and not cfg.decomposition.ci.blocks_per_chunk:
+    if (
+        cfg.decomposition.ci.type == "chunkwise_transformer"
+        and not cfg.decomposition.ci.blocks_per_chunk
+    ):
         raise FormatError(f"{path}: chunkwise_transformer needs decomposition.ci.blocks_per_chunk")
     return cfg

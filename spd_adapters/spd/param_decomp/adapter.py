@@ -18,11 +18,11 @@ from torch import nn
 from spd_adapters.spd.adapter import _site_io
 from spd_adapters.spd.model import Components
 from spd_adapters.spd.param_decomp import target as tgt
-from spd_adapters.spd.param_decomp.decomposition import build_decomposition
+from spd_adapters.spd.param_decomp.decomposition import PdDecomposition, build_decomposition
 from spd_adapters.spd.param_decomp.harvest_fn import ACTIVATION_TYPES
 from spd_adapters.spd.param_decomp.launch_config import load_launch_config
 from spd_adapters.spd.param_decomp.model import PdModel
-from spd_adapters.spd.param_decomp.orbax_reader import read_item
+from spd_adapters.spd.param_decomp.orbax_reader import read_item, read_item_shapes
 from spd_adapters.spd.param_decomp.run_files import discover_pd_run
 from spd_adapters.spd.param_decomp.structure import Structure, resolve_structure
 from spd_adapters.spd.splice import SPLICE_VARIANTS, splice
@@ -52,6 +52,8 @@ class PdAdapter:
         self._model: nn.Module | None = None
         self._pd: PdModel | None = None
         self._tokenizer: Any = None
+        # Every key and shape checked now, from orbax's metadata (no array data is read).
+        self._decomposition(self._skeleton, read_item_shapes(self.files.item_dir), meta=True)
 
     @property
     def non_causal(self) -> bool:
@@ -176,23 +178,28 @@ class PdAdapter:
             self._model = tgt.load_target(self.config)
         return self._model
 
+    def _decomposition(
+        self, model: nn.Module, restored: dict[str, Any], *, meta: bool
+    ) -> PdDecomposition:
+        layout = self.layout
+        dims = {
+            s.name: tgt.linear_dims(model, layout.site_path(s.name)) for s in self.structure.sites
+        }
+        return build_decomposition(
+            restored,
+            self.files.item_dir,
+            self.config.decomposition.ci,
+            self.structure,
+            dims,
+            lambda tap: tgt.tap_width(model, layout, tap),
+            meta=meta,
+        )
+
     def pd_model(self) -> PdModel:
         if self._pd is None:
             model = self.load_base_model()
             layout = self.layout
-            dims = {
-                s.name: tgt.linear_dims(model, layout.site_path(s.name))
-                for s in self.structure.sites
-            }
-            restored = read_item(self.files.item_dir)
-            dec = build_decomposition(
-                restored,
-                self.files.item_dir,
-                self.config.decomposition.ci,
-                self.structure,
-                dims,
-                lambda tap: tgt.tap_width(model, layout, tap),
-            )
+            dec = self._decomposition(model, read_item(self.files.item_dir), meta=False)
             components = {}
             site_of_path = {}
             for s in self.structure.sites:

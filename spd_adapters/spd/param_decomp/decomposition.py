@@ -48,8 +48,14 @@ class PdDecomposition:
 class _Tree:
     """Navigates the restored tree; every miss or bad shape names the checkpoint and key path."""
 
-    def __init__(self, root: Any, where: Path):
-        self.root, self.where = root, where
+    def __init__(self, root: Any, where: Path, *, meta: bool = False):
+        self.root, self.where, self.meta = root, where, meta
+
+    def t(self, a: np.ndarray) -> Tensor:
+        """A float32 torch copy; with ``meta`` a shape-only tensor (validation without data)."""
+        if self.meta:
+            return torch.empty(a.shape, device="meta")
+        return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
 
     def fail(self, msg: str) -> FormatError:
         return FormatError(f"{self.where}: {msg}")
@@ -67,10 +73,6 @@ class _Tree:
             shape = getattr(value, "shape", type(value).__name__)
             raise self.fail(f"{path}.{key} must be a {ndim}-d array, got {shape}")
         return value
-
-
-def _t(a: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
 
 
 def _expect(tree: _Tree, what: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
@@ -95,12 +97,12 @@ def read_components(
                     f"components.stacks.{site.group} stacks {Vs.shape[0]} matrices, the config "
                     f"decomposes {n} {site.kind!r} sites"
                 )
-            V[site.name], U[site.name] = _t(Vs[site.stack_index]), _t(Us[site.stack_index])
+            V[site.name], U[site.name] = tree.t(Vs[site.stack_index]), tree.t(Us[site.stack_index])
     elif isinstance(comp, dict) and "vu" in comp:
         for site in structure.sites:
             pair = tree.get(comp["vu"], site.name, "components.vu")
-            V[site.name] = _t(tree.array(pair, 0, f"components.vu.{site.name}", 2))
-            U[site.name] = _t(tree.array(pair, 1, f"components.vu.{site.name}", 2))
+            V[site.name] = tree.t(tree.array(pair, 0, f"components.vu.{site.name}", 2))
+            U[site.name] = tree.t(tree.array(pair, 1, f"components.vu.{site.name}", 2))
     else:
         have = sorted(comp) if isinstance(comp, dict) else type(comp).__name__
         raise tree.fail(f"components holds neither stacks nor vu (have: {have})")
@@ -115,7 +117,7 @@ def _block(tree: _Tree, node: Any, path: str, index: int, ci: TransformerCi) -> 
     """One block's weights; ``index`` selects along every leaf's leading (chunk/depth) axis."""
 
     def arr(key: str, ndim: int) -> Tensor:
-        return _t(tree.array(node, key, path, ndim + 1)[index])
+        return tree.t(tree.array(node, key, path, ndim + 1)[index])
 
     gate_node = node.get("gate") if isinstance(node, dict) else None
     norms = node.get("norm_scales") if isinstance(node, dict) else None
@@ -132,14 +134,14 @@ def _block(tree: _Tree, node: Any, path: str, index: int, ci: TransformerCi) -> 
     gate = None
     if gate_node is not None:
         gate = (
-            _t(tree.array(gate_node, 0, f"{path}.gate", 3)[index]),
-            _t(tree.array(gate_node, 1, f"{path}.gate", 2)[index]),
+            tree.t(tree.array(gate_node, 0, f"{path}.gate", 3)[index]),
+            tree.t(tree.array(gate_node, 1, f"{path}.gate", 2)[index]),
         )
     scales = None
     if norms is not None:
         scales = (
-            _t(tree.array(norms, 0, f"{path}.norm_scales", 2)[index]),
-            _t(tree.array(norms, 1, f"{path}.norm_scales", 2)[index]),
+            tree.t(tree.array(norms, 0, f"{path}.norm_scales", 2)[index]),
+            tree.t(tree.array(norms, 1, f"{path}.norm_scales", 2)[index]),
         )
     blk = Block(
         wq=arr("wq", 2),
@@ -234,7 +236,7 @@ def read_ci_fn(
             f"the checkpoint's CI fn is {kind or 'of an unknown layout'} (keys {sorted(node)}), "
             f"the config says decomposition.ci.type={ci.type!r}"
         )
-    inv_freq = _t(tree.array(node, "inv_freq", "ci_fn", 1))
+    inv_freq = tree.t(tree.array(node, "inv_freq", "ci_fn", 1))
     cs = {s.name: s.C for s in structure.sites}
     nets: list[CiNet] = []
     if kind == "chunkwise_transformer":
@@ -260,8 +262,8 @@ def read_ci_fn(
             blocks = [_block(tree, b, f"{p}.blocks.{i}", c, ci) for i, b in enumerate(blocks_node)]
             heads = [
                 (
-                    _t(tree.array(out_ws, j, f"{p}.out_ws", 3)[c]),
-                    _t(tree.array(out_bs, j, f"{p}.out_bs", 2)[c]),
+                    tree.t(tree.array(out_ws, j, f"{p}.out_ws", 3)[c]),
+                    tree.t(tree.array(out_bs, j, f"{p}.out_bs", 2)[c]),
                 )
                 for j in range(n_slots)
             ]
@@ -269,8 +271,8 @@ def read_ci_fn(
             net = _net(
                 tree,
                 ci,
-                _t(in_w_all[c]),
-                _t(in_b_all[c]),
+                tree.t(in_w_all[c]),
+                tree.t(in_b_all[c]),
                 blocks,
                 heads,
                 inv_freq,
@@ -300,14 +302,14 @@ def read_ci_fn(
                     f"ci_fn.heads.{g} ({group!r}) stacks {w.shape[0]} heads, expected {len(names)}"
                 )
             for s_idx, name in enumerate(names):
-                head_of[name] = (_t(w[s_idx]), _t(b[s_idx]))
+                head_of[name] = (tree.t(w[s_idx]), tree.t(b[s_idx]))
         route = structure.nets[0]
         in_dim = sum(tap_width(k) for k in route.input_taps)
         net = _net(
             tree,
             ci,
-            _t(tree.array(node, "in_proj_w", "ci_fn", 2)),
-            _t(tree.array(node, "in_proj_b", "ci_fn", 1)),
+            tree.t(tree.array(node, "in_proj_w", "ci_fn", 2)),
+            tree.t(tree.array(node, "in_proj_b", "ci_fn", 1)),
             blocks,
             [head_of[s] for s in route.output_sites],
             inv_freq,
@@ -325,14 +327,14 @@ def read_ci_fn(
 
             def arm(node: Any, path: str, C: int) -> Arm:
                 vals = [
-                    _t(tree.array(node, k, path, 1))
+                    tree.t(tree.array(node, k, path, 1))
                     for k in ("input_scale", "input_bias", "output_scale")
                 ]
                 for k, v in zip(("input_scale", "input_bias", "output_scale"), vals, strict=True):
                     _expect(tree, f"{path}.{k}", tuple(v.shape), (C,))
                 return Arm(*vals)
 
-            bias = _t(tree.array(r, "bias", rp, 1))
+            bias = tree.t(tree.array(r, "bias", rp, 1))
             _expect(tree, f"{rp}.bias", tuple(bias.shape), (s.C,))
             readouts[s.name] = Readout(
                 arm(tree.get(r, "positive", rp), f"{rp}.positive", s.C),
@@ -349,8 +351,11 @@ def build_decomposition(
     structure: Structure,
     dims: dict[str, tuple[int, int]],
     tap_width: Callable[[str], int],
+    *,
+    meta: bool = False,
 ) -> PdDecomposition:
-    tree = _Tree(restored, where)
+    """``meta``: check every key and shape against the config without materialising data."""
+    tree = _Tree(restored, where, meta=meta)
     V, U = read_components(tree, restored["components"], structure, dims)
     fn = read_ci_fn(tree, restored["ci_fn"], ci, structure, tap_width)
     return PdDecomposition(V, U, fn)

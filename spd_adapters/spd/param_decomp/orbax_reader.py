@@ -48,16 +48,34 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def read_item(item_dir: Path) -> dict[str, Any]:
-    """The ``{components, ci_fn}`` tree of one checkpoint item (``decomposition`` or ``default``)."""
+def _restore(item_dir: Path, *, metadata: bool) -> Any:
     ocp = _orbax()
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            restored = ocp.PyTreeCheckpointer().restore(item_dir.resolve())
+            checkpointer = ocp.PyTreeCheckpointer()
+            if metadata:
+                meta = checkpointer.metadata(item_dir.resolve())
+                return getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+            return checkpointer.restore(item_dir.resolve())
     except Exception as err:  # orbax/tensorstore raise many types for unreadable data
         raise FormatError(f"{item_dir}: not a readable orbax checkpoint item ({err})") from err
+
+
+def _shapes(tree: Any) -> Any:
+    """Metadata leaves -> zero-stride arrays of the stored shape (no memory, no data read)."""
+    if isinstance(tree, dict):
+        return {str(k): _shapes(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_shapes(v) for v in tree]
+    if tree is None:
+        return None
+    shape = tuple(getattr(tree, "shape", ()) or ())
+    return np.broadcast_to(np.zeros((), dtype=np.float32), shape)
+
+
+def _split(restored: Any, item_dir: Path, convert: Any) -> dict[str, Any]:
     if not isinstance(restored, dict):
         raise FormatError(f"{item_dir}: expected a tree with components and ci_fn")
     missing = [k for k in ("components", "ci_fn") if k not in restored]
@@ -65,4 +83,14 @@ def read_item(item_dir: Path) -> dict[str, Any]:
         raise FormatError(
             f"{item_dir}: checkpoint item has no {missing} (top-level keys: {sorted(restored)})"
         )
-    return {"components": _to_numpy(restored["components"]), "ci_fn": _to_numpy(restored["ci_fn"])}
+    return {"components": convert(restored["components"]), "ci_fn": convert(restored["ci_fn"])}
+
+
+def read_item_shapes(item_dir: Path) -> dict[str, Any]:
+    """The ``{components, ci_fn}`` tree with shape-only leaves, from orbax's metadata alone."""
+    return _split(_restore(item_dir, metadata=True), item_dir, _shapes)
+
+
+def read_item(item_dir: Path) -> dict[str, Any]:
+    """The ``{components, ci_fn}`` tree of one checkpoint item (``decomposition`` or ``default``)."""
+    return _split(_restore(item_dir, metadata=False), item_dir, _to_numpy)

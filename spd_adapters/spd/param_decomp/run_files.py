@@ -44,13 +44,13 @@ class PdRunFiles:
 
 
 def is_pd_run(path: Path) -> bool:
-    """A param-decomp run dir: a pinned config next to an orbax ``ckpts/`` directory."""
+    """A param-decomp run dir: ``launch_config.yaml`` (only param-decomp writes that name), or
+    an older ``config.yaml`` next to an orbax ``ckpts/`` directory."""
     if not path.is_dir():
         return False
-    has_config = (path / LAUNCH_CONFIG_FILENAME).is_file() or (
-        path / LEGACY_CONFIG_FILENAME
-    ).is_file()
-    return has_config and (path / CKPTS_DIRNAME).is_dir()
+    if (path / LAUNCH_CONFIG_FILENAME).is_file():
+        return True
+    return (path / LEGACY_CONFIG_FILENAME).is_file() and (path / CKPTS_DIRNAME).is_dir()
 
 
 def resolve_short_id(run_id: str) -> Path:

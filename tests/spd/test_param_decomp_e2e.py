@@ -15,18 +15,18 @@ from typer.testing import CliRunner
 
 pytest.importorskip("orbax.checkpoint")
 
-from spd_host.cli.app import app  # noqa: E402
-from spd_host.errors import FormatError, SourceNotFoundError, SpdHostError  # noqa: E402
-from spd_host.plugins import get_host  # noqa: E402
-from tests.spd import pd_reference as ref  # noqa: E402
-from tests.spd.pd_run_writer import (  # noqa: E402
+from spd_host.cli.app import app
+from spd_host.errors import FormatError, SourceNotFoundError, SpdHostError
+from spd_host.plugins import get_host
+from tests.spd import pd_reference as ref
+from tests.spd.pd_run_writer import (
     RunSpec,
     site_name,
     sites_of,
     tiny_llama,
     write_pd_run,
 )
-from tests.spd.test_param_decomp_load import CASES  # noqa: E402
+from tests.spd.test_param_decomp_load import CASES
 
 SPEC = CASES["chunkwise-mha-gelu-first_resid"]
 
@@ -69,7 +69,9 @@ def test_ci_masked_splice_matches_an_independent_masked_forward(tmp_path: Path) 
         def replace(m, args, out, V=V, U=U, mask=mask):
             return ((args[0].double() @ V) * mask @ U).to(out.dtype)
 
-        hooks.append(model.get_submodule(f"model.{site_name(layer, kind)}").register_forward_hook(replace))
+        hooks.append(
+            model.get_submodule(f"model.{site_name(layer, kind)}").register_forward_hook(replace)
+        )
     with torch.no_grad():
         want = model(tokens).logits
     for h in hooks:
@@ -128,9 +130,13 @@ def _edit_config(run_dir: Path, edit) -> None:
 def test_unknown_and_unsupported_ci_types_name_the_config(tmp_path: Path) -> None:
     run_dir, _ = _run(tmp_path)
     _edit_config(run_dir, lambda c: c["decomposition"]["ci"].update(type="my_new_ci"))
-    with pytest.raises(FormatError, match=r"launch_config.yaml: unknown CI function type.*my_new_ci"):
+    with pytest.raises(
+        FormatError, match=r"launch_config.yaml: unknown CI function type.*my_new_ci"
+    ):
         _load(f"spd:{run_dir}")
-    _edit_config(run_dir, lambda c: c["decomposition"]["ci"].update(type="moe_chunkwise_transformer"))
+    _edit_config(
+        run_dir, lambda c: c["decomposition"]["ci"].update(type="moe_chunkwise_transformer")
+    )
     with pytest.raises(FormatError, match=r"launch_config.yaml: unsupported CI function type"):
         _load(f"spd:{run_dir}")
 
@@ -154,7 +160,9 @@ def test_ci_type_disagreeing_with_the_checkpoint(tmp_path: Path) -> None:
 def test_ffn_kind_disagreeing_with_the_checkpoint(tmp_path: Path) -> None:
     run_dir, _ = _run(tmp_path)
     _edit_config(run_dir, lambda c: c["decomposition"]["ci"]["ffn"].update(kind="swiglu"))
-    with pytest.raises(FormatError, match=r"blocks.0.gate is absent but the config says ffn.kind='swiglu'"):
+    with pytest.raises(
+        FormatError, match=r"blocks.0.gate is absent but the config says ffn.kind='swiglu'"
+    ):
         _load(f"spd:{run_dir}")
 
 
@@ -163,7 +171,7 @@ def test_short_id_needs_the_runs_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     with pytest.raises(SourceNotFoundError, match="SPD_HOST_PD_RUNS_DIR"):
         _load("p-abcd1234")
     monkeypatch.setenv("SPD_HOST_PD_RUNS_DIR", str(tmp_path))
-    with pytest.raises(SourceNotFoundError, match="p-abcd1234.*not found"):
+    with pytest.raises(SourceNotFoundError, match=r"p-abcd1234.*not found"):
         _load("p-abcd1234")
 
 

@@ -333,6 +333,24 @@ def save_target(model: LlamaForCausalLM, target_dir: Path) -> None:
         shutil.copy(demo_model_dir() / f, target_dir / f)
 
 
+def _shard(tree: Any) -> Any:
+    """Place every leaf on a mesh over all devices, sharding its last axis where it tiles (as
+    the trainer's C-sharded V/U) — so the checkpoint records a multi-device sharding."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = np.array(jax.devices())
+    mesh = Mesh(devices, ("dp",))
+
+    def place(a: Any) -> Any:
+        spec = (
+            P(*([None] * (a.ndim - 1)), "dp") if a.ndim and a.shape[-1] % len(devices) == 0 else P()
+        )
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map(place, tree)
+
+
 def write_pd_run(
     run_dir: Path,
     spec: RunSpec,
@@ -340,9 +358,11 @@ def write_pd_run(
     *,
     steps: tuple[int, ...] = (50, 100),
     params: dict[str, Any] | None = None,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Write ``run_dir`` (config, orbax ckpts at ``steps``, metrics.jsonl); return the params of
-    the LAST step (earlier steps get different random params)."""
+    the LAST step (earlier steps get different random params). ``sharded``: save every array
+    placed on a mesh over all of this process's devices."""
     run_dir.mkdir(parents=True, exist_ok=True)
     target_dir = run_dir.parent / f"{run_dir.name}-target"
     save_target(model, target_dir)
@@ -358,6 +378,8 @@ def write_pd_run(
         is_last = i == len(steps) - 1
         p = params if (params is not None and is_last) else make_params(spec, model, seed=step)
         decomposition = decomposition_tree(spec, p)
+        if sharded:
+            decomposition = _shard(decomposition)
         if spec.layout == "legacy":
             state = TrainState(
                 components=decomposition.components,

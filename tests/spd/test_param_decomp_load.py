@@ -170,3 +170,41 @@ def test_causal_ci_is_causal(tmp_path: Path) -> None:
         x, y = ca[site]["causal_importance"], cb[site]["causal_importance"]
         assert torch.allclose(x[:, :4], y[:, :4], atol=1e-6)
         assert not torch.allclose(x[:, 4:], y[:, 4:], atol=1e-6)
+
+
+_SHARDED_WRITER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+from pathlib import Path
+from tests.spd.pd_run_writer import tiny_llama, write_pd_run
+from tests.spd.test_param_decomp_load import CASES
+write_pd_run(Path(sys.argv[1]), CASES[sys.argv[2]], tiny_llama(), steps=(100,), sharded=True)
+"""
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_from_a_device_mesh(tmp_path: Path) -> None:
+    """Real runs save from a multi-device mesh: the checkpoint records shardings over devices
+    this process does not have. Written in a subprocess with two (virtual CPU) devices."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.spd.pd_run_writer import make_params
+
+    case = "global-mha-swiglu-norms-all_block_taps"
+    run_dir = tmp_path / "p-2d2d2d2d"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_WRITER, str(run_dir), case],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dp" in (run_dir / "ckpts/100/decomposition/_sharding").read_text()
+    model = tiny_llama()
+    params = make_params(CASES[case], model, seed=100)  # the writer's params for step 100
+    adapter = get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
+    _check(adapter, CASES[case], params, model)

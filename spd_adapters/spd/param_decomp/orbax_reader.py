@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +50,45 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def _restore(item_dir: Path, *, metadata: bool) -> Any:
-    ocp = _orbax()
-    logging.getLogger("absl").setLevel(logging.ERROR)
+@contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """orbax logs through absl and the root logger (e.g. about the saving run's devices, which
+    host-numpy restores do not need); silence both for the read only."""
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _restore(item_dir: Path, *, metadata: bool) -> Any:
+    """The item's metadata tree, or its arrays restored as host numpy.
+
+    Arrays are restored with ``RestoreArgs(restore_type=np.ndarray)`` for every leaf (as
+    param-decomp's own ``restore_decomposition_to_host``): a run saved from a device mesh
+    records shardings over devices this machine does not have, which a plain restore refuses.
+    """
+    ocp = _orbax()
+    try:
+        with _quiet_logs(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             checkpointer = ocp.PyTreeCheckpointer()
+            meta = checkpointer.metadata(item_dir.resolve())
+            tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
             if metadata:
-                meta = checkpointer.metadata(item_dir.resolve())
-                return getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-            return checkpointer.restore(item_dir.resolve())
+                return tree
+            import jax
+
+            restore_args = jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree
+            )
+            return checkpointer.restore(
+                item_dir.resolve(), args=ocp.args.PyTreeRestore(restore_args=restore_args)
+            )
     except Exception as err:  # orbax/tensorstore raise many types for unreadable data
         raise FormatError(f"{item_dir}: not a readable orbax checkpoint item ({err})") from err
 

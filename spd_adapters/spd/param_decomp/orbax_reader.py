@@ -71,6 +71,8 @@ def _restore(item_dir: Path, *, metadata: bool) -> Any:
     Arrays are restored with ``RestoreArgs(restore_type=np.ndarray)`` for every leaf (as
     param-decomp's own ``restore_decomposition_to_host``): a run saved from a device mesh
     records shardings over devices this machine does not have, which a plain restore refuses.
+    Only ``components`` and ``ci_fn`` are read (``partial_restore``, as its
+    ``_legacy_partial_restore``), so an older ``default`` item's optimizer states stay on disk.
     """
     ocp = _orbax()
     try:
@@ -83,11 +85,21 @@ def _restore(item_dir: Path, *, metadata: bool) -> Any:
                 return tree
             import jax
 
+            if not isinstance(tree, dict) or not {"components", "ci_fn"} <= set(tree):
+                return tree  # reported by the caller, naming what the item holds
+            # Only the decomposition: a pre-split `default` item also holds optimizer states.
+            item = {k: tree[k] for k in ("components", "ci_fn")}
+            abstract = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), item
+            )
             restore_args = jax.tree_util.tree_map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item
             )
             return checkpointer.restore(
-                item_dir.resolve(), args=ocp.args.PyTreeRestore(restore_args=restore_args)
+                item_dir.resolve(),
+                args=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=restore_args, partial_restore=True
+                ),
             )
     except Exception as err:  # orbax/tensorstore raise many types for unreadable data
         raise FormatError(f"{item_dir}: not a readable orbax checkpoint item ({err})") from err

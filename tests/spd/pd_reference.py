@@ -132,7 +132,7 @@ def reference_ci(
     """(CI, component activations x V) per site name, from the params and the HF taps."""
     ci = spec.ci
     p = {k: v if k in ("VU", "groups") else _f64(v) for k, v in p.items()}
-    inv_freq = p["inv_freq"]
+    inv_freq = p.get("inv_freq")
     acts = {
         site_name(layer, kind): taps[site_input_tap(layer, kind)]
         @ p["VU"][(layer, kind)][0].astype(np.float64)
@@ -140,7 +140,18 @@ def reference_ci(
     }
     kinds = [k for k in KIND_ORDER if k in spec.cs]
     pre: dict[str, np.ndarray] = {}
-    if ci["type"] == "chunkwise_transformer":
+    if ci["type"] == "global_mlp":
+        x = np.concatenate([taps[t] for t in input_taps(ci, list(spec.layers))], -1)  # raw
+        weights, biases = p["mlp"]
+        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            x = x @ w + b
+            if i < len(weights) - 1:
+                x = 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+        start = 0
+        for layer, k in sites_of(spec):
+            pre[site_name(layer, k)] = x[..., start : start + spec.cs[k]]
+            start += spec.cs[k]
+    elif ci["type"] == "chunkwise_transformer":
         for c, group in enumerate(p["groups"]):
             x = np.concatenate([_rms(taps[t]) for t in input_taps(ci, group)], -1)
             x = x @ p["in_w"][c] + p["in_b"][c]

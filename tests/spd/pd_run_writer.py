@@ -14,6 +14,7 @@ checkpoints. The target is a tiny HF Llama saved with ``save_pretrained`` (+ the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ ComponentConditioned = _dc("ComponentConditioned", ["backbone", "readouts"])
 ComponentActivationReadout = _dc("ComponentActivationReadout", ["positive", "negative", "bias"])
 ClampedAffineArm = _dc("ClampedAffineArm", ["input_scale", "input_bias", "output_scale"])
 TrainingItem = _dc("TrainingItem", ["objective", "step"])
+GlobalMLPCIFn = _dc("GlobalMLPCIFn", ["mlp"])
+SiteMLP = _dc("SiteMLP", ["weights", "biases"])
 # older layout
 DecompVU = _dc("DecompVU", ["vu"])
 ChunkwiseTransformerCIFn = _dc("ChunkwiseTransformerCIFn", ["chunks", "inv_freq"])
@@ -167,6 +170,8 @@ def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[s
     """Random decomposition params as plain numpy, keyed for both writer and reference."""
     rng = np.random.default_rng(seed)
     ci = spec.ci
+    if ci["type"] == "global_mlp":
+        return _mlp_params(spec, model, rng)
     d, nh = ci["d_model"], ci["attention"]["n_heads"]
     kvh = ci["attention"].get("n_kv_heads", nh)
     kv, h, hd = d // nh * kvh, ci["ffn"]["hidden"], d // nh
@@ -226,6 +231,29 @@ def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[s
     return p
 
 
+def _vu(spec: RunSpec, model: LlamaForCausalLM, rng: np.random.Generator) -> dict:
+    VU = {}
+    for layer, kind in sites_of(spec):
+        mod = model.get_submodule(f"model.{site_name(layer, kind)}")
+        C = spec.cs[kind]
+        VU[(layer, kind)] = (
+            _rng_arrays(rng, (mod.in_features, C), 1.0 / mod.in_features**0.25),
+            _rng_arrays(rng, (C, mod.out_features), C**-0.5),
+        )
+    return VU
+
+
+def _mlp_params(spec: RunSpec, model: LlamaForCausalLM, rng: np.random.Generator) -> dict:
+    ci = spec.ci
+    VU = _vu(spec, model, rng)
+    in_dim = sum(tap_width(t, model) for t in input_taps(ci, list(spec.layers)))
+    total_c = sum(spec.cs[k] for _, k in sites_of(spec))
+    dims = [in_dim, *ci["hidden_dims"], total_c]
+    weights = [_rng_arrays(rng, (a, b), 1.2 / a**0.5) for a, b in itertools.pairwise(dims)]
+    biases = [0.4 + _rng_arrays(rng, (b,), 0.3) for b in dims[1:]]
+    return {"VU": VU, "mlp": (weights, biases)}
+
+
 def _jnp(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
@@ -251,6 +279,11 @@ def decomposition_tree(spec: RunSpec, p: dict[str, Any]) -> Any:
                 )
                 for k in kinds
             }
+        )
+    if spec.ci["type"] == "global_mlp":  # GlobalMLPCIFn is not wrapped in a backbone
+        weights, biases = p["mlp"]
+        return _jnp(
+            Decomposition(components=components, ci_fn=GlobalMLPCIFn(SiteMLP(weights, biases)))
         )
     if spec.ci["type"] == "chunkwise_transformer":
         chunk_cls = ChunkTransformer if legacy else CIFnTransformer

@@ -75,6 +75,10 @@ CASES = {
             },
         },
     ),
+    "global_mlp-all_block_taps": RunSpec(
+        cs={"v": 2, "o": 3, "down": 4},
+        ci={"type": "global_mlp", "hidden_dims": [12, 9], "input_tap": "all_block_taps"},
+    ),
 }
 
 

@@ -20,7 +20,7 @@ from spd_adapters.spd.model import Components
 from spd_adapters.spd.param_decomp import target as tgt
 from spd_adapters.spd.param_decomp.decomposition import PdDecomposition, build_decomposition
 from spd_adapters.spd.param_decomp.harvest_fn import ACTIVATION_TYPES
-from spd_adapters.spd.param_decomp.launch_config import load_launch_config
+from spd_adapters.spd.param_decomp.launch_config import TransformerCi, load_launch_config
 from spd_adapters.spd.param_decomp.model import PdModel
 from spd_adapters.spd.param_decomp.orbax_reader import read_item, read_item_shapes
 from spd_adapters.spd.param_decomp.run_files import discover_pd_run
@@ -58,7 +58,7 @@ class PdAdapter:
     @property
     def non_causal(self) -> bool:
         ci = self.config.decomposition.ci
-        return ci.n_blocks > 0 and ci.attention.mask == "bidirectional"
+        return isinstance(ci, TransformerCi) and ci.attends and ci.attention.mask == "bidirectional"
 
     # -- structure -----------------------------------------------------------------------------
     @cached_property
@@ -162,7 +162,7 @@ class PdAdapter:
                 "checkpoint": str(self.files.item_dir.relative_to(self.files.run_dir)),
                 "step": self.files.step,
                 "ci_fn_type": ci.type,
-                "ci_attention_mask": ci.attention.mask,
+                "ci_attention_mask": ci.attention.mask if isinstance(ci, TransformerCi) else None,
                 "ci_sees_future_tokens": self.non_causal,
                 "ci_input_taps": list(
                     dict.fromkeys(t for n in self.structure.nets for t in n.input_taps)

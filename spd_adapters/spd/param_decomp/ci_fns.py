@@ -12,6 +12,7 @@ Plain tensors (no ``nn.Module``), written from the maths of ``param_decomp/core/
   ``1/sqrt(head_dim)``, a bidirectional or causal mask; the FFN is ``gelu(h@w1+b1) @ w2 + b2``
   (exact erf GELU) or SwiGLU ``(silu(h@wg+bg) * (h@w1+b1)) @ w2 + b2``;
 - one linear head per site: ``x @ W [d_model, C] + b`` -> the site's CI pre-activation;
+- ``global_mlp`` (the tPD LM CI net): the raw taps concatenated, an exact-GELU MLP, split per site;
 - optional component conditioning (``affine_clipped_component_activation``): with
   ``h = x_site @ V``, ``pre += s+ * clip(a+ h + b+, 0, 1) + s- * clip(a- (-h) + b-, 0, 1) + bias``.
 
@@ -132,12 +133,33 @@ class TransformerNet:
 
 
 @dataclass
+class MlpNet:
+    """``global_mlp``: the RAW taps concatenated (no norm), ``Linear`` layers with exact GELU
+    between them (none after the last), the output split per site in order."""
+
+    weights: list[Tensor]  # [d_in, d_out]
+    biases: list[Tensor]
+    sizes: list[int]  # C per output site
+
+    def __call__(self, taps: list[Tensor]) -> list[Tensor]:
+        x = torch.cat([t.float() for t in taps], dim=-1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = x @ w + b
+            if i < len(self.weights) - 1:
+                x = F.gelu(x)
+        return list(torch.split(x, self.sizes, dim=-1))
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.weights, *self.biases]
+
+
+@dataclass
 class CiNet:
     """One network of a CI function: the taps it reads and the sites its heads score."""
 
     input_taps: tuple[str, ...]
     output_sites: tuple[str, ...]
-    net: TransformerNet
+    net: TransformerNet | MlpNet
 
 
 @dataclass

@@ -29,11 +29,12 @@ from spd_adapters.spd.param_decomp.ci_fns import (
     Arm,
     Block,
     CiNet,
+    MlpNet,
     PdCiFunction,
     Readout,
     TransformerNet,
 )
-from spd_adapters.spd.param_decomp.launch_config import TransformerCi
+from spd_adapters.spd.param_decomp.launch_config import CiConfig, GlobalMlpCi, TransformerCi
 from spd_adapters.spd.param_decomp.structure import Structure
 from spd_host.errors import FormatError
 
@@ -203,13 +204,46 @@ def _net(
     )
 
 
-def read_ci_fn(
+def read_global_mlp(
     tree: _Tree,
     node: Any,
-    ci: TransformerCi,
+    ci: GlobalMlpCi,
     structure: Structure,
     tap_width: Callable[[str], int],
 ) -> PdCiFunction:
+    """``ci_fn.mlp.{weights, biases}`` (``GlobalMLPCIFn`` is not wrapped in a backbone)."""
+    if not isinstance(node, dict) or "mlp" not in node:
+        have = sorted(node) if isinstance(node, dict) else type(node).__name__
+        raise tree.fail(
+            f"the checkpoint's CI fn has keys {have}, not the global_mlp layout (ci_fn.mlp) the "
+            f"config's decomposition.ci.type='global_mlp' implies"
+        )
+    mlp = node["mlp"]
+    ws, bs = tree.get(mlp, "weights", "ci_fn.mlp"), tree.get(mlp, "biases", "ci_fn.mlp")
+    route = structure.nets[0]
+    sizes = [structure.by_name[s].C for s in route.output_sites]
+    dims = [sum(tap_width(k) for k in route.input_taps), *ci.hidden_dims, sum(sizes)]
+    n = len(dims) - 1
+    if not isinstance(ws, list) or not isinstance(bs, list) or len(ws) != n or len(bs) != n:
+        raise tree.fail(f"ci_fn.mlp must hold {n} layers (hidden_dims={ci.hidden_dims})")
+    weights = [tree.t(tree.array(ws, i, "ci_fn.mlp.weights", 2)) for i in range(n)]
+    biases = [tree.t(tree.array(bs, i, "ci_fn.mlp.biases", 1)) for i in range(n)]
+    for i in range(n):
+        _expect(tree, f"ci_fn.mlp.weights.{i}", tuple(weights[i].shape), (dims[i], dims[i + 1]))
+        _expect(tree, f"ci_fn.mlp.biases.{i}", tuple(biases[i].shape), (dims[i + 1],))
+    net = MlpNet(weights, biases, sizes)
+    return PdCiFunction(ci.type, [CiNet(route.input_taps, route.output_sites, net)], None)
+
+
+def read_ci_fn(
+    tree: _Tree,
+    node: Any,
+    ci: CiConfig,
+    structure: Structure,
+    tap_width: Callable[[str], int],
+) -> PdCiFunction:
+    if isinstance(ci, GlobalMlpCi):
+        return read_global_mlp(tree, node, ci, structure, tap_width)
     readouts_node = None
     if isinstance(node, dict) and "backbone" in node:
         node = node["backbone"]
@@ -347,7 +381,7 @@ def read_ci_fn(
 def build_decomposition(
     restored: dict[str, Any],
     where: Path,
-    ci: TransformerCi,
+    ci: CiConfig,
     structure: Structure,
     dims: dict[str, tuple[int, int]],
     tap_width: Callable[[str], int],

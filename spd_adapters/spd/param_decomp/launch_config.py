@@ -21,8 +21,8 @@ LAUNCH_CONFIG_FILENAME = "launch_config.yaml"
 LEGACY_CONFIG_FILENAME = "config.yaml"
 
 # Every CI-function type param-decomp's LM schema knows, and the ones computed here.
-SUPPORTED_CI_TYPES = ("chunkwise_transformer", "global_transformer")
-KNOWN_CI_TYPES = (*SUPPORTED_CI_TYPES, "moe_chunkwise_transformer", "global_mlp")
+SUPPORTED_CI_TYPES = ("chunkwise_transformer", "global_transformer", "global_mlp")
+KNOWN_CI_TYPES = (*SUPPORTED_CI_TYPES, "moe_chunkwise_transformer")
 
 # The dense families' matrix vocabularies, in canonical within-block order.
 GLU_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -115,7 +115,7 @@ class ComponentConditioning(_Loose):
 
 
 class TransformerCi(_Loose):
-    """``decomposition.ci`` for the two transformer CI functions computed here."""
+    """``decomposition.ci`` for the transformer CI functions (chunkwise and global)."""
 
     type: Literal["chunkwise_transformer", "global_transformer"]
     d_model: int = Field(gt=0)
@@ -126,6 +126,28 @@ class TransformerCi(_Loose):
     blocks_per_chunk: int | None = Field(default=None, gt=0)
     input_tap: InputTap = "first_block_resid"
     component_conditioning: ComponentConditioning | None = None
+
+    @property
+    def attends(self) -> bool:
+        """Whether positions see each other (any block); bidirectional => future tokens too."""
+        return self.n_blocks > 0
+
+
+class GlobalMlpCi(_Loose):
+    """``decomposition.ci`` of type ``global_mlp``: one pointwise MLP over the raw taps."""
+
+    type: Literal["global_mlp"]
+    hidden_dims: list[int] = Field(min_length=1)
+    input_tap: InputTap
+
+    component_conditioning: None = None
+
+    @property
+    def attends(self) -> bool:
+        return False
+
+
+CiConfig = Annotated[TransformerCi | GlobalMlpCi, Field(discriminator="type")]
 
 
 class HfTarget(_Loose):
@@ -142,7 +164,7 @@ class TargetSection(_Loose):
 
 class Decomposition(_Loose):
     sites: SiteSpec
-    ci: TransformerCi
+    ci: CiConfig
 
 
 class DataTrain(_Loose):
@@ -199,9 +221,11 @@ def load_launch_config(path: Path) -> LaunchConfig:
         cfg.decomposition.sites.kinds()
     except ValueError as err:
         raise FormatError(f"{path}: decomposition.sites: {err}") from err
+    ci_cfg = cfg.decomposition.ci
     if (
-        cfg.decomposition.ci.type == "chunkwise_transformer"
-        and not cfg.decomposition.ci.blocks_per_chunk
+        isinstance(ci_cfg, TransformerCi)
+        and ci_cfg.type == "chunkwise_transformer"
+        and not ci_cfg.blocks_per_chunk
     ):
         raise FormatError(f"{path}: chunkwise_transformer needs decomposition.ci.blocks_per_chunk")
     return cfg

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tests.spd.pd_run_writer import KIND_ORDER, RunSpec, input_taps, site_name, sites_of
+from tests.spd.pd_run_writer import RunSpec, input_taps, site_name, sites_of
 
 EPS = float(np.finfo(np.float32).eps)
 _erf = np.vectorize(math.erf)
@@ -57,9 +57,41 @@ def taps_and_site_inputs(model: Any, tokens: torch.Tensor) -> dict[str, np.ndarr
     return {k: v.detach().double().numpy() for k, v in got.items()}
 
 
+def simple_taps(model: Any, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """The same taps on a LlamaSimpleMLP-named model (``wte``, ``h.{i}.rms_1/attn/rms_2/mlp``)."""
+    got: dict[str, torch.Tensor] = {}
+    hooks = [model.wte.register_forward_hook(lambda m, a, o: got.__setitem__("resid.0", o))]
+    for b, blk in enumerate(model.h):
+        hooks += [
+            blk.register_forward_hook(lambda m, a, o, b=b: got.__setitem__(f"resid.{b + 1}", o)),
+            blk.rms_1.register_forward_hook(
+                lambda m, a, o, b=b: got.__setitem__(f"attn_in.{b}", o)
+            ),
+            blk.rms_2.register_forward_hook(lambda m, a, o, b=b: got.__setitem__(f"mlp_in.{b}", o)),
+            blk.attn.o_proj.register_forward_pre_hook(
+                lambda m, a, b=b: got.__setitem__(f"attn_out.{b}", a[0])
+            ),
+            blk.mlp.down_proj.register_forward_pre_hook(
+                lambda m, a, b=b: got.__setitem__(f"mlp_hidden.{b}", a[0])
+            ),
+        ]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return {k: v.detach().double().numpy() for k, v in got.items()}
+
+
+_INPUT_TAP = {
+    **dict.fromkeys(("q", "k", "v", "q_proj", "k_proj", "v_proj"), "attn_in"),
+    **dict.fromkeys(("o", "o_proj"), "attn_out"),
+    **dict.fromkeys(("gate", "up", "c_fc"), "mlp_in"),
+    **dict.fromkeys(("down", "down_proj"), "mlp_hidden"),
+}
+
+
 def site_input_tap(layer: int, kind: str) -> str:
-    name = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out"}.get(kind)
-    return f"{name or ('mlp_hidden' if kind == 'down' else 'mlp_in')}.{layer}"
+    return f"{_INPUT_TAP[kind]}.{layer}"
 
 
 def _rms(x: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
@@ -134,11 +166,12 @@ def reference_ci(
     p = {k: v if k in ("VU", "groups") else _f64(v) for k, v in p.items()}
     inv_freq = p.get("inv_freq")
     acts = {
-        site_name(layer, kind): taps[site_input_tap(layer, kind)]
+        site_name(layer, kind, spec.family): taps[site_input_tap(layer, kind)]
         @ p["VU"][(layer, kind)][0].astype(np.float64)
         for layer, kind in sites_of(spec)
     }
-    kinds = [k for k in KIND_ORDER if k in spec.cs]
+    kinds = spec.kinds
+    fam = spec.family
     pre: dict[str, np.ndarray] = {}
     if ci["type"] == "global_mlp":
         x = np.concatenate([taps[t] for t in input_taps(ci, list(spec.layers))], -1)  # raw
@@ -149,7 +182,7 @@ def reference_ci(
                 x = 0.5 * x * (1 + _erf(x / math.sqrt(2)))
         start = 0
         for layer, k in sites_of(spec):
-            pre[site_name(layer, k)] = x[..., start : start + spec.cs[k]]
+            pre[site_name(layer, k, fam)] = x[..., start : start + spec.cs[k]]
             start += spec.cs[k]
     elif ci["type"] == "chunkwise_transformer":
         for c, group in enumerate(p["groups"]):
@@ -169,7 +202,7 @@ def reference_ci(
             x = _transformer(x, blocks, ci, inv_freq)
             slots = [(layer, k) for layer in group for k in kinds]
             for j, (layer, k) in enumerate(slots):
-                pre[site_name(layer, k)] = x @ p["out_ws"][j][c] + p["out_bs"][j][c]
+                pre[site_name(layer, k, fam)] = x @ p["out_ws"][j][c] + p["out_bs"][j][c]
     else:
         x = np.concatenate([_rms(taps[t]) for t in input_taps(ci, list(spec.layers))], -1)
         x = x @ p["in_w"] + p["in_b"]
@@ -190,10 +223,10 @@ def reference_ci(
         for k in kinds:
             W, bias = p["heads"][k]
             for s_idx, layer in enumerate(spec.layers):
-                pre[site_name(layer, k)] = x @ W[s_idx] + bias[s_idx]
+                pre[site_name(layer, k, fam)] = x @ W[s_idx] + bias[s_idx]
     if "readouts" in p:
         for (layer, kind), r in p["readouts"].items():
-            name = site_name(layer, kind)
+            name = site_name(layer, kind, fam)
             h = acts[name]
             (ap, bp, sp), (an, bn, sn) = r["positive"], r["negative"]
             pre[name] = (

@@ -86,8 +86,16 @@ def tiny_llama(seed: int = 0, n_layer: int = 2) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def site_name(layer: int, kind: str) -> str:
+def site_name(layer: int, kind: str, family: str = "glu_transformer") -> str:
+    if family == "simple_mlp":
+        return f"h.{layer}.{'mlp' if kind in ('c_fc', 'down_proj') else 'attn'}.{kind}"
     return f"layers.{layer}.{GLU_SUB.get(kind, 'mlp')}.{kind}_proj"
+
+
+def module_path(spec: RunSpec, layer: int, kind: str) -> str:
+    """Where the site sits in the torch model: HF nests the decoder under ``model.``."""
+    name = site_name(layer, kind, spec.family)
+    return name if spec.family == "simple_mlp" else f"model.{name}"
 
 
 @dataclasses.dataclass
@@ -100,14 +108,20 @@ class RunSpec:
     layout: str = "current"  # "current" | "legacy"
     config_name: str = "launch_config.yaml"
     stack_pad: int = 0  # trailing all-zero placement pads on the chunk stack
+    family: str = "glu_transformer"  # or "simple_mlp" (Goodfire's LlamaSimpleMLP)
+
+    @property
+    def kinds(self) -> list[str]:
+        order = SIMPLE_KIND_ORDER if self.family == "simple_mlp" else KIND_ORDER
+        return [k for k in order if k in self.cs]
 
 
 KIND_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
+SIMPLE_KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "down_proj")
 
 
 def sites_of(spec: RunSpec) -> list[tuple[int, str]]:
-    kinds = [k for k in KIND_ORDER if k in spec.cs]
-    return [(layer, k) for layer in spec.layers for k in kinds]
+    return [(layer, k) for layer in spec.layers for k in spec.kinds]
 
 
 def _rng_arrays(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
@@ -144,15 +158,15 @@ def _block(
     return out
 
 
-def tap_width(tap: str, model: LlamaForCausalLM) -> int:
+def tap_width(tap: str, model: Any) -> int:
     name = tap.rsplit(".", 1)[0]
+    layer0 = model.h[0] if hasattr(model, "h") else model.model.layers[0]
+    attn = layer0.attn if hasattr(layer0, "attn") else layer0.self_attn
     if name == "attn_out":
-        return model.config.num_attention_heads * (
-            model.config.hidden_size // model.config.num_attention_heads
-        )
+        return attn.o_proj.in_features
     if name == "mlp_hidden":
-        return model.config.intermediate_size
-    return model.config.hidden_size
+        return layer0.mlp.down_proj.in_features
+    return attn.q_proj.in_features
 
 
 def input_taps(ci: dict[str, Any], blocks: list[int]) -> list[str]:
@@ -166,7 +180,7 @@ def input_taps(ci: dict[str, Any], blocks: list[int]) -> list[str]:
     return [f"resid.{blocks[0] + o}" for o in sel["offsets"]]
 
 
-def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[str, Any]:
+def make_params(spec: RunSpec, model: Any, seed: int = 5) -> dict[str, Any]:
     """Random decomposition params as plain numpy, keyed for both writer and reference."""
     rng = np.random.default_rng(seed)
     ci = spec.ci
@@ -178,7 +192,7 @@ def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[s
     sites = sites_of(spec)
     VU = {}
     for layer, kind in sites:
-        mod = model.get_submodule(f"model.{site_name(layer, kind)}")
+        mod = model.get_submodule(module_path(spec, layer, kind))
         C = spec.cs[kind]
         VU[(layer, kind)] = (
             _rng_arrays(rng, (mod.in_features, C), 1.0 / mod.in_features**0.25),
@@ -191,7 +205,7 @@ def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[s
         groups = [list(spec.layers[i : i + per]) for i in range(0, len(spec.layers), per)]
         n = len(groups) + spec.stack_pad
         in_dim = sum(tap_width(t, model) for t in input_taps(ci, groups[0]))
-        slots = [(li, k) for li in range(per) for k in KIND_ORDER if k in spec.cs]
+        slots = [(li, k) for li in range(per) for k in spec.kinds]
         p["groups"] = groups
         p["in_w"] = _rng_arrays(rng, (n, in_dim, d), 0.5)
         p["in_b"] = _rng_arrays(rng, (n, d), 0.2)
@@ -206,7 +220,7 @@ def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[s
         p["in_w"] = _rng_arrays(rng, (in_dim, d), 0.5)
         p["in_b"] = _rng_arrays(rng, (d,), 0.2)
         p["blocks"] = _block(rng, (ci["n_blocks"],), d, kv, h, ci)
-        kinds = [k for k in KIND_ORDER if k in spec.cs]
+        kinds = spec.kinds
         p["heads"] = {
             k: (
                 _rng_arrays(rng, (len(spec.layers), d, spec.cs[k]), 0.6),
@@ -234,7 +248,7 @@ def make_params(spec: RunSpec, model: LlamaForCausalLM, seed: int = 5) -> dict[s
 def _vu(spec: RunSpec, model: LlamaForCausalLM, rng: np.random.Generator) -> dict:
     VU = {}
     for layer, kind in sites_of(spec):
-        mod = model.get_submodule(f"model.{site_name(layer, kind)}")
+        mod = model.get_submodule(module_path(spec, layer, kind))
         C = spec.cs[kind]
         VU[(layer, kind)] = (
             _rng_arrays(rng, (mod.in_features, C), 1.0 / mod.in_features**0.25),
@@ -243,7 +257,7 @@ def _vu(spec: RunSpec, model: LlamaForCausalLM, rng: np.random.Generator) -> dic
     return VU
 
 
-def _mlp_params(spec: RunSpec, model: LlamaForCausalLM, rng: np.random.Generator) -> dict:
+def _mlp_params(spec: RunSpec, model: Any, rng: np.random.Generator) -> dict:
     ci = spec.ci
     VU = _vu(spec, model, rng)
     in_dim = sum(tap_width(t, model) for t in input_taps(ci, list(spec.layers)))
@@ -268,9 +282,9 @@ def decomposition_tree(spec: RunSpec, p: dict[str, Any]) -> Any:
     sites = sites_of(spec)
     legacy = spec.layout == "legacy"
     if legacy:
-        components = DecompVU(vu={site_name(*s): p["VU"][s] for s in sites})
+        components = DecompVU(vu={site_name(*s, spec.family): p["VU"][s] for s in sites})
     else:
-        kinds = [k for k in KIND_ORDER if k in spec.cs]
+        kinds = spec.kinds
         components = ComponentStacks(
             stacks={
                 k: (
@@ -312,7 +326,7 @@ def decomposition_tree(spec: RunSpec, p: dict[str, Any]) -> Any:
         net = ComponentConditioned(
             backbone=net,
             readouts={
-                site_name(*s): ComponentActivationReadout(
+                site_name(*s, spec.family): ComponentActivationReadout(
                     positive=ClampedAffineArm(*r["positive"]),
                     negative=ClampedAffineArm(*r["negative"]),
                     bias=r["bias"],
@@ -324,22 +338,30 @@ def decomposition_tree(spec: RunSpec, p: dict[str, Any]) -> Any:
     return _jnp(Decomposition(components=components, ci_fn=ci_fn))
 
 
+PRETRAINED_SPEC = {
+    "kind": "pretrained",
+    "model_class": "param_decomp.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
+    "run_path": "goodfire/spd/runs/tinysmlp",
+}
+
+
 def launch_config(spec: RunSpec, target_dir: Path) -> dict[str, Any]:
+    hf = {
+        "kind": "hf",
+        "model_class": "transformers.LlamaForCausalLM",
+        "model_name": str(target_dir),
+    }
     return {
         "run_name": "tiny-pd",
         "target": {
-            "spec": {
-                "kind": "hf",
-                "model_class": "transformers.LlamaForCausalLM",
-                "model_name": str(target_dir),
-            },
+            "spec": PRETRAINED_SPEC if spec.family == "simple_mlp" else hf,
             "weights_dtype": "float32",
             "output_edge": {"kind": "materialized"},
             "attention_implementation": "xla",
         },
         "decomposition": {
             "sites": {
-                "kind": "glu_transformer",
+                "kind": spec.family,
                 "layers": {"kind": "list", "indices": list(spec.layers)},
                 "cs": dict(spec.cs),
             },
@@ -387,7 +409,7 @@ def _shard(tree: Any) -> Any:
 def write_pd_run(
     run_dir: Path,
     spec: RunSpec,
-    model: LlamaForCausalLM,
+    model: Any,
     *,
     steps: tuple[int, ...] = (50, 100),
     params: dict[str, Any] | None = None,
@@ -398,7 +420,8 @@ def write_pd_run(
     placed on a mesh over all of this process's devices."""
     run_dir.mkdir(parents=True, exist_ok=True)
     target_dir = run_dir.parent / f"{run_dir.name}-target"
-    save_target(model, target_dir)
+    if spec.family != "simple_mlp":  # a pretrained target comes from its loader
+        save_target(model, target_dir)
     (run_dir / spec.config_name).write_text(
         yaml.safe_dump(launch_config(spec, target_dir), sort_keys=False)
     )

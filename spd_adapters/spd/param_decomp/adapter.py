@@ -67,7 +67,7 @@ class PdAdapter:
 
     @cached_property
     def layout(self) -> tgt.TargetLayout:
-        return tgt.layout_of(self._skeleton)
+        return tgt.layout_of(self._skeleton, self.config.decomposition.sites.kind)
 
     @cached_property
     def structure(self) -> Structure:
@@ -175,7 +175,9 @@ class PdAdapter:
     # -- weights -------------------------------------------------------------------------------
     def load_base_model(self) -> nn.Module:
         if self._model is None:
-            self._model = tgt.load_target(self.config)
+            pretrained = self.config.target.spec.get("kind") == "pretrained"
+            # a pretrained target's skeleton already is the loaded model
+            self._model = self._skeleton if pretrained else tgt.load_target(self.config)
         return self._model
 
     def _decomposition(

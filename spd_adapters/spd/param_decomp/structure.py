@@ -3,7 +3,9 @@
 Mirrors param-decomp's resolution (``experiments/lm/config.py``): the ``decomposition.sites``
 spec tiles one C per matrix kind over the selected layers; the site order is layer-ascending,
 then the family's canonical kind order; site names are torch module paths relative to the
-decoder (``layers.{i}.self_attn.{q,k,v,o}_proj``, ``layers.{i}.mlp.{gate,up,down}_proj``).
+decoder (``glu_transformer``: ``layers.{i}.self_attn.{q,k,v,o}_proj``,
+``layers.{i}.mlp.{gate,up,down}_proj``; ``simple_mlp``: ``h.{i}.attn.{q,k,v,o}_proj``,
+``h.{i}.mlp.{c_fc,down_proj}``).
 V/U persist stacked per *group*, and an LM target's group is the matrix kind, so site
 ``(layer, kind)`` sits at its layer's rank among the decomposed layers in stack ``kind``.
 
@@ -25,7 +27,8 @@ from spd_adapters.spd.param_decomp.launch_config import (
 SITE_INPUT_TAPS = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 
 _GLU_SUBMODULE = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn"}
-_GLU_INPUT_TAP = {
+_INPUT_TAP = {
+    # glu_transformer (HF Llama / Qwen3)
     "q": "attn_in",
     "k": "attn_in",
     "v": "attn_in",
@@ -33,11 +36,26 @@ _GLU_INPUT_TAP = {
     "gate": "mlp_in",
     "up": "mlp_in",
     "down": "mlp_hidden",
+    # simple_mlp (Goodfire's LlamaSimpleMLP)
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "attn_out",
+    "c_fc": "mlp_in",
+    "down_proj": "mlp_hidden",
 }
 
 
 def glu_site_name(layer: int, kind: str) -> str:
     return f"layers.{layer}.{_GLU_SUBMODULE.get(kind, 'mlp')}.{kind}_proj"
+
+
+def simple_mlp_site_name(layer: int, kind: str) -> str:
+    """``h.{i}.attn.{q,k,v,o}_proj`` / ``h.{i}.mlp.{c_fc,down_proj}`` (``targets/llama_simple_mlp``)."""
+    return f"h.{layer}.{'mlp' if kind in ('c_fc', 'down_proj') else 'attn'}.{kind}"
+
+
+SITE_NAMERS = {"glu_transformer": glu_site_name, "simple_mlp": simple_mlp_site_name}
 
 
 @dataclass(frozen=True)
@@ -51,7 +69,7 @@ class SiteInfo:
 
     @property
     def input_tap(self) -> str:
-        return f"{_GLU_INPUT_TAP[self.kind]}.{self.layer}"
+        return f"{_INPUT_TAP[self.kind]}.{self.layer}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,7 @@ class NetRouting:
 
 @dataclass(frozen=True)
 class Structure:
+    family: str
     sites: tuple[SiteInfo, ...]
     layers: tuple[int, ...]
     kinds: tuple[str, ...]
@@ -93,15 +112,11 @@ def _taps(tap_sel: object, layers: tuple[int, ...], n_layer: int) -> tuple[str, 
 def resolve_structure(cfg: LaunchConfig, n_layer: int) -> Structure:
     """Sites + per-network routing; raises ``ValueError`` (the caller names the config file)."""
     spec, ci = cfg.decomposition.sites, cfg.decomposition.ci
-    if spec.kind != "glu_transformer":
-        raise ValueError(
-            f"decomposition.sites.kind={spec.kind!r}: only glu_transformer (HF Llama/Qwen3) "
-            "targets are wired so far"
-        )
+    name_of = SITE_NAMERS[spec.kind]
     kinds = spec.kinds()
     layers = spec.layer_indices(n_layer)
     sites = tuple(
-        SiteInfo(glu_site_name(layer, kind), layer, kind, spec.cs[kind], kind, rank)
+        SiteInfo(name_of(layer, kind), layer, kind, spec.cs[kind], kind, rank)
         for rank, layer in enumerate(layers)
         for kind in kinds
     )
@@ -115,10 +130,10 @@ def resolve_structure(cfg: LaunchConfig, n_layer: int) -> Structure:
         nets = tuple(
             NetRouting(
                 _taps(ci.input_tap, layers[i : i + per], n_layer),
-                tuple(glu_site_name(b, k) for b in layers[i : i + per] for k in kinds),
+                tuple(name_of(b, k) for b in layers[i : i + per] for k in kinds),
             )
             for i in range(0, len(layers), per)
         )
     else:
         nets = (NetRouting(_taps(ci.input_tap, layers, n_layer), tuple(s.name for s in sites)),)
-    return Structure(sites, layers, kinds, nets)
+    return Structure(spec.kind, sites, layers, kinds, nets)

@@ -13,6 +13,7 @@ norm), ``attn_in``/``attn_out``/``mlp_in``/``mlp_hidden`` enter q_proj/o_proj/ga
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +23,37 @@ from torch import nn
 from spd_adapters.spd.param_decomp.launch_config import LaunchConfig
 from spd_host.errors import FormatError, SourceNotFoundError
 
+# The module (relative to a block) whose input each per-block tap is, per site family.
 _TAP_MODULE = {
-    "attn_in": "self_attn.q_proj",
-    "attn_out": "self_attn.o_proj",
-    "post_attn": "post_attention_layernorm",
-    "mlp_in": "mlp.gate_proj",
-    "mlp_hidden": "mlp.down_proj",
+    "glu_transformer": {
+        "attn_in": "self_attn.q_proj",
+        "attn_out": "self_attn.o_proj",
+        "post_attn": "post_attention_layernorm",
+        "mlp_in": "mlp.gate_proj",
+        "mlp_hidden": "mlp.down_proj",
+    },
+    "simple_mlp": {
+        "attn_in": "attn.q_proj",
+        "attn_out": "attn.o_proj",
+        "post_attn": "rms_2",
+        "mlp_in": "mlp.c_fc",
+        "mlp_hidden": "mlp.down_proj",
+    },
 }
+# (block container, final norm) names, per site family.
+_DECODER = {"glu_transformer": ("layers", "norm"), "simple_mlp": ("h", "ln_f")}
+
+PretrainedLoader = Callable[[dict[str, Any]], nn.Module]
+_PRETRAINED_LOADER: list[PretrainedLoader] = []
+
+
+def set_pretrained_target_loader(loader: PretrainedLoader | None) -> None:
+    """Wire Goodfire's own pretrain targets (``target.spec.kind: pretrained``): ``loader``
+    takes the ``target.spec`` mapping (``model_class``, ``run_path``) and returns the frozen
+    torch model (eval mode) whose module names follow the run's site family."""
+    _PRETRAINED_LOADER.clear()
+    if loader is not None:
+        _PRETRAINED_LOADER.append(loader)
 
 
 def target_name(cfg: LaunchConfig) -> str:
@@ -81,8 +106,26 @@ def hf_config(cfg: LaunchConfig) -> Any:
         ) from err
 
 
+def _is_pretrained(cfg: LaunchConfig) -> bool:
+    return cfg.target.spec.get("kind") == "pretrained"
+
+
+def _load_pretrained(cfg: LaunchConfig) -> nn.Module:
+    if not _PRETRAINED_LOADER:
+        raise FormatError(
+            f"target.spec.kind='pretrained' ({cfg.target.spec.get('model_class')}, "
+            f"{cfg.target.spec.get('run_path')}): no loader for Goodfire's own pretrain targets "
+            "is wired into this plugin",
+            hint="spd_adapters.spd.param_decomp.target.set_pretrained_target_loader",
+        )
+    return _PRETRAINED_LOADER[0](dict(cfg.target.spec))
+
+
 def build_skeleton(cfg: LaunchConfig) -> nn.Module:
-    """The target's structure on the meta device: names and shapes, no weights."""
+    """The target's structure (HF: on the meta device, no weights; a pretrained target comes
+    from its loader)."""
+    if _is_pretrained(cfg):
+        return _load_pretrained(cfg)
     _, cls_name = _hf_spec(cfg)
     cls = _hf_class(cls_name)
     with torch.device("meta"):
@@ -95,6 +138,8 @@ def load_target(cfg: LaunchConfig) -> nn.Module:
     """The frozen target model (eval mode, fp32, no grads) named by ``target.spec``."""
     from spd_host.models import load_base_model
 
+    if _is_pretrained(cfg):
+        return _load_pretrained(cfg)
     name, _ = _hf_spec(cfg)
     return load_base_model(name)
 
@@ -106,6 +151,8 @@ class TargetLayout:
     prefix: str  # "model." for transformers *ForCausalLM
     n_layer: int
     norm_path: str
+    family: str = "glu_transformer"
+    container: str = "layers"
 
     def site_path(self, site: str) -> str:
         return f"{self.prefix}{site}"
@@ -118,24 +165,26 @@ class TargetLayout:
         if name == "resid":
             if not 0 <= b <= self.n_layer:
                 raise FormatError(f"CI input tap {tap!r} outside 0..{self.n_layer}")
-            return self.norm_path if b == self.n_layer else f"{self.prefix}layers.{b}"
-        if name not in _TAP_MODULE or not 0 <= b < self.n_layer:
+            return self.norm_path if b == self.n_layer else f"{self.prefix}{self.container}.{b}"
+        modules = _TAP_MODULE[self.family]
+        if name not in modules or not 0 <= b < self.n_layer:
             raise FormatError(f"unknown CI input tap {tap!r}")
-        return f"{self.prefix}layers.{b}.{_TAP_MODULE[name]}"
+        return f"{self.prefix}{self.container}.{b}.{modules[name]}"
 
 
-def layout_of(model: nn.Module) -> TargetLayout:
+def layout_of(model: nn.Module, family: str = "glu_transformer") -> TargetLayout:
+    """Where the blocks of a ``family`` decoder sit (``layers`` + ``norm``, or ``h`` + ``ln_f``)."""
+    container, norm_name = _DECODER[family]
     names = dict(model.named_modules())
     for path, module in names.items():
-        if path.split(".")[-1] == "layers" and isinstance(module, nn.ModuleList):
-            prefix = path[: -len("layers")]
-            norm = f"{prefix}norm"
-            if norm not in names:
-                break
-            return TargetLayout(prefix, len(module), norm)
+        if path.split(".")[-1] == container and isinstance(module, nn.ModuleList):
+            prefix = path[: -len(container)]
+            norm = f"{prefix}{norm_name}"
+            if norm in names:
+                return TargetLayout(prefix, len(module), norm, family, container)
     raise FormatError(
-        f"{type(model).__name__}: no decoder `layers` ModuleList with a final `norm` — not a "
-        "Llama/Qwen-style target"
+        f"{type(model).__name__}: no decoder `{container}` ModuleList with a final "
+        f"`{norm_name}` — not a {family} target"
     )
 
 
@@ -157,6 +206,10 @@ def tap_width(model: nn.Module, layout: TargetLayout, tap: str) -> int:
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 1:  # a norm
         return int(weight.shape[0])
+    # A block's input is the residual stream: as wide as the final norm (or the HF config says).
+    norm_weight = getattr(model.get_submodule(layout.norm_path), "weight", None)
+    if isinstance(norm_weight, torch.Tensor) and norm_weight.ndim == 1:
+        return int(norm_weight.shape[0])
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if isinstance(hidden, int):
         return hidden

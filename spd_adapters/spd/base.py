@@ -1,7 +1,12 @@
 """The base model of an SPD run: which class, where its weights come from, module specs.
 
-``pretrained_model_class`` names the class. Only ``transformers.*`` classes are resolved (a
-config must never make us import arbitrary code). When the checkpoint carries the frozen base
+``pretrained_model_class`` names the class. Two kinds are resolved, and nothing else is ever
+imported (a config must never make us import arbitrary code): ``transformers.*`` model classes
+(subclasses of ``PreTrainedModel`` or ``Auto*`` model factories; ``transformers.pipeline`` and
+other callables are refused), and Goodfire's own target models
+(``spd.pretrain.models.<module>.<Class>``, also under ``param_decomp``; see
+``spd_adapters.spd.targets``), which are built from their pretrain run's ``model_config.yaml``
+(``pretrained_model_name`` / ``pretrained_model_path``: a wandb run or a local checkpoint). When the checkpoint carries the frozen base
 model (``target_model.*``), the model is built from its Hugging Face config
 (``pretrained_model_name``: ``demo``, a local directory, or a cached Hub name) and those weights
 are loaded, so the decomposition is always paired with exactly the weights it was trained on.
@@ -23,22 +28,42 @@ from spd_adapters.spd.formats import ModuleSpec
 from spd_host.errors import FormatError, SourceNotFoundError
 
 
+def goodfire_model_type(config: SpdRunConfig) -> str | None:
+    """``model_type`` when the run's target is one of Goodfire's own models, else None."""
+    from spd_adapters.spd.targets.classes import target_model_type
+
+    return target_model_type(config.pretrained_model_class)
+
+
 def model_class(config: SpdRunConfig) -> type[Any]:
-    """Resolve ``pretrained_model_class`` (``transformers.<Name>`` only)."""
+    """Resolve ``pretrained_model_class`` (a ``transformers`` model class only)."""
     name = config.pretrained_model_class
     module, _, attr = name.rpartition(".")
     if module != "transformers" or not attr:
         raise FormatError(
-            f"pretrained_model_class {name!r} is not a transformers class",
+            f"pretrained_model_class {name!r} is not a transformers class nor one of "
+            "Goodfire's target models",
             hint="spd-host loads base models through transformers (e.g. transformers.GPT2LMHeadModel, "
-            "transformers.LlamaForCausalLM, transformers.AutoModelForCausalLM)",
+            "transformers.LlamaForCausalLM, transformers.AutoModelForCausalLM) or as Goodfire's "
+            "spd.pretrain.models.{llama_simple.LlamaSimple, llama_simple_mlp.LlamaSimpleMLP, "
+            "gpt2_simple.GPT2Simple}",
         )
     import transformers
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
     cls = getattr(transformers, attr, None)
     if cls is None:
         raise FormatError(f"pretrained_model_class {name!r}: transformers has no {attr!r}")
-    return cls  # type: ignore[no-any-return]
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, transformers.PreTrainedModel | _BaseAutoModelClass)
+    ):
+        raise FormatError(
+            f"pretrained_model_class {name!r} is not a transformers model class",
+            hint="name a model class (e.g. transformers.LlamaForCausalLM), not a function or "
+            "another kind of object",
+        )
+    return cls
 
 
 def base_model_name(config: SpdRunConfig) -> str:
@@ -78,16 +103,49 @@ def _instantiate(config: SpdRunConfig) -> nn.Module:
     return cls(hf)  # type: ignore[no-any-return]
 
 
+def _goodfire_run(config: SpdRunConfig) -> Any:
+    from spd_adapters.spd.targets.run_reader import locate
+
+    return locate(base_model_name(config))
+
+
+def _goodfire_config(config: SpdRunConfig, model_type: str) -> Any:
+    from spd_adapters.spd.targets.loading import read_config
+
+    return read_config(_goodfire_run(config), model_type)
+
+
 def build_skeleton(config: SpdRunConfig) -> nn.Module:
     """The base model's structure on the meta device (no memory, no weights) for addresses."""
+    model_type = goodfire_model_type(config)
+    if model_type is not None:
+        from spd_adapters.spd.targets.loading import skeleton
+
+        return skeleton(_goodfire_config(config, model_type))
     with torch.device("meta"):
         return _instantiate(config)
+
+
+def _load_goodfire(
+    config: SpdRunConfig, model_type: str, target_state: Mapping[str, Tensor], where: Path | str
+) -> nn.Module:
+    """From the SPD checkpoint's ``target_model.*`` when present, else the pretrain checkpoint."""
+    from spd_adapters.spd.targets.loading import load_model, read_checkpoint, read_config
+
+    run = _goodfire_run(config)
+    cfg = read_config(run, model_type)
+    if target_state:
+        return load_model(cfg, target_state, where=f"{where} (target_model.*)")
+    return load_model(cfg, read_checkpoint(run.checkpoint), where=run.checkpoint)
 
 
 def load_base(
     config: SpdRunConfig, target_state: Mapping[str, Tensor], *, where: Path | str
 ) -> nn.Module:
     """The frozen base model, from the checkpoint's ``target_model.*`` weights when present."""
+    model_type = goodfire_model_type(config)
+    if model_type is not None:
+        return _load_goodfire(config, model_type, target_state, where)
     if not target_state:
         from spd_host.models import load_base_model
 
@@ -107,6 +165,22 @@ def load_base(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_tokenizer(config: SpdRunConfig) -> Any:
+    """The run's tokenizer: ``tokenizer_name`` (else the base model's own).
+
+    For a Goodfire target, ``tokenizer_name`` (a Hub name, as Goodfire's SPD runs give it) is
+    tried first; if it is not available locally, the tokenizer the pretrain run saved next to
+    its configs (``tokenizer.json``) is used, then the run's ``hf_tokenizer_path``.
+    """
+    from spd_host.models import load_tokenizer as load_named
+
+    if goodfire_model_type(config) is None:
+        return load_named(config.tokenizer_name or base_model_name(config))
+    from spd_adapters.spd.targets.tokenizer import load_pretrain_tokenizer
+
+    return load_pretrain_tokenizer(_goodfire_run(config), config.tokenizer_name)
 
 
 def module_spec(module: nn.Module, path: str) -> ModuleSpec:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spd_host.adapter import MethodInfo
 from spd_host.hookspecs import hookimpl
@@ -66,3 +66,12 @@ def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> Harves
     if not isinstance(adapter, SpdAdapter):
         return None
     return make_harvest_fn(adapter, options)
+
+
+@hookimpl
+def register_architectures(register: Callable[[Any], None]) -> None:
+    """Goodfire's own target models (LlamaSimple, LlamaSimpleMLP, GPT2Simple; see targets/)."""
+    from spd_adapters.spd.targets.specs import SPECS
+
+    for spec in SPECS:
+        register(spec)

@@ -1,0 +1,129 @@
+"""Build a Goodfire target model from its pretrain run and load its weights, checking everything.
+
+Mirrors what Goodfire's ``from_run_info`` does (``<Config>(**model_config)``, then a strict
+``load_state_dict`` of ``torch.load(..., weights_only=True)``), with errors that say which file
+and which tensor is wrong. Old pretrain runs have no ``model_type`` in ``model_config.yaml``;
+like Goodfire we then take it from ``pretrained_model_class``. The tied ``lm_head.weight`` /
+``wte.weight`` may be present under either name or both (torch saves both; param-decomp's
+safetensors only ``wte.weight``); when both are present they must be equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from spd_adapters.spd.targets.configs import CONFIG_CLASSES, TargetConfig
+from spd_adapters.spd.targets.models import build_model
+from spd_adapters.spd.targets.run_reader import PretrainRun
+from spd_host.errors import FormatError
+
+TIED = ("wte.weight", "lm_head.weight")
+
+
+def parse_model_config(
+    raw: Mapping[str, Any], *, model_type: str, where: Path | str
+) -> TargetConfig:
+    """Validate ``model_config.yaml`` against the class the SPD run names."""
+    data = dict(raw)
+    data.setdefault("model_type", model_type)
+    given = data["model_type"]
+    if given not in CONFIG_CLASSES:
+        raise FormatError(
+            f"{where}: unknown model_type {given!r}",
+            hint=f"spd-host implements Goodfire's {', '.join(CONFIG_CLASSES)}",
+        )
+    if given != model_type:
+        raise FormatError(
+            f"{where}: model_type {given!r} does not match pretrained_model_class (a {model_type})",
+            hint="pretrained_model_name must name a pretrain run of the class the SPD run names",
+        )
+    try:
+        return CONFIG_CLASSES[given].model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise FormatError(
+            f"{where}: not a {given} model config ({problems})",
+            hint="model_config.yaml must be the dump of the model config the pretrain run used",
+        ) from err
+
+
+def read_config(run: PretrainRun, model_type: str) -> TargetConfig:
+    return parse_model_config(
+        run.read_model_config(), model_type=model_type, where=run.model_config
+    )
+
+
+def read_checkpoint(path: Path) -> dict[str, Tensor]:
+    """A plain state dict: ``torch.load(weights_only=True)`` or safetensors (never unpickled)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/safetensors raise many types for a corrupt file
+        raise FormatError(
+            f"{path}: not a readable state dict: {err}",
+            hint="the checkpoint must be a torch state dict (model_step_<N>.pt) or safetensors",
+        ) from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise FormatError(f"{path}: expected a flat state dict of tensors")
+    return {str(k).removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, where: Path | str) -> None:
+    """Strictly load ``state`` into ``model``: every tensor present, none extra, shapes equal."""
+    state = dict(state)
+    present = [k for k in TIED if k in state]
+    if not present:
+        raise FormatError(f"{where}: missing tensor 'wte.weight' (the tied embedding / lm_head)")
+    if len(present) == 2 and not torch.equal(state[TIED[0]], state[TIED[1]]):
+        raise FormatError(
+            f"{where}: 'wte.weight' and 'lm_head.weight' differ, but the model ties them",
+            hint="Goodfire's target models share one embedding/unembedding matrix",
+        )
+    for k in TIED:
+        state.setdefault(k, state[present[0]])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise FormatError(
+            f"{where}: state dict does not fit {type(model).__name__}: "
+            f"missing {missing[:6]}, unexpected {unexpected[:6]}",
+            hint="the checkpoint must come from a pretrain run of the configured model",
+        )
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise FormatError(
+                f"{where}: tensor {key!r} has shape {list(state[key].shape)}, "
+                f"expected {list(ref.shape)} from model_config.yaml",
+                hint="model_config.yaml and the checkpoint must come from the same pretrain run",
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def skeleton(config: TargetConfig) -> nn.Module:
+    """The model's module tree on the meta device (for site addresses; no memory)."""
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def load_model(
+    config: TargetConfig, state: Mapping[str, Tensor], *, where: Path | str
+) -> nn.Module:
+    """A frozen float32 model in eval mode with ``state`` loaded."""
+    model = build_model(config)
+    load_weights(model, state, where=where)
+    model.eval()
+    model.requires_grad_(False)
+    return model

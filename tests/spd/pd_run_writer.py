@@ -109,6 +109,7 @@ class RunSpec:
     config_name: str = "launch_config.yaml"
     stack_pad: int = 0  # trailing all-zero placement pads on the chunk stack
     family: str = "glu_transformer"  # or "simple_mlp" (Goodfire's LlamaSimpleMLP)
+    target_spec: dict[str, Any] | None = None  # overrides the launch config's target.spec
 
     @property
     def kinds(self) -> list[str]:
@@ -354,7 +355,7 @@ def launch_config(spec: RunSpec, target_dir: Path) -> dict[str, Any]:
     return {
         "run_name": "tiny-pd",
         "target": {
-            "spec": PRETRAINED_SPEC if spec.family == "simple_mlp" else hf,
+            "spec": spec.target_spec or (PRETRAINED_SPEC if spec.family == "simple_mlp" else hf),
             "weights_dtype": "float32",
             "output_edge": {"kind": "materialized"},
             "attention_implementation": "xla",

@@ -82,13 +82,15 @@ CASES = {
 }
 
 
-def _tokens(seed: int = 3) -> torch.Tensor:
+def _tokens(seed: int = 3, vocab: int = 2048) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2048, (2, 7), generator=g)
+    return torch.randint(0, vocab, (2, 7), generator=g)
 
 
-def _check(adapter: Any, spec: RunSpec, params: dict[str, Any], model: Any) -> None:
-    tokens = _tokens()
+def _check(
+    adapter: Any, spec: RunSpec, params: dict[str, Any], model: Any, vocab: int = 2048
+) -> None:
+    tokens = _tokens(vocab=vocab)
     taps = (ref.simple_taps if spec.family == "simple_mlp" else ref.taps_and_site_inputs)(
         model, tokens
     )
@@ -153,9 +155,9 @@ def test_sites_metadata_and_non_causal_note(tmp_path: Path) -> None:
     assert names == ["0.attn.q", "0.glu.gate", "0.glu.down", "1.attn.q", "1.glu.gate", "1.glu.down"]
     by = {s.name: s for s in adapter.sites}
     assert by["0.glu.down"].n_components == 5 and by["1.attn.q"].n_components == 3
-    assert by["0.glu.down"].reads_from == "0.glu.down" and by["0.glu.down"].writes_to == (
-        "0.mlp_out",
-    )
+    assert by["0.glu.down"].reads_from == "0.mlp_hidden"
+    assert by["0.glu.down"].writes_to == ("0.mlp_out",)
+    assert by["1.attn.q"].reads_from == "1.attn_in"
     assert by["1.glu.gate"].reads_from == "1.mlp_in"
     assert adapter.defaults.extra["module_paths"]["1.glu.gate"] == "model." + site_name(1, "gate")
     assert adapter.defaults.extra["ci_sees_future_tokens"] is True

@@ -20,7 +20,7 @@ from torch import nn
 pytest.importorskip("orbax.checkpoint")
 
 from spd_adapters.spd.param_decomp import target as tgt
-from spd_host.errors import FormatError
+from spd_host.errors import SpdHostError
 from spd_host.plugins import get_host
 from tests.spd.pd_run_writer import RunSpec, write_pd_run
 from tests.spd.test_param_decomp_load import _check
@@ -133,11 +133,43 @@ def test_simple_mlp_family_ci_matches_reference(
     _check(adapter, SPEC, params, simple_target)
 
 
-def test_pretrained_target_without_a_loader_is_a_clear_error(tmp_path: Path) -> None:
+def test_unavailable_pretrain_run_is_a_clear_error(tmp_path: Path) -> None:
+    """Without a registered loader the run's ``run_path`` goes to the Goodfire target reader;
+    offline and uncached, that fails naming the run."""
     model = TinySimpleMLP().eval()
     tgt.set_pretrained_target_loader(lambda spec: model)
     run_dir = tmp_path / "p-6b6b6b6b"
     write_pd_run(run_dir, SPEC, model, steps=(100,))
     tgt.set_pretrained_target_loader(None)
-    with pytest.raises(FormatError, match=r"kind='pretrained'.*no loader"):
+    with pytest.raises(SpdHostError, match=r"tinysmlp"):
         get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
+
+
+def test_goodfire_llama_simple_mlp_target_from_its_pretrain_run(tmp_path: Path) -> None:
+    """The real LlamaSimpleMLP of ``spd_adapters.spd.targets`` (biased attention, GQA, adjacent-
+    pair RoPE), loaded from a local pretrain run named by ``target.spec.run_path``."""
+    from spd_adapters.spd.targets import loading, run_reader
+    from tests.spd.goodfire_pretrain import LLAMA_SIMPLE_MLP, VOCAB, write_pretrain_run
+
+    pretrain = tmp_path / "pretrain"
+    write_pretrain_run(pretrain, LLAMA_SIMPLE_MLP)
+    run = run_reader.locate(str(pretrain))
+    model = loading.load_model(
+        loading.read_config(run, "LlamaSimpleMLP"),
+        loading.read_checkpoint(run.checkpoint),
+        where=run.checkpoint,
+    )
+    spec = RunSpec(
+        cs={"k_proj": 2, "o_proj": 3, "c_fc": 4, "down_proj": 3},
+        family="simple_mlp",
+        ci={**SPEC.ci, "input_tap": "all_block_resids", "blocks_per_chunk": 2},
+        target_spec={
+            "kind": "pretrained",
+            "model_class": "param_decomp.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
+            "run_path": str(pretrain),
+        },
+    )
+    run_dir = tmp_path / "p-7c7c7c7c"
+    params = write_pd_run(run_dir, spec, model, steps=(100,))
+    adapter = get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
+    _check(adapter, spec, params, model, vocab=VOCAB)

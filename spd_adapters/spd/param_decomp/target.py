@@ -1,9 +1,10 @@
 """The frozen target of a param-decomp run, and where its sites and taps live in torch.
 
 Checkpoints never hold the target: ``target.spec`` names it. :func:`load_target` is the one
-place a spec becomes a torch model — today ``kind: hf`` (``model_name`` is a Hub name, resolved
-through the normal cache, or a local model directory); Goodfire's own pretrain targets
-(``kind: pretrained``) plug in here once their architectures are available to this plugin.
+place a spec becomes a torch model: ``kind: hf`` (``model_name`` is a Hub name, resolved
+through the normal cache, or a local model directory) and ``kind: pretrained`` (Goodfire's own
+pretrain targets: a loader registered with :func:`set_pretrained_target_loader`, else
+``spd_adapters.spd.targets``' reader of the pretrain run ``run_path``).
 
 Site names are decoder-relative module paths (``layers.0.mlp.gate_proj``); in a transformers
 ``*ForCausalLM`` they sit under the decoder (``model.layers.0.mlp.gate_proj``). Every tap is the
@@ -111,14 +112,29 @@ def _is_pretrained(cfg: LaunchConfig) -> bool:
 
 
 def _load_pretrained(cfg: LaunchConfig) -> nn.Module:
-    if not _PRETRAINED_LOADER:
+    """A registered loader if any, else Goodfire's target models of ``spd_adapters.spd.targets``
+    (``model_class``'s last part is the model type, ``run_path`` the pretrain run)."""
+    spec = dict(cfg.target.spec)
+    if _PRETRAINED_LOADER:
+        return _PRETRAINED_LOADER[0](spec)
+    model_class, run_path = spec.get("model_class"), spec.get("run_path")
+    if not isinstance(model_class, str) or not isinstance(run_path, str):
+        raise FormatError("target.spec (kind: pretrained) needs model_class and run_path")
+    try:
+        from spd_adapters.spd.targets import loading, run_reader
+    except ImportError as err:
         raise FormatError(
-            f"target.spec.kind='pretrained' ({cfg.target.spec.get('model_class')}, "
-            f"{cfg.target.spec.get('run_path')}): no loader for Goodfire's own pretrain targets "
-            "is wired into this plugin",
+            f"target.spec.kind='pretrained' ({model_class}, {run_path}): no loader for "
+            "Goodfire's own pretrain targets is available",
             hint="spd_adapters.spd.param_decomp.target.set_pretrained_target_loader",
-        )
-    return _PRETRAINED_LOADER[0](dict(cfg.target.spec))
+        ) from err
+    model_type = model_class.rsplit(".", 1)[-1]
+    load = getattr(loading, "load_pretrained", None)
+    if load is not None:
+        return load(model_type, run_path)  # type: ignore[no-any-return]
+    run = run_reader.locate(run_path)
+    config = loading.read_config(run, model_type)
+    return loading.load_model(config, loading.read_checkpoint(run.checkpoint), where=run.checkpoint)
 
 
 def build_skeleton(cfg: LaunchConfig) -> nn.Module:

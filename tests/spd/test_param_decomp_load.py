@@ -160,8 +160,9 @@ def test_sites_metadata_and_non_causal_note(tmp_path: Path) -> None:
     assert by["1.attn.q"].reads_from == "1.attn_in"
     assert by["1.glu.gate"].reads_from == "1.mlp_in"
     assert adapter.defaults.extra["module_paths"]["1.glu.gate"] == "model." + site_name(1, "gate")
-    assert adapter.defaults.extra["ci_sees_future_tokens"] is True
-    assert "future" in adapter.method.description and "future" in by["0.attn.q"].description
+    assert adapter.defaults.extra["ci_causal"] is False
+    note = "also depends on the tokens after it"
+    assert note in adapter.method.description and note in by["0.attn.q"].description
 
 
 def test_causal_ci_is_causal(tmp_path: Path) -> None:
@@ -170,7 +171,8 @@ def test_causal_ci_is_causal(tmp_path: Path) -> None:
     run_dir = tmp_path / "p-33334444"
     write_pd_run(run_dir, spec, tiny_llama(), steps=(100,))
     adapter = get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
-    assert adapter.defaults.extra["ci_sees_future_tokens"] is False
+    assert adapter.defaults.extra["ci_causal"] is True
+    assert "tokens after it" not in adapter.method.description
     harvest = get_host().harvest_fn(adapter, HarvestOptions())
     a, b = _tokens(1), _tokens(1).clone()
     b[:, 4:] = (b[:, 4:] + 7) % 2048

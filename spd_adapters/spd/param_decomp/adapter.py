@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from spd_adapters.spd.adapter import _site_io
+from spd_adapters.spd.adapter import NON_CAUSAL_NOTE, _site_io
 from spd_adapters.spd.model import Components
 from spd_adapters.spd.param_decomp import target as tgt
 from spd_adapters.spd.param_decomp.decomposition import PdDecomposition, build_decomposition
@@ -30,12 +30,6 @@ from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError, FormatError
 from spd_host.ids import DecompositionId
 
-NON_CAUSAL_NOTE = (
-    " For this run the causal-importance function attends to the whole sequence "
-    "(bidirectional attention), so a token's causal importance can depend on future tokens, "
-    "those after it: it is not a causal per-token feature."
-)
-
 
 class PdAdapter:
     """A param-decomp (JAX, orbax) run as a DecompositionAdapter."""
@@ -45,7 +39,7 @@ class PdAdapter:
         self.files = discover_pd_run(run_dir)
         self.config = load_launch_config(self.files.config_path)
         self._method = (
-            method.model_copy(update={"description": method.description + NON_CAUSAL_NOTE})
+            method.model_copy(update={"description": f"{method.description} {NON_CAUSAL_NOTE}"})
             if self.non_causal
             else method
         )
@@ -54,6 +48,11 @@ class PdAdapter:
         self._tokenizer: Any = None
         # Every key and shape checked now, from orbax's metadata (no array data is read).
         self._decomposition(self._skeleton, read_item_shapes(self.files.item_dir), meta=True)
+
+    @property
+    def ci_causal(self) -> bool:
+        """False when the CI function sees later tokens (bidirectional attention)."""
+        return not self.non_causal
 
     @property
     def non_causal(self) -> bool:
@@ -117,11 +116,7 @@ class PdAdapter:
             info = by_name[path.removeprefix(prefix)]
             address = self._addresses.get(path)
             reads, writes = _site_io(address) if address else (path, (path,))
-            note = (
-                " Its CI sees future tokens (bidirectional CI attention)."
-                if self.non_causal
-                else ""
-            )
+            note = f" {NON_CAUSAL_NOTE}" if self.non_causal else ""
             out.append(
                 Site(
                     name=name,
@@ -163,7 +158,7 @@ class PdAdapter:
                 "step": self.files.step,
                 "ci_fn_type": ci.type,
                 "ci_attention_mask": ci.attention.mask if isinstance(ci, TransformerCi) else None,
-                "ci_sees_future_tokens": self.non_causal,
+                "ci_causal": self.ci_causal,
                 "ci_input_taps": list(
                     dict.fromkeys(t for n in self.structure.nets for t in n.input_taps)
                 ),

@@ -88,7 +88,7 @@ def test_ci_masked_splice_matches_an_independent_masked_forward(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_harvest_and_fidelity_end_to_end(tmp_path: Path) -> None:
+def test_harvest_fidelity_autointerp_end_to_end(tmp_path: Path) -> None:
     from spd_host.evals import run_suite
     from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
 
@@ -107,6 +107,16 @@ def test_harvest_and_fidelity_end_to_end(tmp_path: Path) -> None:
         row = result.loss_row(variant=v)
         assert np.isfinite(row.ce_spliced) and np.isfinite(row.kl_spliced)
     assert result.loss_row(variant="ci_masked").kl_spliced > 0
+
+    from spd_host.autointerp.api import load_labels
+    from spd_host.autointerp.bridge import evidence_from_harvest
+
+    out = CliRunner().invoke(app, ["autointerp", did, "--no-progress"])
+    assert out.exit_code == 0, out.output
+    fired = [c for c in summary if c.firing_count > 0]
+    assert {r.component_key for r in load_labels(did)} == {c.key for c in fired}
+    evidence = evidence_from_harvest(HarvestRepo.open(did), fired[0].key)
+    assert "also depends on the tokens after it" in evidence.method_description
 
 
 # ------------------------------------------------------------------------------ bad runs

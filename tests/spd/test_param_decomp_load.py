@@ -161,6 +161,8 @@ def test_sites_metadata_and_non_causal_note(tmp_path: Path) -> None:
     assert by["1.glu.gate"].reads_from == "1.mlp_in"
     assert adapter.defaults.extra["module_paths"]["1.glu.gate"] == "model." + site_name(1, "gate")
     assert adapter.defaults.extra["ci_causal"] is False
+    assert adapter.method.name == "spd" and "param-decomp" in adapter.method.description
+    assert "norm of its output direction" not in adapter.method.description  # acts are x V
     note = "also depends on the tokens after it"
     assert note in adapter.method.description and note in by["0.attn.q"].description
 

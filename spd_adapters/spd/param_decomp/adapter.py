@@ -1,8 +1,9 @@
 """``PdAdapter``: a param-decomp run directory as a ``DecompositionAdapter`` (+ ``SupportsSplice``).
 
 Metadata (sites, C, CI routing) comes from the run's pinned config and the target's structure
-(a meta-device skeleton: no weights); the orbax checkpoint is read, and every shape checked,
-on the first call that needs weights (``pd_model``), so ``spd-host info`` stays cheap.
+(a meta-device skeleton for HF targets: no weights). Every checkpoint key and shape is checked
+at load from orbax's metadata alone; the arrays are read on the first call that needs weights
+(``pd_model``), so ``spd-host info`` stays cheap.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError, FormatError
 from spd_host.ids import DecompositionId
 
+PD_DESCRIPTION = (
+    "Parameter decomposition (Goodfire's param-decomp, the successor of Stochastic Parameter "
+    "Decomposition) splits each decomposed weight matrix into C rank-one subcomponents whose sum "
+    "approximates the original weights. A learned causal-importance function predicts, for each "
+    "token, how much each subcomponent matters to the layer's output there (0 = can be ablated, "
+    "1 = needed). Each component is one rank-one piece of one weight matrix; it 'fires' where its "
+    "causal importance is above a threshold, and its component activation is the input's "
+    "projection onto the piece's input direction. Causal importances are computed without the "
+    "training-time noise, so harvests are deterministic."
+)
+
 
 class PdAdapter:
     """A param-decomp (JAX, orbax) run as a DecompositionAdapter."""
@@ -38,11 +50,8 @@ class PdAdapter:
         self._id = did
         self.files = discover_pd_run(run_dir)
         self.config = load_launch_config(self.files.config_path)
-        self._method = (
-            method.model_copy(update={"description": f"{method.description} {NON_CAUSAL_NOTE}"})
-            if self.non_causal
-            else method
-        )
+        note = f" {NON_CAUSAL_NOTE}" if self.non_causal else ""
+        self._method = method.model_copy(update={"description": PD_DESCRIPTION + note})
         self._model: nn.Module | None = None
         self._pd: PdModel | None = None
         self._tokenizer: Any = None

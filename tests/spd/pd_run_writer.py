@@ -86,6 +86,27 @@ def tiny_llama(seed: int = 0, n_layer: int = 2) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_qwen3(seed: int = 0) -> Any:
+    """A tiny HF Qwen3 (per-head q/k RMSNorm, explicit head_dim): another glu_transformer target."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=6,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return Qwen3ForCausalLM(cfg).eval()
+
+
 def site_name(layer: int, kind: str, family: str = "glu_transformer") -> str:
     if family == "simple_mlp":
         return f"h.{layer}.{'mlp' if kind in ('c_fc', 'down_proj') else 'attn'}.{kind}"
@@ -346,10 +367,10 @@ PRETRAINED_SPEC = {
 }
 
 
-def launch_config(spec: RunSpec, target_dir: Path) -> dict[str, Any]:
+def launch_config(spec: RunSpec, target_dir: Path, model: Any) -> dict[str, Any]:
     hf = {
         "kind": "hf",
-        "model_class": "transformers.LlamaForCausalLM",
+        "model_class": f"transformers.{type(model).__name__}",
         "model_name": str(target_dir),
     }
     return {
@@ -424,7 +445,7 @@ def write_pd_run(
     if spec.family != "simple_mlp":  # a pretrained target comes from its loader
         save_target(model, target_dir)
     (run_dir / spec.config_name).write_text(
-        yaml.safe_dump(launch_config(spec, target_dir), sort_keys=False)
+        yaml.safe_dump(launch_config(spec, target_dir, model), sort_keys=False)
     )
     mgr = ocp.CheckpointManager(
         (run_dir / "ckpts").resolve(),

@@ -125,6 +125,23 @@ def test_ci_matches_independent_reference(tmp_path: Path, case: str) -> None:
     _check(adapter, spec, params, model)
 
 
+def test_qwen3_target(tmp_path: Path) -> None:
+    """A Qwen3 target (q/k norms inside attention; head_dim != d_model / n_heads): o_proj reads
+    n_heads * head_dim features, the taps sit at the same module inputs."""
+    from tests.spd.pd_run_writer import tiny_qwen3
+
+    spec = RunSpec(
+        cs={"q": 2, "o": 3, "up": 4},
+        ci={**CASES["global-mha-swiglu-norms-all_block_taps"].ci, "learned_norm_scale": False},
+    )
+    model = tiny_qwen3()
+    run_dir = tmp_path / "p-3e3e3e3e"
+    params = write_pd_run(run_dir, spec, model, steps=(100,))
+    adapter = get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
+    assert adapter.base_model_name == str(tmp_path / "p-3e3e3e3e-target")
+    _check(adapter, spec, params, model)
+
+
 def test_legacy_default_item_and_config_yaml_by_short_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -190,3 +190,14 @@ def test_missing_extra_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # what an absent package looks like
     with pytest.raises(SpdHostError, match=r"spd-host\[jax\]"):
         _load(f"spd:{run_dir}")
+
+
+def test_deliverable_record_takes_precedence(tmp_path: Path) -> None:
+    """A finished run's `deliverable.yaml` (the normalised product) wins over the launch pin."""
+    run_dir, _ = _run(tmp_path)
+    launch = run_dir / "launch_config.yaml"
+    (run_dir / "deliverable.yaml").write_text(launch.read_text())
+    launch.write_text(yaml.safe_dump({"historical": "opaque"}))
+    adapter = _load(f"spd:{run_dir}")
+    assert adapter.defaults.extra["config"] == "deliverable.yaml"
+    assert len(adapter.sites) == 6

@@ -19,6 +19,9 @@ from spd_host.errors import FormatError
 
 LAUNCH_CONFIG_FILENAME = "launch_config.yaml"
 LEGACY_CONFIG_FILENAME = "config.yaml"
+# A finished run's normalised product record (same target/decomposition/data sections);
+# param-decomp's own readers prefer it to the launch pin (`experiments/lm/run_data.py`).
+DELIVERABLE_FILENAME = "deliverable.yaml"
 
 # Every CI-function type param-decomp's LM schema knows, and the ones computed here.
 SUPPORTED_CI_TYPES = ("chunkwise_transformer", "global_transformer", "global_mlp")

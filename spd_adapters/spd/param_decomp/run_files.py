@@ -3,6 +3,7 @@
 Layout (param-decomp ``core/run_files.py``, ``core/checkpoint.py``)::
 
     runs/<run id>/launch_config.yaml          (older runs: config.yaml)
+    runs/<run id>/deliverable.yaml            optional normalised record, preferred when present
     runs/<run id>/ckpts/<step>/decomposition/ (+ training/)  an orbax CheckpointManager step
     runs/<run id>/ckpts/<step>/default/       older runs: one item holding the whole TrainState
     runs/<run id>/metrics.jsonl
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from spd_adapters.spd.param_decomp.launch_config import (
+    DELIVERABLE_FILENAME,
     LAUNCH_CONFIG_FILENAME,
     LEGACY_CONFIG_FILENAME,
 )
@@ -48,7 +50,7 @@ def is_pd_run(path: Path) -> bool:
     an older ``config.yaml`` next to an orbax ``ckpts/`` directory."""
     if not path.is_dir():
         return False
-    if (path / LAUNCH_CONFIG_FILENAME).is_file():
+    if (path / LAUNCH_CONFIG_FILENAME).is_file() or (path / DELIVERABLE_FILENAME).is_file():
         return True
     return (path / LEGACY_CONFIG_FILENAME).is_file() and (path / CKPTS_DIRNAME).is_dir()
 
@@ -84,9 +86,11 @@ def _step_layout(step_dir: Path) -> ItemLayout | None:
 
 def discover_pd_run(run_dir: Path) -> PdRunFiles:
     """The run's config file and latest checkpoint step, with clear errors for broken runs."""
-    config_path = run_dir / LAUNCH_CONFIG_FILENAME
-    if not config_path.is_file():
-        config_path = run_dir / LEGACY_CONFIG_FILENAME
+    candidates = (DELIVERABLE_FILENAME, LAUNCH_CONFIG_FILENAME, LEGACY_CONFIG_FILENAME)
+    config_path = next(
+        (run_dir / n for n in candidates if (run_dir / n).is_file()),
+        run_dir / LAUNCH_CONFIG_FILENAME,
+    )
     if not config_path.is_file():
         raise FormatError(
             f"{run_dir}: no {LAUNCH_CONFIG_FILENAME} (or older {LEGACY_CONFIG_FILENAME})",

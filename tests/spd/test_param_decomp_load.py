@@ -75,6 +75,17 @@ CASES = {
             },
         },
     ),
+    "chunkwise-zero-blocks": RunSpec(  # n_blocks 0: normed taps -> in_proj -> heads, causal
+        cs={"q": 3, "down": 4},
+        ci={
+            "type": "chunkwise_transformer",
+            "blocks_per_chunk": 1,
+            "d_model": 8,
+            "n_blocks": 0,
+            "attention": ATTN_MHA,
+            "ffn": {"kind": "gelu", "hidden": 8},
+        },
+    ),
     "global_mlp-all_block_taps": RunSpec(
         cs={"v": 2, "o": 3, "down": 4},
         ci={"type": "global_mlp", "hidden_dims": [12, 9], "input_tap": "all_block_taps"},

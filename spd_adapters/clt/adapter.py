@@ -60,7 +60,8 @@ class CLTAdapter(DictionaryAdapter):
                 writes_to=tuple(layers[q].output_hook for q in range(p, len(layers))),
                 description=(
                     f"CLT source layer {layer.layer} ({layout.format}, {act}): reads "
-                    f"{layout.native_input}, writes {layout.native_output} of layers "
+                    f"{layout.native_input.replace('{i}', str(layer.layer))}, writes "
+                    f"{layout.native_output.replace('{i}', 'i')} of layers "
                     f"{layer.layer}..{layers[-1].layer}"
                 ),
             )

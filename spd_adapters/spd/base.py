@@ -6,8 +6,10 @@ imported (a config must never make us import arbitrary code): ``transformers.*``
 other callables are refused), and Goodfire's own target models
 (``spd.pretrain.models.<module>.<Class>``, also under ``param_decomp``; see
 ``spd_adapters.spd.targets``), which are built from their pretrain run's ``model_config.yaml``
-(``pretrained_model_name`` / ``pretrained_model_path``: a wandb run or a local checkpoint). When the checkpoint carries the frozen base
-model (``target_model.*``), the model is built from its Hugging Face config
+(``pretrained_model_name`` / ``pretrained_model_path``: a wandb run or a local checkpoint).
+
+For ``transformers`` classes: when the checkpoint carries the frozen base model
+(``target_model.*``), the model is built from its Hugging Face config
 (``pretrained_model_name``: ``demo``, a local directory, or a cached Hub name) and those weights
 are loaded, so the decomposition is always paired with exactly the weights it was trained on.
 Without them, ``spd_host.models.load_base_model(pretrained_model_name)`` loads the published
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,10 @@ from torch import Tensor, nn
 from spd_adapters.spd.config import SpdRunConfig
 from spd_adapters.spd.formats import ModuleSpec
 from spd_host.errors import FormatError, SourceNotFoundError
+
+if TYPE_CHECKING:
+    from spd_adapters.spd.targets.configs import TargetConfig
+    from spd_adapters.spd.targets.run_reader import PretrainRun
 
 
 def goodfire_model_type(config: SpdRunConfig) -> str | None:
@@ -103,13 +109,14 @@ def _instantiate(config: SpdRunConfig) -> nn.Module:
     return cls(hf)  # type: ignore[no-any-return]
 
 
-def _goodfire_run(config: SpdRunConfig) -> Any:
+def _goodfire_run(config: SpdRunConfig) -> PretrainRun:
+    """The target's pretrain run, without its weights (configs and tokenizer only)."""
     from spd_adapters.spd.targets.run_reader import locate
 
-    return locate(base_model_name(config))
+    return locate(base_model_name(config), weights=False)
 
 
-def _goodfire_config(config: SpdRunConfig, model_type: str) -> Any:
+def _goodfire_config(config: SpdRunConfig, model_type: str) -> TargetConfig:
     from spd_adapters.spd.targets.loading import read_config
 
     return read_config(_goodfire_run(config), model_type)
@@ -130,13 +137,12 @@ def _load_goodfire(
     config: SpdRunConfig, model_type: str, target_state: Mapping[str, Tensor], where: Path | str
 ) -> nn.Module:
     """From the SPD checkpoint's ``target_model.*`` when present, else the pretrain checkpoint."""
-    from spd_adapters.spd.targets.loading import load_model, read_checkpoint, read_config
+    from spd_adapters.spd.targets.loading import load_model, load_pretrained, read_config
 
-    run = _goodfire_run(config)
-    cfg = read_config(run, model_type)
-    if target_state:
-        return load_model(cfg, target_state, where=f"{where} (target_model.*)")
-    return load_model(cfg, read_checkpoint(run.checkpoint), where=run.checkpoint)
+    if not target_state:
+        return load_pretrained(model_type, base_model_name(config))
+    cfg = read_config(_goodfire_run(config), model_type)
+    return load_model(cfg, target_state, where=f"{where} (target_model.*)")
 
 
 def load_base(
@@ -151,6 +157,14 @@ def load_base(
 
         return load_base_model(base_model_name(config))
     model = _instantiate(config)
+    expected = model.state_dict()
+    for key, tensor in target_state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise FormatError(
+                f"{where}: tensor 'target_model.{key}' has shape {list(tensor.shape)}, expected "
+                f"{list(expected[key].shape)} from the config of {base_model_name(config)!r}",
+                hint="pretrained_model_name must name the model the run decomposed",
+            )
     result = model.load_state_dict(dict(target_state), strict=False)
     loaded = {id(p) for k, p in model.state_dict(keep_vars=True).items() if k in target_state}
     params = model.state_dict(keep_vars=True)
@@ -170,9 +184,8 @@ def load_base(
 def load_tokenizer(config: SpdRunConfig) -> Any:
     """The run's tokenizer: ``tokenizer_name`` (else the base model's own).
 
-    For a Goodfire target, ``tokenizer_name`` (a Hub name, as Goodfire's SPD runs give it) is
-    tried first; if it is not available locally, the tokenizer the pretrain run saved next to
-    its configs (``tokenizer.json``) is used, then the run's ``hf_tokenizer_path``.
+    For a Goodfire target the pretrain run's saved tokenizer is also a candidate (see
+    ``spd_adapters.spd.targets.tokenizer`` for the order).
     """
     from spd_host.models import load_tokenizer as load_named
 

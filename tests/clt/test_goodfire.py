@@ -205,3 +205,10 @@ def test_method_mixups_point_to_the_other_method(tmp_path: Path, gen: torch.Gene
     tc = write_harvest_config(tmp_path / "tc.yaml", "demo", {"h.0.mlp": "ck"})
     with pytest.raises(FormatError, match="transcoder method"):
         load(str(tc))
+
+
+def test_uncached_wandb_name_offline_is_a_clear_error() -> None:
+    from spd_host.errors import SourceNotFoundError
+
+    with pytest.raises(SourceNotFoundError, match="neither a wandb artifact nor a wandb run"):
+        load("wandb:ent/proj/clt_missing_checkpoint_final")

@@ -61,6 +61,16 @@ LLAMA_SIMPLE_MLP: dict[str, Any] = {
     "flash_attention": False,
     "rms_norm_eps": 1e-5,
 }
+#: param-decomp's newer LlamaSimpleMLP targets: untied lm_head, one attention-sink logit per head
+LLAMA_SIMPLE_MLP_SINKS: dict[str, Any] = {
+    **LLAMA_SIMPLE_MLP,
+    "rotary_adjacent_pairs": False,
+    "attn_bias": False,
+    "n_key_value_heads": 2,
+    "flash_attention": True,
+    "tie_word_embeddings": False,
+    "attention_sinks": True,
+}
 GPT2_SIMPLE: dict[str, Any] = {
     "model_type": "GPT2Simple",
     "block_size": 32,
@@ -112,6 +122,8 @@ def goodfire_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, Tensor]
             continue
         sd[f"{p}.rms_1.weight"] = _vec(g, d, 1.0)
         sd[f"{p}.rms_2.weight"] = _vec(g, d, 1.0)
+        if cfg.get("attention_sinks"):
+            sd[f"{p}.attn.sinks"] = torch.randn(cfg["n_head"], generator=g)
         kv = cfg["n_key_value_heads"] if cfg["use_grouped_query_attention"] else cfg["n_head"]
         if cfg["use_grouped_query_attention"]:
             shapes = {"q_proj": d, "k_proj": kv * hd, "v_proj": kv * hd}
@@ -135,7 +147,9 @@ def goodfire_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, Tensor]
     sd["ln_f.weight"] = _vec(g, d, 1.0)
     if gpt2:
         sd["ln_f.bias"] = _vec(g, d)
-    sd["lm_head.weight"] = wte  # tied: torch saves the shared tensor under both names
+    # tied: torch saves the shared tensor under both names
+    untied = cfg.get("tie_word_embeddings", True) is False
+    sd["lm_head.weight"] = torch.randn(V, d, generator=g) * 0.5 if untied else wte
     return sd
 
 
@@ -284,11 +298,14 @@ def _attention(sd: dict[str, Tensor], p: str, x: Tensor, cfg: dict[str, Any]) ->
         )
         if not gpt2:
             qh, kh = _rope(qh, cfg), _rope(kh, cfg)
+        sink = sd.get(f"{p}.attn.sinks")
         out = torch.zeros(T, hd)
         for t in range(T):
             s = (kh[: t + 1] @ qh[t]) / math.sqrt(hd)
-            w = torch.exp(s - s.max())
-            out[t] = (w / w.sum()) @ vh[: t + 1]
+            top = s.max() if sink is None else torch.maximum(s.max(), sink[h])
+            w = torch.exp(s - top)
+            extra = 0.0 if sink is None else torch.exp(sink[h] - top)  # a zero-value slot
+            out[t] = (w / (w.sum() + extra)) @ vh[: t + 1]
         heads.append(out)
     return _linear(sd, f"{p}.attn.o_proj", torch.cat(heads, dim=-1))
 
@@ -338,5 +355,5 @@ def reference_logits(sd: dict[str, Tensor], cfg: dict[str, Any], tokens: Tensor)
             x = _layer_norm(x, sd["ln_f.weight"], sd["ln_f.bias"])
         else:
             x = _rms(x, sd["ln_f.weight"], cfg["rms_norm_eps"])
-        outs.append(x @ sd["wte.weight"].T)
+        outs.append(x @ sd["lm_head.weight"].T)
     return torch.stack(outs)

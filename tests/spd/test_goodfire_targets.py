@@ -32,6 +32,7 @@ VARIANTS = {
     "llama_simple": gp.LLAMA_SIMPLE,
     "llama_simple_fused_qkv": gp.LLAMA_SIMPLE_FUSED,
     "llama_simple_mlp": gp.LLAMA_SIMPLE_MLP,
+    "llama_simple_mlp_untied_sinks": gp.LLAMA_SIMPLE_MLP_SINKS,
     "gpt2_simple": gp.GPT2_SIMPLE,
 }
 PATTERNS = {
@@ -44,6 +45,7 @@ EXPECTED_SITES = {
     "llama_simple": {"0.glu.down", "1.glu.down", "0.glu.gate", "1.attn.q"},
     "llama_simple_fused_qkv": {"0.glu.down", "1.glu.down", "0.attn_fused.qkv"},
     "llama_simple_mlp": {"0.mlp.up", "1.mlp.up", "1.mlp.down", "0.attn.k"},
+    "llama_simple_mlp_untied_sinks": {"0.mlp.up", "1.mlp.up", "1.mlp.down", "0.attn.k"},
     "gpt2_simple": {"0.mlp.down", "1.mlp.down", "0.mlp.up", "1.attn.o"},
 }
 SEQ = 12  # longer than LLAMA_SIMPLE's n_ctx (8): clamped RoPE positions are exercised
@@ -177,9 +179,24 @@ def test_weights_come_from_the_pretrain_checkpoint_without_target_model(tmp_path
         "goodfire/spd/runs/ab12cd34",
         "goodfire/spd/ab12cd34",
         "https://wandb.ai/goodfire/spd/runs/ab12cd34?nw=x",
+        "https://wandb.ai/goodfire/spd/runs/ab12cd34/overview",
     ],
 )
-def test_wandb_name_reads_the_offline_cache(tmp_path: Path, form: str) -> None:
+def test_wandb_name_forms(form: str) -> None:
+    from spd_adapters.spd.targets.run_reader import parse_wandb_name
+
+    assert parse_wandb_name(form) == ("goodfire", "spd", "ab12cd34")
+
+
+@pytest.mark.parametrize("form", ["not/a/wandbrunid", "./ckpt/model_step_1.pt", "wandb:a/b"])
+def test_not_wandb_names(form: str) -> None:
+    from spd_adapters.spd.targets.run_reader import parse_wandb_name
+
+    assert parse_wandb_name(form) is None
+
+
+@pytest.mark.parametrize("form", ["wandb:goodfire/spd/runs/ab12cd34", "goodfire/spd/ab12cd34"])
+def test_wandb_name_reads_the_offline_cache(tmp_path: Path, form: str, offline_hub: Path) -> None:
     """A wandb pretrain run: the same files flat in the run's files, read from spd-host's cache."""
     from spd_host.paths import cache_dir
 
@@ -274,7 +291,7 @@ def test_topology_maps_the_canonical_structure(tmp_path: Path, variant: str) -> 
     torch.testing.assert_close(acts["0.resid_mid"], acts["0.resid_pre"] + acts["0.attn_out"])
     torch.testing.assert_close(acts["0.resid_post"], acts["0.resid_mid"] + acts["0.mlp_out"])
     torch.testing.assert_close(acts["0.resid_post"], acts["1.resid_pre"])
-    torch.testing.assert_close(acts["unembed_in"] @ target_sd["wte.weight"].T, logits)
+    torch.testing.assert_close(acts["unembed_in"] @ target_sd["lm_head.weight"].T, logits)
 
 
 def test_info_lists_the_sites(tmp_path: Path) -> None:
@@ -353,8 +370,7 @@ def test_wrong_shaped_weight_names_file_and_tensor(tmp_path: Path, with_target: 
     _write_spd_run(spd, gp.GPT2_SIMPLE, str(ckpt), {"h.0.mlp.c_fc": 3}, with_target=with_target)
     if with_target:
         file = spd / "model_300.pth"
-        # The error names the key as it is stored in the SPD checkpoint.
-        key = stored = "target_model.h.1.attn.v_proj.weight"
+        key, stored = "target_model.h.1.attn.v_proj.weight", "h.1.attn.v_proj.weight"
     else:
         file, key = ckpt, "h.1.attn.v_proj.weight"
         stored = key
@@ -402,3 +418,181 @@ def test_missing_pretrain_run(tmp_path: Path) -> None:
     _write_spd_run(spd, gp.GPT2_SIMPLE, str(tmp_path / "nope.pt"), {"h.0.mlp.c_fc": 3})
     with pytest.raises(SourceNotFoundError, match="neither a local checkpoint"):
         _load(spd)
+
+
+def test_tokenizer_name_other_than_the_pretrain_tokenizer_wins(tmp_path: Path) -> None:
+    """A local ``tokenizer_name`` that is not the run's training tokenizer is used as given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    _ckpt, spd = _error_run(tmp_path)
+    other = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "zz": 1}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=other, unk_token="[UNK]").save_pretrained(
+        str(tmp_path / "tok")
+    )
+    cfg = yaml.safe_load((spd / "final_config.yaml").read_text())
+    adapter = get_host().load_adapter(f"spd:{spd}")
+    assert adapter.load_tokenizer().convert_ids_to_tokens([5]) == ["w5"]  # same as training
+    cfg["tokenizer_name"] = str(tmp_path / "tok")
+    (spd / "final_config.yaml").write_text(yaml.safe_dump(cfg))
+    adapter = get_host().load_adapter(f"spd:{spd}")
+    assert adapter.load_tokenizer().convert_ids_to_tokens([1]) == ["zz"]
+
+
+def test_param_decomp_pretrain_cache_safetensors_without_lm_head(tmp_path: Path) -> None:
+    """param-decomp's hand-off layout: flat model_step_<N>.safetensors (no lm_head.weight)."""
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "pretrain_cache" / "spd-ab12cd34"
+    cache.mkdir(parents=True)
+    cfg = gp.LLAMA_SIMPLE_MLP
+    (cache / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    target_sd = gp.goodfire_state_dict(cfg, seed=9)
+    save_file(
+        {k: v.contiguous() for k, v in target_sd.items() if k != "lm_head.weight"},
+        str(cache / "model_step_2000.safetensors"),
+    )
+    spd_sd = _write_spd_run(
+        tmp_path / "spd",
+        cfg,
+        str(cache),
+        PATTERNS["LlamaSimpleMLP"],
+        with_target=False,
+        class_path="param_decomp.pretrain.models.llama_simple_mlp.LlamaSimpleMLP",
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'spd'}")
+    _check_harvest(adapter, target_sd, spd_sd, cfg)
+
+
+def test_tied_weights_that_differ_are_refused(tmp_path: Path) -> None:
+    ckpt, spd = _error_run(tmp_path, "gpt2_simple")
+    _write_spd_run(spd, gp.GPT2_SIMPLE, str(ckpt), {"h.0.mlp.c_fc": 3}, with_target=False)
+    sd = torch.load(ckpt, weights_only=True)
+    sd["lm_head.weight"] = sd["wte.weight"] + 1
+    torch.save(sd, ckpt)
+    with pytest.raises(FormatError, match=r"'wte\.weight' and 'lm_head\.weight' differ"):
+        _load(spd)
+
+
+def test_wandb_download_fetches_configs_tokenizer_and_only_the_latest_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download path, against a stand-in for wandb's public API (``Api().run(p).files()``,
+    each file with ``name`` and ``download(root=, replace=, exist_ok=)``) serving a run's files.
+
+    An SPD run whose checkpoint holds ``target_model.*`` never downloads the pretrain checkpoint
+    (real runs always do); one without downloads only the highest step, once.
+    """
+    import sys
+    import types
+
+    served = tmp_path / "served"
+    target_sd = gp.write_pretrain_run(served, gp.GPT2_SIMPLE, flat=True)
+    (served / "output.log").write_text("not wanted")
+    asked: list[str] = []
+
+    class _File:
+        def __init__(self, path: Path) -> None:
+            self.name = path.name
+            self._path = path
+
+        def download(self, root: str, replace: bool = False, exist_ok: bool = False) -> None:
+            asked.append(self.name)
+            (Path(root) / self.name).write_bytes(self._path.read_bytes())
+
+    class _Run:
+        def files(self) -> list[_File]:
+            return [_File(p) for p in sorted(served.iterdir())]
+
+    class _Api:
+        def run(self, path: str) -> _Run:
+            assert path == "goodfire/spd/ab12cd34"
+            return _Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=_Api))
+    monkeypatch.delenv("WANDB_MODE")
+    name = "wandb:goodfire/spd/runs/ab12cd34"
+    spd_sd = _write_spd_run(
+        tmp_path / "with", gp.GPT2_SIMPLE, name, PATTERNS["GPT2Simple"], target_sd=target_sd
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'with'}")
+    _check_harvest(adapter, target_sd, spd_sd, gp.GPT2_SIMPLE)
+    assert sorted(asked) == ["final_config.yaml", "model_config.yaml", "tokenizer.json"]
+    asked.clear()
+
+    spd_sd = _write_spd_run(
+        tmp_path / "without", gp.GPT2_SIMPLE, name, PATTERNS["GPT2Simple"], with_target=False
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'without'}")
+    _check_harvest(adapter, target_sd, spd_sd, gp.GPT2_SIMPLE)
+    assert asked == ["model_step_100.pt"]  # not steps 0 and 4, not output.log
+    asked.clear()
+    from spd_adapters.spd.targets.run_reader import locate
+
+    assert locate("goodfire/spd/ab12cd34").checkpoint is not None  # cached: no download
+    assert asked == []
+
+
+def test_sequences_longer_than_block_size_are_refused_before_the_forward(tmp_path: Path) -> None:
+    from spd_host.data import check_seq_len
+    from spd_host.errors import DatasetError
+
+    _, spd = _error_run(tmp_path, "llama_simple")
+    model = _load(spd)
+    check_seq_len(32, model)  # block_size (n_ctx is 8: later positions reuse the last angle)
+    with pytest.raises(DatasetError, match="longer than the model's context of 32"):
+        check_seq_len(33, model)
+    with pytest.raises(ValueError, match="block_size=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_wandb_configs_cached_but_checkpoint_needed_offline(tmp_path: Path) -> None:
+    from spd_host.paths import cache_dir
+
+    cached = cache_dir("wandb") / "goodfire__spd__ab12cd34"
+    gp.write_pretrain_run(cached, gp.GPT2_SIMPLE, flat=True)
+    for ckpt in cached.glob("model_step_*.pt"):
+        ckpt.unlink()
+    (cached / ".configs-complete").write_text("goodfire/spd/ab12cd34")
+    spd = tmp_path / "spd"
+    name = "wandb:goodfire/spd/runs/ab12cd34"
+    _write_spd_run(spd, gp.GPT2_SIMPLE, name, {"h.0.mlp.c_fc": 3}, with_target=False)
+    adapter = get_host().load_adapter(f"spd:{spd}")
+    assert {s.name for s in adapter.sites} == {"0.mlp.up"}  # metadata needs no weights
+    with pytest.raises(SourceNotFoundError, match="its checkpoint is not in the local cache"):
+        adapter.load_base_model()
+
+
+def test_param_decomp_jax_gpt2_simple_without_linear_biases(tmp_path: Path) -> None:
+    """param-decomp's JAX GPT2Simple: no q/k/v/o/MLP biases, no lm_head, ``n_intermediate`` and
+    ``layer_norm_eps`` in model_config.yaml; the missing biases are zero."""
+    from safetensors.torch import save_file
+
+    cfg = {**gp.GPT2_SIMPLE, "n_intermediate": 64, "layer_norm_eps": 1e-5}
+    full = gp.goodfire_state_dict(gp.GPT2_SIMPLE, seed=4)
+    target_sd = {
+        k: v
+        for k, v in full.items()
+        if k != "lm_head.weight" and not (k.endswith(".bias") and (".attn." in k or ".mlp." in k))
+    }
+    assert "h.0.ln_1.bias" in target_sd and "h.0.attn.q_proj.bias" not in target_sd
+    cache = tmp_path / "pretrain_cache" / "spd-ab12cd34"
+    cache.mkdir(parents=True)
+    (cache / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    save_file(
+        {k: v.contiguous() for k, v in target_sd.items()}, str(cache / "model_step_5.safetensors")
+    )
+    spd_sd = _write_spd_run(
+        tmp_path / "spd", gp.GPT2_SIMPLE, str(cache), PATTERNS["GPT2Simple"], with_target=False
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'spd'}")
+    _check_harvest(
+        adapter, {**target_sd, "lm_head.weight": full["wte.weight"]}, spd_sd, gp.GPT2_SIMPLE
+    )
+    partial = {**target_sd, "h.0.attn.q_proj.bias": torch.zeros(16)}
+    save_file(
+        {k: v.contiguous() for k, v in partial.items()}, str(cache / "model_step_6.safetensors")
+    )
+    with pytest.raises(FormatError, match=r"missing \['h\.0\.attn\.k_proj\.bias'"):
+        _load(tmp_path / "spd")

@@ -123,8 +123,10 @@ def test_inference_option_in_the_yaml(tmp_path: Path, gen: torch.Generator) -> N
 def test_info_lists_sites_and_records_the_batch_semantics(
     tmp_path: Path, gen: torch.Generator
 ) -> None:
-    for i in range(3):
-        write_transcoder(tmp_path / f"L{i}", gen=gen, batch_size=2048)
+    for i in range(3):  # e2e runs add fields EncoderConfig lacks; Goodfire strips them
+        write_transcoder(
+            tmp_path / f"L{i}", gen=gen, batch_size=2048, e2e=True, e2e_cascading=False
+        )
     cfg = write_harvest_config(
         tmp_path / "tc.yaml", "demo", {f"h.{i}.mlp": f"L{i}" for i in range(3)}
     )
@@ -261,7 +263,7 @@ def test_unexpected_tensor_for_encoder_type(tmp_path: Path, gen: torch.Generator
 
 def test_pickled_objects_are_refused(tmp_path: Path, gen: torch.Generator) -> None:
     write_transcoder(tmp_path / "L0", gen=gen)
-    (tmp_path / "L0" / "encoder.pt").write_bytes(pickle.dumps({"W_enc": object()}))
+    (tmp_path / "L0" / "encoder.pt").write_bytes(pickle.dumps({"W_enc": object()}, protocol=2))
     with pytest.raises(FormatError, match=r"encoder\.pt: not a readable torch state dict"):
         load(write_harvest_config(tmp_path / "tc.yaml", "demo", {"h.0.mlp": "L0"}))
 

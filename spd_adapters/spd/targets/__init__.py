@@ -3,5 +3,6 @@
 ``classes`` says whether a ``pretrained_model_class`` is one of them (string match, no import),
 ``run_reader`` finds a pretrain run's files (local or wandb), ``configs``/``models`` are the
 architectures, ``loading`` builds and loads them with checked weights, ``specs`` teaches the
-topology their structure.
+topology their structure, ``tokenizer`` picks the run's tokenizer. See docs/spd.md
+"Target models".
 """

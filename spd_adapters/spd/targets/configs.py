@@ -2,9 +2,9 @@
 
 The field names and defaults are those the ``spd.pretrain`` trainer dumps (``model.model_dump``).
 Unknown fields are refused, as Goodfire's own configs refuse them: a field we do not model could
-change the maths. Two fields are accepted beyond the torch configs because the successor
-(``param_decomp``) writes them for GPT2Simple: ``n_intermediate`` (must be ``4 * n_embd``) and
-``layer_norm_eps``.
+change the maths. A few fields are accepted beyond the torch configs because the successor
+(``param_decomp``) writes them: for GPT2Simple ``n_intermediate`` (must be ``4 * n_embd``) and
+``layer_norm_eps``; for LlamaSimpleMLP ``tie_word_embeddings`` and ``attention_sinks``.
 
 Quirks kept on purpose (they are what Goodfire's torch models compute):
 
@@ -88,6 +88,10 @@ class LlamaSimpleConfig(_LlamaFamilyConfig):
 class LlamaSimpleMLPConfig(_LlamaFamilyConfig):
     model_type: Literal["LlamaSimpleMLP"] = "LlamaSimpleMLP"
     n_intermediate: int = 768 * 4
+    #: param-decomp's newer LlamaSimpleMLP targets: an untied ``lm_head.weight``, and one learned
+    #: attention-sink logit per query head (``h.{i}.attn.sinks``, a softmax slot with zero value)
+    tie_word_embeddings: bool = True
+    attention_sinks: bool = False
 
 
 class GPT2SimpleConfig(_ModelConfig):

@@ -5,11 +5,15 @@ Mirrors what Goodfire's ``from_run_info`` does (``<Config>(**model_config)``, th
 and which tensor is wrong. Old pretrain runs have no ``model_type`` in ``model_config.yaml``;
 like Goodfire we then take it from ``pretrained_model_class``. The tied ``lm_head.weight`` /
 ``wte.weight`` may be present under either name or both (torch saves both; param-decomp's
-safetensors only ``wte.weight``); when both are present they must be equal.
+safetensors only ``wte.weight``); when both are present they must be equal. Untied heads
+(``tie_word_embeddings: false``) need both. A GPT2Simple state dict without any attention or MLP
+bias (param-decomp's JAX-pretrained GPT2Simple has none) loads with those biases zero; one that
+lacks only some of them is refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,12 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from spd_adapters.spd.targets.configs import CONFIG_CLASSES, TargetConfig
-from spd_adapters.spd.targets.models import build_model
-from spd_adapters.spd.targets.run_reader import PretrainRun
+from spd_adapters.spd.targets.models import GPT2Simple, build_model
+from spd_adapters.spd.targets.run_reader import PretrainRun, locate
 from spd_host.errors import FormatError
 
 TIED = ("wte.weight", "lm_head.weight")
+_LINEAR_BIAS = re.compile(r"^h\.\d+\.(attn\.[qkvo]_proj|mlp\.(c_fc|down_proj))\.bias$")
 
 
 def parse_model_config(
@@ -83,17 +88,25 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
 def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, where: Path | str) -> None:
     """Strictly load ``state`` into ``model``: every tensor present, none extra, shapes equal."""
     state = dict(state)
-    present = [k for k in TIED if k in state]
-    if not present:
-        raise FormatError(f"{where}: missing tensor 'wte.weight' (the tied embedding / lm_head)")
-    if len(present) == 2 and not torch.equal(state[TIED[0]], state[TIED[1]]):
-        raise FormatError(
-            f"{where}: 'wte.weight' and 'lm_head.weight' differ, but the model ties them",
-            hint="Goodfire's target models share one embedding/unembedding matrix",
-        )
-    for k in TIED:
-        state.setdefault(k, state[present[0]])
+    if getattr(model, "tied", True):
+        present = [k for k in TIED if k in state]
+        if not present:
+            raise FormatError(
+                f"{where}: missing tensor 'wte.weight' (the tied embedding / lm_head)"
+            )
+        if len(present) == 2 and not torch.equal(state[TIED[0]], state[TIED[1]]):
+            raise FormatError(
+                f"{where}: 'wte.weight' and 'lm_head.weight' differ, but the model ties them",
+                hint="Goodfire's target models share one embedding/unembedding matrix "
+                "(set tie_word_embeddings: false in model_config.yaml for an untied head)",
+            )
+        for k in TIED:
+            state.setdefault(k, state[present[0]])
     expected = model.state_dict()
+    linear_biases = [k for k in expected if _LINEAR_BIAS.match(k)]
+    if isinstance(model, GPT2Simple) and not any(k in state for k in linear_biases):
+        # param-decomp's JAX-pretrained GPT2Simple has no q/k/v/o or MLP biases: they are zero
+        state.update({k: torch.zeros_like(expected[k]) for k in linear_biases})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -127,3 +140,16 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_pretrained(model_type: str, name: str) -> nn.Module:
+    """Goodfire target ``model_type`` from pretrain run ``name`` (wandb reference or local path).
+
+    The entry point for any loader that names a Goodfire target outside an SPD checkpoint (e.g.
+    a launch config whose frozen target is not saved with the decomposition).
+    """
+    run = locate(name)
+    assert run.checkpoint is not None  # located with weights
+    return load_model(
+        read_config(run, model_type), read_checkpoint(run.checkpoint), where=run.checkpoint
+    )

@@ -95,14 +95,24 @@ def _rotate(x: Tensor, adjacent: bool) -> Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, fused: bool) -> Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v over ``[B, H, T, d]`` (SDPA when ``fused``)."""
-    if fused:
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, fused: bool, sinks: Tensor | None = None
+) -> Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v over ``[B, H, T, d]`` (SDPA when ``fused``).
+
+    ``sinks`` ``[H]``: one extra logit per head in every softmax row whose value vector is zero
+    (it only takes probability mass away from the real keys).
+    """
+    if fused and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     T = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+    scores = scores.masked_fill(future, float("-inf"))
+    if sinks is None:
+        return scores.softmax(-1) @ v
+    sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
+    return torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1] @ v
 
 
 class RotaryAttention(nn.Module):
@@ -127,6 +137,9 @@ class RotaryAttention(nn.Module):
         else:
             self.c_attn = nn.Linear(d, 3 * d, bias=bias)
         self.o_proj = nn.Linear(d, d, bias=bias)
+        self.sinks: nn.Parameter | None = None
+        if getattr(config, "attention_sinks", False):
+            self.sinks = nn.Parameter(torch.zeros(config.n_head))
         cos, sin = rope_tables(hd, config.n_ctx, config.rotary_base, self.adjacent)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
@@ -148,7 +161,7 @@ class RotaryAttention(nn.Module):
         if self.n_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = causal_attention(q, k, v, self.fused_kernel)
+        y = causal_attention(q, k, v, self.fused_kernel, self.sinks)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, d))
 
 
@@ -237,9 +250,14 @@ class _TiedLM(nn.Module):
     ln_f: nn.Module
     lm_head: nn.Linear
 
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", True))
+
     def _tie(self) -> None:
         self.lm_head = nn.Linear(self.config.n_embd, self.config.vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight
+        if self.tied:
+            self.wte.weight = self.lm_head.weight
 
     def _embed(self, idx: Tensor) -> Tensor:
         return self.wte(idx)

@@ -46,10 +46,11 @@ _WANDB_FORMS = (
 
 @dataclass(frozen=True)
 class PretrainRun:
-    """The files of one pretrain run (``final_config.yaml`` and tokenizer are optional)."""
+    """The files of one pretrain run (``final_config.yaml`` and tokenizer are optional;
+    ``checkpoint`` is None only when located without weights)."""
 
     name: str
-    checkpoint: Path
+    checkpoint: Path | None
     model_config: Path
     run_config: Path | None
     tokenizer_dir: Path | None
@@ -102,35 +103,46 @@ def _latest_checkpoint(directory: Path) -> Path | None:
     return max(found)[2] if found else None
 
 
-def _run_from_checkpoint(name: str, checkpoint: Path) -> PretrainRun:
-    """Configs next to the checkpoint (flat) or two levels up (``<out>/checkpoints/``)."""
-    for root in (checkpoint.parent.parent, checkpoint.parent):
-        if (root / MODEL_CONFIG).is_file():
-            break
-    else:
-        raise FormatError(
-            f"pretrain run {name!r}: no {MODEL_CONFIG} next to checkpoint {checkpoint} "
-            f"(looked in {checkpoint.parent.parent} and {checkpoint.parent})",
-            hint="a Goodfire pretrain run keeps model_config.yaml in its output dir, above "
-            "checkpoints/; copy it from the run (wandb files or the trainer's output dir)",
-        )
+def _run_at(name: str, root: Path, checkpoint: Path | None) -> PretrainRun:
     run_config = root / RUN_CONFIG
-    tokenizer_dir = root if (root / "tokenizer.json").is_file() else None
     return PretrainRun(
         name=name,
         checkpoint=checkpoint,
         model_config=root / MODEL_CONFIG,
         run_config=run_config if run_config.is_file() else None,
-        tokenizer_dir=tokenizer_dir,
+        tokenizer_dir=root if (root / "tokenizer.json").is_file() else None,
     )
 
 
-def locate(name: str) -> PretrainRun:
-    """Resolve ``pretrained_model_name`` (wandb reference or local path) to a run's files."""
+def _run_from_checkpoint(name: str, checkpoint: Path) -> PretrainRun:
+    """Configs next to the checkpoint (flat) or two levels up (``<out>/checkpoints/``)."""
+    for root in (checkpoint.parent.parent, checkpoint.parent):
+        if (root / MODEL_CONFIG).is_file():
+            return _run_at(name, root, checkpoint)
+    raise FormatError(
+        f"pretrain run {name!r}: no {MODEL_CONFIG} next to checkpoint {checkpoint} "
+        f"(looked in {checkpoint.parent.parent} and {checkpoint.parent})",
+        hint="a Goodfire pretrain run keeps model_config.yaml in its output dir, above "
+        "checkpoints/; copy it from the run (wandb files or the trainer's output dir)",
+    )
+
+
+def locate(name: str, *, weights: bool = True) -> PretrainRun:
+    """Resolve ``pretrained_model_name`` (wandb reference or local path) to a run's files.
+
+    ``weights=False``: the caller needs only the configs and tokenizer (the SPD checkpoint holds
+    the target's weights as ``target_model.*``), so a wandb run's checkpoint is not downloaded
+    and ``checkpoint`` may be None.
+    """
     wandb_ref = parse_wandb_name(name)
     path = Path(name).expanduser()
     if wandb_ref is not None and not path.exists():
-        return locate_dir(name, fetch_wandb_pretrain(*wandb_ref))
+        directory = fetch_wandb_pretrain(*wandb_ref, weights=weights)
+        if not weights and _latest_checkpoint(directory) is None:
+            if not (directory / MODEL_CONFIG).is_file():
+                raise FormatError(f"pretrain run {name!r}: no {MODEL_CONFIG} in {directory}")
+            return _run_at(name, directory, None)
+        return locate_dir(name, directory)
     if path.is_file():
         return _run_from_checkpoint(name, path)
     if path.is_dir():
@@ -162,21 +174,31 @@ def wandb_offline() -> bool:
     return os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
 
 
-def fetch_wandb_pretrain(entity: str, project: str, run_id: str) -> Path:
-    """The cached files of a wandb pretrain run, downloading them once when allowed."""
+#: all files wanted are cached (the marker :func:`spd_host.ids.fetch_wandb_run` uses too)
+COMPLETE = ".complete"
+#: configs and tokenizer cached, checkpoint not downloaded
+CONFIGS_COMPLETE = ".configs-complete"
+
+
+def fetch_wandb_pretrain(entity: str, project: str, run_id: str, *, weights: bool = True) -> Path:
+    """The cached files of a wandb pretrain run, downloading what is missing once when allowed.
+
+    Downloaded: ``model_config.yaml``, ``final_config.yaml``, tokenizer files and (with
+    ``weights``) the highest-step ``model_step_<N>.pt`` only, as Goodfire's own reader does.
+    """
     from spd_host.paths import cache_dir
 
     run_path = f"{entity}/{project}/{run_id}"
     target = cache_dir("wandb") / run_path.replace("/", "__")
-    marker = target / ".complete"
-    if marker.exists():
+    if (target / COMPLETE).exists() or (not weights and (target / CONFIGS_COMPLETE).exists()):
         return target
     if wandb_offline():
+        what = "its checkpoint is" if (target / CONFIGS_COMPLETE).exists() else "it is"
         raise SourceNotFoundError(
-            f"wandb pretrain run {run_path!r} is not in the local cache ({target}) and "
-            "WANDB_MODE forbids downloading it",
+            f"wandb pretrain run {run_path!r}: {what} not in the local cache ({target}) and "
+            "WANDB_MODE forbids downloading",
             hint="unset WANDB_MODE=offline once to download it, or copy the run's files "
-            f"(model_config.yaml, model_step_<N>.pt, ...) into {target} with a .complete file",
+            f"(model_config.yaml, model_step_<N>.pt, ...) into {target} with a {COMPLETE} file",
         )
     try:
         import wandb
@@ -195,9 +217,11 @@ def fetch_wandb_pretrain(entity: str, project: str, run_id: str) -> Path:
             f"{'no model_step_<N>.pt' if not steps else 'no ' + MODEL_CONFIG} among its files",
             hint="pretrained_model_name must name the pretrain run of the target model",
         )
-    wanted.append(max(steps, key=lambda s: s[0])[1])
+    if weights:
+        wanted.append(max(steps, key=lambda s: s[0])[1])
     target.mkdir(parents=True, exist_ok=True)
     for f in wanted:
-        f.download(root=str(target), replace=False, exist_ok=True)
-    marker.write_text(run_path)
+        if not (target / f.name).is_file():
+            f.download(root=str(target), replace=False, exist_ok=True)
+    (target / (COMPLETE if weights else CONFIGS_COMPLETE)).write_text(run_path)
     return target

@@ -2,9 +2,10 @@
 
 All three keep their blocks in a top-level ``h`` list with ``attn`` / ``mlp`` sub-modules, so the
 specs differ only in the projections and norms they require; each forbids what tells it apart
-from the others, and detection stays structural
-(class names are never consulted). The fused ``attn.c_attn`` of Llama variants trained
-without grouped-query attention is ``[q | k | v]`` along the output dimension.
+from the others, so detection stays structural (class names are never consulted). The fused
+``attn.c_attn`` of Llama variants trained without grouped-query attention is ``[q | k | v]``
+along the output dimension. No Hugging Face model fits them: GPT-2's bare ``GPT2Model`` also has
+a top-level ``h``, but its ``c_attn``/``c_proj`` lack the ``o_proj``/``down_proj`` these need.
 """
 
 from __future__ import annotations

@@ -3,8 +3,13 @@
 Goodfire's SPD runs name a Hub tokenizer (``tokenizer_name``); their pretrain runs also save the
 training tokenizer next to their configs (``tokenizer.save_pretrained(out_dir)``: locally
 ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``; on wandb only
-``tokenizer.json``). Order: ``tokenizer_name`` if it is available (local dir or cached Hub repo),
-else the pretrain run's saved files, else the run's ``hf_tokenizer_path``.
+``tokenizer.json``). Order:
+
+1. the pretrain run's saved files, when ``tokenizer_name`` is unset or is the very tokenizer the
+   run was trained with (its ``hf_tokenizer_path``): no network, exactly the training tokenizer;
+2. ``tokenizer_name`` (local dir or cached Hub repo) otherwise, falling back to the saved files
+   when it is not available;
+3. the pretrain run's ``hf_tokenizer_path``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ def load_pretrain_tokenizer(run: PretrainRun, tokenizer_name: str | None) -> Any
     from spd_host.models import load_tokenizer
 
     tried: list[str] = []
+    hub = run.hf_tokenizer_name()
+    if run.tokenizer_dir is not None and tokenizer_name in (None, "", hub):
+        return _from_run_files(run)
     if tokenizer_name:
         try:
             return load_tokenizer(tokenizer_name)
@@ -39,7 +47,6 @@ def load_pretrain_tokenizer(run: PretrainRun, tokenizer_name: str | None) -> Any
     if run.tokenizer_dir is not None:
         return _from_run_files(run)
     tried.append(f"tokenizer.json next to {run.model_config}")
-    hub = run.hf_tokenizer_name()
     if hub and hub != tokenizer_name:
         try:
             return load_tokenizer(hub)

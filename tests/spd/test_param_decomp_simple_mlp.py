@@ -148,17 +148,12 @@ def test_unavailable_pretrain_run_is_a_clear_error(tmp_path: Path) -> None:
 def test_goodfire_llama_simple_mlp_target_from_its_pretrain_run(tmp_path: Path) -> None:
     """The real LlamaSimpleMLP of ``spd_adapters.spd.targets`` (biased attention, GQA, adjacent-
     pair RoPE), loaded from a local pretrain run named by ``target.spec.run_path``."""
-    from spd_adapters.spd.targets import loading, run_reader
+    from spd_adapters.spd.targets.loading import load_pretrained
     from tests.spd.goodfire_pretrain import LLAMA_SIMPLE_MLP, VOCAB, write_pretrain_run
 
     pretrain = tmp_path / "pretrain"
     write_pretrain_run(pretrain, LLAMA_SIMPLE_MLP)
-    run = run_reader.locate(str(pretrain))
-    model = loading.load_model(
-        loading.read_config(run, "LlamaSimpleMLP"),
-        loading.read_checkpoint(run.checkpoint),
-        where=run.checkpoint,
-    )
+    model = load_pretrained("LlamaSimpleMLP", str(pretrain))  # the test's own copy
     spec = RunSpec(
         cs={"k_proj": 2, "o_proj": 3, "c_fc": 4, "down_proj": 3},
         family="simple_mlp",

@@ -121,20 +121,14 @@ def _load_pretrained(cfg: LaunchConfig) -> nn.Module:
     if not isinstance(model_class, str) or not isinstance(run_path, str):
         raise FormatError("target.spec (kind: pretrained) needs model_class and run_path")
     try:
-        from spd_adapters.spd.targets import loading, run_reader
+        from spd_adapters.spd.targets.loading import load_pretrained
     except ImportError as err:
         raise FormatError(
             f"target.spec.kind='pretrained' ({model_class}, {run_path}): no loader for "
             "Goodfire's own pretrain targets is available",
             hint="spd_adapters.spd.param_decomp.target.set_pretrained_target_loader",
         ) from err
-    model_type = model_class.rsplit(".", 1)[-1]
-    load = getattr(loading, "load_pretrained", None)
-    if load is not None:
-        return load(model_type, run_path)  # type: ignore[no-any-return]
-    run = run_reader.locate(run_path)
-    config = loading.read_config(run, model_type)
-    return loading.load_model(config, loading.read_checkpoint(run.checkpoint), where=run.checkpoint)
+    return load_pretrained(model_class.rsplit(".", 1)[-1], run_path)
 
 
 def build_skeleton(cfg: LaunchConfig) -> nn.Module:

@@ -201,3 +201,21 @@ def test_deliverable_record_takes_precedence(tmp_path: Path) -> None:
     adapter = _load(f"spd:{run_dir}")
     assert adapter.defaults.extra["config"] == "deliverable.yaml"
     assert len(adapter.sites) == 6
+
+
+def test_older_config_shapes_are_reported(tmp_path: Path) -> None:
+    """A config without decomposition.ci (the older pd.ci_config form) and the older chunk
+    input tap `all_site_inputs` are refused naming the config file."""
+    run_dir, _ = _run(tmp_path)
+
+    def older(c: dict) -> None:
+        c["pd"]["ci_config"] = c["decomposition"].pop("ci")
+
+    _edit_config(run_dir, older)
+    with pytest.raises(FormatError, match=r"launch_config.yaml: no decomposition.ci") as err:
+        _load(f"spd:{run_dir}")
+    assert "pd.ci_config" in str(err.value)
+    run_dir, _ = _run(tmp_path, name="p-5f5f5f5f")
+    _edit_config(run_dir, lambda c: c["decomposition"]["ci"].update(input_tap="all_site_inputs"))
+    with pytest.raises(FormatError, match=r"launch_config.yaml: .*all_site_inputs"):
+        _load(f"spd:{run_dir}")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from spd_host.adapter import MethodInfo
 from spd_host.hookspecs import hookimpl
+from spd_host.ids import SourceKind
 
 if TYPE_CHECKING:
     from spd_host.adapter import DecompositionAdapter, HarvestFn, HarvestOptions
@@ -24,7 +25,8 @@ METHOD = MethodInfo(
         "scaled by the norm of its output direction. Causal importances are computed without the "
         "training-time noise, so harvests are deterministic."
     ),
-    short_id_pattern=r"s-[0-9a-z]{8}",
+    # s-: torch-era spd runs on wandb; p-: param-decomp (JAX) run dirs under a runs root.
+    short_id_pattern=r"[sp]-[0-9a-z]{8}",
 )
 
 
@@ -38,15 +40,29 @@ def load_decomposition(decomposition_id: DecompositionId) -> DecompositionAdapte
     if decomposition_id.method != METHOD.name:
         return None
     from spd_adapters.spd.adapter import SpdAdapter, resolve_run_dir
+    from spd_adapters.spd.param_decomp import run_files
 
-    return SpdAdapter(decomposition_id, METHOD, resolve_run_dir(decomposition_id))
+    short = decomposition_id.short_id or ""
+    if decomposition_id.kind is SourceKind.SHORT and short.startswith("p-"):
+        path = run_files.resolve_short_id(short)
+    else:
+        path = resolve_run_dir(decomposition_id)
+    if run_files.is_pd_run(path):
+        from spd_adapters.spd.param_decomp.adapter import PdAdapter
+
+        return PdAdapter(decomposition_id, METHOD, path)
+    return SpdAdapter(decomposition_id, METHOD, path)
 
 
 @hookimpl
 def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> HarvestFn | None:
     from spd_adapters.spd.adapter import SpdAdapter
     from spd_adapters.spd.harvest_fn import make_harvest_fn
+    from spd_adapters.spd.param_decomp.adapter import PdAdapter
+    from spd_adapters.spd.param_decomp.harvest_fn import make_pd_harvest_fn
 
+    if isinstance(adapter, PdAdapter):
+        return make_pd_harvest_fn(adapter, options)
     if not isinstance(adapter, SpdAdapter):
         return None
     return make_harvest_fn(adapter, options)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from spd_adapters._adapter_base import DictionaryAdapter
-from spd_adapters.clt.formats import CLTLayout, CrossLayerTranscoder
+from spd_adapters.clt.formats import CLTLayer, CLTLayout
+from spd_adapters.clt.goodfire import GoodfireCLTLayer, GoodfireCLTLayout
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError
 from spd_host.ids import DecompositionId
@@ -29,7 +30,12 @@ def site_name(layer: int) -> str:
 
 
 class CLTAdapter(DictionaryAdapter):
-    def __init__(self, did: DecompositionId, method: MethodInfo, layout: CLTLayout) -> None:
+    """Sites are the CLT's source layers; internally each is addressed by its position ``p``
+    in ``layout.layers`` (equal to the layer number unless the CLT skips layers)."""
+
+    def __init__(
+        self, did: DecompositionId, method: MethodInfo, layout: CLTLayout | GoodfireCLTLayout
+    ) -> None:
         super().__init__(
             did,
             method,
@@ -37,25 +43,29 @@ class CLTAdapter(DictionaryAdapter):
             base_model=layout.model_name,
             defaults=DecompositionDefaults(
                 dataset=layout.extra.get("dataset"),
-                extra={"format": "circuit-tracer", "n_layers": layout.n_layers, **layout.extra},
+                extra={"format": layout.format, "n_layers": layout.n_layers, **layout.extra},
             ),
         )
         self.layout = layout
-        self.clt = CrossLayerTranscoder(layout)
-        act = "JumpReLU" if layout.jumprelu else "ReLU"
-        L = layout.n_layers
+        self.clt = layout.model()
+        act = layout.activation_name
+        layers: list[CLTLayer | GoodfireCLTLayer] = list(layout.layers)
+        self._layers = layers
+        self._positions = {site_name(layer.layer): p for p, layer in enumerate(layers)}
         self._sites = [
             Site(
                 name=site_name(layer.layer),
                 n_components=layout.n_features,
                 reads_from=layer.input_hook,
-                writes_to=tuple(layout.layers[j].output_hook for j in range(layer.layer, L)),
+                writes_to=tuple(layers[q].output_hook for q in range(p, len(layers))),
                 description=(
-                    f"CLT source layer {layer.layer} ({act}): reads {layout.native_input}, "
-                    f"writes {layout.native_output} of layers {layer.layer}..{L - 1}"
+                    f"CLT source layer {layer.layer} ({layout.format}, {act}): reads "
+                    f"{layout.native_input.replace('{i}', str(layer.layer))}, writes "
+                    f"{layout.native_output.replace('{i}', 'i')} of layers "
+                    f"{layer.layer}..{layers[-1].layer}"
                 ),
             )
-            for layer in layout.layers
+            for p, layer in enumerate(layers)
         ]
 
     @property
@@ -63,21 +73,49 @@ class CLTAdapter(DictionaryAdapter):
         return self._sites
 
     def layer_of(self, site: str) -> int:
-        for s, layer in zip(self._sites, self.layout.layers, strict=True):
-            if s.name == site:
-                return layer.layer
-        raise ConfigError(
-            f"unknown site {site!r}", hint=f"sites are: {', '.join(s.name for s in self._sites)}"
-        )
+        """The position of ``site`` among the CLT's source layers."""
+        if site not in self._positions:
+            raise ConfigError(
+                f"unknown site {site!r}", hint=f"sites are: {', '.join(self._positions)}"
+            )
+        return self._positions[site]
 
     def to(self, device: str | torch.device) -> CLTAdapter:
         if torch.device(device) != self.clt.device:
             self.clt.to(device)
         return self
 
+    def _model_source(self) -> str:
+        name = super()._model_source()
+        if self.layout.format == "goodfire":
+            from spd_adapters.transcoder.goodfire import check_base_model
+
+            return check_base_model(name, self.layout.root)
+        return name
+
+    def with_inference(self, mode: str) -> CLTAdapter:
+        """The same Goodfire CLT read with BatchTopK ``mode``: ``batch_topk`` or ``topk``.
+
+        The equivalent of ``inference: <mode>`` in a CLTHarvestConfig file.
+        """
+        from spd_adapters.clt.goodfire import read_goodfire_clt
+
+        if not isinstance(self.layout, GoodfireCLTLayout):
+            raise ConfigError(
+                f"{self.decomposition_id}: the inference option applies to Goodfire checkpoints, "
+                f"this is {self.layout.format}"
+            )
+        layout = read_goodfire_clt(
+            self.layout.root, model_name=self.layout.model_name, inference=mode
+        )
+        return CLTAdapter(self._did, self._method, layout)
+
     # -- the maths ---------------------------------------------------------------------------
     def encode(self, site: str, acts: Tensor) -> Tensor:
-        """Feature activations of source layer ``site`` for its input ``[..., d_model]``."""
+        """Feature activations of source layer ``site`` for its input ``[..., d_model]``.
+
+        For BatchTopK checkpoints the result depends on every token passed together.
+        """
         return self.clt.encode_layer(self.layer_of(site), acts)
 
     def reconstruct(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -85,31 +123,28 @@ class CLTAdapter(DictionaryAdapter):
 
         Layer ``j`` is reconstructed when the inputs of every source layer ``<= j`` are given.
         """
-        by_layer = {self.layer_of(s): x for s, x in inputs.items()}
-        return {site_name(j): out for j, out in self.clt.reconstruct(by_layer).items()}
+        by_pos = {self.layer_of(s): x for s, x in inputs.items()}
+        layers = self._layers
+        return {site_name(layers[q].layer): out for q, out in self.clt.reconstruct(by_pos).items()}
 
     # -- host hooks --------------------------------------------------------------------------
     def hook_requirements(self) -> list[tuple[str, str, str]]:
         where = str(self.layout.config_file)
         out = []
-        for layer in self.layout.layers:
-            out.append(
-                (layer.input_hook, f"{self.layout.native_input} (layer {layer.layer})", where)
-            )
-            out.append(
-                (layer.output_hook, f"{self.layout.native_output} (layer {layer.layer})", where)
-            )
+        for layer in self._layers:
+            native_in = self.layout.native_input.replace("{i}", str(layer.layer))
+            native_out = self.layout.native_output.replace("{i}", str(layer.layer))
+            out.append((layer.input_hook, f"{native_in} (layer {layer.layer})", where))
+            out.append((layer.output_hook, f"{native_out} (layer {layer.layer})", where))
         return out
 
     def input_hook_points(self, sites: Sequence[str] | None = None) -> list[str]:
-        return sorted(
-            {self.layout.layers[self.layer_of(s)].input_hook for s in self._select(sites)}
-        )
+        return sorted({self._layers[self.layer_of(s)].input_hook for s in self._select(sites)})
 
     def encode_captured(self, captured: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {
-            site_name(layer.layer): self.clt.encode_layer(layer.layer, captured[layer.input_hook])
-            for layer in self.layout.layers
+            site_name(layer.layer): self.clt.encode_layer(p, captured[layer.input_hook])
+            for p, layer in enumerate(self._layers)
         }
 
     @contextmanager
@@ -125,7 +160,7 @@ class CLTAdapter(DictionaryAdapter):
         self._check_variant(variant)
         targets = sorted(self.layer_of(s) for s in self._select(sites))
         topo = topology_of(model)
-        layers = self.layout.layers
+        layers = self._layers
         needed = sorted({layers[i].input_hook for i in range(max(targets) + 1)})
         memo: dict[int, tuple[Tensor, Tensor]] = {}
 

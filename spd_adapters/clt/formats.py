@@ -64,6 +64,11 @@ class CLTLayout:
     native_output: str
     layers: list[CLTLayer]
     extra: dict[str, Any] = field(default_factory=dict)
+    format: str = "circuit-tracer"
+
+    @property
+    def activation_name(self) -> str:
+        return "JumpReLU" if self.jumprelu else "ReLU"
 
     def model(self) -> CrossLayerTranscoder:
         return CrossLayerTranscoder(self)

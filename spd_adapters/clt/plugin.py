@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spd_host.adapter import DecompositionAdapter, HarvestFn, HarvestOptions, MethodInfo
+from spd_host.errors import FormatError
 from spd_host.hookspecs import hookimpl
 from spd_host.ids import DecompositionId
 
@@ -34,12 +35,28 @@ def load_decomposition(decomposition_id: DecompositionId) -> DecompositionAdapte
     from spd_adapters._files import decomposition_dir
     from spd_adapters.clt.adapter import CLTAdapter
     from spd_adapters.clt.formats import read_clt
+    from spd_adapters.transcoder.goodfire import resolve_wandb_id
+    from spd_host.ids import SourceKind
 
-    root = decomposition_dir(
-        decomposition_id, demo_dir=DEMO_DIR, trainer="spd_adapters.clt.train_demo"
-    )
+    if decomposition_id.kind is SourceKind.WANDB:
+        root: Path | None = resolve_wandb_id(decomposition_id)
+    else:
+        root = decomposition_dir(
+            decomposition_id, demo_dir=DEMO_DIR, trainer="spd_adapters.clt.train_demo"
+        )
     if root is None:
         return None
+    from spd_adapters.clt.goodfire import read_goodfire_clt
+    from spd_adapters.transcoder import goodfire
+
+    kind = goodfire.harvest_spec_type(root)
+    if kind == "CLTHarvestConfig" or goodfire.is_checkpoint_dir(root):
+        return CLTAdapter(decomposition_id, METHOD, read_goodfire_clt(root))
+    if kind == "TranscoderHarvestConfig":
+        raise FormatError(
+            f"{root}: type is TranscoderHarvestConfig",
+            hint=f"load it with the transcoder method: transcoder:{root}",
+        )
     return CLTAdapter(decomposition_id, METHOD, read_clt(root))
 
 

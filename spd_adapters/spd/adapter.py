@@ -18,7 +18,9 @@ from typing import Any
 from torch import nn
 
 from spd_adapters.spd import base, formats
+from spd_adapters.spd.config import IDENTITY_NAME
 from spd_adapters.spd.harvest_fn import ACTIVATION_TYPES
+from spd_adapters.spd.identity import Identity, insert_identities
 from spd_adapters.spd.model import SpdModel
 from spd_adapters.spd.splice import SPLICE_VARIANTS, splice
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
@@ -61,17 +63,52 @@ def resolve_run_dir(did: DecompositionId) -> Path:
 
 
 def _site_io(address: str) -> tuple[str, tuple[str, ...]]:
-    """Hook points a module site reads from / writes to, where the module has canonical ones."""
+    """Where a module site reads from / writes to: the canonical hook point that holds the
+    module's input (output) where there is one, else the module's address.
+
+    An MLP's up/gate projection reads ``{i}.mlp_in``, its down projection ``{i}.mlp_hidden``;
+    attention q/k/v (or fused qkv) read ``{i}.attn_in``; the down projection writes
+    ``{i}.mlp_out``, the attention output projection ``{i}.attn_out``, the embedding ``embed``.
+    So an SPD site and a transcoder on the same point line up in comparisons.
+    """
     if address == "embed":
-        return address, ("0.resid_pre",)
+        return address, ("embed",)
     layer, _, rest = address.partition(".")
     if rest in ("mlp.up", "glu.gate", "glu.up", "glu_fused.gate_up"):
         return f"{layer}.mlp_in", (address,)
-    if rest in ("mlp.down", "glu.down"):
-        return address, (f"{layer}.mlp_out",)
+    if rest in ("mlp.down", "glu.down", "glu_fused.down"):
+        return f"{layer}.mlp_hidden", (f"{layer}.mlp_out",)
+    if rest in ("attn.q", "attn.k", "attn.v", "attn_fused.qkv"):
+        return f"{layer}.attn_in", (address,)
     if rest in ("attn.o", "attn_fused.o"):
         return address, (f"{layer}.attn_out",)
     return address, (address,)
+
+
+def _identity_site_io(parent: str) -> tuple[str, tuple[str, ...]]:
+    """An identity inserted before module ``parent`` reads that module's input and writes it
+    back (its output *is* the module's input); without a hook point there, what the module
+    then writes."""
+    reads, writes = _site_io(parent)
+    if reads != parent:
+        return reads, (reads,)
+    return parent, writes
+
+
+NON_CAUSAL_NOTE = (
+    "The causal-importance function of this run attends over the whole sequence in both "
+    "directions, so a component's importance at a token also depends on the tokens after it: it "
+    "is not a causal, per-token feature of the text up to that token."
+)
+
+
+_IDENTITY_SUFFIX = f".{IDENTITY_NAME}"
+
+
+def _module_spec(module: nn.Module, path: str) -> formats.ModuleSpec:
+    if isinstance(module, Identity):
+        return formats.ModuleSpec("linear", module.d, module.d, None)
+    return base.module_spec(module, path)
 
 
 class SpdAdapter:
@@ -81,11 +118,10 @@ class SpdAdapter:
         self._id = did
         self._method = method
         self.files, self.config, self.parts = formats.read_run(run_path)
-        where = self.files.checkpoint_path
-        self.module_to_c = formats.expand_module_info(
-            self.config, formats.module_paths_from_checkpoint(self.parts), where=where
-        )
-        formats.check_component_keys(self.parts, self.module_to_c, where=where)
+        cfg_path = self.files.config_path
+        paths = formats.checkpoint_module_paths(self.config, self.parts, where=cfg_path)
+        self.module_to_c = formats.expand_module_info(self.config, paths, where=cfg_path)
+        formats.check_component_keys(self.parts, self.module_to_c, where=self.files.checkpoint_path)
         self._model: nn.Module | None = None
         self._spd: SpdModel | None = None
         self._tokenizer: Any = None
@@ -96,8 +132,17 @@ class SpdAdapter:
         return self._id.normalized
 
     @property
+    def ci_causal(self) -> bool:
+        """False when the CI function sees later tokens (bidirectional attention over the sequence)."""
+        return self.config.ci_config.causal
+
+    @property
     def method(self) -> MethodInfo:
-        return self._method
+        if self.ci_causal:
+            return self._method
+        return self._method.model_copy(
+            update={"description": f"{self._method.description} {NON_CAUSAL_NOTE}"}
+        )
 
     @cached_property
     def _addresses(self) -> dict[str, str]:
@@ -119,21 +164,42 @@ class SpdAdapter:
         out: dict[str, str] = {}
         for path in self.module_to_c:
             try:
-                out[path] = topo.address_of(path)
+                out[path] = topo.address_of(path.removesuffix(_IDENTITY_SUFFIX))
             except TopologyError:
                 continue
         return out
 
     def site_names_by_path(self) -> dict[str, str]:
-        return {p: self._addresses.get(p, p) for p in sorted(self.module_to_c)}
+        """module path -> site name: the canonical address, ``<address>.pre_identity`` for an
+        inserted identity, else the module path."""
+        out = {}
+        for p in sorted(self.module_to_c):
+            address = self._addresses.get(p)
+            if address is None:
+                out[p] = p
+            else:
+                out[p] = address + (_IDENTITY_SUFFIX if p.endswith(_IDENTITY_SUFFIX) else "")
+        return out
 
     @cached_property
     def _sites(self) -> list[Site]:
         sites = []
         for path, name in self.site_names_by_path().items():
             address = self._addresses.get(path)
-            reads, writes = _site_io(address) if address else (path, (path,))
             C = self.module_to_c[path]
+            if path.endswith(_IDENTITY_SUFFIX):
+                parent = path.removesuffix(_IDENTITY_SUFFIX)
+                reads, writes = _identity_site_io(address) if address else (path, (path,))
+                address = None  # an inserted identity is not a module of the base model
+                text = (
+                    f"SPD decomposition of an identity map inserted before {parent} (on its "
+                    f"input) into {C} rank-one subcomponents"
+                )
+            else:
+                reads, writes = _site_io(address) if address else (path, (path,))
+                text = f"SPD decomposition of {path} into {C} rank-one subcomponents"
+            if not self.ci_causal:
+                text += f". {NON_CAUSAL_NOTE}"
             sites.append(
                 Site(
                     name=name,
@@ -141,7 +207,7 @@ class SpdAdapter:
                     reads_from=reads,
                     writes_to=writes,
                     address=address,
-                    description=f"SPD decomposition of {path} into {C} rank-one subcomponents",
+                    description=text,
                 )
             )
         return sites
@@ -172,7 +238,10 @@ class SpdAdapter:
                 "step": self.files.step,
                 "ci_mode": ci.mode,
                 "ci_fn_type": ci.fn_type,
-                "ci_hidden_dims": list(ci.hidden_dims),
+                "ci_hidden_dims": None if ci.hidden_dims is None else list(ci.hidden_dims),
+                # False: the CI at a token depends on later tokens (bidirectional attention)
+                "ci_causal": ci.causal,
+                "identity_modules": [p for p in self.module_to_c if p.endswith(_IDENTITY_SUFFIX)],
                 "sigmoid_type": self.config.sigmoid_type,
                 "sampling": self.config.sampling,
                 "module_paths": {n: p for p, n in self.site_names_by_path().items()},
@@ -182,23 +251,35 @@ class SpdAdapter:
     # -- weights -------------------------------------------------------------------------------
     def load_base_model(self) -> nn.Module:
         if self._model is None:
-            model = base.load_base(self.config, self.parts.target, where=self.files.checkpoint_path)
-            # Re-match the patterns against the real model: it is the authority on module paths.
+            ckpt, cfg_path = self.files.checkpoint_path, self.files.config_path
+            if self.parts.target:
+                skeleton = base.build_skeleton(self.config)
+                shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+                formats.check_target_shapes(self.parts.target, shapes, where=ckpt)
+            model = base.load_base(self.config, self.parts.target, where=ckpt)
+            if self.config.identity_module_info:
+                insert_identities(model, self.config.identity_module_info, where=cfg_path)
+            # Re-match the patterns against the real model: it is the authority on module paths,
+            # and its named_modules order is the reference's module order.
             real = formats.expand_module_info(
-                self.config, (n for n, _ in model.named_modules()), where=self.files.config_path
+                self.config, (n for n, _ in model.named_modules()), where=cfg_path
             )
             if real != self.module_to_c:
-                formats.check_component_keys(self.parts, real, where=self.files.checkpoint_path)
-                self.module_to_c = real
+                formats.check_component_keys(self.parts, real, where=ckpt)
+            self.module_to_c = real
             self._model = model
         return self._model
 
     def spd_model(self) -> SpdModel:
         if self._spd is None:
             model = self.load_base_model()
-            specs = {p: base.module_spec(model.get_submodule(p), p) for p in self.module_to_c}
+            specs = {p: _module_spec(model.get_submodule(p), p) for p in self.module_to_c}
             self._spd = formats.build_spd_model(
-                self.config, self.parts, specs, where=self.files.checkpoint_path
+                self.config,
+                self.parts,
+                specs,
+                where=self.files.checkpoint_path,
+                config_where=self.files.config_path,
             )
         return self._spd
 

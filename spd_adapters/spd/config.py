@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from spd_host.errors import FormatError
 
 LAYERWISE_FN_TYPES = ("mlp", "vector_mlp", "shared_mlp")
-GLOBAL_FN_TYPES = ("global_shared_mlp",)
+GLOBAL_FN_TYPES = ("global_shared_mlp", "global_shared_transformer", "global_reverse_residual")
+CI_MODES = ("layerwise", "global")
+IDENTITY_NAME = "pre_identity"  # attribute name of an inserted identity module
 SIGMOID_TYPES = (
     "normal",
     "hard",
@@ -41,12 +43,59 @@ class ModuleInfo(_Tolerant):
     C: int = Field(gt=0)
 
 
+class AttnConfig(_Tolerant):
+    """Bidirectional multi-head self-attention with RoPE inside a CI function (``AttnConfig``)."""
+
+    n_heads: int = Field(gt=0)
+    max_len: int = Field(default=2048, gt=0)
+    rope_base: float = 10000.0
+
+
+class SharedTransformerConfig(_Tolerant):
+    """``simple_transformer_ci_cfg`` of a ``global_shared_transformer`` CI function."""
+
+    d_model: int = Field(gt=0)
+    n_blocks: int = Field(gt=0)
+    # The reference declares a list; its CI function reads None as [4 * d_model].
+    mlp_hidden_dim: list[int] | None = None
+    attn_config: AttnConfig
+
+    def mlp_dims(self) -> list[int]:
+        return list(self.mlp_hidden_dim) if self.mlp_hidden_dim is not None else [4 * self.d_model]
+
+
+class BlockGroup(_Tolerant):
+    """One block of a ``global_reverse_residual`` CI function: modules read together."""
+
+    name: str
+    patterns: list[str]
+
+
 class CiConfig(_Tolerant):
-    """``ci_config``: ``mode`` layerwise (mlp / vector_mlp / shared_mlp) or global."""
+    """``ci_config``: ``mode`` layerwise (mlp / vector_mlp / shared_mlp) or global
+    (global_shared_mlp / global_shared_transformer / global_reverse_residual).
+
+    Fields a fn type does not use may be absent or null (real configs write them as null).
+    """
 
     mode: Literal["layerwise", "global"] = "layerwise"
     fn_type: str
-    hidden_dims: list[int] = Field(default_factory=list)
+    hidden_dims: list[int] | None = None
+    # global_reverse_residual
+    reader_hidden_dims: list[int] | None = None
+    d_resid_ci_fn: int | None = Field(default=None, gt=0)
+    block_groups: list[BlockGroup] | None = None
+    transition_attn_config: AttnConfig | None = None
+    transition_hidden_dim: int | None = Field(default=None, gt=0)
+    # global_shared_transformer
+    simple_transformer_ci_cfg: SharedTransformerConfig | None = None
+
+    @property
+    def causal(self) -> bool:
+        """False when the CI function attends over the sequence (it then sees later tokens)."""
+        if self.fn_type == "global_shared_transformer":
+            return False
+        return not (self.fn_type == "global_reverse_residual" and self.transition_attn_config)
 
 
 class TaskConfig(_Tolerant):
@@ -72,6 +121,19 @@ class SpdRunConfig(_Tolerant):
     tokenizer_name: str | None = None
     task_config: TaskConfig | None = None
     seed: int = 0
+
+    def all_module_info(self) -> list[ModuleInfo]:
+        """``module_info`` then one ``<pattern>.pre_identity`` entry per identity pattern.
+
+        The reference inserts an identity module named ``pre_identity`` into every module an
+        ``identity_module_info`` pattern matches and decomposes it like any other module.
+        """
+        out = list(self.module_info)
+        for info in self.identity_module_info or []:
+            out.append(
+                ModuleInfo(module_pattern=f"{info.module_pattern}.{IDENTITY_NAME}", C=info.C)
+            )
+        return out
 
 
 def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +163,81 @@ def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _check_fn_type_first(d: dict[str, Any], *, where: Path | str) -> None:
+    """An unsupported CI fn type is the real cause; report it before any field-level error."""
+    ci = d.get("ci_config")
+    if not isinstance(ci, dict):
+        return
+    mode, fn_type = ci.get("mode", "layerwise"), ci.get("fn_type")
+    if mode not in CI_MODES:
+        raise FormatError(
+            f"{where}: unsupported ci_config.mode {mode!r}",
+            hint=f"supported: {', '.join(CI_MODES)}",
+        )
+    allowed = LAYERWISE_FN_TYPES if mode == "layerwise" else GLOBAL_FN_TYPES
+    if isinstance(fn_type, str) and fn_type not in allowed:
+        raise FormatError(
+            f"{where}: unsupported ci_config.fn_type {fn_type!r} for mode {mode!r}",
+            hint=f"supported for {mode}: {', '.join(allowed)}",
+        )
+
+
+def _require(ok: bool, where: Path | str, what: str) -> None:
+    if not ok:
+        raise FormatError(
+            f"{where}: {what}",
+            hint="final_config.yaml must be the config the SPD trainer validated for this run",
+        )
+
+
+def _check_ci_fields(ci: CiConfig, *, where: Path | str) -> None:
+    """The per-fn-type requirements the reference's config validators enforce."""
+    t = ci.fn_type
+    if ci.mode == "layerwise":
+        _require(ci.hidden_dims is not None, where, f"ci_config.hidden_dims is required for {t!r}")
+        if t in ("mlp", "vector_mlp"):
+            _require(
+                bool(ci.hidden_dims),
+                where,
+                f"ci_config.hidden_dims must be non-empty for fn_type {t!r}",
+            )
+        return
+    if t == "global_shared_mlp":
+        _require(ci.hidden_dims is not None, where, f"ci_config.hidden_dims is required for {t!r}")
+    elif t == "global_shared_transformer":
+        st = ci.simple_transformer_ci_cfg
+        _require(
+            st is not None, where, f"ci_config.simple_transformer_ci_cfg is required for {t!r}"
+        )
+        assert st is not None
+        heads = st.attn_config.n_heads
+        _require(
+            st.d_model % heads == 0 and (st.d_model // heads) % 2 == 0,
+            where,
+            f"ci_config.simple_transformer_ci_cfg: d_model {st.d_model} must split into "
+            f"{heads} heads of even width (RoPE)",
+        )
+    elif t == "global_reverse_residual":
+        for name in ("d_resid_ci_fn", "reader_hidden_dims"):
+            _require(
+                getattr(ci, name) is not None, where, f"ci_config.{name} is required for {t!r}"
+            )
+        _require(
+            bool(ci.block_groups),
+            where,
+            f"ci_config.block_groups needs at least one block for {t!r}",
+        )
+        attn = ci.transition_attn_config
+        if attn is not None:
+            d = ci.d_resid_ci_fn or 0
+            _require(
+                d % attn.n_heads == 0 and (d // attn.n_heads) % 2 == 0,
+                where,
+                f"ci_config.d_resid_ci_fn {d} must split into transition_attn_config.n_heads "
+                f"{attn.n_heads} heads of even width (RoPE)",
+            )
+
+
 def parse_config(raw: Any, *, where: Path | str) -> SpdRunConfig:
     """Validate a loaded YAML document; every failure names the file and the field."""
     if not isinstance(raw, dict):
@@ -108,8 +245,10 @@ def parse_config(raw: Any, *, where: Path | str) -> SpdRunConfig:
             f"{where}: expected a YAML mapping, got {type(raw).__name__}",
             hint="final_config.yaml must be the run's config as the SPD trainer writes it",
         )
+    migrated = migrate_legacy_keys(raw)
+    _check_fn_type_first(migrated, where=where)
     try:
-        cfg = SpdRunConfig.model_validate(migrate_legacy_keys(raw))
+        cfg = SpdRunConfig.model_validate(migrated)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
@@ -118,27 +257,11 @@ def parse_config(raw: Any, *, where: Path | str) -> SpdRunConfig:
             f"{where}: not an SPD run config ({problems})",
             hint="needs module_info, ci_config and pretrained_model_class at least",
         ) from err
-    ci = cfg.ci_config
-    allowed = LAYERWISE_FN_TYPES if ci.mode == "layerwise" else GLOBAL_FN_TYPES
-    if ci.fn_type not in allowed:
-        raise FormatError(
-            f"{where}: unsupported ci_config.fn_type {ci.fn_type!r} for mode {ci.mode!r}",
-            hint=f"supported for {ci.mode}: {', '.join(allowed)}",
-        )
-    if ci.mode == "layerwise" and ci.fn_type in ("mlp", "vector_mlp") and not ci.hidden_dims:
-        raise FormatError(
-            f"{where}: ci_config.hidden_dims must be non-empty for fn_type {ci.fn_type!r}",
-            hint="the reference CI function needs at least one hidden layer for this type",
-        )
+    _check_ci_fields(cfg.ci_config, where=where)
     if cfg.sigmoid_type not in SIGMOID_TYPES:
         raise FormatError(
             f"{where}: unsupported sigmoid_type {cfg.sigmoid_type!r}",
             hint=f"supported: {', '.join(SIGMOID_TYPES)}",
-        )
-    if cfg.identity_module_info:
-        raise FormatError(
-            f"{where}: identity_module_info (inserted identity modules) is not supported yet",
-            hint="decompositions of inserted identity operations cannot be loaded by spd-host",
         )
     return cfg
 

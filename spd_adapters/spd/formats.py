@@ -7,7 +7,13 @@ only. Current key layout::
     target_model.<module path>.<param>              the frozen base model
     _components.<module path, '.'->'-'>.{V,U}        V [d_in, C], U [C, d_out] (+ .bias buffer)
     ci_fn._ci_fns.<module path, '.'->'-'>.layers.<i>.{W,b}   layerwise CI functions
-    ci_fn._global_ci_fn.layers.<i>.{W,b}             the global CI function
+    ci_fn._global_ci_fn.layers.<i>.{W,b}             the global CI function (global_shared_mlp)
+    ci_fn._global_ci_fn.{_input_projector,_blocks.<i>...,_output_head}...   global_shared_transformer
+    ci_fn._global_ci_fn.{_inp_projectors,_readers,_reader_norms,_transitions,
+                         _transition_norms,_attn_transitions,_attn_norms}.<block>...  global_reverse_residual
+
+(see :func:`build_shared_transformer` / :func:`build_reverse_residual` for their exact keys).
+Inserted identity modules (``identity_module_info``) add ``_components.<dashed path>-pre_identity``.
 
 Older runs are normalised first (:func:`normalize_keys`): ``_gates.`` -> ``_ci_fns.``,
 ``patched_model.`` -> ``target_model.``, ``*.original.weight`` -> ``*.weight``,
@@ -20,18 +26,27 @@ from __future__ import annotations
 import fnmatch
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from spd_adapters.spd.config import SpdRunConfig, load_config
+from spd_adapters.spd.ci_transformer import (
+    Attention,
+    ResidualBlock,
+    ReverseResidualCiFn,
+    SharedTransformerCiFn,
+    TransformerBlock,
+)
+from spd_adapters.spd.config import IDENTITY_NAME, AttnConfig, SpdRunConfig, load_config
+from spd_adapters.spd.identity import identity_targets, with_identity_paths
 from spd_adapters.spd.model import (
     Components,
     DenseLayer,
     GlobalCiFn,
+    GlobalFn,
     LayerwiseCiFn,
     ModuleKind,
     SpdModel,
@@ -178,11 +193,13 @@ def dashed(path: str) -> str:
 def expand_module_info(
     config: SpdRunConfig, module_paths: Iterable[str], *, where: Path | str
 ) -> dict[str, int]:
-    """fnmatch every ``module_info`` pattern over the base model's module paths -> {path: C}."""
+    """fnmatch every ``module_info`` pattern (then every identity pattern + ``.pre_identity``)
+    over the base model's module paths -> {path: C}, ordered as the reference orders them: by
+    pattern, then in ``module_paths`` order (the model's ``named_modules`` order)."""
     paths = [p for p in module_paths if p]
     out: dict[str, int] = {}
     owner: dict[str, str] = {}
-    for info in config.module_info:
+    for info in config.all_module_info():
         hits = [p for p in paths if fnmatch.fnmatch(p, info.module_pattern)]
         if not hits:
             raise FormatError(
@@ -211,7 +228,35 @@ def module_paths_from_checkpoint(parts: CheckpointParts) -> list[str]:
             bits = key.split(".")[:-1]
             paths.update(".".join(bits[: i + 1]) for i in range(len(bits)))
         return sorted(paths)
-    return sorted(name.replace("-", ".") for name in parts.components)
+    names = (name.replace("-", ".") for name in parts.components)
+    return sorted(n.removesuffix(f".{IDENTITY_NAME}") for n in names)
+
+
+def checkpoint_module_paths(
+    config: SpdRunConfig, parts: CheckpointParts, *, where: Path | str
+) -> list[str]:
+    """Module paths from the checkpoint, with the identity modules the config inserts."""
+    paths = module_paths_from_checkpoint(parts)
+    if not config.identity_module_info:
+        return paths
+    return with_identity_paths(
+        paths, identity_targets(config.identity_module_info, paths, where=where)
+    )
+
+
+def check_target_shapes(
+    target: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, where: Path | str
+) -> None:
+    """Every ``target_model.*`` tensor has the shape the base model built from its config has."""
+    for key, t in target.items():
+        want = expected.get(key)
+        if want is not None and tuple(t.shape) != tuple(want):
+            raise FormatError(
+                f"{where}: tensor target_model.{key} has shape {list(t.shape)}, but the base "
+                f"model built from its config has {list(want)}",
+                hint="pretrained_model_name in final_config.yaml must name the model the run "
+                "decomposed",
+            )
 
 
 def check_component_keys(
@@ -225,7 +270,7 @@ def check_component_keys(
         raise FormatError(
             f"{where}: checkpoint components do not match module_info: "
             f"missing for {[expected[m] for m in missing]}, unexpected {[f'_components.{e}' for e in extra]}",
-            hint="the config and checkpoint must come from the same run",
+            hint="final_config.yaml's module_info and this checkpoint must come from the same run",
         )
     for name, path in expected.items():
         tensors = parts.components[name]
@@ -237,7 +282,7 @@ def check_component_keys(
             raise FormatError(
                 f"{where}: _components.{name}: V {list(V.shape)} / U {list(U.shape)} do not have "
                 f"C={C} (expected V [d_in, {C}], U [{C}, d_out])",
-                hint="module_info's C must equal the checkpoint's",
+                hint="module_info's C in final_config.yaml must equal the checkpoint's",
             )
     if parts.unknown:
         raise FormatError(
@@ -273,7 +318,7 @@ def _check_chain(
     if len(layers) != len(dims) - 1:
         raise FormatError(
             f"{what}: {len(layers)} layers, but ci_config.hidden_dims implies {len(dims) - 1}",
-            hint="ci_config.hidden_dims must match the checkpoint",
+            hint="ci_config.hidden_dims in final_config.yaml must match the checkpoint",
         )
     for k, layer in enumerate(layers):
         want_W = (
@@ -286,7 +331,7 @@ def _check_chain(
             raise FormatError(
                 f"{what}: layers.{2 * k}.W {list(layer.W.shape)} / b {list(layer.b.shape)}, "
                 f"expected {list(want_W)} / {list(want_b)}",
-                hint="ci_config (fn_type, hidden_dims) and module_info must match the checkpoint",
+                hint="final_config.yaml's ci_config (fn_type, hidden_dims) and module_info must match the checkpoint",
             )
 
 
@@ -306,8 +351,14 @@ def build_spd_model(
     modules: Mapping[str, ModuleSpec],
     *,
     where: Path | str,
+    config_where: Path | str | None = None,
 ) -> SpdModel:
-    """Components + CI functions, every shape checked against the config and the base model."""
+    """Components + CI functions, every shape checked against the config and the base model.
+
+    ``modules`` must be in the reference's module order (see :func:`expand_module_info`): the
+    reverse-residual CI function orders each block's inputs by it. ``config_where`` names
+    ``final_config.yaml`` in errors that are config mistakes.
+    """
     comps: dict[str, Components] = {}
     for path, spec in modules.items():
         t = parts.components[dashed(path)]
@@ -320,7 +371,7 @@ def build_spd_model(
         comps[path] = Components(V=V, U=U, bias=spec.bias, kind=spec.kind)
 
     ci = config.ci_config
-    hidden = list(ci.hidden_dims)
+    hidden = list(ci.hidden_dims or [])
     if ci.mode == "layerwise":
         if parts.global_ci:
             raise FormatError(
@@ -358,12 +409,201 @@ def build_spd_model(
     what = f"{where}: ci_fn._global_ci_fn"
     if not parts.global_ci:
         raise FormatError(f"{what}: missing (config ci_config.mode is 'global')")
-    layers = _dense_layers(parts.global_ci, what=what)
-    order = sorted(modules)
-    d_total = sum(comps[p].C if modules[p].kind == "embedding" else modules[p].d_in for p in order)
-    sizes = [comps[p].C for p in order]
-    _check_chain(layers, [d_total, *hidden, sum(sizes)], per_component=None, what=what)
-    return SpdModel(comps, None, GlobalCiFn(layers, order, sizes), config.sigmoid_type)
+    widths = {p: comps[p].C if modules[p].kind == "embedding" else modules[p].d_in for p in modules}
+    sizes_of = {p: comps[p].C for p in modules}
+    fn: GlobalFn
+    if ci.fn_type == "global_shared_transformer":
+        fn = build_shared_transformer(config, parts.global_ci, widths, sizes_of, where=where)
+    elif ci.fn_type == "global_reverse_residual":
+        fn = build_reverse_residual(
+            config,
+            parts.global_ci,
+            widths,
+            sizes_of,
+            where=where,
+            config_where=config_where or where,
+        )
+    else:
+        layers = _dense_layers(parts.global_ci, what=what)
+        order = sorted(modules)
+        sizes = [sizes_of[p] for p in order]
+        d_total = sum(widths[p] for p in order)
+        _check_chain(layers, [d_total, *hidden, sum(sizes)], per_component=None, what=what)
+        fn = GlobalCiFn(layers, order, sizes)
+    return SpdModel(comps, None, fn, config.sigmoid_type)
+
+
+class _GlobalTensors:
+    """Takes the tensors of a global CI function one key at a time, checking each shape."""
+
+    PREFIX = "ci_fn._global_ci_fn."
+
+    def __init__(self, tensors: Mapping[str, Tensor], *, where: Path | str, fn_type: str):
+        self.left = dict(tensors)
+        self.where = where
+        self.fn_type = fn_type
+
+    def take(self, key: str, shape: Sequence[int]) -> Tensor:
+        full = self.PREFIX + key
+        if key not in self.left:
+            raise FormatError(
+                f"{self.where}: missing tensor {full} (ci_config fn_type {self.fn_type!r})",
+                hint="final_config.yaml's ci_config must be the one this checkpoint was trained with",
+            )
+        t = self.left.pop(key)
+        if tuple(t.shape) != tuple(shape):
+            raise FormatError(
+                f"{self.where}: tensor {full} has shape {list(t.shape)}, but final_config.yaml's "
+                f"ci_config and module_info imply {list(shape)}",
+                hint="the config and checkpoint must come from the same run",
+            )
+        return t.float()
+
+    def linear(self, key: str, d_in: int, d_out: int) -> DenseLayer:
+        """The reference's own ``Linear``: ``W [in, out]``, ``b [out]``."""
+        return DenseLayer(self.take(f"{key}.W", (d_in, d_out)), self.take(f"{key}.b", (d_out,)))
+
+    def mlp(self, key: str, dims: Sequence[int]) -> list[DenseLayer]:
+        """An ``nn.Sequential`` of Linear, GELU, Linear, ...: layers at even indices."""
+        return [self.linear(f"{key}.{2 * k}", dims[k], dims[k + 1]) for k in range(len(dims) - 1)]
+
+    def attention(self, key: str, d: int, cfg: AttnConfig) -> Attention:
+        """``SelfAttention``: bias-free nn.Linear ``{q,k,v,out}_proj.weight [d, d]`` + RoPE buffer."""
+        w = {n: self.take(f"{key}.{n}_proj.weight", (d, d)) for n in ("q", "k", "v", "out")}
+        inv_freq = self.take(f"{key}.rope.inv_freq", (d // cfg.n_heads // 2,))
+        return Attention(w["q"], w["k"], w["v"], w["out"], inv_freq, cfg.n_heads, cfg.max_len)
+
+    def finish(self) -> None:
+        if self.left:
+            extra = sorted(self.PREFIX + k for k in self.left)
+            raise FormatError(
+                f"{self.where}: unexpected tensors for ci_config fn_type {self.fn_type!r}: "
+                f"{extra[:5]}{' ...' if len(extra) > 5 else ''}",
+                hint="final_config.yaml's ci_config must be the one this checkpoint was trained with",
+            )
+
+
+def build_shared_transformer(
+    config: SpdRunConfig,
+    tensors: Mapping[str, Tensor],
+    widths: Mapping[str, int],
+    sizes: Mapping[str, int],
+    *,
+    where: Path | str,
+) -> SharedTransformerCiFn:
+    """``GlobalSharedTransformerCiFn``'s keys: ``_input_projector.{W,b}``,
+    ``_blocks.<i>.attn.{q,k,v,out}_proj.weight``, ``_blocks.<i>.attn.rope.inv_freq``,
+    ``_blocks.<i>.mlp.<2j>.{W,b}``, ``_output_head.{W,b}``."""
+    cfg = config.ci_config.simple_transformer_ci_cfg
+    assert cfg is not None  # checked with the config
+    t = _GlobalTensors(tensors, where=where, fn_type="global_shared_transformer")
+    order = sorted(widths)
+    d = cfg.d_model
+    projector = t.linear("_input_projector", sum(widths[p] for p in order), d)
+    blocks = [
+        TransformerBlock(
+            attn=t.attention(f"_blocks.{i}.attn", d, cfg.attn_config),
+            mlp=t.mlp(f"_blocks.{i}.mlp", [d, *cfg.mlp_dims(), d]),
+        )
+        for i in range(cfg.n_blocks)
+    ]
+    head = t.linear("_output_head", d, sum(sizes[p] for p in order))
+    t.finish()
+    return SharedTransformerCiFn(order, [sizes[p] for p in order], projector, blocks, head)
+
+
+def block_members(
+    config: SpdRunConfig, module_order: Sequence[str], *, where: Path | str
+) -> list[tuple[str, list[str]]]:
+    """``block_groups`` -> [(name, modules)]: per pattern its matches in module order; every
+    module in exactly one block (the reference's rules)."""
+    groups = config.ci_config.block_groups or []
+    out: list[tuple[str, list[str]]] = []
+    owner: dict[str, str] = {}
+    for group in groups:
+        members: list[str] = []
+        for pattern in group.patterns:
+            hits = [m for m in module_order if fnmatch.fnmatch(m, pattern)]
+            if not hits:
+                raise FormatError(
+                    f"{where}: ci_config.block_groups[{group.name!r}] pattern {pattern!r} matches "
+                    f"no decomposed module",
+                    hint=f"decomposed modules: {', '.join(module_order)}",
+                )
+            for m in hits:
+                if m in members:
+                    raise FormatError(
+                        f"{where}: module {m!r} matches two patterns of block {group.name!r}"
+                    )
+            members.extend(hits)
+        for m in members:
+            if m in owner:
+                raise FormatError(
+                    f"{where}: module {m!r} is in two block groups ({owner[m]!r} and {group.name!r})"
+                )
+            owner[m] = group.name
+        out.append((group.name, members))
+    missing = [m for m in module_order if m not in owner]
+    if missing:
+        raise FormatError(
+            f"{where}: ci_config.block_groups leave modules out: {missing}",
+            hint="global_reverse_residual needs every decomposed module in one block group",
+        )
+    return out
+
+
+def build_reverse_residual(
+    config: SpdRunConfig,
+    tensors: Mapping[str, Tensor],
+    widths: Mapping[str, int],
+    sizes: Mapping[str, int],
+    *,
+    where: Path | str,
+    config_where: Path | str,
+) -> ReverseResidualCiFn:
+    """``GlobalReverseResidualCiFn``'s keys, per block ``<b>`` (name with '.' -> '-'):
+    ``_inp_projectors.<b>.{W,b}``, ``_readers.<b>.<2j>.{W,b}``, ``_reader_norms.<b>.weight``;
+    for all but the last block ``_transitions.<b>.{W,b}`` (or ``.0``/``.2`` with
+    ``transition_hidden_dim``), ``_transition_norms.<b>.weight``, and with
+    ``transition_attn_config`` ``_attn_transitions.<b>.{q,k,v,out}_proj.weight``,
+    ``_attn_transitions.<b>.rope.inv_freq``, ``_attn_norms.<b>.weight``."""
+    ci = config.ci_config
+    assert ci.d_resid_ci_fn is not None and ci.reader_hidden_dims is not None
+    d = ci.d_resid_ci_fn
+    t = _GlobalTensors(tensors, where=where, fn_type="global_reverse_residual")
+    members = block_members(config, list(widths), where=config_where)
+    blocks = []
+    for idx, (name, mods) in enumerate(members):
+        b = name.replace(".", "-")
+        last = idx == len(members) - 1
+        transition = norm = attn = attn_norm = None
+        if not last:
+            if ci.transition_hidden_dim is not None:
+                transition = t.mlp(f"_transitions.{b}", [d, ci.transition_hidden_dim, d])
+            else:
+                transition = [t.linear(f"_transitions.{b}", d, d)]
+            norm = t.take(f"_transition_norms.{b}.weight", (d,))
+            if ci.transition_attn_config is not None:
+                attn = t.attention(f"_attn_transitions.{b}", d, ci.transition_attn_config)
+                attn_norm = t.take(f"_attn_norms.{b}.weight", (d,))
+        blocks.append(
+            ResidualBlock(
+                name=name,
+                modules=mods,
+                sizes=[sizes[m] for m in mods],
+                projector=t.linear(f"_inp_projectors.{b}", sum(widths[m] for m in mods), d),
+                reader=t.mlp(
+                    f"_readers.{b}", [d, *ci.reader_hidden_dims, sum(sizes[m] for m in mods)]
+                ),
+                reader_norm=t.take(f"_reader_norms.{b}.weight", (d,)),
+                transition=transition,
+                transition_norm=norm,
+                attn=attn,
+                attn_norm=attn_norm,
+            )
+        )
+    t.finish()
+    return ReverseResidualCiFn(d, blocks, causal=ci.causal)
 
 
 def read_run(path: Path) -> tuple[RunFiles, SpdRunConfig, CheckpointParts]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +155,7 @@ class GlobalCiFn:
     layers: list[DenseLayer]
     order: list[str]  # sorted module paths
     sizes: list[int]  # C per module, same order
+    causal: bool = True
 
     def pre_sigmoid(
         self, inputs: Mapping[str, Tensor], components: Mapping[str, Components]
@@ -169,6 +170,25 @@ class GlobalCiFn:
         out = run_mlp(self.layers, torch.cat(parts, dim=-1))
         return dict(zip(self.order, torch.split(out, self.sizes, dim=-1), strict=True))
 
+    def to(self, device: torch.device | str) -> None:
+        for layer in self.layers:
+            layer.W, layer.b = layer.W.to(device), layer.b.to(device)
+
+
+class GlobalFn(Protocol):
+    """A global CI function: every site's input at once -> pre-sigmoid CI per site."""
+
+    @property
+    def causal(self) -> bool:
+        """Whether the CI at a position depends only on that position's inputs (and earlier)."""
+        ...
+
+    def pre_sigmoid(
+        self, inputs: Mapping[str, Tensor], components: Mapping[str, Components]
+    ) -> dict[str, Tensor]: ...
+
+    def to(self, device: torch.device | str) -> None: ...
+
 
 @dataclass
 class SpdModel:
@@ -176,7 +196,7 @@ class SpdModel:
 
     components: dict[str, Components]
     layerwise: dict[str, LayerwiseCiFn] | None
-    global_fn: GlobalCiFn | None
+    global_fn: GlobalFn | None
     sigmoid_type: str
 
     @property
@@ -188,10 +208,9 @@ class SpdModel:
         for c in self.components.values():
             c.V, c.U = c.V.to(device), c.U.to(device)
             c.bias = None if c.bias is None else c.bias.to(device)
-        fns: list[list[DenseLayer]] = [f.layers for f in (self.layerwise or {}).values()]
         if self.global_fn is not None:
-            fns.append(self.global_fn.layers)
-        for layers in fns:
+            self.global_fn.to(device)
+        for layers in [f.layers for f in (self.layerwise or {}).values()]:
             for layer in layers:
                 layer.W, layer.b = layer.W.to(device), layer.b.to(device)
         return self

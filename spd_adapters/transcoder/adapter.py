@@ -111,9 +111,43 @@ class TranscoderAdapter(DictionaryAdapter):
         """Feature activations ``[..., n]`` for the site's input ``[..., d_in]``."""
         return self.dictionary(site).encode(acts)
 
-    def reconstruct(self, site: str, acts: Tensor) -> Tensor:
-        """The site's reconstruction of its output hook point from its input ``acts``."""
-        return self.dictionary(site).reconstruct(acts)
+    def reconstruct(self, site: str, acts: Tensor, target: Tensor | None = None) -> Tensor:
+        """The site's reconstruction of its output hook point from its input ``acts``.
+
+        ``target`` (the true output) is needed only by dictionaries trained on unit-normalised
+        activations (nn_decompositions ``input_unit_norm``), whose output is mapped back with
+        the target's own mean and std.
+        """
+        return self.dictionary(site).reconstruct(acts, target)
+
+    def _model_source(self) -> str:
+        name = super()._model_source()
+        if self.layout.format == "goodfire":
+            from spd_adapters.transcoder.goodfire import check_base_model
+
+            return check_base_model(name, self.layout.root)
+        return name
+
+    # -- options -------------------------------------------------------------------------------
+    @property
+    def inference(self) -> str | None:
+        """How BatchTopK checkpoints are read: ``batch_topk`` (default) or ``topk``; else None."""
+        return self.layout.extra.get("inference")
+
+    def with_inference(self, mode: str) -> TranscoderAdapter:
+        """The same Goodfire checkpoints read with BatchTopK ``mode``: ``batch_topk`` or ``topk``.
+
+        The equivalent of ``inference: <mode>`` in the TranscoderHarvestConfig file.
+        """
+        from spd_adapters.transcoder.goodfire import read_goodfire_transcoders
+
+        if self.layout.format != "goodfire":
+            raise ConfigError(
+                f"{self.decomposition_id}: the inference option applies to Goodfire checkpoints, "
+                f"this is {self.layout.format}"
+            )
+        layout = read_goodfire_transcoders(self.layout.root, inference=mode)
+        return TranscoderAdapter(self._did, self._method, layout)
 
     # -- host hooks -------------------------------------------------------------------------
     def hook_requirements(self) -> list[tuple[str, str, str]]:
@@ -166,13 +200,13 @@ class TranscoderAdapter(DictionaryAdapter):
 
 def _sae_fn(d: Dictionary) -> Any:
     def fn(orig: Tensor) -> Tensor:
-        return d.reconstruct(orig).to(orig.dtype)
+        return d.reconstruct(orig, orig).to(orig.dtype)
 
     return fn
 
 
 def _transcoder_fn(d: Dictionary, captured: Mapping[str, Tensor], hook: str) -> Any:
     def fn(orig: Tensor) -> Tensor:
-        return d.reconstruct(captured[hook]).to(orig.dtype)
+        return d.reconstruct(captured[hook], orig).to(orig.dtype)
 
     return fn

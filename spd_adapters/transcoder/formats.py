@@ -43,7 +43,7 @@ from spd_adapters._dictionary import Activation, Dictionary
 from spd_adapters._files import TensorFile, read_json, read_yaml
 from spd_host.errors import FormatError
 
-FORMATS = ("sparsify", "saelens", "circuit-tracer")
+FORMATS = ("sparsify", "saelens", "circuit-tracer", "goodfire")
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,23 @@ class TranscoderLayout:
 
 def detect_format(root: Path) -> str:
     """Which format ``root`` is in, from its files; FormatError if none or ambiguous."""
+    from spd_adapters.transcoder import goodfire
+
     if root.is_file():
+        kind = goodfire.harvest_spec_type(root)
+        if kind == "TranscoderHarvestConfig":
+            return "goodfire"
+        if kind == "CLTHarvestConfig":
+            raise FormatError(
+                f"{root}: type is CLTHarvestConfig", hint=f"load it with the clt method: clt:{root}"
+            )
         raise FormatError(
-            f"{root}: is a file; a transcoder is a directory",
-            hint="point at the directory that holds config.yaml / cfg.json",
+            f"{root}: is a file; a transcoder is a directory or a Goodfire TranscoderHarvestConfig YAML",
+            hint="point at the directory that holds config.yaml / cfg.json, or at a YAML with "
+            "type: TranscoderHarvestConfig",
         )
+    if goodfire.is_checkpoint_dir(root):
+        raise goodfire.lone_checkpoint_error(root, "transcoder")
     found: list[str] = []
     if (root / "config.yaml").is_file():
         kind = read_yaml(root / "config.yaml").get("model_kind")
@@ -156,6 +168,11 @@ def _sub_dirs(root: Path) -> dict[str, list[Path]]:
 
 def read_layout(root: Path) -> TranscoderLayout:
     fmt = detect_format(root)
+    if fmt == "goodfire":
+        from spd_adapters.transcoder.goodfire import read_goodfire_transcoders
+
+        layout: TranscoderLayout = read_goodfire_transcoders(root)
+        return layout
     if fmt == "circuit-tracer":
         return read_circuit_tracer(root)
     if fmt == "saelens":

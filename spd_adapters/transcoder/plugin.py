@@ -34,10 +34,15 @@ def load_decomposition(decomposition_id: DecompositionId) -> DecompositionAdapte
     from spd_adapters._files import decomposition_dir
     from spd_adapters.transcoder.adapter import TranscoderAdapter
     from spd_adapters.transcoder.formats import read_layout
+    from spd_adapters.transcoder.goodfire import resolve_wandb_id
+    from spd_host.ids import SourceKind
 
-    root = decomposition_dir(
-        decomposition_id, demo_dir=DEMO_DIR, trainer="spd_adapters.transcoder.train_demo"
-    )
+    if decomposition_id.kind is SourceKind.WANDB:
+        root: Path | None = resolve_wandb_id(decomposition_id)
+    else:
+        root = decomposition_dir(
+            decomposition_id, demo_dir=DEMO_DIR, trainer="spd_adapters.transcoder.train_demo"
+        )
     if root is None:
         return None
     return TranscoderAdapter(decomposition_id, METHOD, read_layout(root))

@@ -2,8 +2,21 @@
 
 ``final_config.yaml`` (with the many training keys a real run carries) + ``model_<step>.pth``
 (a plain state dict: ``target_model.*``, ``_components.<dashed path>.{V,U}``,
-``ci_fn._ci_fns.<dashed path>.layers.<i>.{W,b}`` or ``ci_fn._global_ci_fn.layers.<i>.{W,b}``),
+``ci_fn._ci_fns.<dashed path>.layers.<i>.{W,b}`` or ``ci_fn._global_ci_fn.layers.<i>.{W,b}``,
+or the sequence-level global CI functions of the dev branch under ``ci_fn._global_ci_fn.``),
 optionally with the key names of older runs. Base models are tiny and built from configs.
+
+Key names of the dev-branch CI functions (``spd/models/components.py``: ``Linear`` has ``W [in,
+out]`` and ``b``; ``SelfAttention`` has bias-free ``nn.Linear`` ``{q,k,v,out}_proj.weight`` and a
+persistent ``rope.inv_freq`` buffer; ``nn.RMSNorm`` has ``weight``; ``nn.Sequential`` numbers
+its layers with the GELUs in between):
+
+- ``global_shared_transformer``: ``_input_projector``, ``_blocks.<i>.attn.*``,
+  ``_blocks.<i>.mlp.<2j>``, ``_output_head``;
+- ``global_reverse_residual`` per block ``<b>`` (its name, '.' -> '-'): ``_inp_projectors.<b>``,
+  ``_readers.<b>.<2j>``, ``_reader_norms.<b>.weight``; all but the last block also
+  ``_transitions.<b>`` (or ``.0``/``.2``), ``_transition_norms.<b>.weight`` and, with attention,
+  ``_attn_transitions.<b>.*``, ``_attn_norms.<b>.weight``.
 """
 
 from __future__ import annotations
@@ -90,8 +103,112 @@ def _dense(
     return out
 
 
+IDENTITY = ".pre_identity"
+
+
+def _module_dims(model: nn.Module, path: str) -> tuple[nn.Module | None, int, int]:
+    """(module or None for an inserted identity, d_in, d_out)."""
+    if path.endswith(IDENTITY):
+        d = io_dims(model.get_submodule(path.removesuffix(IDENTITY)))[0]
+        return None, d, d
+    mod = model.get_submodule(path)
+    return (mod, *io_dims(mod))
+
+
+def ci_widths(model: nn.Module, module_to_c: dict[str, int]) -> dict[str, int]:
+    """Width of each site's CI input: C for an embedding (its component acts), else d_in."""
+    out = {}
+    for path, C in module_to_c.items():
+        mod, d_in, _ = _module_dims(model, path)
+        out[path] = C if isinstance(mod, nn.Embedding) else d_in
+    return out
+
+
+def _linear(
+    g: torch.Generator, d_in: int, d_out: int, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    return {
+        "W": torch.randn(d_in, d_out, generator=g) * scale / d_in**0.5,
+        "b": torch.randn(d_out, generator=g) * 0.3,
+    }
+
+
+def _put(sd: dict[str, torch.Tensor], prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    for k, v in tensors.items():
+        sd[f"ci_fn._global_ci_fn.{prefix}.{k}"] = v
+
+
+def _seq(sd: dict[str, torch.Tensor], g: torch.Generator, prefix: str, dims: list[int]) -> None:
+    for k in range(len(dims) - 1):
+        _put(sd, f"{prefix}.{2 * k}", _linear(g, dims[k], dims[k + 1]))
+
+
+def _attn(sd: dict[str, torch.Tensor], g: torch.Generator, prefix: str, d: int, attn: dict) -> None:
+    for n in ("q", "k", "v", "out"):
+        sd[f"ci_fn._global_ci_fn.{prefix}.{n}_proj.weight"] = (
+            torch.randn(d, d, generator=g) * 1.5 / d**0.5
+        )
+    d_head = d // attn["n_heads"]
+    base = attn.get("rope_base", 10000.0)
+    sd[f"ci_fn._global_ci_fn.{prefix}.rope.inv_freq"] = 1.0 / (
+        base ** (torch.arange(0, d_head, 2).float() / d_head)
+    )
+
+
+def _norm(sd: dict[str, torch.Tensor], g: torch.Generator, key: str, d: int) -> None:
+    sd[f"ci_fn._global_ci_fn.{key}.weight"] = 1.0 + 0.3 * torch.randn(d, generator=g)
+
+
+def sequence_ci_tensors(
+    g: torch.Generator,
+    ci: dict[str, Any],
+    widths: dict[str, int],
+    sizes: dict[str, int],
+    blocks: list[tuple[str, list[str]]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random tensors with the real keys of a ``global_shared_transformer`` /
+    ``global_reverse_residual`` CI function (``blocks``: the block groups' members)."""
+    sd: dict[str, torch.Tensor] = {}
+    if ci["fn_type"] == "global_shared_transformer":
+        st = ci["simple_transformer_ci_cfg"]
+        d = st["d_model"]
+        _put(sd, "_input_projector", _linear(g, sum(widths.values()), d, 2.0))
+        for i in range(st["n_blocks"]):
+            _attn(sd, g, f"_blocks.{i}.attn", d, st["attn_config"])
+            _seq(sd, g, f"_blocks.{i}.mlp", [d, *st["mlp_hidden_dim"], d])
+        _put(sd, "_output_head", _linear(g, d, sum(sizes.values()), 0.2))
+        sd["ci_fn._global_ci_fn._output_head.b"] += 0.5
+        return sd
+    assert ci["fn_type"] == "global_reverse_residual" and blocks is not None
+    d = ci["d_resid_ci_fn"]
+    for idx, (name, mods) in enumerate(blocks):
+        b = name.replace(".", "-")
+        _put(sd, f"_inp_projectors.{b}", _linear(g, sum(widths[m] for m in mods), d, 2.0))
+        total_c = sum(sizes[m] for m in mods)
+        _seq(sd, g, f"_readers.{b}", [d, *ci["reader_hidden_dims"], total_c])
+        sd[f"ci_fn._global_ci_fn._readers.{b}.{2 * len(ci['reader_hidden_dims'])}.b"] += 0.5
+        _norm(sd, g, f"_reader_norms.{b}", d)
+        if idx < len(blocks) - 1:
+            hidden = ci.get("transition_hidden_dim")
+            if hidden is None:
+                _put(sd, f"_transitions.{b}", _linear(g, d, d))
+            else:
+                _seq(sd, g, f"_transitions.{b}", [d, hidden, d])
+            _norm(sd, g, f"_transition_norms.{b}", d)
+            if ci.get("transition_attn_config") is not None:
+                _attn(sd, g, f"_attn_transitions.{b}", d, ci["transition_attn_config"])
+                _norm(sd, g, f"_attn_norms.{b}", d)
+    return sd
+
+
 def make_state_dict(
-    model: nn.Module, module_to_c: dict[str, int], fn_type: str, hidden: list[int], seed: int = 1
+    model: nn.Module,
+    module_to_c: dict[str, int],
+    fn_type: str,
+    hidden: list[int],
+    seed: int = 1,
+    ci_config: dict[str, Any] | None = None,
+    blocks: list[tuple[str, list[str]]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A state dict with random components and CI functions of the right shapes."""
     g = torch.Generator().manual_seed(seed)
@@ -100,12 +217,11 @@ def make_state_dict(
     }
     for path in sorted(module_to_c):
         C = module_to_c[path]
-        mod = model.get_submodule(path)
-        d_in, d_out = io_dims(mod)
+        mod, d_in, d_out = _module_dims(model, path)
         name = path.replace(".", "-")
         sd[f"_components.{name}.V"] = torch.randn(d_in, C, generator=g) / d_in**0.25
         sd[f"_components.{name}.U"] = torch.randn(C, d_out, generator=g) / C**0.5
-        if getattr(mod, "bias", None) is not None:
+        if mod is not None and getattr(mod, "bias", None) is not None:
             sd[f"_components.{name}.bias"] = mod.bias.detach().clone()
         if fn_type == "mlp":
             layers = _dense(g, [1, *hidden, 1], C, 1.5)
@@ -117,11 +233,13 @@ def make_state_dict(
             continue
         for k, v in layers.items():
             sd[f"ci_fn._ci_fns.{name}.{k}"] = v
+    if fn_type in ("global_shared_transformer", "global_reverse_residual"):
+        assert ci_config is not None
+        sd.update(
+            sequence_ci_tensors(g, ci_config, ci_widths(model, module_to_c), module_to_c, blocks)
+        )
     if fn_type == "global_shared_mlp":
-        d_total = 0
-        for path in sorted(module_to_c):
-            mod = model.get_submodule(path)
-            d_total += module_to_c[path] if isinstance(mod, nn.Embedding) else io_dims(mod)[0]
+        d_total = sum(ci_widths(model, module_to_c).values())
         total_c = sum(module_to_c.values())
         for k, v in _dense(g, [d_total, *hidden, total_c], None, 1.5).items():
             sd[f"ci_fn._global_ci_fn.{k}"] = v
@@ -161,6 +279,8 @@ def config_dict(
     hidden: list[int],
     sigmoid_type: str = "leaky_hard",
     legacy: bool = False,
+    ci_config: dict[str, Any] | None = None,
+    identity: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     mode = "global" if fn_type.startswith("global_") else "layerwise"
     cfg: dict[str, Any] = {
@@ -214,7 +334,9 @@ def config_dict(
         cfg["ci_fn_hidden_dims"] = hidden
     else:
         cfg["module_info"] = [{"module_pattern": p, "C": c} for p, c in patterns.items()]
-        cfg["ci_config"] = {"mode": mode, "fn_type": fn_type, "hidden_dims": hidden}
+        cfg["ci_config"] = ci_config or {"mode": mode, "fn_type": fn_type, "hidden_dims": hidden}
+    if identity:
+        cfg["identity_module_info"] = [{"module_pattern": p, "C": c} for p, c in identity.items()]
     return cfg
 
 
@@ -230,16 +352,27 @@ def write_run(
     legacy: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     step: int = 200,
+    ci_config: dict[str, Any] | None = None,
+    identity: dict[str, int] | None = None,
+    blocks: list[tuple[str, list[str]]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Write a full run dir (base config dir + final_config.yaml + model_<step>.pth); return the sd."""
+    """Write a full run dir (base config dir + final_config.yaml + model_<step>.pth); return the sd.
+
+    ``ci_config`` replaces the whole ``ci_config`` section; ``identity`` is ``identity_module_info``
+    (``{pattern: C}``); ``blocks`` the members of a reverse-residual CI's block groups.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     base_dir = run_dir / "base_model"
     model.config.save_pretrained(base_dir)
     module_to_c = expand(model, patterns)
+    for path, C in expand(model, identity or {}).items():
+        module_to_c[path + IDENTITY] = C
     sd = (
         state_dict
         if state_dict is not None
-        else make_state_dict(model, module_to_c, fn_type, hidden)
+        else make_state_dict(
+            model, module_to_c, fn_type, hidden, ci_config=ci_config, blocks=blocks
+        )
     )
     cfg = config_dict(
         base_dir=base_dir,
@@ -249,6 +382,8 @@ def write_run(
         hidden=hidden,
         sigmoid_type=sigmoid_type,
         legacy=legacy,
+        ci_config=ci_config,
+        identity=identity,
     )
     (run_dir / "final_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.save(legacy_keys(sd, module_to_c) if legacy else sd, run_dir / f"model_{step}.pth")

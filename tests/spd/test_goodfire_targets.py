@@ -9,6 +9,7 @@ tests/spd/reference.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +302,9 @@ def test_info_lists_the_sites(tmp_path: Path) -> None:
     doc = json.loads(result.output)
     sites = {s["name"]: s for s in doc["sites"]}
     assert set(sites) == EXPECTED_SITES["llama_simple"]
-    assert sites["1.glu.down"]["reads_from"] == "1.glu.down"
+    # A down-projection reads the canonical MLP-hidden hook point (issue #11 §5).
+    assert sites["1.glu.down"]["reads_from"] == "1.mlp_hidden"
+    assert sites["1.attn.q"]["reads_from"] == "1.attn_in"
     assert sites["1.glu.down"]["writes_to"] == ["1.mlp_out"]
     assert sites["0.glu.gate"]["reads_from"] == "0.mlp_in"
     assert sites["1.attn.q"]["n_components"] == 3
@@ -367,14 +370,17 @@ def test_wrong_shaped_weight_names_file_and_tensor(tmp_path: Path, with_target: 
     _write_spd_run(spd, gp.GPT2_SIMPLE, str(ckpt), {"h.0.mlp.c_fc": 3}, with_target=with_target)
     if with_target:
         file = spd / "model_300.pth"
-        key, stored = "target_model.h.1.attn.v_proj.weight", "h.1.attn.v_proj.weight"
+        # The error names the key as it is stored in the SPD checkpoint.
+        key = stored = "target_model.h.1.attn.v_proj.weight"
     else:
         file, key = ckpt, "h.1.attn.v_proj.weight"
         stored = key
     sd = torch.load(file, weights_only=True)
     sd[key] = torch.zeros(16, 15)
     torch.save(sd, file)
-    with pytest.raises(FormatError, match=rf"{file.name}.*tensor '{stored}' has shape \[16, 15\]"):
+    with pytest.raises(
+        FormatError, match=rf"{file.name}.*tensor '?{re.escape(stored)}'? has shape \[16, 15\]"
+    ):
         _load(spd)
 
 

@@ -77,13 +77,25 @@ def _edit_config(run: Path, **changes) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
-@pytest.mark.parametrize("fn_type", ["fancy_mlp", "global_shared_transformer"])
-def test_unknown_ci_fn_type(tmp_path: Path, fn_type: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "fn_type"),
+    [
+        ("layerwise", "fancy_mlp"),
+        ("global", "global_fancy_transformer"),
+        ("global", "mlp"),
+        ("layerwise", "global_shared_transformer"),
+    ],
+)
+def test_unknown_ci_fn_type(tmp_path: Path, mode: str, fn_type: str) -> None:
+    """The unsupported fn type is the error, ahead of the fields it would need (hidden_dims
+    null here used to surface as 'hidden_dims: Input should be a valid list')."""
     run, _ = _run(tmp_path)
-    mode = "global" if fn_type.startswith("global") else "layerwise"
-    _edit_config(run, ci_config={"mode": mode, "fn_type": fn_type, "hidden_dims": [4]})
-    with pytest.raises(FormatError, match=f"unsupported ci_config.fn_type '{fn_type}'"):
+    _edit_config(run, ci_config={"mode": mode, "fn_type": fn_type, "hidden_dims": None})
+    with pytest.raises(
+        FormatError, match=f"unsupported ci_config.fn_type '{fn_type}' for mode '{mode}'"
+    ) as err:
         get_host().load_adapter(f"spd:{run}")
+    assert "final_config.yaml" in str(err.value)
 
 
 def test_c_mismatch(tmp_path: Path) -> None:

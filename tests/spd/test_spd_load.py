@@ -214,6 +214,8 @@ def test_sites_are_named_by_canonical_address(tmp_path: Path) -> None:
     assert sites["1.mlp.up"].address == "1.mlp.up" and sites["1.mlp.up"].reads_from == "1.mlp_in"
     assert sites["1.attn_fused.o"].writes_to == ("1.attn_out",)
     assert sites["embed"].n_components == 4
+    # the embedding writes the `embed` hook point (its output), not 0.resid_pre (+ positions)
+    assert (sites["embed"].reads_from, sites["embed"].writes_to) == ("embed", ("embed",))
     assert adapter.defaults.extra["module_paths"]["1.mlp.up"] == "transformer.h.1.mlp.c_fc"
 
     model, cls, patterns = _setup("llama", "mlp")
@@ -222,7 +224,17 @@ def test_sites_are_named_by_canonical_address(tmp_path: Path) -> None:
     )
     adapter = get_host().load_adapter(f"spd:{tmp_path / 'run2'}")
     assert {s.name for s in adapter.sites} == {"0.glu.down", "1.glu.down", "0.attn.q"}
-    assert {s.name: s.writes_to for s in adapter.sites}["1.glu.down"] == ("1.mlp_out",)
+    by_name = {s.name: s for s in adapter.sites}
+    # down projections read the MLP hidden state, q/k/v the attention input: canonical hook
+    # points that hold the same tensors, so SPD sites line up with transcoders on those points
+    assert (by_name["1.glu.down"].reads_from, by_name["1.glu.down"].writes_to) == (
+        "1.mlp_hidden",
+        ("1.mlp_out",),
+    )
+    assert (by_name["0.attn.q"].reads_from, by_name["0.attn.q"].writes_to) == (
+        "0.attn_in",
+        ("0.attn.q",),
+    )
 
 
 def test_binomial_runs_harvest_noiseless_and_deterministic(tmp_path: Path) -> None:
@@ -252,3 +264,36 @@ def test_checkpoint_file_as_source(tmp_path: Path) -> None:
     adapter = get_host().load_adapter(f"spd:{run / 'model_7.pth'}")
     assert adapter.defaults.extra["step"] == 7
     assert len(sd) > 0 and len(adapter.sites) == 3
+
+
+def test_site_inputs_equal_their_hook_points(tmp_path: Path) -> None:
+    """What each SPD site reads is, tensor for tensor, the hook point it names."""
+    from spd_host.topology import topology_of
+
+    for arch in ("gpt2", "llama"):
+        model, cls, patterns = _setup(arch, "mlp")
+        if arch == "gpt2":
+            patterns = {
+                **patterns,
+                "transformer.h.*.mlp.c_proj": 3,
+                "transformer.h.0.attn.c_attn": 3,
+            }
+        else:
+            patterns = {
+                **patterns,
+                "model.layers.1.self_attn.v_proj": 3,
+                "model.layers.0.mlp.up_proj": 3,
+            }
+        run = tmp_path / arch
+        write_run(run, model, model_class=cls, patterns=patterns, fn_type="mlp", hidden=[2])
+        adapter = get_host().load_adapter(f"spd:{run}")
+        paths = adapter.site_names_by_path()  # type: ignore[attr-defined]
+        hooked = {s.name: s.reads_from for s in adapter.sites if s.reads_from != s.address}
+        assert len(hooked) >= 4
+        inputs = _module_inputs(model, list(paths), _tokens())
+        topo = topology_of(model)
+        with topo.capture(list(set(hooked.values()))) as acts, torch.no_grad():
+            model(_tokens())
+            for path, name in paths.items():
+                if name in hooked:
+                    torch.testing.assert_close(acts[hooked[name]], inputs[path])

@@ -113,7 +113,11 @@ def _pretrain(tmp_path: Path, variant: str) -> tuple[Path, dict[str, torch.Tenso
 
 
 def _check_harvest(
-    adapter: Any, target_sd: dict[str, torch.Tensor], spd_sd: dict[str, torch.Tensor], cfg: dict
+    adapter: Any,
+    target_sd: dict[str, torch.Tensor],
+    spd_sd: dict[str, torch.Tensor],
+    cfg: dict,
+    fn_type: str = "mlp",
 ) -> None:
     """CI, component activations and next-token logits against the independent formulas."""
     tokens = _tokens()
@@ -121,10 +125,16 @@ def _check_harvest(
     logits_ref, inputs = gp.reference_forward(target_sd, cfg, tokens)
     torch.testing.assert_close(batch.next_token_logits, logits_ref, atol=1e-5, rtol=1e-5)
     names = adapter.site_names_by_path()
+    if fn_type == "global_shared_mlp":
+        xs = {p: inputs[p] for p in names}
+        z_all = ref.pre_sigmoid_global(spd_sd, xs, {p for p in names if p == "wte"})
     fired = 0
     for path, site in names.items():
         emb = path == "wte"
-        z = ref.pre_sigmoid_layerwise(spd_sd, "mlp", path, inputs[path], emb)
+        if fn_type == "global_shared_mlp":
+            z = z_all[path]
+        else:
+            z = ref.pre_sigmoid_layerwise(spd_sd, fn_type, path, inputs[path], emb)
         got = batch.activations[site]
         torch.testing.assert_close(
             got["causal_importance"], ref.sigmoid("leaky_hard", z), atol=1e-5, rtol=1e-5
@@ -597,3 +607,21 @@ def test_param_decomp_jax_gpt2_simple_without_linear_biases(tmp_path: Path) -> N
     )
     with pytest.raises(FormatError, match=r"missing \['h\.0\.attn\.k_proj\.bias'"):
         _load(tmp_path / "spd")
+
+
+@pytest.mark.parametrize(
+    ("fn_type", "patterns"),
+    [
+        ("shared_mlp", {"h.*.mlp.c_fc": 4, "h.1.attn.v_proj": 3}),
+        ("vector_mlp", {"h.0.mlp.down_proj": 4}),
+        ("global_shared_mlp", {"h.*.mlp.c_fc": 4, "wte": 3, "h.1.attn.o_proj": 2}),
+    ],
+)
+def test_other_ci_functions_over_a_goodfire_target(
+    tmp_path: Path, fn_type: str, patterns: dict[str, int]
+) -> None:
+    ckpt, target_sd = _pretrain(tmp_path, "llama_simple_mlp")
+    cfg = VARIANTS["llama_simple_mlp"]
+    spd_sd = _write_spd_run(tmp_path / "spd", cfg, str(ckpt), patterns, fn_type=fn_type, hidden=[5])
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'spd'}")
+    _check_harvest(adapter, target_sd, spd_sd, cfg, fn_type)

@@ -12,11 +12,27 @@ setup() {
   if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
   fi
-  if ! "$PY" -c "import spd_host, torch, pytest" >/dev/null 2>&1; then
+  if ! "$PY" -c "import spd_host, torch, pytest, starlette, uvicorn, selenium" >/dev/null 2>&1; then
     "$PY" -m pip install -q --upgrade pip
     # torch first, pinned: 2.13.0 is the CPU build; a looser spec can pull a multi-GB CUDA build.
     "$PY" -m pip install -q "torch==2.13.0"
     "$PY" -m pip install -q -e ".[dev]"
+  fi
+  browser
+}
+
+# The viewer's browser tests drive the system Chromium (Debian packages; never a downloaded
+# browser build). Installed when missing and we are root; otherwise those tests skip and say why.
+browser() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return
+  fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || echo "warning: could not install chromium; the viewer's browser tests will be skipped" >&2
+  else
+    echo "note: chromium + chromedriver not found (install: apt-get install chromium chromium-driver);" \
+      "the viewer's browser tests will be skipped" >&2
   fi
 }
 

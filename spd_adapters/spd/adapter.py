@@ -252,10 +252,6 @@ class SpdAdapter:
     def load_base_model(self) -> nn.Module:
         if self._model is None:
             ckpt, cfg_path = self.files.checkpoint_path, self.files.config_path
-            if self.parts.target:
-                skeleton = base.build_skeleton(self.config)
-                shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-                formats.check_target_shapes(self.parts.target, shapes, where=ckpt)
             model = base.load_base(self.config, self.parts.target, where=ckpt)
             if self.config.identity_module_info:
                 insert_identities(model, self.config.identity_module_info, where=cfg_path)

@@ -157,6 +157,14 @@ def load_base(
 
         return load_base_model(base_model_name(config))
     model = _instantiate(config)
+    expected = model.state_dict()
+    for key, tensor in target_state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise FormatError(
+                f"{where}: tensor 'target_model.{key}' has shape {list(tensor.shape)}, expected "
+                f"{list(expected[key].shape)} from the config of {base_model_name(config)!r}",
+                hint="pretrained_model_name must name the model the run decomposed",
+            )
     result = model.load_state_dict(dict(target_state), strict=False)
     loaded = {id(p) for k, p in model.state_dict(keep_vars=True).items() if k in target_state}
     params = model.state_dict(keep_vars=True)

@@ -244,21 +244,6 @@ def checkpoint_module_paths(
     )
 
 
-def check_target_shapes(
-    target: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], *, where: Path | str
-) -> None:
-    """Every ``target_model.*`` tensor has the shape the base model built from its config has."""
-    for key, t in target.items():
-        want = expected.get(key)
-        if want is not None and tuple(t.shape) != tuple(want):
-            raise FormatError(
-                f"{where}: tensor target_model.{key} has shape {list(t.shape)}, but the base "
-                f"model built from its config has {list(want)}",
-                hint="pretrained_model_name in final_config.yaml must name the model the run "
-                "decomposed",
-            )
-
-
 def check_component_keys(
     parts: CheckpointParts, module_to_c: Mapping[str, int], *, where: Path | str
 ) -> None:

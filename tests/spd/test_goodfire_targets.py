@@ -382,8 +382,7 @@ def test_wrong_shaped_weight_names_file_and_tensor(tmp_path: Path, with_target: 
     _write_spd_run(spd, gp.GPT2_SIMPLE, str(ckpt), {"h.0.mlp.c_fc": 3}, with_target=with_target)
     if with_target:
         file = spd / "model_300.pth"
-        # The error names the key as it is stored in the SPD checkpoint.
-        key = stored = "target_model.h.1.attn.v_proj.weight"
+        key, stored = "target_model.h.1.attn.v_proj.weight", "h.1.attn.v_proj.weight"
     else:
         file, key = ckpt, "h.1.attn.v_proj.weight"
         stored = key

@@ -145,8 +145,8 @@ def test_base_weight_of_the_wrong_shape(tmp_path: Path) -> None:
     _edit_sd(run, lambda sd: sd.__setitem__(key, torch.zeros(25, 16)))
     with pytest.raises(
         FormatError,
-        match=r"model_200\.pth: tensor target_model\.model\.layers\.0\.mlp\.up_proj\.weight has "
-        r"shape \[25, 16\], but the base model built from its config has \[24, 16\]",
+        match=r"model_200\.pth: tensor 'target_model\.model\.layers\.0\.mlp\.up_proj\.weight' has "
+        r"shape \[25, 16\], expected \[24, 16\] from the config of",
     ):
         _load_full(run)
 

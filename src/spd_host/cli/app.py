@@ -11,6 +11,7 @@ from spd_host.cli import (
     harvest_cmd,
     info_cmd,
     plugins_cmd,
+    serve_cmd,
     show_cmd,
     topology_cmd,
 )
@@ -31,6 +32,9 @@ app.command("topology")(topology_cmd.topology)
 app.add_typer(harvest_cmd.harvest_app, name="harvest")
 app.add_typer(eval_cmd.eval_app, name="eval")
 app.command("demo")(demo_cmd.demo)
+app.command("serve")(serve_cmd.serve)
+app.command("dashboard")(serve_cmd.dashboard)
+app.add_typer(serve_cmd.export_app, name="export")
 
 
 def main() -> None:

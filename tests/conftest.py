@@ -21,6 +21,21 @@ def _isolated_home(
     reset_host()
     yield home
     reset_host()
+    _teardown_wandb()
+
+
+def _teardown_wandb() -> None:
+    """Drop wandb's process-wide singleton, if a test created one.
+
+    ``wandb.Api()`` (artifact and run look-ups) sets up a singleton that keeps the settings of
+    the moment, e.g. that test's ``WANDB_DIR``; a later test's ``wandb.init`` would then write
+    its offline run into the earlier test's directory.
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        wandb.teardown()
 
 
 @pytest.fixture

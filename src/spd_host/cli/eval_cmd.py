@@ -18,6 +18,8 @@ from spd_host.cli.common import console, err_console, handles_errors, print_json
 from spd_host.errors import SpdHostError
 
 eval_app = typer.Typer(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80},
+    rich_markup_mode=None,
     help="Evaluate decompositions (fidelity, intruder, detection, fuzzing, plugin suites).",
     no_args_is_help=True,
 )

@@ -36,8 +36,8 @@ def model_class(config: SpdRunConfig) -> type[Any]:
     import transformers
 
     cls = getattr(transformers, attr, None)
-    if cls is None:
-        raise FormatError(f"pretrained_model_class {name!r}: transformers has no {attr!r}")
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):  # e.g. pipeline
+        raise FormatError(f"pretrained_model_class {name!r}: not a transformers model class")
     return cls  # type: ignore[no-any-return]
 
 

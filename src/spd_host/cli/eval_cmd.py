@@ -14,7 +14,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from spd_host.cli.common import console, err_console, handles_errors, print_json
+from spd_host.cli.common import (
+    BaseModelOpt,
+    console,
+    err_console,
+    handles_errors,
+    print_json,
+    use_base_model,
+)
 from spd_host.errors import SpdHostError
 
 eval_app = typer.Typer(
@@ -157,11 +164,13 @@ def fidelity(
         bool, typer.Option("--per-site/--no-per-site", help="Also splice each site alone.")
     ] = True,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
     detail: Detail = False,
 ) -> None:
     """Splice each decomposition into its base model: CE/KL scores, explained variance, L0."""
+    use_base_model(base_model)
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
@@ -227,9 +236,11 @@ def _judge_command(kind: str) -> Any:
         label_model: LabelModel = None,
         force: Force = False,
         json_out: JsonOut = False,
+        base_model: BaseModelOpt = None,
         wandb: Wandb = False,
         wandb_project: WandbProject = "spd-host-evals",
     ) -> None:
+        use_base_model(base_model)
         options = {
             "provider": provider,
             "model": model,
@@ -269,10 +280,12 @@ def run(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
 ) -> None:
     """Run any installed suite (plugin suites included) with its default config."""
+    use_base_model(base_model)
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
@@ -291,10 +304,12 @@ def run_all(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
 ) -> None:
     """Run every installed suite on one decomposition (a failing suite does not stop the rest)."""
+    use_base_model(base_model)
     from spd_host.evals import eval_suites
 
     options = {

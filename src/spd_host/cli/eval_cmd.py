@@ -43,6 +43,12 @@ Dataset = Annotated[
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 Wandb = Annotated[bool, typer.Option("--wandb", help="Also log the results to a wandb run.")]
 WandbProject = Annotated[str, typer.Option("--wandb-project", help="wandb project for --wandb.")]
+WandbName = Annotated[str | None, typer.Option("--wandb-name", help="wandb run name.")]
+WandbGroup = Annotated[str | None, typer.Option("--wandb-group", help="wandb run group.")]
+WandbTags = Annotated[
+    list[str] | None, typer.Option("--wandb-tags", help="wandb run tag (repeatable).")
+]
+WandbEntity = Annotated[str | None, typer.Option("--wandb-entity", help="wandb entity (team).")]
 Detail = Annotated[bool, typer.Option("--detail", help="Also print each result's detail table.")]
 
 
@@ -67,6 +73,7 @@ def run_many(
     wandb: bool,
     wandb_project: str,
     detail: bool = False,
+    wandb_run: dict[str, Any] | None = None,
 ) -> None:
     """Run suites x IDs; save each result as it completes; a failure does not stop the others."""
     from spd_host.evals import get_suite, run_suite
@@ -113,7 +120,7 @@ def run_many(
     if wandb and results:
         from spd_host.evals.wandb_log import log_results
 
-        where = log_results(results, project=wandb_project)
+        where = log_results(results, project=wandb_project, **(wandb_run or {}))
         err_console.print(f"logged {len(results)} result(s) to wandb: {escape(where)}")
     if failures:
         raise SystemExit(1)
@@ -167,6 +174,10 @@ def fidelity(
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
     detail: Detail = False,
 ) -> None:
     """Splice each decomposition into its base model: CE/KL scores, explained variance, L0."""
@@ -186,6 +197,12 @@ def fidelity(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
         detail=detail,
     )
 
@@ -239,6 +256,10 @@ def _judge_command(kind: str) -> Any:
         base_model: BaseModelOpt = None,
         wandb: Wandb = False,
         wandb_project: WandbProject = "spd-host-evals",
+        wandb_name: WandbName = None,
+        wandb_group: WandbGroup = None,
+        wandb_tags: WandbTags = None,
+        wandb_entity: WandbEntity = None,
     ) -> None:
         use_base_model(base_model)
         options = {
@@ -256,7 +277,20 @@ def _judge_command(kind: str) -> Any:
             "label_model": label_model if kind != "intruder" else None,
             "force": force,
         }
-        run_many([kind], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+        run_many(
+            [kind],
+            ids,
+            options,
+            json_out=json_out,
+            wandb=wandb,
+            wandb_project=wandb_project,
+            wandb_run={
+                "name": wandb_name,
+                "group": wandb_group,
+                "tags": wandb_tags,
+                "entity": wandb_entity,
+            },
+        )
 
     command.__doc__ = {
         "intruder": "Coherence without labels: can a judge spot the intruding example?",
@@ -283,6 +317,10 @@ def run(
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
 ) -> None:
     """Run any installed suite (plugin suites included) with its default config."""
     use_base_model(base_model)
@@ -292,7 +330,20 @@ def run(
         "seq_len": seq_len,
         "dataset": dataset,
     }
-    run_many([suite], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+    run_many(
+        [suite],
+        ids,
+        options,
+        json_out=json_out,
+        wandb=wandb,
+        wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
+    )
 
 
 @eval_app.command("all")
@@ -307,6 +358,10 @@ def run_all(
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
 ) -> None:
     """Run every installed suite on one decomposition (a failing suite does not stop the rest)."""
     use_base_model(base_model)
@@ -325,4 +380,10 @@ def run_all(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
     )

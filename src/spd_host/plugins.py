@@ -117,7 +117,8 @@ class PluginHost:
             )
             try:
                 plugin = importlib.import_module(module)
-            except Exception as err:
+            except BaseException as err:
+                _reraise_interrupts(err)
                 record.errors.append(f"import of {module!r} failed: {_short(err)}")
                 self.records[name] = record
                 continue
@@ -146,7 +147,8 @@ class PluginHost:
             )
             try:
                 plugin = ep.load()
-            except Exception as err:
+            except BaseException as err:
+                _reraise_interrupts(err)
                 record.errors.append(f"import of {ep.value!r} failed: {_short(err)}")
                 self.records[ep.name] = record
                 continue
@@ -156,7 +158,8 @@ class PluginHost:
         self.records[name] = record
         try:
             self.pm.register(plugin, name=name)
-        except Exception as err:  # pluggy validation errors, duplicate registration
+        except BaseException as err:  # pluggy validation errors, duplicate registration
+            _reraise_interrupts(err)
             record.errors.append(f"registration failed: {_short(err)}")
             return
         record.hooks = sorted({hc.name for hc in self.pm.get_hookcallers(plugin) or []})
@@ -179,7 +182,8 @@ class PluginHost:
                 register = self._register_callback(hook_name, impl.plugin_name, impl.plugin)
                 try:
                     impl.function(register=register)
-                except Exception as err:
+                except BaseException as err:
+                    _reraise_interrupts(err)
                     record.errors.append(f"{hook_name} raised: {_short(err)}")
 
     def _register_callback(
@@ -225,8 +229,15 @@ class PluginHost:
             raw, methods=self.method_names, short_id_patterns=self.short_id_patterns()
         )
 
-    def load_adapter(self, decomposition_id: str | DecompositionId) -> DecompositionAdapter:
-        """Parse an ID and ask the owning plugin for its adapter."""
+    def load_adapter(
+        self, decomposition_id: str | DecompositionId, *, base_model: str | None = None
+    ) -> DecompositionAdapter:
+        """Parse an ID and ask the owning plugin for its adapter.
+
+        ``base_model`` (a Hub name or a local directory) replaces the base model the
+        decomposition names, e.g. one that is not in the local cache; it applies to every
+        later load of that name in this process (``spd_host.models.override_base_model``).
+        """
         did = (
             decomposition_id
             if isinstance(decomposition_id, DecompositionId)
@@ -248,6 +259,14 @@ class PluginHost:
             raise PluginError(
                 f"plugin {owner.plugin_name!r} returned a {type(adapter).__name__}, which lacks the DecompositionAdapter attributes"
             )
+        if base_model is not None:
+            from spd_host.models import override_base_model
+
+            try:
+                named: str | None = adapter.base_model_name or None
+            except SpdHostError:  # the decomposition names no base model: use it for any
+                named = None
+            override_base_model(base_model, named)
         return adapter
 
     def harvest_fn(
@@ -269,7 +288,8 @@ class PluginHost:
                 batch = fn(tokens)
             except SpdHostError:
                 raise
-            except Exception as err:
+            except BaseException as err:
+                _reraise_interrupts(err)
                 raise PluginError(
                     f"plugin {owner.plugin_name!r} harvest_fn failed on a batch of shape {list(getattr(tokens, 'shape', []))}: {_short(err)}"
                 ) from err
@@ -292,12 +312,23 @@ class PluginHost:
                     return impl.function(**kwargs)
                 except SpdHostError:
                     raise
-                except Exception as err:
+                except BaseException as err:
+                    _reraise_interrupts(err)
                     raise PluginError(
                         f"plugin {owner.plugin_name!r} failed in {hook_name}: {_short(err)}",
                         hint="run with SPD_HOST_DEBUG=1 for the full traceback",
                     ) from err
         return None
+
+
+def _reraise_interrupts(err: BaseException) -> None:
+    """Plugin code is contained: any failure, ``SystemExit`` included (a plugin calling
+    ``sys.exit`` at import used to take down every command with no output), becomes a
+    recorded plugin error. Only a user's Ctrl-C and asyncio cancellation go through."""
+    import asyncio
+
+    if isinstance(err, (KeyboardInterrupt, asyncio.CancelledError)):
+        raise err
 
 
 def _canonical(dist_name: str) -> str:
@@ -342,6 +373,9 @@ def temporary_plugins(
         _HOST = previous
 
 
-def load_adapter(decomposition_id: str | DecompositionId) -> DecompositionAdapter:
-    """Load a decomposition by ID through the installed plugins."""
-    return get_host().load_adapter(decomposition_id)
+def load_adapter(
+    decomposition_id: str | DecompositionId, *, base_model: str | None = None
+) -> DecompositionAdapter:
+    """Load a decomposition by ID through the installed plugins (``base_model``: see
+    :meth:`PluginHost.load_adapter`)."""
+    return get_host().load_adapter(decomposition_id, base_model=base_model)

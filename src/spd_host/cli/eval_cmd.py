@@ -14,10 +14,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from spd_host.cli.common import console, err_console, handles_errors, print_json
+from spd_host.cli.common import (
+    BaseModelOpt,
+    console,
+    err_console,
+    handles_errors,
+    print_json,
+    use_base_model,
+)
 from spd_host.errors import SpdHostError
 
 eval_app = typer.Typer(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80},
+    rich_markup_mode=None,
     help="Evaluate decompositions (fidelity, intruder, detection, fuzzing, plugin suites).",
     no_args_is_help=True,
 )
@@ -34,13 +43,25 @@ Dataset = Annotated[
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 Wandb = Annotated[bool, typer.Option("--wandb", help="Also log the results to a wandb run.")]
 WandbProject = Annotated[str, typer.Option("--wandb-project", help="wandb project for --wandb.")]
+WandbName = Annotated[str | None, typer.Option("--wandb-name", help="wandb run name.")]
+WandbGroup = Annotated[str | None, typer.Option("--wandb-group", help="wandb run group.")]
+WandbTags = Annotated[
+    list[str] | None, typer.Option("--wandb-tags", help="wandb run tag (repeatable).")
+]
+WandbEntity = Annotated[str | None, typer.Option("--wandb-entity", help="wandb entity (team).")]
 Detail = Annotated[bool, typer.Option("--detail", help="Also print each result's detail table.")]
 
 
 def _config(suite: Any, options: dict[str, Any]) -> Any:
-    """Keep the options this suite's config has (``all`` passes every flag to every suite)."""
+    """Keep the options this suite's config has (``all`` passes every flag to every suite);
+    a rejected value is a one-line error naming the flag."""
+    from spd_host.cli.options import build
+
     fields = suite.config_model.model_fields
-    return suite.make_config(**{k: v for k, v in options.items() if k in fields})
+    given = {k: v for k, v in options.items() if k in fields and v is not None}
+    if options.get("no_cost_cap") and "cost_cap_usd" in fields:
+        given["cost_cap_usd"] = None
+    return build(suite.config_model, given)
 
 
 def run_many(
@@ -52,6 +73,7 @@ def run_many(
     wandb: bool,
     wandb_project: str,
     detail: bool = False,
+    wandb_run: dict[str, Any] | None = None,
 ) -> None:
     """Run suites x IDs; save each result as it completes; a failure does not stop the others."""
     from spd_host.evals import get_suite, run_suite
@@ -98,7 +120,7 @@ def run_many(
     if wandb and results:
         from spd_host.evals.wandb_log import log_results
 
-        where = log_results(results, project=wandb_project)
+        where = log_results(results, project=wandb_project, **(wandb_run or {}))
         err_console.print(f"logged {len(results)} result(s) to wandb: {escape(where)}")
     if failures:
         raise SystemExit(1)
@@ -149,11 +171,17 @@ def fidelity(
         bool, typer.Option("--per-site/--no-per-site", help="Also splice each site alone.")
     ] = True,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
     detail: Detail = False,
 ) -> None:
     """Splice each decomposition into its base model: CE/KL scores, explained variance, L0."""
+    use_base_model(base_model)
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
@@ -169,6 +197,12 @@ def fidelity(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
         detail=detail,
     )
 
@@ -180,10 +214,26 @@ Provider = Annotated[
 Model = Annotated[str | None, typer.Option("--model", help="Judge model (provider default).")]
 BaseUrl = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint URL.")]
 MaxConcurrent = Annotated[int | None, typer.Option("--max-concurrent", help="Calls in flight.")]
-MaxCost = Annotated[float | None, typer.Option("--max-cost", help="Hard cost cap in USD.")]
+CostCap = Annotated[
+    float | None,
+    typer.Option(
+        "--cost-cap",
+        "--max-cost",
+        help="Hard cap in USD on this suite's judge spend, across runs (default 5).",
+    ),
+]
+NoCostCap = Annotated[bool, typer.Option("--no-cost-cap", help="Remove the cap (careful).")]
+Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds per request.")]
+MaxAttempts = Annotated[int | None, typer.Option("--max-attempts", help="Attempts per trial.")]
+LabelModel = Annotated[
+    str | None, typer.Option("--label-model", help="Score labels of this autointerp model only.")
+]
+Force = Annotated[bool, typer.Option("--force", help="Judge again trials already judged.")]
 NComponents = Annotated[int | None, typer.Option("--n-components", help="Components sampled.")]
 NTrials = Annotated[int | None, typer.Option("--n-trials", help="Trials per component.")]
-HarvestRun = Annotated[str | None, typer.Option("--harvest-run", help="Harvest sub-run (latest).")]
+HarvestRun = Annotated[
+    str | None, typer.Option("--run", "--harvest-run", help="Harvest sub-run (latest).")
+]
 
 
 def _judge_command(kind: str) -> Any:
@@ -193,25 +243,54 @@ def _judge_command(kind: str) -> Any:
         model: Model = None,
         base_url: BaseUrl = None,
         max_concurrent: MaxConcurrent = None,
-        max_cost: MaxCost = None,
+        cost_cap: CostCap = None,
+        no_cost_cap: NoCostCap = False,
+        timeout: Timeout = None,
+        max_attempts: MaxAttempts = None,
         n_components: NComponents = None,
         n_trials: NTrials = None,
         harvest_run: HarvestRun = None,
+        label_model: LabelModel = None,
+        force: Force = False,
         json_out: JsonOut = False,
+        base_model: BaseModelOpt = None,
         wandb: Wandb = False,
         wandb_project: WandbProject = "spd-host-evals",
+        wandb_name: WandbName = None,
+        wandb_group: WandbGroup = None,
+        wandb_tags: WandbTags = None,
+        wandb_entity: WandbEntity = None,
     ) -> None:
+        use_base_model(base_model)
         options = {
             "provider": provider,
             "model": model,
             "base_url": base_url,
             "max_concurrent": max_concurrent,
-            "cost_cap_usd": max_cost,
+            "cost_cap_usd": cost_cap,
+            "no_cost_cap": no_cost_cap,
+            "timeout_s": timeout,
+            "max_attempts": max_attempts,
             "n_components": n_components,
             "n_trials": n_trials,
             "harvest_run": harvest_run,
+            "label_model": label_model if kind != "intruder" else None,
+            "force": force,
         }
-        run_many([kind], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+        run_many(
+            [kind],
+            ids,
+            options,
+            json_out=json_out,
+            wandb=wandb,
+            wandb_project=wandb_project,
+            wandb_run={
+                "name": wandb_name,
+                "group": wandb_group,
+                "tags": wandb_tags,
+                "entity": wandb_entity,
+            },
+        )
 
     command.__doc__ = {
         "intruder": "Coherence without labels: can a judge spot the intruding example?",
@@ -235,17 +314,36 @@ def run(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
 ) -> None:
     """Run any installed suite (plugin suites included) with its default config."""
+    use_base_model(base_model)
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
     }
-    run_many([suite], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+    run_many(
+        [suite],
+        ids,
+        options,
+        json_out=json_out,
+        wandb=wandb,
+        wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
+    )
 
 
 @eval_app.command("all")
@@ -257,10 +355,16 @@ def run_all(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
 ) -> None:
     """Run every installed suite on one decomposition (a failing suite does not stop the rest)."""
+    use_base_model(base_model)
     from spd_host.evals import eval_suites
 
     options = {
@@ -276,4 +380,10 @@ def run_all(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
     )

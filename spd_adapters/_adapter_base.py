@@ -22,6 +22,8 @@ from spd_host.adapter import (
     HarvestOptions,
     MethodInfo,
     Site,
+    next_token_topk_of,
+    sparse_activity_of,
 )
 from spd_host.errors import ConfigError, FormatError
 from spd_host.ids import DecompositionId
@@ -148,12 +150,27 @@ class DictionaryAdapter(ABC):
                 out = model(tokens)
                 acts = self.encode_captured(captured)
             logits = out.logits if hasattr(out, "logits") else out[0]
-            acts = {k: v.float() for k, v in acts.items()}
+            # on the device: each site sparse (one entry per firing) when its activations
+            # vanish off the firings (ReLU / JumpReLU / TopK at threshold 0), else dense
+            sparse, firings, activations = {}, {}, {}
+            for k, v in acts.items():
+                v = v.float()
+                fired = v > threshold
+                sp = sparse_activity_of(fired, {ACTIVATION_TYPE: v}) if options.sparse else None
+                if sp is not None:
+                    sparse[k] = sp
+                else:
+                    firings[k], activations[k] = fired, {ACTIVATION_TYPE: v}
+            top_k = options.next_token_top_k
             return HarvestBatch(
                 tokens=tokens,
-                firings={k: v > threshold for k, v in acts.items()},
-                activations={k: {ACTIVATION_TYPE: v} for k, v in acts.items()},
-                next_token_logits=logits.float() if options.next_token else None,
+                firings=firings,
+                activations=activations,
+                sparse=sparse,
+                next_token_logits=logits.float() if options.next_token and not top_k else None,
+                next_token_topk=next_token_topk_of(logits, top_k)
+                if options.next_token and top_k
+                else None,
             )
 
         return harvest

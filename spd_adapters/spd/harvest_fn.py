@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from spd_adapters.spd.capture import capture_inputs, logits_of
-from spd_host.adapter import HarvestBatch, HarvestFn, HarvestOptions
+from spd_host.adapter import HarvestBatch, HarvestFn, HarvestOptions, next_token_topk_of
 
 if TYPE_CHECKING:
     from spd_adapters.spd.adapter import SpdAdapter
@@ -47,12 +47,21 @@ def make_harvest_fn(adapter: SpdAdapter, options: HarvestOptions) -> HarvestFn:
             comp = spd.components[path]
             a = comp.component_acts(inputs[path]) * comp.u_norms()
             site = site_of[path]
-            c = ci[path].float().cpu()
+            c = ci[path].float()
             firings[site] = c > options.threshold
-            acts[site] = {"causal_importance": c, "component_activation": a.float().cpu()}
-        logits = logits_of(out).float().cpu() if options.next_token else None
+            acts[site] = {"causal_importance": c, "component_activation": a.float()}
+        # everything stays on the device: the host accumulates there (dense form: the
+        # component activations are non-zero off the firings)
+        logits = logits_of(out).float() if options.next_token else None
+        top_k = options.next_token_top_k
         return HarvestBatch(
-            tokens=tokens, firings=firings, activations=acts, next_token_logits=logits
+            tokens=tokens_dev,
+            firings=firings,
+            activations=acts,
+            next_token_logits=logits if top_k is None else None,
+            next_token_topk=next_token_topk_of(logits, top_k)
+            if logits is not None and top_k is not None
+            else None,
         )
 
     return harvest

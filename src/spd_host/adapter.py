@@ -79,6 +79,19 @@ class HarvestOptions(Frozen):
     next_token: bool = Field(
         default=True, description="Whether the batch must carry next-token logits or probs."
     )
+    sparse: bool = Field(
+        default=False,
+        description="The host accepts sites in the sparse form (``HarvestBatch.sparse``); "
+        "without it, plugins return dense firings and activations (older hosts and direct "
+        "callers expect those).",
+    )
+    next_token_top_k: int | None = Field(
+        default=None,
+        gt=0,
+        description="When set, the host needs only the k most likely next tokens per position: "
+        "a plugin may return ``next_token_topk`` (see ``next_token_topk_of``) instead of full "
+        "``[B, S, V]`` logits, computed on its device.",
+    )
 
 
 @runtime_checkable
@@ -144,15 +157,82 @@ class SupportsSplice(Protocol):
 
 
 @dataclass
+class SparseActivity:
+    """One site's firings as a list of entries (the sparse form of the HarvestBatch contract).
+
+    Entry ``e`` says component ``component[e]`` fires at flat position ``position[e]``
+    (``b * S + s``) with activation ``values[type][e]`` for every activation type. By contract a
+    component's activations are **zero wherever it does not fire**: use this form when that
+    holds (TopK / BatchTopK / JumpReLU / ReLU encoders at threshold 0, a CI gated at the
+    threshold), otherwise hand dense tensors. Entries may come in any order but must be
+    distinct; all tensors on one device (the harvest device, ideally), ``[E]`` each.
+    """
+
+    position: torch.Tensor  # [E] int64 (or int32), in [0, B * S)
+    component: torch.Tensor  # [E] int64 (or int32), in [0, C)
+    values: Mapping[str, torch.Tensor]  # activation type -> [E] float
+
+
+@dataclass
+class NextTokenTopK:
+    """The base model's next-token prediction reduced to the top k logits per position.
+
+    ``values``/``indices``: ``torch.topk(logits, k)`` (any order); ``logsumexp``: of the full
+    logits, so ``p = exp(values - logsumexp[..., None])`` are the exact probabilities of those
+    tokens. Computing this on the model's device avoids moving ``[B, S, V]`` logits.
+    """
+
+    values: torch.Tensor  # [B, S, k] float logits
+    indices: torch.Tensor  # [B, S, k] int64 token ids
+    logsumexp: torch.Tensor  # [B, S] float
+    vocab_size: int
+
+
+def next_token_topk_of(logits: torch.Tensor, k: int) -> NextTokenTopK:
+    """``NextTokenTopK`` from ``[B, S, V]`` logits, on their device (no softmax over V)."""
+    import torch
+
+    V = int(logits.shape[-1])
+    values, indices = torch.topk(logits, min(k, V), dim=-1, sorted=False)
+    return NextTokenTopK(values, indices, torch.logsumexp(logits.float(), dim=-1), V)
+
+
+def sparse_activity_of(
+    fired: torch.Tensor, activations: Mapping[str, torch.Tensor]
+) -> SparseActivity | None:
+    """The sparse form of a dense site, or None when an activation is non-zero off its firings.
+
+    One ``count_nonzero`` per type tells whether the sparse contract (zero where not firing)
+    holds; when it does not, the caller should hand the dense tensors instead.
+    """
+    import torch
+
+    C = int(fired.shape[-1])
+    pos, comp = fired.reshape(-1, C).nonzero().unbind(1)
+    values = {t: a.reshape(-1, C)[pos, comp] for t, a in activations.items()}
+    for t, v in values.items():
+        # every non-zero of the dense tensor is among the firing values: one dense count
+        if int(torch.count_nonzero(activations[t])) != int(torch.count_nonzero(v)):
+            return None
+    return SparseActivity(pos, comp, values)
+
+
+@dataclass
 class HarvestBatch:
     """What a HarvestFn returns for one batch of token sequences.
 
     - ``tokens``: ``[B, S]`` int64 token ids (the batch that was passed in).
-    - ``firings[site]``: ``[B, S, C]`` bool, where each component fires.
-    - ``activations[site][activation_type]``: ``[B, S, C]`` float, finite.
-    - exactly one of ``next_token_logits`` / ``next_token_probs``: ``[B, S, V]`` float, the
-      base model's prediction for the token after each position (absent when the host asked
-      for ``next_token=False``).
+    - per site, either the dense form, ``firings[site]``: ``[B, S, C]`` bool (where each
+      component fires) with ``activations[site][activation_type]``: ``[B, S, C]`` float,
+      finite; or the sparse form ``sparse[site]`` (:class:`SparseActivity`: one entry per
+      firing, activations zero elsewhere). A site is in exactly one of the two.
+    - next-token information, one of ``next_token_logits`` / ``next_token_probs`` (``[B, S, V]``
+      float) or ``next_token_topk`` (:class:`NextTokenTopK`, when the host set
+      ``HarvestOptions.next_token_top_k``; its k must be at least that) — absent when the host
+      asked for ``next_token=False``.
+
+    Tensors may live on any device; the host moves them to its harvest device (a no-op when
+    the plugin already computed them there, which is what makes a GPU harvest fast).
     """
 
     tokens: torch.Tensor
@@ -161,6 +241,8 @@ class HarvestBatch:
     next_token_logits: torch.Tensor | None = None
     next_token_probs: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    sparse: Mapping[str, SparseActivity] = field(default_factory=dict)
+    next_token_topk: NextTokenTopK | None = None
 
 
 HarvestFn = Callable[["torch.Tensor"], HarvestBatch]
@@ -186,6 +268,7 @@ def validate_harvest_batch(
     activation_types: Sequence[str],
     plugin: str,
     expect_next_token: bool = True,
+    min_top_k: int | None = None,
 ) -> None:
     """Check a plugin's HarvestBatch against the contract; raise naming the plugin.
 
@@ -206,20 +289,33 @@ def validate_harvest_batch(
         raise fail(f"tokens must be int64, got {tokens.dtype}")
     B, S = tokens.shape
     expected = {s.name: s.n_components for s in sites}
-    if set(batch.firings) != set(expected):
-        raise fail(f"firings has sites {sorted(batch.firings)}, expected {sorted(expected)}")
-    if set(batch.activations) != set(expected):
+    sparse = batch.sparse
+    both = set(batch.firings) & set(sparse)
+    if both:
+        raise fail(f"sites {sorted(both)} are given both dense (firings) and sparse")
+    dense_sites = set(expected) - set(sparse)
+    if set(batch.firings) | set(sparse) != set(expected):
+        if not sparse:
+            raise fail(f"firings has sites {sorted(batch.firings)}, expected {sorted(expected)}")
+        given = sorted(set(batch.firings) | set(sparse))
+        raise fail(f"firings + sparse have sites {given}, expected {sorted(expected)}")
+    if set(batch.activations) != dense_sites:
         raise fail(
-            f"activations has sites {sorted(batch.activations)}, expected {sorted(expected)}"
+            f"activations has sites {sorted(batch.activations)}, expected the dense sites "
+            f"{sorted(dense_sites)}"
         )
+    types = set(activation_types)
     for name, C in expected.items():
+        if name in sparse:
+            _validate_sparse(sparse[name], name, B * S, C, types, fail)
+            continue
         fired = batch.firings[name]
         if not isinstance(fired, torch.Tensor) or tuple(fired.shape) != (B, S, C):
             raise fail(f"firings[{name!r}] must be [{B}, {S}, {C}], got {_describe(fired)}")
         if fired.dtype != torch.bool:
             raise fail(f"firings[{name!r}] must be bool, got {fired.dtype}")
         acts = batch.activations[name]
-        if set(acts) != set(activation_types):
+        if set(acts) != types:
             raise fail(
                 f"activations[{name!r}] has types {sorted(acts)}, expected {sorted(activation_types)}"
             )
@@ -234,16 +330,84 @@ def validate_harvest_batch(
                 raise fail(f"activations[{name!r}][{kind!r}] contains NaN or inf")
     if not expect_next_token:
         return
-    given = [t for t in (batch.next_token_logits, batch.next_token_probs) if t is not None]
-    if len(given) != 1:
-        raise fail("exactly one of next_token_logits / next_token_probs must be set")
-    nt = given[0]
+    topk = batch.next_token_topk
+    dense_nt = [t for t in (batch.next_token_logits, batch.next_token_probs) if t is not None]
+    if len(dense_nt) + (topk is not None) != 1:
+        raise fail(
+            "exactly one of next_token_logits / next_token_probs / next_token_topk must be set"
+        )
+    if topk is not None:
+        _validate_topk(topk, B, S, fail)
+        k = int(topk.values.shape[-1])
+        if min_top_k is not None and k < min(min_top_k, int(topk.vocab_size)):
+            raise fail(
+                f"next_token_topk carries {k} tokens per position, the host asked for {min_top_k}"
+            )
+        return
+    nt = dense_nt[0]
     if nt.ndim != 3 or tuple(nt.shape[:2]) != (B, S):
         raise fail(f"next-token tensor must be [{B}, {S}, V], got {_describe(nt)}")
     if not nt.is_floating_point():
         raise fail(f"next-token tensor must be float, got {nt.dtype}")
     if batch.next_token_probs is not None and not _all_finite(nt):
         raise fail("next_token_probs contains NaN or inf")
+
+
+def _validate_sparse(
+    sp: Any, name: str, n_pos: int, C: int, types: set[str], fail: Callable[[str], Exception]
+) -> None:
+    """Shapes, dtypes, index ranges (one ``aminmax`` each) and finiteness of a sparse site."""
+    import torch
+
+    if not isinstance(sp, SparseActivity):
+        raise fail(f"sparse[{name!r}] must be a SparseActivity, got {type(sp).__name__}")
+    pos, comp = sp.position, sp.component
+    for what, t in (("position", pos), ("component", comp)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 1:
+            raise fail(f"sparse[{name!r}].{what} must be a 1-d tensor, got {_describe(t)}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise fail(f"sparse[{name!r}].{what} must be int64, got {t.dtype}")
+    E = int(pos.shape[0])
+    if int(comp.shape[0]) != E:
+        raise fail(f"sparse[{name!r}] has {E} positions but {int(comp.shape[0])} components")
+    for what, t, hi in (("position", pos, n_pos), ("component", comp, C)):
+        if E:
+            lo_v, hi_v = torch.aminmax(t)
+            if int(lo_v) < 0 or int(hi_v) >= hi:
+                raise fail(f"sparse[{name!r}].{what} has values outside [0, {hi})")
+    if set(sp.values) != types:
+        raise fail(f"sparse[{name!r}] has types {sorted(sp.values)}, expected {sorted(types)}")
+    for kind, v in sp.values.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != (E,):
+            raise fail(f"sparse[{name!r}].values[{kind!r}] must be [{E}], got {_describe(v)}")
+        if not v.is_floating_point():
+            raise fail(f"sparse[{name!r}].values[{kind!r}] must be float, got {v.dtype}")
+        if not _all_finite(v):
+            raise fail(f"sparse[{name!r}].values[{kind!r}] contains NaN or inf")
+
+
+def _validate_topk(tk: Any, B: int, S: int, fail: Callable[[str], Exception]) -> None:
+    import torch
+
+    if not isinstance(tk, NextTokenTopK):
+        raise fail(f"next_token_topk must be a NextTokenTopK, got {type(tk).__name__}")
+    v, i, lse = tk.values, tk.indices, tk.logsumexp
+    if not isinstance(v, torch.Tensor) or v.ndim != 3 or tuple(v.shape[:2]) != (B, S):
+        raise fail(f"next_token_topk.values must be [{B}, {S}, k], got {_describe(v)}")
+    if not v.is_floating_point():
+        raise fail(f"next_token_topk.values must be float, got {v.dtype}")
+    if not isinstance(i, torch.Tensor) or tuple(i.shape) != tuple(v.shape):
+        raise fail(f"next_token_topk.indices must be {list(v.shape)}, got {_describe(i)}")
+    if i.dtype not in (torch.int64, torch.int32):
+        raise fail(f"next_token_topk.indices must be int64, got {i.dtype}")
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, S):
+        raise fail(f"next_token_topk.logsumexp must be [{B}, {S}], got {_describe(lse)}")
+    if not _all_finite(lse):
+        raise fail("next_token_topk.logsumexp contains NaN or inf")
+    if i.numel():
+        lo, hi = torch.aminmax(i)
+        if int(lo) < 0 or int(hi) >= int(tk.vocab_size):
+            raise fail(f"next_token_topk.indices has values outside [0, {tk.vocab_size})")
 
 
 def _all_finite(t: Any) -> bool:

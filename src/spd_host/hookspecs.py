@@ -63,6 +63,19 @@ def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> Harves
     site, and sets ``firings = primary activation > options.threshold`` (or the method's own
     notion of firing, documented in its ``MethodInfo.description``). The host validates each
     returned batch and names the plugin in any error.
+
+    Run on ``options.device`` and leave the tensors there: the host accumulates on that device.
+    Two optional, cheaper forms (see ``spd_host.adapter.HarvestBatch``), each only when the host
+    asks for it, so older hosts and plugins keep working with the dense form:
+
+    - ``options.sparse``: a site may come as ``HarvestBatch.sparse[site]`` (a
+      ``SparseActivity``: flat position, component and one value per activation type for each
+      firing) instead of ``[B, S, C]`` tensors, when its activations are zero wherever it does
+      not fire (TopK / BatchTopK / JumpReLU outputs, a gated CI); ``sparse_activity_of`` makes
+      it from dense tensors and says when the contract does not hold.
+    - ``options.next_token_top_k = k``: next-token information may come as
+      ``HarvestBatch.next_token_topk`` (the top ``>= k`` logits, their ids and the full
+      logsumexp; ``next_token_topk_of(logits, k)``) instead of ``[B, S, V]`` logits.
     """
 
 

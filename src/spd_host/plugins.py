@@ -279,6 +279,7 @@ class PluginHost:
                 activation_types=act_types,
                 plugin=owner.plugin_name,
                 expect_next_token=options.next_token,
+                min_top_k=options.next_token_top_k,
             )
             return batch
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spd_host.harvest.accumulator import _add_sum_all
+from spd_host.adapter import HarvestBatch, Site
+from spd_host.harvest import HarvestConfig
+from spd_host.harvest.accumulator import HarvestAccumulator, Layout
 
 
 @pytest.mark.parametrize("regime", ["only_where_firing", "sparse_elsewhere", "dense"])
@@ -21,10 +23,24 @@ def test_sum_all_matches_dense_sum(regime: str) -> None:
         fired = pre > 1.7
     else:
         a = pre
-    n, cl = fired.nonzero().unbind(1)
-    v = a[n, cl]
-    out = torch.zeros(off + C + 3, dtype=torch.float64)
-    _add_sum_all(out, a, v, v.to(torch.float64), cl + off, off)
+    # a first site of `off` components that never fire, so the site under test sits at `off`
+    sites = [
+        Site(name=n, n_components=c, reads_from="0.mlp_in", writes_to=("0.mlp_out",))
+        for n, c in (("first", off), ("second", C))
+    ]
+    acc = HarvestAccumulator(
+        Layout.of(sites, ["x"]), HarvestConfig(batch_size=1, cooccurrence=False), 7
+    )
+    acc.update(
+        HarvestBatch(
+            tokens=torch.zeros(1, N, dtype=torch.int64),
+            firings={"first": torch.zeros(1, N, off, dtype=torch.bool), "second": fired[None]},
+            activations={"first": {"x": torch.zeros(1, N, off)}, "second": {"x": a[None]}},
+        ),
+        0,
+    )
+    out = torch.zeros(off + C, dtype=torch.float64)
+    out[:] = acc.sum_all.value()[0]
     expected = torch.zeros_like(out)
     expected[off : off + C] = a.double().sum(0)
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spd_host.harvest.entries import SiteEntries
 from spd_host.harvest.windows import PAD, extract_windows
 
 
@@ -19,7 +20,7 @@ def test_windows_match_brute_force(strided: bool) -> None:
         assert not acts.is_contiguous()
     fired = acts > 0
     b, s, c = fired.nonzero().unbind(1)
-    w = extract_windows(tokens, fired, {"x": acts}, ["x"], b, s, c, W)
+    w = extract_windows(tokens, SiteEntries.from_dense(fired, {"x": acts}, ["x"]), b, s, c, W)
     for e in range(b.shape[0]):
         for k, p in enumerate(range(int(s[e]) - W, int(s[e]) + W + 1)):
             inside = 0 <= p < S

@@ -14,13 +14,31 @@ from typing import Any
 
 import torch
 
-from spd_host.adapter import DecompositionDefaults, HarvestBatch, HarvestOptions, MethodInfo, Site
+from spd_host.adapter import (
+    DecompositionDefaults,
+    HarvestBatch,
+    HarvestOptions,
+    MethodInfo,
+    Site,
+    SparseActivity,
+    next_token_topk_of,
+)
 from spd_host.hookspecs import hookimpl
 
 V = 23
 D = 8
 SITES = (("0.mlp", 7), ("1.mlp", 5))
 ACT_TYPES = ("act", "pre")
+FORM = "dense"
+"""How the toy plugin hands its batches over (tests set it):
+
+- ``dense``: ``[B, S, C]`` firings and activations and full logits (the original contract);
+- ``masked``: the same, with ``pre`` zeroed where the component does not fire, so that the
+  sparse contract holds;
+- ``sparse``: ``masked`` as ``SparseActivity`` entries in a shuffled order (when the host
+  accepts the sparse form);
+- ``topk``: ``sparse`` plus ``NextTokenTopK`` with 3 more tokens than the host asked for.
+"""
 METHOD = MethodInfo(
     name="toy", description="A toy decomposition for tests: components are random directions."
 )
@@ -67,9 +85,13 @@ def _weights() -> dict[str, torch.Tensor]:
     return w
 
 
-def toy_harvest_fn(threshold: float) -> Callable[[torch.Tensor], HarvestBatch]:
+def toy_harvest_fn(
+    threshold: float, options: HarvestOptions | None = None
+) -> Callable[[torch.Tensor], HarvestBatch]:
     w = _weights()
     sleep = float(os.environ.get("TOY_SLEEP", "0"))
+    form = FORM
+    options = options or HarvestOptions(threshold=threshold)
 
     def fn(tokens: torch.Tensor) -> HarvestBatch:
         if sleep:
@@ -82,9 +104,32 @@ def toy_harvest_fn(threshold: float) -> Callable[[torch.Tensor], HarvestBatch]:
             pre = x @ w[name] - 0.8
             act = torch.relu(pre)
             firings[name] = act > threshold
+            if form != "dense":
+                pre = torch.where(firings[name], pre, torch.zeros_like(pre))
             acts[name] = {"act": act, "pre": pre}
+        logits = x @ w["unembed"]
+        if form in ("dense", "masked") or not options.sparse:
+            return HarvestBatch(
+                tokens=tokens, firings=firings, activations=acts, next_token_logits=logits
+            )
+        sparse = {}
+        for i, (name, C) in enumerate(SITES):
+            pos, comp = firings[name].reshape(-1, C).nonzero().unbind(1)
+            perm = torch.randperm(pos.shape[0], generator=torch.Generator().manual_seed(i))
+            pos, comp = pos[perm], comp[perm]
+            values = {t: a.reshape(-1, C)[pos, comp] for t, a in acts[name].items()}
+            sparse[name] = SparseActivity(pos, comp, values)
+        top_k = options.next_token_top_k
+        if form == "topk" and top_k is not None:
+            return HarvestBatch(
+                tokens=tokens,
+                firings={},
+                activations={},
+                sparse=sparse,
+                next_token_topk=next_token_topk_of(logits, top_k + 3),
+            )
         return HarvestBatch(
-            tokens=tokens, firings=firings, activations=acts, next_token_logits=x @ w["unembed"]
+            tokens=tokens, firings={}, activations={}, sparse=sparse, next_token_logits=logits
         )
 
     return fn
@@ -102,7 +147,7 @@ def load_decomposition(decomposition_id: Any) -> Any:
 
 @hookimpl
 def harvest_fn(adapter: Any, options: HarvestOptions) -> Any:
-    return toy_harvest_fn(options.threshold)
+    return toy_harvest_fn(options.threshold, options)
 
 
 def toy_batch(g: int, batch_size: int, seq_len: int) -> torch.Tensor:

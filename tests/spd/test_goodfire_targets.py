@@ -71,6 +71,7 @@ def _write_spd_run(
     with_target: bool = True,
     class_path: str | None = None,
     target_sd: dict[str, torch.Tensor] | None = None,
+    ci_config: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """An SPD run (final_config.yaml + model_<step>.pth) whose target is pretrain run ``name``.
 
@@ -87,7 +88,7 @@ def _write_spd_run(
     if target_sd is not None:
         model.load_state_dict(target_sd)
     module_to_c = expand(model, patterns)
-    sd = make_state_dict(model, module_to_c, fn_type, hidden)
+    sd = make_state_dict(model, module_to_c, fn_type, hidden, ci_config=ci_config)
     if not with_target:
         sd = {k: v for k, v in sd.items() if not k.startswith("target_model.")}
     cfg = config_dict(
@@ -96,6 +97,7 @@ def _write_spd_run(
         patterns=patterns,
         fn_type=fn_type,
         hidden=hidden,
+        ci_config=ci_config,
     )
     cfg["pretrained_model_name"] = name
     cfg["pretrained_model_output_attr"] = "idx_0"
@@ -113,7 +115,11 @@ def _pretrain(tmp_path: Path, variant: str) -> tuple[Path, dict[str, torch.Tenso
 
 
 def _check_harvest(
-    adapter: Any, target_sd: dict[str, torch.Tensor], spd_sd: dict[str, torch.Tensor], cfg: dict
+    adapter: Any,
+    target_sd: dict[str, torch.Tensor],
+    spd_sd: dict[str, torch.Tensor],
+    cfg: dict,
+    fn_type: str = "mlp",
 ) -> None:
     """CI, component activations and next-token logits against the independent formulas."""
     tokens = _tokens()
@@ -121,10 +127,16 @@ def _check_harvest(
     logits_ref, inputs = gp.reference_forward(target_sd, cfg, tokens)
     torch.testing.assert_close(batch.next_token_logits, logits_ref, atol=1e-5, rtol=1e-5)
     names = adapter.site_names_by_path()
+    if fn_type == "global_shared_mlp":
+        xs = {p: inputs[p] for p in names}
+        z_all = ref.pre_sigmoid_global(spd_sd, xs, {p for p in names if p == "wte"})
     fired = 0
     for path, site in names.items():
         emb = path == "wte"
-        z = ref.pre_sigmoid_layerwise(spd_sd, "mlp", path, inputs[path], emb)
+        if fn_type == "global_shared_mlp":
+            z = z_all[path]
+        else:
+            z = ref.pre_sigmoid_layerwise(spd_sd, fn_type, path, inputs[path], emb)
         got = batch.activations[site]
         torch.testing.assert_close(
             got["causal_importance"], ref.sigmoid("leaky_hard", z), atol=1e-5, rtol=1e-5
@@ -596,3 +608,60 @@ def test_param_decomp_jax_gpt2_simple_without_linear_biases(tmp_path: Path) -> N
     )
     with pytest.raises(FormatError, match=r"missing \['h\.0\.attn\.k_proj\.bias'"):
         _load(tmp_path / "spd")
+
+
+@pytest.mark.parametrize(
+    ("fn_type", "patterns"),
+    [
+        ("shared_mlp", {"h.*.mlp.c_fc": 4, "h.1.attn.v_proj": 3}),
+        ("vector_mlp", {"h.0.mlp.down_proj": 4}),
+        ("global_shared_mlp", {"h.*.mlp.c_fc": 4, "wte": 3, "h.1.attn.o_proj": 2}),
+    ],
+)
+def test_other_ci_functions_over_a_goodfire_target(
+    tmp_path: Path, fn_type: str, patterns: dict[str, int]
+) -> None:
+    ckpt, target_sd = _pretrain(tmp_path, "llama_simple_mlp")
+    cfg = VARIANTS["llama_simple_mlp"]
+    spd_sd = _write_spd_run(tmp_path / "spd", cfg, str(ckpt), patterns, fn_type=fn_type, hidden=[5])
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'spd'}")
+    _check_harvest(adapter, target_sd, spd_sd, cfg, fn_type)
+
+
+def test_transformer_ci_over_a_goodfire_target(tmp_path: Path) -> None:
+    """The dev branch's ``global_shared_transformer`` CI (an embedding site included)."""
+    from tests.spd.test_spd_ci_sequence import shared_transformer
+
+    ckpt, target_sd = _pretrain(tmp_path, "gpt2_simple")
+    cfg = VARIANTS["gpt2_simple"]
+    patterns = {"h.*.mlp.down_proj": 4, "wte": 3, "h.0.attn.q_proj": 2}
+    ci = shared_transformer(8, 1, [12], 2, 10000.0)
+    spd_sd = _write_spd_run(
+        tmp_path / "spd", cfg, str(ckpt), patterns, fn_type=ci["fn_type"], hidden=[], ci_config=ci
+    )
+    adapter = get_host().load_adapter(f"spd:{tmp_path / 'spd'}")
+    tokens = _tokens()
+    batch = get_host().harvest_fn(adapter, HarvestOptions(threshold=0.0))(tokens)
+    logits_ref, inputs = gp.reference_forward(target_sd, cfg, tokens)
+    torch.testing.assert_close(batch.next_token_logits, logits_ref, atol=1e-5, rtol=1e-5)
+    names = adapter.site_names_by_path()
+    acts = {
+        p: ref.component_acts(spd_sd, p, inputs[p], True) if p == "wte" else inputs[p]
+        for p in names
+    }
+    sizes = {p: C for p, C in expand_paths(names, patterns).items()}
+    z = ref.pre_sigmoid_shared_transformer(spd_sd, acts, sizes, ci["simple_transformer_ci_cfg"])
+    inside = 0
+    for path, site in names.items():
+        expected = ref.sigmoid("leaky_hard", z[path])
+        torch.testing.assert_close(
+            batch.activations[site]["causal_importance"], expected, atol=1e-5, rtol=1e-5
+        )
+        inside += int(((expected > 0.02) & (expected < 0.98)).sum())
+    assert inside > 0, "test weights must put some CIs strictly inside (0, 1)"
+
+
+def expand_paths(paths: Any, patterns: dict[str, int]) -> dict[str, int]:
+    import fnmatch
+
+    return {p: next(c for pat, c in patterns.items() if fnmatch.fnmatch(p, pat)) for p in paths}

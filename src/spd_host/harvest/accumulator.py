@@ -6,8 +6,9 @@ Definitions (per component ``c``; ``N`` = tokens seen; "fires" = ``firings[site]
   ``density = firing_count / N``.
 - ``sum_all[type][c]``: sum of the activation over *all* tokens; ``mean_all = sum_all / N``.
 - ``sum_firing[type][c]``: sum over firing tokens; ``mean_firing = sum_firing / firing_count``.
-  Both sums are accumulated exactly in int64 fixed point (``ExactSum``): each batch's float64
-  partial sum is quantised to ``2**-32`` once, so results do not depend on sharding or resume.
+  Both sums are accumulated exactly in int64 fixed point (``ExactSum``): every activation is
+  quantised to ``2**-32`` on its own and added as an integer, so results do not depend on
+  sharding, resume, batch size or device.
 - ``max_firing[type][c]``: max over firing tokens (``-inf`` if it never fired; exact).
 - ``hist[c]``: counts (int64) of ``|primary activation|`` at firing tokens in log-spaced bins
   between ``histogram_min`` and ``histogram_max``; bin 0 is ``[0, min)``, the last bin is
@@ -25,6 +26,12 @@ Definitions (per component ``c``; ``N`` = tokens seen; "fires" = ``firings[site]
   the ``cooc_n_tokens`` sampled positions, see ``cooccurrence_fraction``; ``cooc_count[c]``
   counts firings over the same positions).
 - examples: reservoir sample and top-K by primary activation (see ``examples``).
+
+Every per-batch accumulation runs on the harvest device (``config.device``): the batch's
+tensors are moved there (a no-op when the plugin computed them there), each site is reduced
+to its firing entries (``entries``), and all state lives there. Only ``state()`` (checkpoints,
+results) copies to the host. Random draws come from CPU generators seeded by
+``(seed, global batch)`` and are copied to the device, so every device draws the same numbers.
 """
 
 from __future__ import annotations
@@ -38,12 +45,17 @@ import torch
 
 from spd_host.adapter import HarvestBatch, Site
 from spd_host.harvest.config import HarvestConfig
-from spd_host.harvest.exact import PROB_FRAC_BITS, ExactSum, quantize
+from spd_host.harvest.cooccurrence import count_batch
+from spd_host.harvest.entries import SiteEntries, site_entries
+from spd_host.harvest.exact import PROB_FRAC_BITS, ExactSum, quantize, split_fixed
 from spd_host.harvest.examples import ExampleBank, reservoir_plan, topk_plan
-from spd_host.harvest.sparse_counts import SparsePairCounter
+from spd_host.harvest.next_token import next_token_topk
+from spd_host.harvest.sparse_counts import DensePairCounter, SparsePairCounter, pair_counter
 from spd_host.harvest.windows import extract_windows
 
-_MAX_PAIRS_PER_CHUNK = 1 << 24
+SUM_FRAC_BITS = 32
+PRUNE_EVERY = 16  # batches between checks of token_table_max_pairs
+_DENSE_SUM_CHUNK = 1 << 22  # elements quantised at once by the dense all-position sum
 
 
 @dataclass(frozen=True)
@@ -100,32 +112,38 @@ class Layout:
         return cls(tuple(d["names"]), tuple(d["sizes"]), tuple(d["act_types"]))
 
 
-def _add_sum_all(
-    out: torch.Tensor,
-    a: torch.Tensor,
-    v: torch.Tensor,
-    v64: torch.Tensor,
-    g: torch.Tensor,
-    off: int,
-) -> None:
-    """Add this batch's float64 sum over all positions of ``a`` ``[N, C]`` into ``out[off:]``.
+def add_dense_sum_all(out: ExactSum, t: int, off: int, a: torch.Tensor) -> None:
+    """Add the exact sum over all positions of activation ``a`` ``[N, C]`` to ``out[t, off:]``.
 
-    Only non-zero entries contribute, so the sum is taken over them: when every non-zero
-    activation is at a firing position (``v`` are the firing values, ``g`` their global
-    components) it equals the firing sum, with no pass over the dense tensor beyond one count;
-    a sparse tensor is summed over its non-zeros; a dense one by a column reduction. All three are
-    exact float64 sums of the same float32 terms (only the order differs), so the documented
-    bound is unchanged.
+    Only non-zero entries contribute; every entry is quantised on its own (a sparse pass over
+    ``nonzero()`` when few are non-zero, else row chunks of the dense tensor with the two limbs
+    summed per column), so the result is the same exact integer whatever the device, the
+    order or the split. (When every non-zero sits at a firing the caller uses the firing sum
+    instead: the same integer, no pass over the dense tensor.)
     """
-    C = a.shape[1]
+    N, C = a.shape
     nnz = int(torch.count_nonzero(a))
-    if nnz == int(torch.count_nonzero(v)):
-        out.index_add_(0, g, v64)
-    elif nnz * 4 < a.numel():
-        nz = a.nonzero()
-        out.index_add_(0, nz[:, 1] + off, a[nz[:, 0], nz[:, 1]].to(torch.float64))
-    else:
-        out[off : off + C] += a.sum(0, dtype=torch.float64)
+    if nnz == 0:
+        return
+    base = t * out.hi.shape[-1] + off
+    if nnz * 4 < a.numel():
+        n, c = a.nonzero().unbind(1)
+        q, fine = split_fixed(a[n, c], SUM_FRAC_BITS)
+        out.index_add_(c + base, q, max_per_entry=N, fine=fine)
+        return
+    step = max(1, _DENSE_SUM_CHUNK // max(C, 1))
+    hi_sum = torch.zeros(C, dtype=torch.int64, device=a.device)
+    lo_sum = torch.zeros(C, dtype=torch.int64, device=a.device)
+    fine_sum = torch.zeros(C, dtype=torch.int64, device=a.device)
+    for r0 in range(0, N, step):
+        q, fine = split_fixed(a[r0 : r0 + step], SUM_FRAC_BITS)
+        hi = torch.div(q, 1 << 40, rounding_mode="floor")
+        hi_sum += hi.sum(0)
+        lo_sum += (q - hi * (1 << 40)).sum(0)
+        fine_sum += fine.sum(0)
+    idx = torch.arange(C, device=a.device) + base
+    out.index_add_(idx, lo_sum, max_per_entry=N, fine=fine_sum)
+    out.hi.view(-1).index_add_(0, idx, hi_sum)
 
 
 def batch_generator(seed: int, global_batch: int) -> torch.Generator:
@@ -135,20 +153,30 @@ def batch_generator(seed: int, global_batch: int) -> torch.Generator:
 
 
 class HarvestAccumulator:
-    """All per-component statistics of a harvest, updated one HarvestBatch at a time."""
+    """All per-component statistics of a harvest, updated one HarvestBatch at a time.
 
-    def __init__(self, layout: Layout, config: HarvestConfig, vocab_size: int) -> None:
+    ``device``: where the state lives and every update runs (default: ``config.device``).
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        config: HarvestConfig,
+        vocab_size: int,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.layout = layout
         self.config = config
         self.V = vocab_size
+        dev = self.device = torch.device(device if device is not None else config.device)
         C = layout.total
         T = len(layout.act_types)
         self.n_tokens = 0
         self.n_batches = 0
-        self.firing_count = torch.zeros(C, dtype=torch.int64)
-        self.sum_all = ExactSum((T, C))
-        self.sum_firing = ExactSum((T, C))
-        self.max_firing = torch.full((T, C), float("-inf"), dtype=torch.float32)
+        self.firing_count = torch.zeros(C, dtype=torch.int64, device=dev)
+        self.sum_all = ExactSum((T, C), SUM_FRAC_BITS, dev)
+        self.sum_firing = ExactSum((T, C), SUM_FRAC_BITS, dev)
+        self.max_firing = torch.full((T, C), float("-inf"), dtype=torch.float32, device=dev)
         nb = config.histogram_bins
         self.hist_edges = torch.logspace(
             math.log10(config.histogram_min),
@@ -156,131 +184,170 @@ class HarvestAccumulator:
             nb + 1,
             dtype=torch.float64,
         ).to(torch.float32)
-        self.hist = torch.zeros(C, nb + 2, dtype=torch.int64)
-        self.token_count = torch.zeros(vocab_size, dtype=torch.int64)
+        self._edges_dev = self.hist_edges.to(dev)
+        self.hist = torch.zeros(C, nb + 2, dtype=torch.int64, device=dev)
+        self.token_count = torch.zeros(vocab_size, dtype=torch.int64, device=dev)
         # probability masses: int64 in units of 2**-PROB_FRAC_BITS (exact, order-independent)
-        self.next_token_mass = torch.zeros(vocab_size, dtype=torch.int64)
-        self.kept_mass_total = torch.zeros((), dtype=torch.int64)
-        self.output_kept_mass = torch.zeros(C, dtype=torch.int64)
-        self.input_pairs = SparsePairCounter(C, vocab_size, dtype=torch.int64)
-        self.output_pairs = SparsePairCounter(C, vocab_size, dtype=torch.int64)
-        self.cooc = SparsePairCounter(C, C, dtype=torch.int64)
-        self.cooc_count = torch.zeros(C, dtype=torch.int64)
+        self.next_token_mass = torch.zeros(vocab_size, dtype=torch.int64, device=dev)
+        self.kept_mass_total = torch.zeros((), dtype=torch.int64, device=dev)
+        self.output_kept_mass = torch.zeros(C, dtype=torch.int64, device=dev)
+        budget = config.dense_table_bytes
+        self.input_pairs = pair_counter(C, vocab_size, dense_bytes=budget, device=dev)
+        self.output_pairs = pair_counter(C, vocab_size, dense_bytes=budget, device=dev)
+        self.cooc = pair_counter(C, C, dense_bytes=budget, device=dev)
+        # summed prune thresholds of the bounded token tables (token_table_max_pairs)
+        self.prune_bound = {"input": 0, "output": 0}
+        self.cooc_count = torch.zeros(C, dtype=torch.int64, device=dev)
         self.cooc_n_tokens = 0
         self.cooc_active = config.cooccurrence
         K, W = config.examples_per_component, config.window
-        self.reservoir = ExampleBank(C, K, W, T)
-        self.top = ExampleBank(C, K, W, T)
+        self.reservoir = ExampleBank(C, K, W, T, dev)
+        self.top = ExampleBank(C, K, W, T, dev)
 
     # -- update -----------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, batch: HarvestBatch, global_batch: int) -> None:
         cfg = self.config
-        tokens = batch.tokens.to(torch.int64).cpu()
+        dev = self.device
+        tokens = batch.tokens.to(dev, torch.int64)
         B, S = tokens.shape
         N = B * S
         flat_tok = tokens.reshape(N)
-        if int(flat_tok.max()) >= self.V or int(flat_tok.min()) < 0:
+        lo, hi = torch.aminmax(flat_tok)
+        if int(hi) >= self.V or int(lo) < 0:
             raise ValueError(f"token ids outside [0, {self.V}) in batch {global_batch}")
         gen = batch_generator(cfg.seed, global_batch)
         self.token_count += torch.bincount(flat_tok, minlength=self.V)
-        # next-token distribution, top-k per position
-        pv, pi = self._next_token_topk(batch, N)
-        qv = quantize(pv, PROB_FRAC_BITS)
+        # next-token distribution, top-k per position (topk + logsumexp, no softmax)
+        pv, pi = next_token_topk(batch, N, cfg.output_top_k, self.V, dev)
+        # below the floor: dropped (zero weight; the pair is skipped), mass goes to the bound
+        pv = torch.where(pv >= cfg.output_min_prob, pv, torch.zeros_like(pv))
+        qv = quantize(pv, PROB_FRAC_BITS, check=False)
         kept = qv.sum(-1)
         self.next_token_mass.index_add_(0, pi.reshape(-1), qv.reshape(-1))
         self.kept_mass_total += kept.sum()
-        T = len(self.layout.act_types)
-        C_all = self.layout.total
-        batch_sum_all = torch.zeros(T, C_all, dtype=torch.float64)
-        batch_sum_firing = torch.zeros(T, C_all, dtype=torch.float64)
         # global token index; batch_size (not B) so a short last batch cannot collide
-        pos_base = global_batch * self.config.batch_size * S
+        pos_base = global_batch * cfg.batch_size * S
         all_n: list[torch.Tensor] = []
         all_g: list[torch.Tensor] = []
+        all_v: list[torch.Tensor] = []
+        all_m: list[torch.Tensor] = []  # [T, E]: the entry's value counts in the all-position sum
         for site, off, C in zip(
             self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
         ):
-            fired = batch.firings[site].cpu()
-            acts = {t: batch.activations[site][t].cpu() for t in self.layout.act_types}
-            nz = fired.reshape(N, C).nonzero()
-            n, cl = nz[:, 0], nz[:, 1]
+            e = site_entries(batch, site, C, N, self.layout.act_types, dev)
+            n, cl = e.n, e.c
             g = cl + off
-            for i, t in enumerate(self.layout.act_types):
-                a = acts[t].reshape(N, C)
-                v = a[n, cl]
-                v64 = v.to(torch.float64)
-                batch_sum_firing[i].index_add_(0, g, v64)
-                _add_sum_all(batch_sum_all[i], a, v, v64, g, off)
-                self.max_firing[i].scatter_reduce_(0, g, v.to(torch.float32), "amax")
-                if i == 0:
-                    primary = v
+            from_firings = self._add_dense_sums(e, off, N)
             if n.numel() == 0:
                 continue
-            b, s = n // S, n % S
+            primary = e.values[0]
+            b, s = torch.div(n, S, rounding_mode="floor"), n % S
             # examples first: the reservoir needs the firing counts from before this batch
-            self._update_reservoir(tokens, fired, acts, b, s, cl, g, primary, pos_base + n, gen)
-            self._update_top(tokens, fired, acts, b, s, cl, g, primary, pos_base + n)
+            self._update_reservoir(tokens, e, b, s, cl, g, primary, pos_base + n, gen)
+            self._update_top(tokens, e, b, s, cl, g, primary, pos_base + n)
             self.firing_count.index_add_(0, g, torch.ones_like(g))
-            bins = torch.bucketize(primary.abs().to(torch.float32), self.hist_edges, right=True)
-            self.hist.view(-1).index_add_(0, g * self.hist.shape[1] + bins, torch.ones_like(g))
-            self.input_pairs.add(g, flat_tok[n])
-            self.output_kept_mass.index_add_(0, g, kept[n])
-            w = qv[n].reshape(-1)
-            nz = w > 0
-            self.output_pairs.add_keys((g[:, None] * self.V + pi[n]).reshape(-1)[nz], w[nz])
             all_n.append(n)
             all_g.append(g)
-        self.sum_all.add_(batch_sum_all)
-        self.sum_firing.add_(batch_sum_firing)
+            all_v.append(e.values)
+            all_m.append(from_firings[:, None].expand(-1, n.shape[0]))
+        if all_n:
+            self._update_per_component(
+                torch.cat(all_n),
+                torch.cat(all_g),
+                torch.cat(all_v, 1),
+                torch.cat(all_m, 1),
+                flat_tok,
+                (qv, pi, kept),
+                N,
+            )
         if self.cooc_active:
             keep = self._cooc_positions(global_batch, N)
             if keep is not None:
                 sel = [keep[n] for n in all_n]
                 all_n = [n[m] for n, m in zip(all_n, sel, strict=True)]
                 all_g = [g[m] for g, m in zip(all_g, sel, strict=True)]
-            self._update_cooc(all_n, all_g, N, N if keep is None else int(keep.sum()))
+            self._update_cooc(all_n, all_g, N if keep is None else int(keep.sum()))
         self.n_tokens += N
         self.n_batches += 1
+        if cfg.token_table_max_pairs is not None and self.n_batches % PRUNE_EVERY == 0:
+            self._prune_token_tables(cfg.token_table_max_pairs)
 
-    def _next_token_topk(self, batch: HarvestBatch, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = min(self.config.output_top_k, self.V)
-        if batch.next_token_probs is not None:
-            p = batch.next_token_probs.cpu().reshape(N, -1).to(torch.float32)
-        elif batch.next_token_logits is not None:
-            p = torch.softmax(batch.next_token_logits.cpu().reshape(N, -1).to(torch.float32), -1)
+    def _prune_token_tables(self, cap: int) -> None:
+        """Bound the sparse token tables (at fixed batch counts, so a resume prunes alike)."""
+        for name, table in (("input", self.input_pairs), ("output", self.output_pairs)):
+            if isinstance(table, SparsePairCounter) and len(table) > cap:
+                self.prune_bound[name] += table.prune(cap // 2)
+
+    def _update_per_component(
+        self,
+        n: torch.Tensor,
+        g: torch.Tensor,
+        values: torch.Tensor,
+        in_all: torch.Tensor,
+        flat_tok: torch.Tensor,
+        next_token: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        N: int,
+    ) -> None:
+        """Sums, maxima, histogram and token tables over every site's firing entries at once.
+
+        ``in_all`` ``[T, E]``: entries whose value also goes into the all-position sum (types
+        whose non-zeros all sit at firings; the others were summed densely per site).
+        """
+        qv, pi, kept = next_token
+        T, C_all = values.shape[0], self.layout.total
+        q, fine = split_fixed(values, SUM_FRAC_BITS)  # [T, E] each
+        idx = torch.arange(T, device=g.device)[:, None] * C_all + g[None, :]
+        self.sum_firing.index_add_(
+            idx.reshape(-1), q.reshape(-1), max_per_entry=N, fine=fine.reshape(-1)
+        )
+        self.sum_all.index_add_(idx[in_all], q[in_all], max_per_entry=N, fine=fine[in_all])
+        idx = idx.reshape(-1)
+        self.max_firing.view(-1).scatter_reduce_(0, idx, values.reshape(-1), "amax")
+        bins = torch.bucketize(values[0].abs(), self._edges_dev, right=True)
+        self.hist.view(-1).index_add_(0, g * self.hist.shape[1] + bins, torch.ones_like(g))
+        self.input_pairs.add(g, flat_tok.index_select(0, n))
+        self.output_kept_mass.index_add_(0, g, kept.index_select(0, n))
+        keys = (g[:, None] * self.V + pi.index_select(0, n)).reshape(-1)
+        w = qv.index_select(0, n).reshape(-1)
+        if isinstance(self.output_pairs, DensePairCounter):
+            self.output_pairs.table.index_add_(0, keys, w)  # zero weights add nothing
         else:
-            return torch.zeros(N, 0), torch.zeros(N, 0, dtype=torch.int64)
-        if p.shape[1] != self.V:
-            raise ValueError(f"next-token tensor has {p.shape[1]} classes, expected vocab {self.V}")
-        pv, pi = torch.topk(p, k, dim=-1, sorted=False)
-        # below the floor: dropped (zero weight; the pair is skipped), mass goes to the bound
-        pv = torch.where(pv >= self.config.output_min_prob, pv, torch.zeros_like(pv))
-        return pv, pi
+            nz = w > 0
+            self.output_pairs.add_keys(keys[nz], w[nz])
 
-    def _update_reservoir(self, tokens, fired, acts, b, s, cl, g, primary, pos, gen) -> None:  # type: ignore[no-untyped-def]
+    def _add_dense_sums(self, e: SiteEntries, off: int, N: int) -> torch.Tensor:
+        """All-position sums of a site's types whose non-zeros are not all at firings.
+
+        Returns ``[T]`` bool: the types whose all-position sum is their firing sum (every type
+        of a sparse site, by contract; a dense type when one ``count_nonzero`` says so); the
+        others are summed here, exactly, over the dense tensor.
+        """
+        T = e.values.shape[0]
+        if e.dense_acts is None:
+            return torch.ones(T, dtype=torch.bool, device=self.device)
+        out = []
+        for t, a in enumerate(e.dense_acts):
+            same = int(torch.count_nonzero(a)) == int(torch.count_nonzero(e.values[t]))
+            if not same:
+                add_dense_sum_all(self.sum_all, t, off, a)
+            out.append(same)
+        return torch.tensor(out, dtype=torch.bool, device=self.device)
+
+    def _update_reservoir(self, tokens, e, b, s, cl, g, primary, pos, gen) -> None:  # type: ignore[no-untyped-def]
         bank = self.reservoir
         ev, slot = reservoir_plan(g, self.firing_count[g], bank.k, gen)
         if ev.numel() == 0:
             return
         bank.rows_for(torch.unique(g[ev]))  # allocate rows for components firing first now
         rows = bank.row_of[g[ev]]
-        w = extract_windows(
-            tokens,
-            fired,
-            acts,
-            self.layout.act_types,
-            b[ev],
-            s[ev],
-            cl[ev],
-            self.config.context_tokens,
-        )
+        w = extract_windows(tokens, e, b[ev], s[ev], cl[ev], self.config.context_tokens)
         bank.write(rows, slot, primary[ev], pos[ev], w)
         bank.filled.scatter_reduce_(0, rows, slot + 1, "amax")
 
-    def _update_top(self, tokens, fired, acts, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
+    def _update_top(self, tokens, e, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
         bank = self.top
-        rows, slots, is_new, src, _score = topk_plan(g, primary, pos, bank)
+        rows, slots, is_new, src, _score = topk_plan(g, primary, bank)
         if rows.numel() == 0:
             return
         old = ~is_new
@@ -291,16 +358,7 @@ class HarvestAccumulator:
             for f in ("score", "pos", "tokens", "acts", "fired")
         }
         ev = src[is_new]
-        w = extract_windows(
-            tokens,
-            fired,
-            acts,
-            self.layout.act_types,
-            b[ev],
-            s[ev],
-            cl[ev],
-            self.config.context_tokens,
-        )
+        w = extract_windows(tokens, e, b[ev], s[ev], cl[ev], self.config.context_tokens)
         bank.write(rows[is_new], slots[is_new], primary[ev], pos[ev], w)
         for f, t in kept.items():
             getattr(bank, f)[o_rows, slots[old]] = t
@@ -312,43 +370,34 @@ class HarvestAccumulator:
         """Positions of this batch counted for co-occurrence (None: all of them).
 
         A function of (seed, global batch) only, from its own generator stream, so the sample is
-        the same under any sharding or resume and does not disturb the reservoir's draws.
+        the same under any sharding, resume or device and does not disturb the reservoir's draws.
         """
         frac = self.config.cooccurrence_fraction
         if frac >= 1.0:
             return None
         gen = batch_generator(self.config.seed + 0x5EED, global_batch)
-        return torch.rand(N, generator=gen) < frac
+        return (torch.rand(N, generator=gen) < frac).to(self.device)
 
     def _update_cooc(
-        self, all_n: list[torch.Tensor], all_g: list[torch.Tensor], N: int, n_counted: int
+        self, all_n: list[torch.Tensor], all_g: list[torch.Tensor], n_counted: int
     ) -> None:
         C = self.layout.total
         if all_n:
             n = torch.cat(all_n)
             g = torch.cat(all_g)
-            order = torch.sort(n * C + g).indices
-            n, g = n[order], g[order]
             self.cooc_count.index_add_(0, g, torch.ones_like(g))
-            counts = torch.bincount(n, minlength=N)
-            ev_start = torch.cumsum(counts, 0) - counts
-            # positions with the same number L of firing components share one triangle pattern:
-            # their pairs are a gather of an [positions, L] matrix at triu_indices(L, L, 1)
-            for L in torch.unique(counts[counts >= 2]).tolist():
-                toks = (counts == L).nonzero().flatten()
-                iu = torch.triu_indices(L, L, 1)
-                step = max(1, _MAX_PAIRS_PER_CHUNK // (L * (L - 1) // 2))
-                for s0 in range(0, toks.shape[0], step):
-                    G = g[ev_start[toks[s0 : s0 + step]][:, None] + torch.arange(L)]
-                    self.cooc.add_keys((G[:, iu[0]] * C + G[:, iu[1]]).reshape(-1))
+            count_batch(self.cooc, n, g, C)
         self.cooc_n_tokens += n_counted
         # the exact distinct count is needed only when the cheap upper bound passes the limit
         cap = self.config.cooccurrence_max_pairs
+        if isinstance(self.cooc, DensePairCounter) and cap >= C * (C - 1) // 2:
+            return  # the table can never hold more distinct pairs than the limit
         if self.cooc.upper_len() > cap and len(self.cooc) > cap:
             self.cooc_active = False
 
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Host (CPU) copies of the whole state, and the JSON-able rest."""
         t: dict[str, torch.Tensor] = {
             "firing_count": self.firing_count,
             "max_firing": self.max_firing,
@@ -359,6 +408,7 @@ class HarvestAccumulator:
             "kept_mass_total": self.kept_mass_total.reshape(1),
             "output_kept_mass": self.output_kept_mass,
             "cooc_count": self.cooc_count,
+            "prune_bound": torch.tensor([self.prune_bound["input"], self.prune_bound["output"]]),
         }
         t.update(self.sum_all.state("sum_all"))
         t.update(self.sum_firing.state("sum_firing"))
@@ -376,17 +426,18 @@ class HarvestAccumulator:
             "layout": self.layout.as_json(),
             "config": self.config.model_dump(mode="json"),
         }
-        return {k: v.contiguous() for k, v in t.items()}, meta
+        return {k: v.detach().to("cpu").contiguous() for k, v in t.items()}, meta
 
     @classmethod
     def from_state(
-        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+        cls,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        device: torch.device | str | None = None,
     ) -> HarvestAccumulator:
-        acc = cls(
-            Layout.from_json(meta["layout"]),
-            HarvestConfig(**meta["config"]),
-            int(meta["vocab_size"]),
-        )
+        config = HarvestConfig(**meta["config"])
+        acc = cls(Layout.from_json(meta["layout"]), config, int(meta["vocab_size"]), device)
+        dev = acc.device
         acc.sum_all.load_state("sum_all", tensors)
         acc.sum_firing.load_state("sum_firing", tensors)
         for name in (
@@ -398,8 +449,11 @@ class HarvestAccumulator:
             "output_kept_mass",
             "cooc_count",
         ):
-            setattr(acc, name, tensors[name].clone())
-        acc.kept_mass_total = tensors["kept_mass_total"].reshape(()).clone()
+            setattr(acc, name, tensors[name].to(dev).clone())
+        acc.kept_mass_total = tensors["kept_mass_total"].reshape(()).to(dev).clone()
+        pb = tensors.get("prune_bound")  # absent in states written before bounded tables
+        if pb is not None:
+            acc.prune_bound = {"input": int(pb[0]), "output": int(pb[1])}
         acc.input_pairs.load_state("input_pairs", tensors)
         acc.output_pairs.load_state("output_pairs", tensors)
         acc.cooc.load_state("cooc", tensors)

@@ -45,8 +45,11 @@ def save_checkpoint(directory: Path, acc: HarvestAccumulator, extra: dict[str, A
     return directory / STATE_JSON
 
 
-def load_checkpoint(directory: Path) -> tuple[HarvestAccumulator, dict[str, Any]] | None:
-    """The last committed state in ``directory``, or None when there is none."""
+def load_checkpoint(
+    directory: Path, device: str | None = None
+) -> tuple[HarvestAccumulator, dict[str, Any]] | None:
+    """The last committed state in ``directory`` (on ``device``, default the recorded one; CPU
+    for a merge), or None when there is none."""
     meta_path = directory / STATE_JSON
     if not meta_path.exists():
         return None
@@ -58,4 +61,4 @@ def load_checkpoint(directory: Path) -> tuple[HarvestAccumulator, dict[str, Any]
             f"harvest checkpoint in {directory} is unreadable: {err}",
             hint="delete that directory to start the harvest over",
         ) from err
-    return HarvestAccumulator.from_state(tensors, meta), meta
+    return HarvestAccumulator.from_state(tensors, meta, device or "cpu"), meta

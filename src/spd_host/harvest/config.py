@@ -64,14 +64,37 @@ class HarvestConfig(BaseModel):
         ge=1,
         description="Bottom-PMI lists only rank tokens seen at least this often overall",
     )
+    dense_table_bytes: int = Field(
+        default=1 << 28,
+        ge=0,
+        description="A (component, token) or co-occurrence table is kept dense (int64, one "
+        "scatter-add per batch, no sort) when rows x columns x 8 bytes fit this; else sparse",
+    )
+    token_table_max_pairs: int | None = Field(
+        default=None,
+        gt=0,
+        description="Bound on the distinct (component, token) pairs a sparse token table keeps "
+        "(None: exact and unbounded). Every 16 batches a table above it drops its smallest "
+        "counts down to half of it; the summed thresholds are recorded as the bound on how much "
+        "any stored or missing count under-estimates the exact one",
+    )
     checkpoint_every: int = Field(default=50, gt=0, description="Batches between checkpoints")
-    device: str = "cpu"
+    device: str = Field(
+        default="cpu",
+        description="Harvest device ('cpu', 'cuda', 'cuda:1'): where the state lives and every "
+        "accumulation runs. Not part of the result's identity: results are bit-identical on "
+        "every device, and a run may resume on another device",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
         if self.histogram_max <= self.histogram_min:
             raise ValueError("histogram_max must exceed histogram_min")
         return self
+
+    def identity(self) -> dict[str, object]:
+        """The fields that determine the result (everything but ``device``)."""
+        return self.model_dump(mode="json", exclude={"device"})
 
     @property
     def window(self) -> int:

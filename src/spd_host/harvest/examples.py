@@ -24,23 +24,31 @@ from spd_host.harvest.windows import Windows
 class ExampleBank:
     """K example windows per component, stored in lazily allocated rows."""
 
-    def __init__(self, n_components: int, k: int, width: int, n_types: int) -> None:
+    def __init__(
+        self,
+        n_components: int,
+        k: int,
+        width: int,
+        n_types: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.n_components = n_components
         self.k = k
         self.width = width
         self.n_types = n_types
-        self.row_of = torch.full((n_components,), -1, dtype=torch.int64)
-        self.component = torch.empty(0, dtype=torch.int64)
+        self.device = torch.device(device)
+        self.row_of = torch.full((n_components,), -1, dtype=torch.int64, device=self.device)
+        self.component = torch.empty(0, dtype=torch.int64, device=self.device)
         self._alloc(0)
 
     def _alloc(self, cap: int) -> None:
-        k, w, t = self.k, self.width, self.n_types
-        self.filled = torch.zeros(cap, dtype=torch.int64)
-        self.score = torch.full((cap, k), float("-inf"), dtype=torch.float32)
-        self.pos = torch.full((cap, k), -1, dtype=torch.int64)
-        self.tokens = torch.full((cap, k, w), -1, dtype=torch.int32)
-        self.acts = torch.zeros((cap, k, w, t), dtype=torch.float32)
-        self.fired = torch.zeros((cap, k, w), dtype=torch.bool)
+        k, w, t, dev = self.k, self.width, self.n_types, self.device
+        self.filled = torch.zeros(cap, dtype=torch.int64, device=dev)
+        self.score = torch.full((cap, k), float("-inf"), dtype=torch.float32, device=dev)
+        self.pos = torch.full((cap, k), -1, dtype=torch.int64, device=dev)
+        self.tokens = torch.full((cap, k, w), -1, dtype=torch.int32, device=dev)
+        self.acts = torch.zeros((cap, k, w, t), dtype=torch.float32, device=dev)
+        self.fired = torch.zeros((cap, k, w), dtype=torch.bool, device=dev)
 
     FIELDS = ("filled", "score", "pos", "tokens", "acts", "fired")
 
@@ -58,7 +66,7 @@ class ExampleBank:
             cap = self.filled.shape[0]
             if need > cap:
                 self._grow(max(need, int(cap * 1.5) + 64))
-            self.row_of[new] = torch.arange(start, need)
+            self.row_of[new] = torch.arange(start, need, device=self.device)
             self.component = torch.cat([self.component, new])
             rows = self.row_of[comps]
         return rows
@@ -93,12 +101,13 @@ class ExampleBank:
         return out
 
     def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        comp = tensors[f"{prefix}.component"].to(torch.int64)
-        self.row_of = torch.full((self.n_components,), -1, dtype=torch.int64)
-        self.row_of[comp] = torch.arange(comp.shape[0])
+        dev = self.device
+        comp = tensors[f"{prefix}.component"].to(dev, torch.int64)
+        self.row_of = torch.full((self.n_components,), -1, dtype=torch.int64, device=dev)
+        self.row_of[comp] = torch.arange(comp.shape[0], device=dev)
         self.component = comp.clone()
         for f in self.FIELDS:
-            setattr(self, f, tensors[f"{prefix}.{f}"].clone())
+            setattr(self, f, tensors[f"{prefix}.{f}"].to(dev).clone())
 
 
 def reservoir_plan(
@@ -111,18 +120,21 @@ def reservoir_plan(
     end up in the reservoir after the batch (at most one per (component, slot)).
     """
     n = comps.shape[0]
+    dev = comps.device
     if n == 0:
-        empty = torch.empty(0, dtype=torch.int64)
+        empty = torch.empty(0, dtype=torch.int64, device=dev)
         return empty, empty
     order = torch.sort(comps, stable=True).indices  # group by component, data order within
     sc = comps[order]
-    starts = torch.ones(n, dtype=torch.bool)
+    starts = torch.ones(n, dtype=torch.bool, device=dev)
     starts[1:] = sc[1:] != sc[:-1]
-    group_start = torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values
-    rank = torch.arange(n) - group_start
+    ar = torch.arange(n, device=dev)
+    group_start = torch.cummax(torch.where(starts, ar, 0), 0).values
+    rank = ar - group_start
     t = before[order] + rank + 1  # 1-based index of this firing over the whole run
-    u = torch.rand(n, generator=gen, dtype=torch.float64)
-    r = torch.randint(0, k, (n,), generator=gen)
+    # the draws come from the CPU generator (the same numbers on every device)
+    u = torch.rand(n, generator=gen, dtype=torch.float64).to(dev)
+    r = torch.randint(0, k, (n,), generator=gen).to(dev)
     accept = (t <= k) | (u < k / t.to(torch.float64))
     slot = torch.where(t <= k, t - 1, r)
     ev = order[accept]
@@ -131,15 +143,16 @@ def reservoir_plan(
     key = sc[accept] * k + slot
     # last accepted event per (component, slot) wins
     uk, inv = torch.unique(key, return_inverse=True)
-    best = torch.full((uk.shape[0],), -1, dtype=torch.int64).scatter_reduce_(0, inv, tt, "amax")
+    best = torch.full((uk.shape[0],), -1, dtype=torch.int64, device=dev)
+    best.scatter_reduce_(0, inv, tt, "amax")
     win = tt == best[inv]
     return ev[win], slot[win]
 
 
 def topk_plan(
-    comps: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bank: ExampleBank
+    comps: torch.Tensor, values: torch.Tensor, bank: ExampleBank
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge this batch's candidates into the top-K rows.
+    """Merge this batch's candidates (events in data order) into the top-K rows.
 
     Returns ``(rows, slots, src_is_new, src_index)`` for every entry of the new top-K of each
     touched component (``src_index`` is an event index when new, else an old slot) plus the
@@ -156,36 +169,45 @@ def topk_plan(
         torch.full_like(values, float("-inf")),
     )
     cand = torch.nonzero(values.to(torch.float32) > kth).flatten()
+    dev = comps.device
     if cand.numel() == 0:
-        e = torch.empty(0, dtype=torch.int64)
-        return e, e, torch.empty(0, dtype=torch.bool), e, torch.empty(0)
+        e = torch.empty(0, dtype=torch.int64, device=dev)
+        return e, e, torch.empty(0, dtype=torch.bool, device=dev), e, torch.empty(0, device=dev)
     c_rows = row_of_event[cand]
     touched = torch.unique(c_rows)
     # existing entries of touched rows
     filled = bank.filled[touched]
-    slot_idx = torch.arange(k)[None, :].expand(touched.shape[0], k)
+    slot_idx = torch.arange(k, device=dev)[None, :].expand(touched.shape[0], k)
     ok = slot_idx < filled[:, None]
     old_rows = touched[:, None].expand_as(slot_idx)[ok]
     old_slots = slot_idx[ok]
     old_score = bank.score[old_rows, old_slots]
     all_rows = torch.cat([old_rows, c_rows])
     all_score = torch.cat([old_score, values[cand].to(torch.float32)])
-    all_pos = torch.cat([bank.pos[old_rows, old_slots], pos[cand]])
     is_new = torch.cat(
         [torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)]
     )
     src = torch.cat([old_slots, cand])
     # sort: row ascending, score descending, earlier position first on ties (so a merge of
     # shards ranks ties exactly like a single pass)
-    o = torch.sort(all_pos, stable=True).indices
-    o = o[torch.sort(all_score[o], descending=True, stable=True).indices]
-    o = o[torch.sort(all_rows[o], stable=True).indices]
+    # One stable sort by (row, score descending): the input lists each row's old entries
+    # first, already ranked (score descending, earlier position first), then the new events in
+    # data order, all later than the old ones, so equal scores stay in position order.
+    o = torch.sort(all_rows * (1 << 32) + descending_key(all_score), stable=True).indices
     r_sorted = all_rows[o]
     n = o.shape[0]
-    starts = torch.ones(n, dtype=torch.bool)
+    starts = torch.ones(n, dtype=torch.bool, device=dev)
     starts[1:] = r_sorted[1:] != r_sorted[:-1]
-    gs = torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values
-    rank = torch.arange(n) - gs
+    ar = torch.arange(n, device=dev)
+    gs = torch.cummax(torch.where(starts, ar, 0), 0).values
+    rank = ar - gs
     keep = rank < k
     o = o[keep]
     return all_rows[o], rank[keep], is_new[o], src[o], all_score[o]
+
+
+def descending_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 in ``[0, 2**32)`` that sorts float32 ``x`` descending (``-0.0`` equals ``0.0``)."""
+    b = (x.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    ascending = torch.where(b >= 0, b + (1 << 31), -1 - b)
+    return (1 << 32) - 1 - ascending

@@ -66,7 +66,9 @@ class TokenStats(_Frozen):
     PMI list ranks tokens with ``n(t) >= min_support`` using ``n(c,t) + 0.5`` (so that tokens
     the component avoids, including never co-occurring ones, rank lowest instead of being
     dropped). For ``kind="output"`` counts are expected next-token probability mass and each
-    ``count`` may be under-estimated by at most ``approximation_bound``.
+    ``count`` may be under-estimated by at most ``approximation_bound``; for ``kind="input"``
+    the bound is 0 (exact) unless the harvest bounded its token tables
+    (``token_table_max_pairs``).
     """
 
     key: str

@@ -228,9 +228,12 @@ class HarvestRepo:
         cols, vals = self._row(kind, g)
         n_c = int(self._stats.get_slice("firing_count")[g : g + 1][0])
         total = self._tensor("token_count" if kind == "input" else "next_token_mass")
-        bound = 0.0
+        # pruned counts of a bounded token table (0 when exact), plus, for output tokens, the
+        # mass outside the kept top-k
+        bound = float(self.meta.get(f"{kind}_prune_bound", 0.0))
         if kind == "output":
-            bound = max(0.0, n_c - float(self._stats.get_slice("output_kept_mass")[g : g + 1][0]))
+            kept = float(self._stats.get_slice("output_kept_mass")[g : g + 1][0])
+            bound += max(0.0, n_c - kept)
         lists = token_lists(
             cols,
             vals,

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 
 
 def run_dir_name(decomposition_id: str, config: HarvestConfig) -> str:
-    doc = json.dumps(
-        {"id": decomposition_id, "config": config.model_dump(mode="json")}, sort_keys=True
-    )
+    doc = json.dumps({"id": decomposition_id, "config": config.identity()}, sort_keys=True)
     return "run-" + hashlib.sha256(doc.encode()).hexdigest()[:10]
 
 
@@ -140,7 +139,13 @@ def run_harvest(
         return HarvestRepo(out)
     state_dir = out / "state" if world_size == 1 else shard_dir(out, rank, world_size)
     layout = Layout.of(adapter.sites, adapter.activation_types)
-    fn = host.harvest_fn(adapter, HarvestOptions(threshold=config.threshold, device=config.device))
+    options = HarvestOptions(
+        threshold=config.threshold,
+        device=config.device,
+        sparse=True,
+        next_token_top_k=config.output_top_k,
+    )
+    fn = host.harvest_fn(adapter, options)
     source = batches if batches is not None else dataset_batches(adapter, config)
 
     seq_len = int(config.seq_len or 128)
@@ -148,20 +153,22 @@ def run_harvest(
     my_batches = len(range(rank, total_batches, world_size))
     acc: HarvestAccumulator | None = None
     start = 0
-    found = load_checkpoint(state_dir)
+    found = load_checkpoint(state_dir, device=config.device)
     if found is not None:
         acc, meta = found
-        if acc.config != config or acc.layout != layout:
+        if acc.config.identity() != config.identity() or acc.layout != layout:
             raise ConfigError(
                 f"the checkpoint in {state_dir} was made with a different config or decomposition",
                 hint="use a different --out, or delete that directory to start over",
             )
+        acc.config = config  # the same up to the device, which may differ on a resume
         start = int(meta["next_local_batch"])
         if meta.get("complete"):
             start = my_batches
     t0 = time.perf_counter()
     done_tokens = acc.n_tokens if acc is not None else 0
     bar = _progress(progress, world_size, rank)
+    pacer = CheckpointPacer()
     processed = 0
     exhausted = False
     with bar:
@@ -185,21 +192,26 @@ def run_harvest(
             acc.update(batch, g)
             processed += 1
             bar.update(task, advance=int(tokens.numel()))
-            if (local + 1) % config.checkpoint_every == 0:
-                save_checkpoint(
-                    state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did}
-                )
+            if (local + 1) % config.checkpoint_every == 0 and pacer.due():
+                with pacer.timing():
+                    save_checkpoint(
+                        state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did}
+                    )
     if acc is None:
         raise ConfigError(
             f"the dataset yielded no batches for rank {rank}", hint="check --dataset and --n-tokens"
         )
     next_local = start + processed
     complete = exhausted or next_local >= my_batches
-    save_checkpoint(
-        state_dir,
-        acc,
-        {"next_local_batch": next_local, "decomposition_id": did, "complete": complete},
-    )
+    if not complete or world_size > 1:
+        # the state is what a later call resumes from, or this shard's part of the merge; a
+        # finished single-process run writes its results directly (a crash during that write
+        # resumes from the last periodic checkpoint)
+        save_checkpoint(
+            state_dir,
+            acc,
+            {"next_local_batch": next_local, "decomposition_id": did, "complete": complete},
+        )
     if not complete:
         return None
     meta = {"decomposition_id": did, "world_size": world_size, "seconds": time.perf_counter() - t0}
@@ -211,7 +223,36 @@ def run_harvest(
     return _merge_if_last(out, world_size, did)
 
 
+class CheckpointPacer:
+    """Keeps checkpoints cheap relative to the batches between them.
+
+    A checkpoint falls due every ``checkpoint_every`` batches, and is skipped while less than
+    ``RATIO`` times the last checkpoint's duration has passed since it ended, so writing state
+    costs at most about ``1 / RATIO`` of the run however large the state grows. Skipping is
+    safe: a state is exact at every batch boundary, so when checkpoints happen never changes
+    the result (a resume re-does the batches since the last one).
+    """
+
+    RATIO = 10.0
+
+    def __init__(self) -> None:
+        self._last_end = time.perf_counter()
+        self._last_cost = 0.0
+
+    def due(self) -> bool:
+        return time.perf_counter() - self._last_end >= self.RATIO * self._last_cost
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self._last_end = time.perf_counter()
+        self._last_cost = self._last_end - t0
+
+
 def _vocab_size(batch: Any, adapter: Any) -> int:
+    if batch.next_token_topk is not None:
+        return int(batch.next_token_topk.vocab_size)
     nt = batch.next_token_logits if batch.next_token_logits is not None else batch.next_token_probs
     if nt is not None:
         return int(nt.shape[-1])

@@ -13,6 +13,11 @@ of the buffer plus a linear share of the table per consolidation. Results do not
 consolidation happens (integer addition), so checkpoints and resumes are bit-identical.
 
 Integer tables (``dtype=torch.int64``) are exact. Float tables accumulate in float64.
+Everything runs on the table's device (sort, search and scatter are device ops), and the
+result is the same on any device: integer addition does not depend on order.
+
+``DensePairCounter`` has the same interface over a dense ``n_rows x n_cols`` table, for grids
+small enough to hold (a scatter-add per update, no sort); both give the same keys and values.
 """
 
 from __future__ import annotations
@@ -23,14 +28,22 @@ import torch
 class SparsePairCounter:
     """A map ``(row, col) -> value`` over an ``n_rows x n_cols`` grid, stored sparsely."""
 
-    def __init__(self, n_rows: int, n_cols: int, *, dtype: torch.dtype = torch.int64) -> None:
+    def __init__(
+        self,
+        n_rows: int,
+        n_cols: int,
+        *,
+        dtype: torch.dtype = torch.int64,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if n_rows * n_cols >= 2**62:
             raise ValueError(f"grid {n_rows} x {n_cols} does not fit int64 keys")
         self.n_rows = n_rows
         self.n_cols = n_cols
         self.dtype = dtype
-        self.keys = torch.empty(0, dtype=torch.int64)
-        self.values = torch.empty(0, dtype=dtype)
+        self.device = torch.device(device)
+        self.keys = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.values = torch.empty(0, dtype=dtype, device=self.device)
         self._buf_keys: list[torch.Tensor] = []
         self._buf_values: list[torch.Tensor | None] = []  # None: a weight of 1 per key
         self._buf_len = 0
@@ -45,8 +58,8 @@ class SparsePairCounter:
         """
         if keys.numel() == 0:
             return
-        self._buf_keys.append(keys.to(torch.int64))
-        self._buf_values.append(None if weights is None else weights.to(self.dtype))
+        self._buf_keys.append(keys.to(self.device, torch.int64))
+        self._buf_values.append(None if weights is None else weights.to(self.device, self.dtype))
         self._buf_len += int(keys.shape[0])
         if self._buf_len > self.buffer_limit:
             self.consolidate()
@@ -76,14 +89,31 @@ class SparsePairCounter:
         self._buf_keys, self._buf_values, self._buf_len = [], [], 0
         self.keys, self.values = _merge_sorted(self.keys, self.values, bk, bv)
 
-    def merge_(self, other: SparsePairCounter) -> None:
+    def merge_(self, other: SparsePairCounter | DensePairCounter) -> None:
         """Add another counter's entries (used to combine shards; exact for int64)."""
         if (other.n_rows, other.n_cols) != (self.n_rows, self.n_cols):
             raise ValueError("cannot merge counters over different grids")
         other.consolidate()
-        self._buf_keys.append(other.keys)
-        self._buf_values.append(other.values.to(self.dtype))
+        self._buf_keys.append(other.keys.to(self.device))
+        self._buf_values.append(other.values.to(self.device, self.dtype))
         self.consolidate()
+
+    def prune(self, keep: int) -> int:
+        """Drop the smallest entries so that at most ``keep`` remain; return the threshold.
+
+        Every entry with a value ``<= tau`` goes (``tau``: the value below which all but
+        ``keep`` entries lie), so each surviving or later re-created entry under-estimates its
+        exact total by at most the sum of the thresholds of all prunes (lossy counting), and a
+        dropped pair's exact total is at most that sum too.
+        """
+        self.consolidate()
+        n = int(self.keys.shape[0])
+        if n <= keep:
+            return 0
+        tau = int(torch.kthvalue(self.values.cpu(), n - keep).values)
+        mask = self.values > tau
+        self.keys, self.values = self.keys[mask], self.values[mask]
+        return tau
 
     # -- queries ----------------------------------------------------------------------------------
     def upper_len(self) -> int:
@@ -97,8 +127,8 @@ class SparsePairCounter:
     def row(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns and values of one row (binary search on the sorted keys)."""
         self.consolidate()
-        lo = int(torch.searchsorted(self.keys, torch.tensor(r * self.n_cols)))
-        hi = int(torch.searchsorted(self.keys, torch.tensor((r + 1) * self.n_cols)))
+        bounds = torch.tensor([r * self.n_cols, (r + 1) * self.n_cols], device=self.device)
+        lo, hi = torch.searchsorted(self.keys, bounds).tolist()
         return self.keys[lo:hi] % self.n_cols, self.values[lo:hi]
 
     def nbytes(self) -> int:
@@ -118,8 +148,104 @@ class SparsePairCounter:
 
     def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         self._buf_keys, self._buf_values, self._buf_len = [], [], 0
-        self.keys = tensors[f"{prefix}.keys"].to(torch.int64)
-        self.values = tensors[f"{prefix}.values"].to(self.dtype)
+        self.keys = tensors[f"{prefix}.keys"].to(self.device, torch.int64)
+        self.values = tensors[f"{prefix}.values"].to(self.device, self.dtype)
+
+
+class DensePairCounter:
+    """``SparsePairCounter``'s interface over a dense table (for grids that fit in memory).
+
+    Updates are one ``index_add_`` (no buffer, no sort); ``keys``/``values`` (the non-zero
+    entries, sorted) are derived on demand, so states, merges and results have the same form
+    and the same content as the sparse counter's. Rule of use: the harvest picks it when
+    ``n_rows * n_cols * 8`` bytes fit its dense budget (``HarvestConfig.dense_table_bytes``).
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        n_cols: int,
+        *,
+        dtype: torch.dtype = torch.int64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.n_rows = n_rows
+        self.n_cols = n_cols
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.table = torch.zeros(n_rows * n_cols, dtype=dtype, device=self.device)
+
+    def add_keys(self, keys: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        if keys.numel() == 0:
+            return
+        keys = keys.to(self.device, torch.int64)
+        if weights is None:
+            self.table.index_add_(
+                0, keys, torch.ones(keys.shape[0], dtype=self.dtype, device=self.device)
+            )
+        else:
+            self.table.index_add_(0, keys, weights.to(self.device, self.dtype))
+
+    def add(
+        self, rows: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> None:
+        self.add_keys(rows.to(torch.int64) * self.n_cols + cols.to(torch.int64), weights)
+
+    def add_dense_(self, rows: torch.Tensor, block: torch.Tensor) -> None:
+        """Add ``block`` ``[len(rows), len(rows)]`` at ``(rows[i], rows[j])`` (co-occurrence)."""
+        idx = rows[:, None] * self.n_cols + rows[None, :]
+        self.table.index_add_(0, idx.reshape(-1), block.reshape(-1).to(self.dtype))
+
+    def consolidate(self) -> None:
+        """Nothing to do: the table is always up to date."""
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return torch.nonzero(self.table).flatten()
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.table[self.keys]
+
+    def merge_(self, other: SparsePairCounter | DensePairCounter) -> None:
+        if (other.n_rows, other.n_cols) != (self.n_rows, self.n_cols):
+            raise ValueError("cannot merge counters over different grids")
+        other.consolidate()
+        self.add_keys(other.keys, other.values)
+
+    def upper_len(self) -> int:
+        return len(self)
+
+    def __len__(self) -> int:
+        return int(torch.count_nonzero(self.table))
+
+    def row(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seg = self.table[r * self.n_cols : (r + 1) * self.n_cols]
+        cols = torch.nonzero(seg).flatten()
+        return cols, seg[cols]
+
+    def nbytes(self) -> int:
+        return self.table.numel() * self.table.element_size()
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        keys = self.keys
+        return {f"{prefix}.keys": keys, f"{prefix}.values": self.table[keys]}
+
+    def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.table.zero_()
+        self.add_keys(tensors[f"{prefix}.keys"], tensors[f"{prefix}.values"])
+
+
+PairCounter = SparsePairCounter | DensePairCounter
+
+
+def pair_counter(
+    n_rows: int, n_cols: int, *, dense_bytes: int, device: torch.device | str
+) -> PairCounter:
+    """Dense when the ``n_rows x n_cols`` int64 table fits ``dense_bytes``, else sparse."""
+    if n_rows * n_cols * 8 <= dense_bytes:
+        return DensePairCounter(n_rows, n_cols, device=device)
+    return SparsePairCounter(n_rows, n_cols, device=device)
 
 
 def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +253,12 @@ def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     if keys.numel() == 0:
         return keys, values
     sk, order = torch.sort(keys)
-    new = torch.ones(sk.shape[0], dtype=torch.bool)
+    new = torch.ones(sk.shape[0], dtype=torch.bool, device=keys.device)
     new[1:] = sk[1:] != sk[:-1]
     gid = torch.cumsum(new, 0) - 1
-    out = torch.zeros(int(gid[-1]) + 1, dtype=values.dtype).index_add_(0, gid, values[order])
+    n_out = int(gid[-1]) + 1
+    out = torch.zeros(n_out, dtype=values.dtype, device=keys.device)
+    out.index_add_(0, gid, values[order])
     return sk[new], out
 
 
@@ -153,11 +281,12 @@ def _merge_sorted(
     nk, nv, nidx = bk[~found], bv[~found], idx[~found]
     # new key j goes before old position nidx[j]; its final slot is nidx[j] + j
     n = ak.shape[0] + nk.shape[0]
-    new_pos = nidx + torch.arange(nk.shape[0])
-    is_old = torch.ones(n, dtype=torch.bool)
+    dev = ak.device
+    new_pos = nidx + torch.arange(nk.shape[0], device=dev)
+    is_old = torch.ones(n, dtype=torch.bool, device=dev)
     is_old[new_pos] = False
-    keys = torch.empty(n, dtype=ak.dtype)
-    values = torch.empty(n, dtype=av.dtype)
+    keys = torch.empty(n, dtype=ak.dtype, device=dev)
+    values = torch.empty(n, dtype=av.dtype, device=dev)
     keys[is_old] = ak
     values[is_old] = av
     keys[new_pos] = nk

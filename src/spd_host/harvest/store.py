@@ -103,6 +103,8 @@ def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, t
 def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> None:
     """Write ``stats.safetensors``, ``harvest.db`` and finally ``harvest.json``."""
     path.mkdir(parents=True, exist_ok=True)
+    if acc.device.type != "cpu":  # one copy of the compact state to the host
+        acc = HarvestAccumulator.from_state(*acc.state(), device="cpu")
     C = acc.layout.total
     unit = 2.0**-PROB_FRAC_BITS
     t: dict[str, torch.Tensor] = {
@@ -143,6 +145,9 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         "vocab_size": acc.V,
         "cooc_n_tokens": acc.cooc_n_tokens,
         "kept_mass_total": float(acc.kept_mass_total) * unit,
+        # bounded token tables: how much any stored or missing n(c, t) / m(c, t) may be low
+        "input_prune_bound": float(acc.prune_bound["input"]),
+        "output_prune_bound": float(acc.prune_bound["output"]) * unit,
         "layout": acc.layout.as_json(),
         "config": acc.config.model_dump(mode="json"),
     }
@@ -156,19 +161,20 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
     con = sqlite3.connect(tmp)
     con.executescript(_SCHEMA)
     N = max(acc.n_tokens, 1)
-    fc = acc.firing_count.tolist()
-    gidx = range(acc.layout.total)
-    keys: list[str] = []
-    sites: list[str] = []
-    idxs: list[int] = []
-    for site, n in zip(acc.layout.names, acc.layout.sizes, strict=True):
-        keys += [f"{site}:{i}" for i in range(n)]
-        sites += [site] * n
-        idxs += range(n)
-    dens = [f / N for f in fc]
+    # one row per component that fired: dead components cost nothing here (their count, 0,
+    # is in stats.safetensors like every other component's)
+    alive = torch.nonzero(acc.firing_count).flatten()
+    fc = acc.firing_count[alive].tolist()
+    offsets = torch.tensor(acc.layout.offsets, dtype=torch.int64)
+    site_of = torch.searchsorted(offsets, alive, right=True) - 1
+    local = (alive - offsets[site_of]).tolist()
+    names = [acc.layout.names[i] for i in site_of.tolist()]
     con.executemany(
         "INSERT INTO components VALUES (?,?,?,?,?,?)",
-        zip(gidx, keys, sites, idxs, fc, dens, strict=True),
+        (
+            (g, f"{site}:{i}", site, i, f, f / N)
+            for g, site, i, f in zip(alive.tolist(), names, local, fc, strict=True)
+        ),
     )
     con.commit()
     con.execute("PRAGMA journal_mode=WAL")

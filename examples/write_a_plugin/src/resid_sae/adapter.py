@@ -25,6 +25,8 @@ from spd_host.adapter import (
     HarvestOptions,
     MethodInfo,
     Site,
+    next_token_topk_of,
+    sparse_activity_of,
 )
 from spd_host.errors import FormatError, SourceNotFoundError
 from spd_host.ids import DecompositionId
@@ -125,11 +127,18 @@ class ResidSaeAdapter:
             with topo.capture([self.hook_point]) as acts:
                 logits = model(tokens).logits
             f = self.encode(acts[self.hook_point])
+            fired = f > options.threshold
+            top_k = options.next_token_top_k if options.next_token else None
+            # a ReLU SAE's activations vanish where it does not fire: when the host accepts
+            # it, hand one entry per firing instead of [B, S, C] tensors
+            sparse = sparse_activity_of(fired, {"activation": f}) if options.sparse else None
             return HarvestBatch(
                 tokens=tokens,
-                firings={site: f > options.threshold},
-                activations={site: {"activation": f}},
-                next_token_logits=logits if options.next_token else None,
+                firings={site: fired} if sparse is None else {},
+                activations={site: {"activation": f}} if sparse is None else {},
+                sparse={site: sparse} if sparse is not None else {},
+                next_token_logits=logits if options.next_token and not top_k else None,
+                next_token_topk=next_token_topk_of(logits, top_k) if top_k else None,
             )
 
         return run

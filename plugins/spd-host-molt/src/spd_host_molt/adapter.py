@@ -21,6 +21,7 @@ from spd_host.adapter import (
     HarvestOptions,
     MethodInfo,
     Site,
+    next_token_topk_of,
 )
 from spd_host.errors import ConfigError, FormatError
 from spd_host.ids import DecompositionId
@@ -261,11 +262,14 @@ class MoltAdapter:
                 out = model(tokens.to(device))
             f, h = molt.encode(to_input(acts[self.reads_from]))
             logits = getattr(out, "logits", out)
+            top_k = options.next_token_top_k if options.next_token else None
+            # dense (the pre-activation is non-zero off the firings), left on the device
             return HarvestBatch(
                 tokens=tokens,
-                firings={site: (f > options.threshold).cpu()},
-                activations={site: {"activation": f.cpu(), "pre_activation": h.cpu()}},
-                next_token_logits=logits.float().cpu() if options.next_token else None,
+                firings={site: f > options.threshold},
+                activations={site: {"activation": f, "pre_activation": h}},
+                next_token_logits=logits.float() if options.next_token and not top_k else None,
+                next_token_topk=next_token_topk_of(logits, top_k) if top_k else None,
             )
 
         return run

@@ -1,0 +1,112 @@
+"""One site's firings of one batch as entries on the harvest device, from either input form.
+
+Every accumulation works on the entries ``(n, c, values)``: flat position ``n = b * S + s``,
+component ``c`` (local to the site) and one float32 value per activation type, sorted by
+``(n, c)``. Dense input (``[B, S, C]`` firings and activations) is made sparse on the device by
+one ``nonzero``; sparse input (``SparseActivity``) is sorted by ``(n, c)`` (entries may come
+in any order) and checked for duplicates. Window lookups read the dense tensors when the site
+came dense (so non-firing activations show in examples), else look the entries up by binary
+search (activations are zero off firings by the sparse contract); both agree whenever the
+sparse contract holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from spd_host.adapter import HarvestBatch
+from spd_host.errors import HarvestBatchError
+
+
+@dataclass
+class SiteEntries:
+    """The firing entries of one site in one batch (all tensors on the harvest device)."""
+
+    n: torch.Tensor  # [E] int64 flat positions
+    c: torch.Tensor  # [E] int64 local component
+    values: torch.Tensor  # [T, E] float32, one row per activation type
+    C: int
+    dense_fired: torch.Tensor | None = None  # [N, C] bool when the site came dense
+    dense_acts: tuple[torch.Tensor, ...] | None = None  # per type [N, C]
+    keys: torch.Tensor | None = None  # sorted n * C + c (sparse sites, for lookups)
+
+    @classmethod
+    def from_dense(
+        cls,
+        fired: torch.Tensor,
+        activations: dict[str, torch.Tensor],
+        act_types: Sequence[str],
+        device: torch.device | str | None = None,
+    ) -> SiteEntries:
+        """Entries of dense ``[..., C]`` firings and activations (one ``nonzero``)."""
+        C = int(fired.shape[-1])
+        dev = torch.device(device) if device is not None else fired.device
+        f = fired.to(dev).reshape(-1, C)
+        acts = tuple(activations[t].to(dev).reshape(-1, C) for t in act_types)
+        n, c = f.nonzero().unbind(1)
+        if acts:
+            values = torch.stack([a[n, c].to(torch.float32) for a in acts])
+        else:
+            values = torch.zeros(0, n.shape[0], dtype=torch.float32, device=dev)
+        return cls(n, c, values, C, dense_fired=f, dense_acts=acts)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.dense_fired is not None
+
+    def lookup(self, rows: torch.Tensor, comps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fired [n, w] bool, acts [n, w, T] float32)`` at flat positions ``rows [n, w]``
+        of components ``comps [n]``."""
+        T = self.values.shape[0]
+        flat = (rows * self.C + comps[:, None]).reshape(-1)
+        shape = rows.shape
+        if self.dense_fired is not None and self.dense_acts is not None:
+            fired = self.dense_fired.reshape(-1).index_select(0, flat).view(shape)
+            acts = torch.stack(
+                [
+                    a.reshape(-1).index_select(0, flat).view(shape).to(torch.float32)
+                    for a in self.dense_acts
+                ],
+                -1,
+            )
+            return fired, acts
+        assert self.keys is not None
+        E = self.keys.shape[0]
+        if E == 0:
+            z = torch.zeros(shape, dtype=torch.bool, device=rows.device)
+            return z, torch.zeros((*shape, T), dtype=torch.float32, device=rows.device)
+        idx = torch.searchsorted(self.keys, flat).clamp(max=E - 1)
+        found = self.keys[idx] == flat
+        vals = self.values[:, idx].T  # [n*w, T]
+        acts = torch.where(found[:, None], vals, torch.zeros_like(vals))
+        return found.view(shape), acts.view(*shape, T)
+
+
+def site_entries(
+    batch: HarvestBatch,
+    site: str,
+    C: int,
+    N: int,
+    act_types: Sequence[str],
+    device: torch.device,
+) -> SiteEntries:
+    """The site's entries from whichever form the plugin used (see the module docstring)."""
+    sp = batch.sparse.get(site) if batch.sparse else None
+    if sp is None:
+        return SiteEntries.from_dense(
+            batch.firings[site], dict(batch.activations[site]), act_types, device
+        )
+    n = sp.position.to(device, torch.int64)
+    c = sp.component.to(device, torch.int64)
+    keys = n * C + c
+    keys, order = torch.sort(keys)
+    if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
+        raise HarvestBatchError(
+            f"the sparse activity of site {site!r} lists a (position, component) entry twice",
+            hint="this is a bug in the plugin's harvest_fn: each firing is one entry",
+        )
+    values = torch.stack([sp.values[t].to(device, torch.float32)[order] for t in act_types])
+    return SiteEntries(torch.div(keys, C, rounding_mode="floor"), keys % C, values, C, keys=keys)

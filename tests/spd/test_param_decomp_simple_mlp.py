@@ -168,3 +168,5 @@ def test_goodfire_llama_simple_mlp_target_from_its_pretrain_run(tmp_path: Path) 
     params = write_pd_run(run_dir, spec, model, steps=(100,))
     adapter = get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
     _check(adapter, spec, params, model, vocab=VOCAB)
+    tokenizer = adapter.load_tokenizer()  # the pretrain run's own saved tokenizer
+    assert len(tokenizer) <= VOCAB and tokenizer("a b").input_ids

@@ -224,12 +224,7 @@ class PdAdapter:
 
     def load_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from spd_host.models import load_tokenizer
-
-            data = self.config.data
-            self._tokenizer = load_tokenizer(
-                (data.tokenizer_name if data else None) or self.base_model_name
-            )
+            self._tokenizer = tgt.load_target_tokenizer(self.config)
         return self._tokenizer
 
     # -- splice --------------------------------------------------------------------------------

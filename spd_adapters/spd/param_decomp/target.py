@@ -144,6 +144,25 @@ def build_skeleton(cfg: LaunchConfig) -> nn.Module:
         return cls(hf_config(cfg))  # type: ignore[no-any-return]
 
 
+def load_target_tokenizer(cfg: LaunchConfig) -> Any:
+    """``data.tokenizer_name`` (older configs) or the target's own: the HF model's tokenizer, or
+    a pretrained target's pretrain-run tokenizer (``spd_adapters.spd.targets.tokenizer``)."""
+    from spd_host.models import load_tokenizer
+
+    name = cfg.data.tokenizer_name if cfg.data else None
+    if _is_pretrained(cfg) and not _PRETRAINED_LOADER:
+        run_path = cfg.target.spec.get("run_path")
+        try:
+            from spd_adapters.spd.targets.run_reader import locate
+            from spd_adapters.spd.targets.tokenizer import load_pretrain_tokenizer
+        except ImportError:
+            pass
+        else:
+            if isinstance(run_path, str):
+                return load_pretrain_tokenizer(locate(run_path), name)
+    return load_tokenizer(name or target_name(cfg))
+
+
 def load_target(cfg: LaunchConfig) -> nn.Module:
     """The frozen target model (eval mode, fp32, no grads) named by ``target.spec``."""
     from spd_host.models import load_base_model

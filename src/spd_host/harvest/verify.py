@@ -123,8 +123,16 @@ def verify_files(path: Path, meta: dict[str, Any]) -> None:
             con.close()
     except sqlite3.Error as err:
         raise damaged(path, f"{DB_FILE} cannot be read ({err})") from None
-    if rows != n_components:
-        raise damaged(path, f"{DB_FILE} has {rows} component rows, the layout has {n_components}")
+    # one row per component that fired (dead components cost nothing beyond their count)
+    try:
+        with safe_open(str(path / STATS_FILE), framework="pt") as f:
+            n_alive = int((f.get_tensor("firing_count") > 0).sum())
+    except Exception as err:  # safetensors raises its own error type for truncated data
+        raise damaged(path, f"{STATS_FILE}: firing_count cannot be read ({err})") from None
+    if rows != n_alive:
+        raise damaged(
+            path, f"{DB_FILE} has {rows} component rows, the stats have {n_alive} alive components"
+        )
 
 
 def _check_indptr_ends(path: Path, meta: dict[str, Any], n_components: int) -> None:

@@ -106,18 +106,32 @@ class DictionaryAdapter(ABC):
 
     def load_base_model(self) -> torch.nn.Module:
         if self._model is None:
+            from spd_adapters.spd.targets.loading import is_pretrain_run, load_pretrain_run
             from spd_host.models import load_base_model
 
-            model = load_base_model(self._model_source())
+            source = self._model_source()
+            # Goodfire's transcoder/CLT configs may name one of their own pretrain runs
+            model = (
+                load_pretrain_run(source) if is_pretrain_run(source) else load_base_model(source)
+            )
             self.check_hooks(model)
             self._model = model
         return self._model
 
     def load_tokenizer(self) -> Any:
         if self._tokenizer is None:
+            from spd_adapters.spd.targets.loading import (
+                is_pretrain_run,
+                load_pretrain_run_tokenizer,
+            )
             from spd_host.models import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self._model_source())
+            source = self._model_source()
+            self._tokenizer = (
+                load_pretrain_run_tokenizer(source)
+                if is_pretrain_run(source)
+                else load_tokenizer(source)
+            )
         return self._tokenizer
 
     def check_hooks(self, model: torch.nn.Module) -> None:

@@ -85,14 +85,6 @@ class CLTAdapter(DictionaryAdapter):
             self.clt.to(device)
         return self
 
-    def _model_source(self) -> str:
-        name = super()._model_source()
-        if self.layout.format == "goodfire":
-            from spd_adapters.transcoder.goodfire import check_base_model
-
-            return check_base_model(name, self.layout.root)
-        return name
-
     def with_inference(self, mode: str) -> CLTAdapter:
         """The same Goodfire CLT read with BatchTopK ``mode``: ``batch_topk`` or ``topk``.
 

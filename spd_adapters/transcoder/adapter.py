@@ -120,14 +120,6 @@ class TranscoderAdapter(DictionaryAdapter):
         """
         return self.dictionary(site).reconstruct(acts, target)
 
-    def _model_source(self) -> str:
-        name = super()._model_source()
-        if self.layout.format == "goodfire":
-            from spd_adapters.transcoder.goodfire import check_base_model
-
-            return check_base_model(name, self.layout.root)
-        return name
-
     # -- options -------------------------------------------------------------------------------
     @property
     def inference(self) -> str | None:

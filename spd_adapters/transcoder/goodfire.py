@@ -372,18 +372,6 @@ def resolve_artifact(ref: str, base: Path, where: str) -> Path:
     return root
 
 
-def check_base_model(name: str, where: Path) -> str:
-    """``name`` if spd-host can load it; a clear error for Goodfire pretrain runs (``wandb:``)."""
-    if name.startswith("wandb:"):
-        raise FormatError(
-            f"{where}: base_model_path {name!r} is a Goodfire pretrain run, which this plugin "
-            "cannot load as a base model",
-            hint="set base_model_path to a Hugging Face model name or a local model directory "
-            "holding the same weights",
-        )
-    return name
-
-
 def resolve_base_model(name: str, base: Path) -> str:
     """``base_model_path`` as written, or an existing local path relative to the config file."""
     if name.startswith("wandb:") or "://" in name:

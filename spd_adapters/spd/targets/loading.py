@@ -153,3 +153,47 @@ def load_pretrained(model_type: str, name: str) -> nn.Module:
     return load_model(
         read_config(run, model_type), read_checkpoint(run.checkpoint), where=run.checkpoint
     )
+
+
+def is_pretrain_run(name: str) -> bool:
+    """Whether a base-model name is a Goodfire pretrain run rather than a Hugging Face model.
+
+    Goodfire's transcoder/CLT harvest configs name their base model as a pretrain run
+    (``wandb:<entity>/<project>/<run id>``) or a local run directory / ``model_step_<N>.pt``.
+    """
+    from spd_adapters.spd.targets.run_reader import MODEL_CONFIG
+
+    if name.startswith("wandb:"):
+        return True
+    path = Path(name).expanduser()
+    if path.is_file():
+        return (path.parent / MODEL_CONFIG).is_file() or (
+            path.parent.parent / MODEL_CONFIG
+        ).is_file()
+    return path.is_dir() and (path / MODEL_CONFIG).is_file()
+
+
+def _model_type_of(run: PretrainRun) -> str:
+    model_type = run.read_model_config().get("model_type")
+    if not isinstance(model_type, str):
+        raise FormatError(
+            f"{run.model_config}: no model_type",
+            hint=f"a Goodfire pretrain run's model_config.yaml names one of {', '.join(CONFIG_CLASSES)}",
+        )
+    return model_type
+
+
+def load_pretrain_run(name: str) -> nn.Module:
+    """The model of a pretrain run named on its own; the class comes from ``model_type``."""
+    run = locate(name)
+    assert run.checkpoint is not None  # located with weights
+    return load_model(
+        read_config(run, _model_type_of(run)), read_checkpoint(run.checkpoint), where=run.checkpoint
+    )
+
+
+def load_pretrain_run_tokenizer(name: str) -> Any:
+    """The tokenizer a pretrain run was trained with (its saved files, else its Hub name)."""
+    from spd_adapters.spd.targets.tokenizer import load_pretrain_tokenizer
+
+    return load_pretrain_tokenizer(locate(name, weights=False), None)

@@ -288,5 +288,5 @@ def test_bad_harvest_configs(tmp_path: Path, gen: torch.Generator) -> None:
         tmp_path / "w.yaml", "wandb:goodfire/spd/t-32d1bb3b", {"h.0.mlp": "L0"}
     )
     adapter = load(wandb_model)  # a Goodfire pretrain run: read from the wandb cache
-    with pytest.raises(SourceNotFoundError, match="t-32d1bb3b.*not in the local cache"):
+    with pytest.raises(SourceNotFoundError, match=r"t-32d1bb3b.*not in the local cache"):
         adapter.load_base_model()

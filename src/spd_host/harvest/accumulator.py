@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from spd_host.adapter import HarvestBatch, Site
+from spd_host.errors import HarvestBatchError
 from spd_host.harvest.config import HarvestConfig
 from spd_host.harvest.cooccurrence import count_batch
 from spd_host.harvest.entries import SiteEntries, site_entries
@@ -215,7 +216,10 @@ class HarvestAccumulator:
         flat_tok = tokens.reshape(N)
         lo, hi = torch.aminmax(flat_tok)
         if int(hi) >= self.V or int(lo) < 0:
-            raise ValueError(f"token ids outside [0, {self.V}) in batch {global_batch}")
+            raise HarvestBatchError(
+                f"token ids outside [0, {self.V}) in batch {global_batch}",
+                hint="the dataset's tokenizer does not match the decomposition's vocabulary",
+            )
         gen = batch_generator(cfg.seed, global_batch)
         self.token_count += torch.bincount(flat_tok, minlength=self.V)
         # next-token distribution, top-k per position (topk + logsumexp, no softmax)

@@ -236,10 +236,20 @@ class HarvestAccumulator:
         all_g: list[torch.Tensor] = []
         all_v: list[torch.Tensor] = []
         all_m: list[torch.Tensor] = []  # [T, E]: the entry's value counts in the all-position sum
-        for site, off, C in zip(
-            self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
-        ):
-            e = site_entries(batch, site, C, N, self.layout.act_types, dev)
+        sites = [
+            (off, site_entries(batch, site, C, N, self.layout.act_types, dev))
+            for site, off, C in zip(
+                self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
+            )
+        ]
+        # bank rows for every component firing for the first time, all sites at once (one
+        # growth per batch at most); every firing component enters both banks this batch
+        fresh = torch.cat([e.c + off for off, e in sites])
+        if fresh.numel():
+            fresh = torch.unique(fresh[self.top.row_of[fresh] < 0])
+            self.reservoir.rows_for(fresh)
+            self.top.rows_for(fresh)
+        for off, e in sites:
             n, cl = e.n, e.c
             g = cl + off
             from_firings = self._add_dense_sums(e, off, N)

@@ -27,3 +27,21 @@ def test_windows_match_brute_force(strided: bool) -> None:
             assert int(w.tokens[e, k]) == (int(tokens[b[e], p]) if inside else PAD)
             assert bool(w.fired[e, k]) == (inside and bool(fired[b[e], p, c[e]]))
             assert float(w.acts[e, k, 0]) == (float(acts[b[e], p, c[e]]) if inside else 0.0)
+
+
+def test_sparse_site_windows_match_brute_force() -> None:
+    """A sparse site (entries only; zero elsewhere) looked up by neighbours in component order."""
+    gen = torch.Generator().manual_seed(2)
+    B, S, C, W = 4, 9, 3, 3
+    tokens = torch.randint(0, 50, (B, S), generator=gen)
+    fired = torch.rand(B, S, C, generator=gen) < 0.45
+    acts = torch.where(fired, torch.rand(B, S, C, generator=gen) + 0.1, torch.zeros(B, S, C))
+    dense = SiteEntries.from_dense(fired, {"x": acts}, ["x"])
+    sparse = SiteEntries(dense.n, dense.c, dense.values, C, keys=dense.n * C + dense.c, n_pos=B * S)
+    b, s, c = fired.nonzero().unbind(1)
+    w = extract_windows(tokens, sparse, b, s, c, W)
+    for e in range(b.shape[0]):
+        for k, p in enumerate(range(int(s[e]) - W, int(s[e]) + W + 1)):
+            inside = 0 <= p < S
+            assert bool(w.fired[e, k]) == (inside and bool(fired[b[e], p, c[e]]))
+            assert float(w.acts[e, k, 0]) == (float(acts[b[e], p, c[e]]) if inside else 0.0)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from spd_host.adapter import HarvestBatch, Site
+from spd_host.errors import HarvestBatchError
 from spd_host.harvest.config import HarvestConfig
 from spd_host.harvest.cooccurrence import count_batch
 from spd_host.harvest.entries import SiteEntries, site_entries
@@ -215,7 +216,10 @@ class HarvestAccumulator:
         flat_tok = tokens.reshape(N)
         lo, hi = torch.aminmax(flat_tok)
         if int(hi) >= self.V or int(lo) < 0:
-            raise ValueError(f"token ids outside [0, {self.V}) in batch {global_batch}")
+            raise HarvestBatchError(
+                f"token ids outside [0, {self.V}) in batch {global_batch}",
+                hint="the dataset's tokenizer does not match the decomposition's vocabulary",
+            )
         gen = batch_generator(cfg.seed, global_batch)
         self.token_count += torch.bincount(flat_tok, minlength=self.V)
         # next-token distribution, top-k per position (topk + logsumexp, no softmax)
@@ -232,10 +236,20 @@ class HarvestAccumulator:
         all_g: list[torch.Tensor] = []
         all_v: list[torch.Tensor] = []
         all_m: list[torch.Tensor] = []  # [T, E]: the entry's value counts in the all-position sum
-        for site, off, C in zip(
-            self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
-        ):
-            e = site_entries(batch, site, C, N, self.layout.act_types, dev)
+        sites = [
+            (off, site_entries(batch, site, C, N, self.layout.act_types, dev))
+            for site, off, C in zip(
+                self.layout.names, self.layout.offsets, self.layout.sizes, strict=True
+            )
+        ]
+        # bank rows for every component firing for the first time, all sites at once (one
+        # growth per batch at most); every firing component enters both banks this batch
+        fresh = torch.cat([e.c + off for off, e in sites])
+        if fresh.numel():
+            fresh = torch.unique(fresh[self.top.row_of[fresh] < 0])
+            self.reservoir.rows_for(fresh)
+            self.top.rows_for(fresh)
+        for off, e in sites:
             n, cl = e.n, e.c
             g = cl + off
             from_firings = self._add_dense_sums(e, off, N)

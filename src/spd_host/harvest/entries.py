@@ -32,6 +32,8 @@ class SiteEntries:
     dense_fired: torch.Tensor | None = None  # [N, C] bool when the site came dense
     dense_acts: tuple[torch.Tensor, ...] | None = None  # per type [N, C]
     keys: torch.Tensor | None = None  # sorted n * C + c (sparse sites, for lookups)
+    n_pos: int = 0  # positions in the batch (sparse sites)
+    _by_comp: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted c * n_pos + n, order)
 
     @classmethod
     def from_dense(
@@ -78,11 +80,56 @@ class SiteEntries:
         if E == 0:
             z = torch.zeros(shape, dtype=torch.bool, device=rows.device)
             return z, torch.zeros((*shape, T), dtype=torch.float32, device=rows.device)
+        if shape[1] % 2 == 1 and self.n_pos:
+            found_w = self._window_lookup(rows, comps)
+            if found_w is not None:
+                return found_w
         idx = torch.searchsorted(self.keys, flat).clamp(max=E - 1)
         found = self.keys[idx] == flat
         vals = self.values[:, idx].T  # [n*w, T]
         acts = torch.where(found[:, None], vals, torch.zeros_like(vals))
         return found.view(shape), acts.view(*shape, T)
+
+    def _window_lookup(
+        self, rows: torch.Tensor, comps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Windows whose centre ``rows[:, W]`` is a firing of ``comps``, without a search per slot.
+
+        In the entries sorted by ``(component, position)`` a component's firings within ``W``
+        positions of one of its firings are among the ``W`` entries before and after it; so one
+        search finds each centre and a ``[n, 2W+1]`` gather of its neighbours gives every
+        candidate, kept where it is the same component at exactly the slot's position (which
+        also rules out the neighbouring sequence). None when a centre is not a firing.
+        """
+        if self._by_comp is None:
+            ck, order = torch.sort(self.c * self.n_pos + self.n)
+            self._by_comp = (ck, order)
+        ck, order = self._by_comp
+        E = ck.shape[0]
+        n, width = rows.shape
+        W = width // 2
+        centre = rows[:, W]
+        want = comps * self.n_pos + centre
+        j = torch.searchsorted(ck, want).clamp(max=E - 1)
+        if not bool((ck[j] == want).all()):
+            return None
+        cand = (j[:, None] + torch.arange(-W, W + 1, device=rows.device)).clamp(0, E - 1)
+        key = ck[cand]
+        pos = key % self.n_pos
+        slot = pos - centre[:, None] + W
+        ok = (torch.div(key, self.n_pos, rounding_mode="floor") == comps[:, None]) & (
+            (slot >= 0) & (slot < width)
+        )
+        slot = slot.clamp(0, width - 1)
+        ok &= torch.gather(rows, 1, slot) == pos
+        ev = torch.arange(n, device=rows.device)[:, None].expand(n, width)[ok]
+        dst = ev * width + slot[ok]
+        T = self.values.shape[0]
+        fired = torch.zeros(n * width, dtype=torch.bool, device=rows.device)
+        fired[dst] = True
+        acts = torch.zeros(n * width, T, dtype=torch.float32, device=rows.device)
+        acts[dst] = self.values[:, order[cand[ok]]].T
+        return fired.view(n, width), acts.view(n, width, T)
 
 
 def site_entries(
@@ -109,4 +156,5 @@ def site_entries(
             hint="this is a bug in the plugin's harvest_fn: each firing is one entry",
         )
     values = torch.stack([sp.values[t].to(device, torch.float32)[order] for t in act_types])
-    return SiteEntries(torch.div(keys, C, rounding_mode="floor"), keys % C, values, C, keys=keys)
+    n = torch.div(keys, C, rounding_mode="floor")
+    return SiteEntries(n, keys % C, values, C, keys=keys, n_pos=N)

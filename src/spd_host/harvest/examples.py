@@ -65,7 +65,7 @@ class ExampleBank:
             need = start + new.numel()
             cap = self.filled.shape[0]
             if need > cap:
-                self._grow(max(need, int(cap * 1.5) + 64))
+                self._grow(max(need, cap * 2 + 64))
             self.row_of[new] = torch.arange(start, need, device=self.device)
             self.component = torch.cat([self.component, new])
             rows = self.row_of[comps]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from spd_host.adapter import HarvestBatch
+from spd_host.errors import HarvestBatchError
 
 
 def next_token_topk(
@@ -22,13 +23,13 @@ def next_token_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs [N, k'] float64, token ids [N, k'] int64)``; ``k' = 0`` without next-token data.
 
-    Raises ``ValueError`` when the vocabulary does not match ``V``.
+    Raises ``HarvestBatchError`` when the vocabulary does not match ``V``.
     """
     k = min(k, V)
     tk = batch.next_token_topk
     if tk is not None:
         if int(tk.vocab_size) != V:
-            raise ValueError(
+            raise _vocab_error(
                 f"next-token top-k is over {tk.vocab_size} classes, expected vocab {V}"
             )
         lv = tk.values.to(device).reshape(N, -1).to(torch.float32)
@@ -41,14 +42,16 @@ def next_token_topk(
     if batch.next_token_logits is not None:
         logits = batch.next_token_logits.to(device).reshape(N, -1)
         if logits.shape[1] != V:
-            raise ValueError(f"next-token tensor has {logits.shape[1]} classes, expected vocab {V}")
+            raise _vocab_error(
+                f"next-token tensor has {logits.shape[1]} classes, expected vocab {V}"
+            )
         lv, li = torch.topk(logits, k, dim=-1, sorted=False)
         lse = torch.logsumexp(logits.to(torch.float32), dim=-1)
         return _probs(lv.to(torch.float32), lse), li
     if batch.next_token_probs is not None:
         p = batch.next_token_probs.to(device).reshape(N, -1).to(torch.float32)
         if p.shape[1] != V:
-            raise ValueError(f"next-token tensor has {p.shape[1]} classes, expected vocab {V}")
+            raise _vocab_error(f"next-token tensor has {p.shape[1]} classes, expected vocab {V}")
         pv, pi = torch.topk(p, k, dim=-1, sorted=False)
         return pv.to(torch.float64), pi
     empty = torch.zeros(N, 0, dtype=torch.float64, device=device)
@@ -66,3 +69,9 @@ def _probs(values: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     v = values.to("cpu", torch.float64)
     p = torch.exp(v - lse.to("cpu", torch.float64)[:, None])
     return p.to(dev)
+
+
+def _vocab_error(message: str) -> HarvestBatchError:
+    return HarvestBatchError(
+        message, hint="every batch's next-token data must cover the same vocabulary"
+    )

@@ -93,6 +93,7 @@ CASES = [
     # eval options
     Case("eval fidelity --n-tokens 0", lambda t: ["eval", "fidelity", "transcoder:demo", "--n-tokens", "0"], "invalid --n-tokens 0"),
     Case("eval fidelity --batch-size 0", lambda t: ["eval", "fidelity", "transcoder:demo", "--batch-size", "0"], "invalid --batch-size 0"),
+    Case("eval fidelity --seq-len past positions", lambda t: ["eval", "fidelity", "transcoder:demo", "--seq-len", "100000"], "--seq-len: seq_len 100000 is longer than the model's context"),
     Case("eval intruder --cost-cap nan", lambda t: ["eval", "intruder", "transcoder:demo", "--cost-cap", "nan"], "invalid --cost-cap nan"),
     Case("eval intruder --timeout 0", lambda t: ["eval", "intruder", "transcoder:demo", "--timeout", "0"], "invalid --timeout 0"),
     # IDs and files

@@ -83,6 +83,10 @@ def run_many(
     results = []
     failures: list[tuple[str, str, SpdHostError]] = []
     options = common_data_options(ids, options)
+    if any("seq_len" in get_suite(n).config_model.model_fields for n in suite_names):
+        from spd_host.cli.options import check_seq_len_fits
+
+        check_seq_len_fits(ids, options.get("seq_len"))
     for suite_name in suite_names:
         suite = get_suite(suite_name)
         config = _config(suite, options)

@@ -40,6 +40,10 @@ SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequen
 Dataset = Annotated[
     str | None, typer.Option("--dataset", help="Token source (default: the decomposition's).")
 ]
+TextColumn = Annotated[
+    str | None,
+    typer.Option("--text-column", help="Text column of a .jsonl/Hub dataset (default: recorded)."),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 Wandb = Annotated[bool, typer.Option("--wandb", help="Also log the results to a wandb run.")]
 WandbProject = Annotated[str, typer.Option("--wandb-project", help="wandb project for --wandb.")]
@@ -168,6 +172,7 @@ def fidelity(
     batch_size: BatchSize = None,
     seq_len: SeqLen = None,
     dataset: Dataset = None,
+    text_column: TextColumn = None,
     variant: Annotated[
         list[str] | None, typer.Option("--variant", help="Splice variant(s); default all.")
     ] = None,
@@ -191,6 +196,7 @@ def fidelity(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
+        "text_column": text_column,
         "variants": tuple(variant) if variant else None,
         "per_site": per_site,
     }
@@ -317,6 +323,7 @@ def run(
     batch_size: BatchSize = None,
     seq_len: SeqLen = None,
     dataset: Dataset = None,
+    text_column: TextColumn = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -333,6 +340,7 @@ def run(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
+        "text_column": text_column,
     }
     run_many(
         [suite],
@@ -358,6 +366,7 @@ def run_all(
     batch_size: BatchSize = None,
     seq_len: SeqLen = None,
     dataset: Dataset = None,
+    text_column: TextColumn = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -376,6 +385,7 @@ def run_all(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
+        "text_column": text_column,
     }
     run_many(
         list(eval_suites()),

@@ -4,6 +4,7 @@ plugin-registered suites, and several IDs in one comparison table."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -140,7 +141,9 @@ def test_wandb_run_flags_and_keys_without_spaces(host, corpus, tmp_path, monkeyp
     # (wandb keeps its first settings per process, so find the run from what the CLI printed)
     where = " ".join(result.output.split()).split("to wandb: ")[1].split()[0]
     (log,) = list(Path(where).parent.rglob("run-*.wandb"))
-    data = log.read_bytes()
+    deadline = time.monotonic() + 30  # wandb's service process may still be writing it
+    while b"CE_score" not in (data := log.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"fidelity/toytc:demo/relu/CE_score" in data and b"relu/CE score" not in data
     for value in (b"my-run", b"grp"):
         assert value in data

@@ -61,6 +61,12 @@ def _pipeline_run(tmp: Path) -> str:
     return f"spd:{run}"
 
 
+def _jsonl(tmp: Path) -> str:
+    f = tmp / "docs.jsonl"
+    f.write_text('{"body": "some text to tokenize"}\n')
+    return str(f)
+
+
 H = ["harvest", "transcoder:demo"]
 A = ["autointerp", "transcoder:demo", "--no-progress"]
 
@@ -93,6 +99,9 @@ CASES = [
     # eval options
     Case("eval fidelity --n-tokens 0", lambda t: ["eval", "fidelity", "transcoder:demo", "--n-tokens", "0"], "invalid --n-tokens 0"),
     Case("eval fidelity --batch-size 0", lambda t: ["eval", "fidelity", "transcoder:demo", "--batch-size", "0"], "invalid --batch-size 0"),
+    Case("eval fidelity --seq-len past positions", lambda t: ["eval", "fidelity", "transcoder:demo", "--seq-len", "100000"], "--seq-len: seq_len 100000 is longer than the model's context"),
+    Case("eval fidelity --text-column missing", lambda t: ["eval", "fidelity", "transcoder:demo", "--dataset", _jsonl(t), "--text-column", "nosuch"], "has no 'nosuch' field"),
+    Case("harvest --text-column missing", lambda t: [*H, "--dataset", _jsonl(t), "--text-column", "nosuch", "--out", str(t / "o")], "has no 'nosuch' field"),
     Case("eval intruder --cost-cap nan", lambda t: ["eval", "intruder", "transcoder:demo", "--cost-cap", "nan"], "invalid --cost-cap nan"),
     Case("eval intruder --timeout 0", lambda t: ["eval", "intruder", "transcoder:demo", "--timeout", "0"], "invalid --timeout 0"),
     # IDs and files

@@ -40,6 +40,10 @@ SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequen
 Dataset = Annotated[
     str | None, typer.Option("--dataset", help="Token source (default: the decomposition's).")
 ]
+TextColumn = Annotated[
+    str | None,
+    typer.Option("--text-column", help="Text column of a .jsonl/Hub dataset (default: recorded)."),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 Wandb = Annotated[bool, typer.Option("--wandb", help="Also log the results to a wandb run.")]
 WandbProject = Annotated[str, typer.Option("--wandb-project", help="wandb project for --wandb.")]
@@ -83,6 +87,10 @@ def run_many(
     results = []
     failures: list[tuple[str, str, SpdHostError]] = []
     options = common_data_options(ids, options)
+    if any("seq_len" in get_suite(n).config_model.model_fields for n in suite_names):
+        from spd_host.cli.options import check_seq_len_fits
+
+        check_seq_len_fits(ids, options.get("seq_len"))
     for suite_name in suite_names:
         suite = get_suite(suite_name)
         config = _config(suite, options)
@@ -164,6 +172,7 @@ def fidelity(
     batch_size: BatchSize = None,
     seq_len: SeqLen = None,
     dataset: Dataset = None,
+    text_column: TextColumn = None,
     variant: Annotated[
         list[str] | None, typer.Option("--variant", help="Splice variant(s); default all.")
     ] = None,
@@ -187,6 +196,7 @@ def fidelity(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
+        "text_column": text_column,
         "variants": tuple(variant) if variant else None,
         "per_site": per_site,
     }
@@ -313,6 +323,7 @@ def run(
     batch_size: BatchSize = None,
     seq_len: SeqLen = None,
     dataset: Dataset = None,
+    text_column: TextColumn = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -329,6 +340,7 @@ def run(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
+        "text_column": text_column,
     }
     run_many(
         [suite],
@@ -354,6 +366,7 @@ def run_all(
     batch_size: BatchSize = None,
     seq_len: SeqLen = None,
     dataset: Dataset = None,
+    text_column: TextColumn = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -372,6 +385,7 @@ def run_all(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
+        "text_column": text_column,
     }
     run_many(
         list(eval_suites()),

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from spd_host.errors import ConfigError
+from spd_host.errors import ConfigError, SpdHostError
 from spd_host.safe_text import printable
 
 M = TypeVar("M", bound=BaseModel)
@@ -110,3 +110,27 @@ def writable_dir(raw: Path | None, flag: str = "--out") -> Path | None:
             hint=f"choose a {flag} under a directory you can write to",
         )
     return path
+
+
+def check_seq_len_fits(ids: list[str], seq_len: int | None) -> None:
+    """Refuse up front a sequence length (given, or each decomposition's recorded one) longer
+    than a base model's positions, instead of an IndexError deep in the forward pass."""
+    from spd_host.data import check_seq_len
+    from spd_host.plugins import get_host
+    from spd_host.topology.loading import load_config
+
+    host = get_host()
+    for raw in ids:
+        adapter = host.load_adapter(raw)
+        n = seq_len or adapter.defaults.seq_len
+        if not n:
+            continue
+        try:
+            config = load_config(adapter.base_model_name)
+        except Exception:  # not reachable offline: the forward pass will tell
+            continue
+        try:
+            check_seq_len(int(n), config)
+        except SpdHostError as err:
+            flag = "--seq-len" if seq_len else f"the seq_len {raw} records"
+            raise ConfigError(f"{flag}: {err.message} ({raw})", hint=err.hint or None) from None

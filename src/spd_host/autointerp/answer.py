@@ -78,6 +78,12 @@ def parse_answer(payload: str | dict[str, Any], *, truncated: bool = False) -> L
             ) from None
     if not isinstance(obj, dict):
         raise MalformedAnswerError(f"the answer is JSON but not an object: {str(obj)[:120]!r}")
+    # strip before validating: a blank or whitespace label is a malformed answer (a failure
+    # row, retried), never a label of "" and never a crash after validation
+    obj = {
+        k: v.strip() if isinstance(v, str) and k in ("label", "reasoning") else v
+        for k, v in obj.items()
+    }
     try:
         answer = LabelAnswer.model_validate(obj)
     except ValidationError as err:
@@ -85,9 +91,7 @@ def parse_answer(payload: str | dict[str, Any], *, truncated: bool = False) -> L
         raise MalformedAnswerError(
             f"the answer does not match the label schema ({fields})"
         ) from None
-    return LabelAnswer(
-        label=answer.label.strip(), confidence=answer.confidence, reasoning=answer.reasoning.strip()
-    )
+    return answer
 
 
 def _strip_fences(text: str) -> str:

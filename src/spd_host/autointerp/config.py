@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+DEFAULT_COST_CAP_USD = 5.0
+"""The cap the CLI (autointerp and the LLM eval suites) applies unless told otherwise."""
+
 
 class AutointerpConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -17,19 +20,32 @@ class AutointerpConfig(BaseModel):
     strategy: str = "compact_skeptical"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     max_concurrent: int = Field(default=8, ge=1)
-    rpm: float | None = Field(default=None, gt=0, description="request starts per minute")
-    cost_cap_usd: float | None = Field(default=None, ge=0, description="hard cap for this run")
+    rpm: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="request starts per minute"
+    )
+    cost_cap_usd: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="hard cap on the label store's total spend, across resumes",
+    )
     max_attempts: int = Field(default=5, ge=1, description="attempts per component")
     backoff_base_s: float = Field(default=1.0, ge=0)
     backoff_max_s: float = Field(default=60.0, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    max_retry_after_s: float = Field(
+        default=300.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="longest Retry-After honoured; a longer one fails that request instead",
+    )
     max_output_tokens: int = Field(default=600, ge=16)
     base_url: str | None = None
     api_key_env: str | None = Field(
         default=None, description="read the key from this variable instead of the provider's"
     )
-    input_price_per_mtok: float | None = Field(default=None, ge=0)
-    output_price_per_mtok: float | None = Field(default=None, ge=0)
+    input_price_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    output_price_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     limit: int | None = Field(default=None, ge=0, description="label at most this many components")
     min_firing_count: int = Field(
         default=1, ge=0, description="skip components that fired fewer times in the harvest"

@@ -62,26 +62,42 @@ class SharedPause:
 
 
 class CostBudget:
-    """A hard cap on spend: a call is sent only if everything already spent, plus the worst
-    case of every call in flight, plus this call's worst case fits under the cap.
+    """A hard cap on spend, checked against what was actually billed.
 
-    ``reserve`` returns False (and reserves nothing) when the call does not fit; ``settle``
-    replaces a reservation by the call's actual cost.
+    A call is sent only if everything already spent (``prior``: earlier runs on the same
+    store, from its ledger; ``spent``: this run), plus the worst case of every call in flight,
+    plus this call's worst case fits under the cap. The worst case is an upper bound (one
+    token per prompt byte, every output token used); if a provider ever bills more than the
+    bound it was reserved at, every later reservation is scaled up by the largest such ratio
+    seen, so one surprise cannot repeat until the cap is overrun.
+
+    ``reserve`` returns the amount reserved, or None (reserving nothing) when the call does
+    not fit; ``settle`` replaces a reservation by the call's actual cost.
     """
 
-    def __init__(self, cap_usd: float | None) -> None:
+    def __init__(self, cap_usd: float | None, *, prior_usd: float = 0.0) -> None:
         self.cap = cap_usd
+        self.prior = prior_usd
         self.spent = 0.0
         self.reserved = 0.0
         self.exhausted = False
+        self.inflation = 1.0
 
-    def reserve(self, estimate: float) -> bool:
-        if self.cap is not None and self.spent + self.reserved + estimate > self.cap + 1e-12:
+    @property
+    def total(self) -> float:
+        """Spend of the store including this run (reservations excluded)."""
+        return self.prior + self.spent
+
+    def reserve(self, worst_case: float) -> float | None:
+        amount = worst_case * self.inflation
+        if self.cap is not None and self.total + self.reserved + amount > self.cap + 1e-12:
             self.exhausted = True
-            return False
-        self.reserved += estimate
-        return True
+            return None
+        self.reserved += amount
+        return amount
 
-    def settle(self, estimate: float, actual: float) -> None:
-        self.reserved = max(0.0, self.reserved - estimate)
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
         self.spent += actual
+        if reserved > 0 and actual > reserved:
+            self.inflation = max(self.inflation, self.inflation * actual / reserved)

@@ -1,12 +1,15 @@
 """The autointerp runner: async fan-out of labelling calls, bounded in concurrency, rate,
 retries and cost, committing every result as it arrives.
 
-Flow per component: skip if the store already has a label for (harvest, strategy, model);
-build the prompt; then up to ``max_attempts`` times: wait out any shared pause, reserve the
-call's worst-case cost (stop the run if it does not fit under the cap), wait for a rate-limit
-slot, call. A label is written on success; after the last failed attempt (or a permanent
-error) the failure is written with its error. Components never sent because of the cap are
-neither labelled nor failed: re-running with a higher cap picks them up.
+Flow: take the store's lock (a second run on the same store is refused, naming the pid);
+close calls a killed run left in flight at their worst case; start the budget from the
+store's recorded spend (the cap is the store's, across resumes). Per component: skip if the
+store already has a label for (harvest, strategy, model); build the prompt; call through
+:func:`spd_host.autointerp.calls.call_with_retries` (worst-case reservation, ledger, rate,
+Retry-After ceiling, fail fast on 400/401/403/404). A label is written on success; a failure
+(including a blank or malformed answer) is written as a failure row with its error. Components
+never sent because of the cap or a fatal error are neither labelled nor failed: re-running
+picks them up. Every text field is redacted of API keys before it is stored.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +27,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spd_host.autointerp.answer import ANSWER_SCHEMA, MalformedAnswerError
+from spd_host.autointerp.answer import ANSWER_SCHEMA
+from spd_host.autointerp.calls import Gates, backoff_delay, call_with_retries
 from spd_host.autointerp.config import AutointerpConfig
-from spd_host.autointerp.cost import estimate_cost, estimate_prompt_tokens
 from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.limits import CostBudget, RateLimiter, SharedPause
 from spd_host.autointerp.providers.base import (
@@ -35,13 +42,24 @@ from spd_host.autointerp.providers.base import (
     LLMClient,
     Pricing,
     Provider,
-    ProviderCallError,
-    TransientError,
 )
 from spd_host.autointerp.registry import get_provider, get_strategy, providers
 from spd_host.autointerp.store import LabelRecord, LabelStore, now_iso
 from spd_host.errors import ConfigError
 from spd_host.plugins import PluginHost
+from spd_host.safe_text import printable, redact
+
+__all__ = [
+    "RunReport",
+    "alabel_components",
+    "backoff_delay",
+    "failure_reason",
+    "failure_table",
+    "known_secrets",
+    "label_components",
+    "report_table",
+    "resolve_pricing",
+]
 
 
 class RunReport(BaseModel):
@@ -63,16 +81,22 @@ class RunReport(BaseModel):
     cost_cap_usd: float | None
     stopped_by_cost_cap: bool
     calls: int
+    store_spent_usd: float = 0.0
+    """Everything the label store has spent, this run included (what the cap is checked on)."""
+    orphaned_usd: float = 0.0
+    """Worst-case cost of calls a killed earlier run left in flight, counted as spent now."""
+    stopped_by_error: str | None = None
+    """Set when a 400/401/403/404 stopped the run: every later request would fail the same."""
+    failure_reasons: dict[str, int] = {}
+    """Failures of this run, counted by reason."""
 
 
 @dataclass
 class _State:
     labelled: int = 0
     failed: int = 0
-    calls: int = 0
-    stop: bool = False
     not_sent: int = 0
-    secrets: list[str] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
 
 
 def resolve_pricing(provider: Provider, model: str, config: AutointerpConfig) -> Pricing:
@@ -94,22 +118,22 @@ def resolve_pricing(provider: Provider, model: str, config: AutointerpConfig) ->
     return base
 
 
-def _redact(text: str, secrets: Sequence[str]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
+def known_secrets(host: PluginHost | None = None, extra_env: str | None = None) -> list[str]:
+    """The values of every provider's API-key variable that is set (what must never be stored)."""
+    names = {p.api_key_env for p in providers(host).values()} | {extra_env}
+    return [v for n in sorted(x for x in names if x) if (v := os.environ.get(n))]
 
 
-def backoff_delay(
-    attempt: int, config: AutointerpConfig, retry_after: float | None, rng: random.Random
-) -> float:
-    """Exponential backoff with full jitter in [½, 1] of the step; Retry-After is a floor."""
-    step = min(config.backoff_max_s, config.backoff_base_s * (2 ** (attempt - 1)))
-    delay = step * rng.uniform(0.5, 1.0)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
+_QUOTED = re.compile(r"""(:\s*)?(['"]).*""")
+
+
+def failure_reason(error: str) -> str:
+    """A failure's reason for the summary table: the error without the payload it quotes."""
+    first = error.strip().splitlines()[0] if error.strip() else "unknown"
+    m = re.search(r"HTTP \d{3}", first)
+    if m:
+        return first[: m.end()]
+    return _QUOTED.sub("", first)[:80].rstrip(" :(") or first[:80]
 
 
 async def alabel_components(
@@ -126,6 +150,34 @@ async def alabel_components(
     seed: int | None = None,
 ) -> RunReport:
     """Label ``keys`` (those not yet labelled for this harvest/strategy/model)."""
+    with store.run_lock(f"autointerp run on {store.path}"):
+        return await _alabel_locked(
+            keys,
+            evidence_for,
+            config,
+            store=store,
+            harvest_id=harvest_id,
+            decomposition_id=decomposition_id,
+            host=host,
+            console=console,
+            progress=progress,
+            seed=seed,
+        )
+
+
+async def _alabel_locked(
+    keys: Sequence[str],
+    evidence_for: Callable[[str], ComponentEvidence],
+    config: AutointerpConfig,
+    *,
+    store: LabelStore,
+    harvest_id: str,
+    decomposition_id: str,
+    host: PluginHost | None,
+    console: Console | None,
+    progress: bool,
+    seed: int | None,
+) -> RunReport:
     provider = get_provider(config.provider, host)
     strategy = get_strategy(config.strategy, host)
     options = strategy.options(config.strategy_options)
@@ -140,20 +192,26 @@ async def alabel_components(
         )
     )
     state = _State()
-    for p in providers(host).values():
-        for name in {p.api_key_env, config.api_key_env} - {None}:
-            value = os.environ.get(str(name))
-            if value:
-                state.secrets.append(value)
+    secrets = known_secrets(host, config.api_key_env)
+    orphaned_before = store.ledger.total_orphaned()
+    store.ledger.close_orphans()
+    orphaned = store.ledger.total_orphaned() - orphaned_before
+    gates = Gates(
+        config=config,
+        pricing=pricing,
+        budget=CostBudget(config.cost_cap_usd, prior_usd=store.ledger.total()),
+        ledger=store.ledger,
+        run_id=uuid.uuid4().hex[:12],
+        secrets=secrets,
+        rate=RateLimiter(config.rpm),
+        pause=SharedPause(),
+        rng=random.Random(seed),
+    )
 
     done_keys = store.labelled_keys(harvest_id, strategy.name, model)
     todo = [k for k in keys if k not in done_keys]
     if config.limit is not None:
         todo = todo[: config.limit]
-    budget = CostBudget(config.cost_cap_usd)
-    rate = RateLimiter(config.rpm)
-    pause = SharedPause()
-    rng = random.Random(seed)
     queue: asyncio.Queue[str] = asyncio.Queue()
     for k in todo:
         queue.put_nowait(k)
@@ -166,7 +224,8 @@ async def alabel_components(
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(
-                "done [green]{task.fields[done]}[/] failed [red]{task.fields[failed]}[/] cost ${task.fields[cost]:.4f}"
+                "done [green]{task.fields[done]}[/] failed [red]{task.fields[failed]}[/] "
+                "cost ${task.fields[cost]:.4f}[yellow]{task.fields[note]}[/]"
             ),
             TimeElapsedColumn(),
             console=console or Console(stderr=True),
@@ -176,16 +235,20 @@ async def alabel_components(
         label = f"autointerp {strategy.name} · {provider.name}/{model}" + (
             " [BASELINE]" if provider.baseline else ""
         )
-        task_id = bar.add_task(label, total=len(todo), done=0, failed=0, cost=0.0)
+        task_id = bar.add_task(
+            escape(printable(label)), total=len(todo), done=0, failed=0, cost=0.0, note=""
+        )
 
     def tick() -> None:
         if bar is not None and task_id is not None:
+            wait = gates.pause.remaining
             bar.update(
                 task_id,
                 completed=state.labelled + state.failed,
                 done=state.labelled,
                 failed=state.failed,
-                cost=budget.spent,
+                cost=gates.budget.spent,
+                note=f"  waiting {wait:.0f} s (Retry-After)" if wait > 0 else "",
             )
 
     async def label_one(key: str) -> None:
@@ -198,114 +261,77 @@ async def alabel_components(
             max_output_tokens=config.max_output_tokens,
             evidence=evidence,
         )
-        estimate = estimate_cost(
-            pricing,
-            estimate_prompt_tokens(prompt.system, prompt.user, ANSWER_SCHEMA),
-            config.max_output_tokens,
-        )
         started = now_iso()
-        cost = 0.0
-        n_in = n_out = 0
+        out = await call_with_retries(gates, client, request, key)
+        if not out.sent:
+            state.not_sent += 1
+            return
 
-        def write_record(**outcome: Any) -> None:
-            """Commit this component's row: the outcome plus what every row records."""
+        def clean(text: str | None) -> str | None:
+            return redact(text, secrets) if text is not None else None
+
+        common: dict[str, Any] = {
+            "harvest_id": harvest_id,
+            "component_key": key,
+            "strategy": strategy.name,
+            "model": model,
+            "provider": provider.name,
+            "decomposition_id": decomposition_id,
+            "is_baseline": provider.baseline,
+            "system_prompt": redact(prompt.system, secrets),
+            "prompt": redact(prompt.user, secrets),
+            "cost_usd": out.cost,
+            "input_tokens": out.input_tokens,
+            "output_tokens": out.output_tokens,
+            "attempts": out.attempts,
+            "started_at": started,
+            "finished_at": now_iso(),
+        }
+        if out.ok and out.completion is not None:
+            answer = out.completion.answer
             store.write(
                 LabelRecord(
-                    harvest_id=harvest_id,
-                    component_key=key,
-                    strategy=strategy.name,
-                    model=model,
-                    provider=provider.name,
-                    decomposition_id=decomposition_id,
-                    is_baseline=provider.baseline,
-                    system_prompt=prompt.system,
-                    prompt=prompt.user,
-                    cost_usd=cost,
-                    input_tokens=n_in,
-                    output_tokens=n_out,
-                    attempts=attempts,
-                    started_at=started,
-                    finished_at=now_iso(),
-                    **outcome,
-                )
-            )
-
-        last_error = ""
-        last_raw: str | None = None
-        attempts = 0
-        for attempt in range(1, config.max_attempts + 1):
-            await pause.wait()
-            if state.stop or not budget.reserve(estimate):
-                state.stop = True
-                if attempts == 0:
-                    state.not_sent += 1
-                    return
-                break  # some attempts were made: record the failure so far
-            await rate.acquire()
-            attempts += 1  # noqa: SIM113 (counts only attempts actually sent)
-            state.calls += 1
-            actual = 0.0
-            try:
-                completion = await client.complete(request)
-            except MalformedAnswerError as err:
-                actual = pricing.cost(err.input_tokens, err.output_tokens)
-                last_error, last_raw = f"malformed answer: {err.message}", err.raw
-                retry_after = None
-            except ProviderCallError as err:
-                # a timed-out call may have been billed: count its worst case
-                actual = (
-                    estimate
-                    if isinstance(err, TransientError) and "timed out" in err.message
-                    else 0.0
-                )
-                last_error = err.message
-                retry_after = err.retry_after
-                if err.retry_after is not None:
-                    pause.pause_for(err.retry_after)
-                if not err.retryable:
-                    budget.settle(estimate, actual)
-                    cost += actual
-                    break
-            else:
-                actual = pricing.cost(completion.input_tokens, completion.output_tokens)
-                budget.settle(estimate, actual)
-                cost += actual
-                n_in += completion.input_tokens
-                n_out += completion.output_tokens
-                write_record(
+                    **common,
                     status="ok",
-                    label=completion.answer.label,
-                    confidence=completion.answer.confidence,
-                    reasoning=completion.answer.reasoning,
-                    raw_response=completion.raw,
+                    label=clean(answer.label),
+                    confidence=answer.confidence,
+                    reasoning=clean(answer.reasoning),
+                    raw_response=clean(out.completion.raw),
                     error=None,
                 )
-                state.labelled += 1
-                tick()
-                return
-            budget.settle(estimate, actual)
-            cost += actual
-            if attempt < config.max_attempts:
-                await asyncio.sleep(backoff_delay(attempt, config, retry_after, rng))
-        write_record(
-            status="failed",
-            label=None,
-            confidence=None,
-            reasoning=None,
-            raw_response=_redact(last_raw, state.secrets) if last_raw else None,
-            error=_redact(last_error, state.secrets) or "no attempt completed",
-        )
-        state.failed += 1
+            )
+            state.labelled += 1
+        else:
+            error = out.error or "no attempt completed"
+            store.write(
+                LabelRecord(
+                    **common,
+                    status="failed",
+                    label=None,
+                    confidence=None,
+                    reasoning=None,
+                    raw_response=clean(out.raw),
+                    error=error,
+                )
+            )
+            state.failed += 1
+            state.reasons[failure_reason(error)] += 1
         tick()
 
     async def worker() -> None:
-        while not state.stop:
+        while not gates.stop:
             try:
                 key = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
             await label_one(key)
 
+    async def ticker() -> None:
+        while True:
+            tick()
+            await asyncio.sleep(0.5)
+
+    ticking = asyncio.create_task(ticker()) if bar is not None else None
     try:
         workers = [
             asyncio.create_task(worker())
@@ -313,8 +339,11 @@ async def alabel_components(
         ]
         await asyncio.gather(*workers)
     finally:
+        if ticking is not None:
+            ticking.cancel()
         await client.aclose()
         if bar is not None:
+            tick()
             bar.stop()
     state.not_sent += queue.qsize()
     return RunReport(
@@ -330,10 +359,14 @@ async def alabel_components(
         n_labelled=state.labelled,
         n_failed=state.failed,
         n_not_sent=state.not_sent,
-        spent_usd=budget.spent,
+        spent_usd=gates.budget.spent,
         cost_cap_usd=config.cost_cap_usd,
-        stopped_by_cost_cap=budget.exhausted,
-        calls=state.calls,
+        stopped_by_cost_cap=gates.budget.exhausted,
+        calls=gates.calls,
+        store_spent_usd=store.ledger.total(),
+        orphaned_usd=orphaned,
+        stopped_by_error=gates.fatal,
+        failure_reasons=dict(state.reasons.most_common()),
     )
 
 
@@ -368,12 +401,22 @@ def label_components(
 
 def report_table(report: RunReport) -> Table:
     """The final table the CLI prints."""
-    title = f"autointerp {report.decomposition_id}"
+    title = f"autointerp {escape(printable(report.decomposition_id))}"
     if report.baseline:
         title += "  [yellow](offline BASELINE labels, not an LLM)[/]"
     table = Table(title=title, show_header=False)
     table.add_column("what")
     table.add_column("value")
+    not_sent = str(report.n_not_sent)
+    if report.stopped_by_cost_cap:
+        not_sent += "  (cost cap reached)"
+    elif report.stopped_by_error:
+        not_sent += "  (stopped by an error every request would get)"
+    spent = f"${report.spent_usd:.4f} this run; ${report.store_spent_usd:.4f} in all"
+    if report.cost_cap_usd is not None:
+        spent += f" of the ${report.cost_cap_usd:.2f} cap"
+    if report.orphaned_usd:
+        spent += f" (incl. ${report.orphaned_usd:.4f} for calls a killed run left in flight)"
     rows = [
         ("provider / model", f"{report.provider} / {report.model}"),
         ("strategy", report.strategy),
@@ -382,18 +425,21 @@ def report_table(report: RunReport) -> Table:
         ("already labelled (skipped)", str(report.n_already_labelled)),
         ("labelled now", f"[green]{report.n_labelled}[/]"),
         ("failed", f"[red]{report.n_failed}[/]" if report.n_failed else "0"),
-        (
-            "not sent",
-            str(report.n_not_sent) + ("  (cost cap reached)" if report.stopped_by_cost_cap else ""),
-        ),
+        ("not sent", not_sent),
         ("calls", str(report.calls)),
-        (
-            "spent",
-            f"${report.spent_usd:.4f}"
-            + (f" of ${report.cost_cap_usd:.2f} cap" if report.cost_cap_usd is not None else ""),
-        ),
+        ("spent", spent),
         ("labels", report.db_path),
     ]
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, v if k in ("labelled now", "failed") else escape(printable(v)))
+    return table
+
+
+def failure_table(report: RunReport) -> Table:
+    """Failures of the run by reason (the CLI prints it after the report when any failed)."""
+    table = Table(title="failures by reason")
+    table.add_column("components", justify="right")
+    table.add_column("reason")
+    for reason, n in report.failure_reasons.items():
+        table.add_row(str(n), escape(printable(reason)))
     return table

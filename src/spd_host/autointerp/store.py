@@ -5,19 +5,23 @@ Location: ``results_dir(storage_key)/autointerp/labels.db``. One row per
 (``status='ok'``) or the last failure (``status='failed'`` with the error and, when the server
 answered, its raw response). Each row is committed the moment its call finishes, so a crash
 loses at most the calls in flight. A failure never overwrites a label; a later success
-replaces a failure. API keys never reach this file: errors are redacted before writing.
+replaces a failure. API keys never reach this file: every text field is redacted before writing.
+
+The same database holds the spend ledger (:mod:`spd_host.autointerp.ledger`): the cost cap is
+the store's, across resumes, and a run holds ``labels.db.lock`` so two runs never share it.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from spd_host.autointerp.ledger import SpendLedger, now_iso
+from spd_host.locking import RunLock
 from spd_host.paths import results_dir
 
 SCHEMA_VERSION = 1
@@ -86,8 +90,7 @@ class LabelRecord(BaseModel):
     finished_at: str
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+__all__ = ["LabelRecord", "LabelStore", "default_db_path", "now_iso"]
 
 
 def default_db_path(storage_key: str) -> Path:
@@ -106,6 +109,13 @@ class LabelStore:
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        self.ledger = SpendLedger(self._conn)
+        (before,) = self._conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM labels").fetchone()
+        self.ledger.carry_in(float(before), "labels written before the spend ledger existed")
+
+    def run_lock(self, what: str) -> RunLock:
+        """The lock a labelling run holds on this store (``labels.db.lock`` next to it)."""
+        return RunLock(self.path.with_name(self.path.name + ".lock"), what)
 
     def close(self) -> None:
         self._conn.close()

@@ -46,11 +46,17 @@ class JudgeSuiteConfig(_Frozen):
     base_url: str | None = None
     api_key_env: str | None = None
     max_concurrent: int = Field(default=8, ge=1)
-    rpm: float | None = Field(default=None, gt=0)
-    cost_cap_usd: float | None = Field(default=None, ge=0)
+    rpm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    cost_cap_usd: float | None = Field(
+        default=5.0,  # = autointerp's DEFAULT_COST_CAP_USD; None removes the cap
+        ge=0,
+        allow_inf_nan=False,
+        description="Hard cap on this suite's total judge spend for the decomposition, across resumes.",
+    )
     max_attempts: int = Field(default=3, ge=1)
     backoff_base_s: float = Field(default=1.0, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    max_retry_after_s: float = Field(default=300.0, ge=0, allow_inf_nan=False)
     max_output_tokens: int = Field(default=300, ge=16)
     input_price_per_mtok: float | None = Field(default=None, ge=0)
     output_price_per_mtok: float | None = Field(default=None, ge=0)
@@ -85,6 +91,7 @@ class JudgeSuiteConfig(_Frozen):
             max_attempts=self.max_attempts,
             backoff_base_s=self.backoff_base_s,
             timeout_s=self.timeout_s,
+            max_retry_after_s=self.max_retry_after_s,
             max_output_tokens=self.max_output_tokens,
             input_price_per_mtok=self.input_price_per_mtok,
             output_price_per_mtok=self.output_price_per_mtok,

@@ -12,7 +12,12 @@ logic is the same for every provider:
 - :class:`TransientError` (5xx, timeouts, dropped connections): retried with backoff;
 - :class:`~spd_host.autointerp.answer.MalformedAnswerError`: retried (the model may answer
   well next time), recorded as a failure when attempts run out;
-- :class:`PermanentError` (4xx other than 429: bad key, unknown model): not retried.
+- :class:`PermanentError` (4xx other than 429: bad key, unknown model): not retried; a 400,
+  401, 403 or 404 stops the whole run (every later request would fail the same way).
+
+Every error carries the HTTP ``status`` when there was one, and its message includes the
+server's error body (``HTTP 400: {"detail": ...}``) so the stored failure says what the server
+said.
 """
 
 from __future__ import annotations
@@ -34,9 +39,25 @@ class ProviderCallError(SpdHostError):
 
     retryable: bool = False
 
-    def __init__(self, message: str, *, retry_after: float | None = None, hint: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        hint: str | None = None,
+        status: int | None = None,
+    ):
         super().__init__(message, hint=hint)
         self.retry_after = retry_after
+        self.status = status
+
+    @property
+    def stops_run(self) -> bool:
+        """Bad request, bad key, forbidden, not found: the next request would fail the same."""
+        return self.status in FAIL_FAST_STATUSES
+
+
+FAIL_FAST_STATUSES = frozenset({400, 401, 403, 404})
 
 
 class RateLimitedError(ProviderCallError):

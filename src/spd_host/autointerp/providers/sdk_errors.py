@@ -47,17 +47,27 @@ def translate(err: Exception, sdk: Any, provider: str) -> ProviderCallError | No
         status = int(err.status_code)
         headers = getattr(getattr(err, "response", None), "headers", None)
         retry_after = parse_retry_after(headers)
-        text = f"{provider}: HTTP {status}: {_brief(err)}"
+        text = f"{provider}: HTTP {status}: {_body(err)}"
         if status in (429, 529):
-            return RateLimitedError(text, retry_after=retry_after)
+            return RateLimitedError(text, retry_after=retry_after, status=status)
         if status >= 500 or status in (408, 409):
-            return TransientError(text, retry_after=retry_after)
-        return PermanentError(text, hint=_hint_for(status))
+            return TransientError(text, retry_after=retry_after, status=status)
+        return PermanentError(text, hint=_hint_for(status), status=status)
     if isinstance(err, sdk.APIConnectionError):
         return TransientError(f"{provider}: connection failed: {_brief(err)}")
     if isinstance(err, sdk.APIError):  # e.g. a body that is not JSON
         return TransientError(f"{provider}: bad response: {_brief(err)}")
     return None
+
+
+def _body(err: Exception) -> str:
+    """The server's error body as sent (what it said is the diagnosis), else the SDK's text."""
+    response = getattr(err, "response", None)
+    try:
+        text = str(response.text).strip() if response is not None else ""
+    except Exception:  # a streamed or closed response
+        text = ""
+    return " ".join(text.split())[:500] if text else _brief(err)
 
 
 def _brief(err: Exception) -> str:

@@ -15,19 +15,21 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from spd_host.autointerp.answer import ANSWER_SCHEMA, MalformedAnswerError
+from spd_host.autointerp.calls import Gates, call_with_retries
 from spd_host.autointerp.config import AutointerpConfig
-from spd_host.autointerp.cost import estimate_cost, estimate_prompt_tokens
 from spd_host.autointerp.evidence import ComponentEvidence
+from spd_host.autointerp.ledger import SpendLedger
 from spd_host.autointerp.limits import CostBudget, RateLimiter, SharedPause
-from spd_host.autointerp.providers.base import ClientOptions, CompletionRequest, ProviderCallError
+from spd_host.autointerp.providers.base import ClientOptions, CompletionRequest
 from spd_host.autointerp.registry import get_provider
-from spd_host.autointerp.runner import backoff_delay, resolve_pricing
+from spd_host.autointerp.runner import known_secrets, resolve_pricing
 from spd_host.evals.llm.trials import Shown, Trial
 
 SYSTEM = (
@@ -72,12 +74,21 @@ def prompt_for(trial: Trial, decode: Callable[[list[int]], str]) -> str:
 _NUM = re.compile(r"\d+")
 
 
-def parse_indices(text: str, n_items: int) -> frozenset[int]:
-    """Example numbers in the judge's answer; malformed if none (and not 'none') or out of range."""
+def parse_indices(text: str, n_items: int, kind: str | None = None) -> frozenset[int]:
+    """Example numbers in the judge's answer; malformed if none (and not 'none') or out of range.
+
+    An intruder trial has exactly one intruder, so there the answer must be exactly one number:
+    "none" or several numbers is a malformed answer (retried, then a failed trial), never a
+    score of 0.
+    """
     t = text.strip().lower()
     nums = [int(x) for x in _NUM.findall(t)]
+    if kind == "intruder" and len(set(nums)) != 1:
+        raise MalformedAnswerError(
+            f"an intruder answer must name exactly one example, got {text[:80]!r}"
+        )
     if not nums:
-        if t in ("none", "no", "[]", ""):
+        if t in ("none", "no", "[]"):
             return frozenset()
         raise MalformedAnswerError(f"the judge's answer has no example number: {text[:80]!r}")
     bad = [n for n in nums if not 1 <= n <= n_items]
@@ -143,8 +154,13 @@ async def _ajudge(
     decode: Callable[[list[int]], str],
     evidence_for: Callable[[str], ComponentEvidence],
     on_record: Callable[[TrialRecord], None],
+    ledger: SpendLedger | None = None,
 ) -> tuple[float, bool]:
-    """Judge ``trials`` with a network provider; returns (spent USD, stopped by the cost cap)."""
+    """Judge ``trials`` with a network provider; returns (spent USD, stopped by the cost cap).
+
+    The calls go through the same gates as autointerp's (worst-case reservation against the
+    ledger's recorded spend, Retry-After ceiling, fail fast on 400/401/403/404).
+    """
     provider = get_provider(config.provider)
     model = config.model or provider.default_model
     pricing = resolve_pricing(provider, model, config)
@@ -156,14 +172,24 @@ async def _ajudge(
             api_key_env=config.api_key_env,
         )
     )
-    budget = CostBudget(config.cost_cap_usd)
-    rate = RateLimiter(config.rpm)
-    pause = SharedPause()
-    rng = random.Random(0)
+    prior = 0.0
+    if ledger is not None:
+        ledger.close_orphans()
+        prior = ledger.total()
+    gates = Gates(
+        config=config,
+        pricing=pricing,
+        budget=CostBudget(config.cost_cap_usd, prior_usd=prior),
+        ledger=ledger,
+        run_id=uuid.uuid4().hex[:12],
+        secrets=known_secrets(None, config.api_key_env),
+        rate=RateLimiter(config.rpm),
+        pause=SharedPause(),
+        rng=random.Random(0),
+    )
     queue: asyncio.Queue[Trial] = asyncio.Queue()
     for t in trials:
         queue.put_nowait(t)
-    stop = {"flag": False}
 
     async def one(trial: Trial) -> None:
         prompt = prompt_for(trial, decode)
@@ -174,72 +200,45 @@ async def _ajudge(
             max_output_tokens=config.max_output_tokens,
             evidence=evidence_for(trial.key),
         )
-        estimate = estimate_cost(
-            pricing, estimate_prompt_tokens(SYSTEM, prompt, ANSWER_SCHEMA), config.max_output_tokens
+        n = len(trial.items)
+        out = await call_with_retries(
+            gates,
+            client,
+            request,
+            trial.trial_id,
+            accept=lambda c: parse_indices(c.answer.label, n, trial.kind),
         )
-        cost, attempts, error = 0.0, 0, ""
-        for attempt in range(1, config.max_attempts + 1):
-            await pause.wait()
-            if stop["flag"] or not budget.reserve(estimate):
-                stop["flag"] = True
-                if attempts == 0:
-                    return  # never sent: neither scored nor failed; a re-run picks it up
-                break
-            await rate.acquire()
-            attempts += 1
-            retry_after = None
-            actual = 0.0
-            try:
-                completion = await client.complete(request)
-                actual = pricing.cost(completion.input_tokens, completion.output_tokens)
-                predicted = parse_indices(completion.answer.label, len(trial.items))
-            except MalformedAnswerError as err:
-                actual = actual or pricing.cost(
-                    getattr(err, "input_tokens", 0), getattr(err, "output_tokens", 0)
+        if not out.sent:
+            return  # never sent: neither scored nor failed; a re-run picks it up
+        if out.ok:
+            predicted = out.value
+            on_record(
+                TrialRecord(
+                    trial_id=trial.trial_id,
+                    component_key=trial.key,
+                    status="ok",
+                    truth=sorted(trial.truth),
+                    predicted=sorted(predicted),
+                    score=trial_score(trial.kind, trial.truth, predicted, n),
+                    cost_usd=out.cost,
+                    attempts=out.attempts,
                 )
-                error = f"malformed answer: {err.message}"
-            except ProviderCallError as err:
-                error = err.message
-                retry_after = err.retry_after
-                if err.retry_after is not None:
-                    pause.pause_for(err.retry_after)
-                if not err.retryable:
-                    budget.settle(estimate, actual)
-                    break
-            else:
-                budget.settle(estimate, actual)
-                cost += actual
-                on_record(
-                    TrialRecord(
-                        trial_id=trial.trial_id,
-                        component_key=trial.key,
-                        status="ok",
-                        truth=sorted(trial.truth),
-                        predicted=sorted(predicted),
-                        score=trial_score(trial.kind, trial.truth, predicted, len(trial.items)),
-                        cost_usd=cost,
-                        attempts=attempts,
-                    )
-                )
-                return
-            budget.settle(estimate, actual)
-            cost += actual
-            if attempt < config.max_attempts:
-                await asyncio.sleep(backoff_delay(attempt, config, retry_after, rng))
+            )
+            return
         on_record(
             TrialRecord(
                 trial_id=trial.trial_id,
                 component_key=trial.key,
                 status="failed",
                 truth=sorted(trial.truth),
-                error=error or "no attempt completed",
-                cost_usd=cost,
-                attempts=attempts,
+                error=out.error or "no attempt completed",
+                cost_usd=out.cost,
+                attempts=out.attempts,
             )
         )
 
     async def worker() -> None:
-        while not stop["flag"]:
+        while not gates.stop:
             try:
                 trial = queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -251,7 +250,7 @@ async def _ajudge(
         await asyncio.gather(*(worker() for _ in range(n)))
     finally:
         await client.aclose()
-    return budget.spent, budget.exhausted
+    return gates.budget.spent, gates.budget.exhausted
 
 
 def judge_trials(
@@ -262,6 +261,7 @@ def judge_trials(
     evidence_for: Callable[[str], ComponentEvidence],
     top_tokens: Callable[[str], set[int]],
     on_record: Callable[[TrialRecord], None],
+    ledger: SpendLedger | None = None,
 ) -> tuple[float, bool, bool, str]:
     """Judge every trial; returns (spent USD, stopped by cap, baseline?, judge name)."""
     provider = get_provider(config.provider)
@@ -288,5 +288,5 @@ def judge_trials(
             on_record(rec)
             advance()
 
-        spent, capped = asyncio.run(_ajudge(trials, config, decode, evidence_for, record))
+        spent, capped = asyncio.run(_ajudge(trials, config, decode, evidence_for, record, ledger))
     return spent, capped, False, f"{provider.name}/{model}"

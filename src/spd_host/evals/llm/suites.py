@@ -9,9 +9,11 @@ failed, never as zero).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from spd_host.adapter import DecompositionAdapter, HarvestOptions, parse_component_key
+from spd_host.autointerp.ledger import SpendLedger, open_ledger
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import JudgeSuiteConfig
 from spd_host.evals.llm.judge import TrialRecord, judge_trials
@@ -31,6 +34,7 @@ from spd_host.evals.llm.trials import (
     intruder_trial,
 )
 from spd_host.evals.results import EvalResult, evals_dir, package_version
+from spd_host.locking import RunLock
 
 
 class ComponentScore(BaseModel):
@@ -220,7 +224,6 @@ def build_trials(
 def run_judge_suite(
     kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig
 ) -> JudgeResult:
-    from spd_host.autointerp.evidence import ComponentEvidence
     from spd_host.autointerp.registry import get_provider
     from spd_host.plugins import get_host
 
@@ -232,56 +235,109 @@ def run_judge_suite(
     storage_key = get_host().parse_id(adapter.decomposition_id).storage_key
     path = trials_path(storage_key, kind)
     run_key = _run_key(kind, judge_name, harvest_run, config)
-    done: dict[str, TrialRecord] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("run_key") == run_key:
-                rec = TrialRecord.model_validate(row["record"])
-                if rec.status == "ok" or rec.trial_id not in done:
-                    done[rec.trial_id] = rec
-    done = {k: v for k, v in done.items() if v.status == "ok"}
-    todo = [t for t in trials if t.trial_id not in done]
-    records = dict(done)
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    with path.open("a") as sink:
-
-        def on_record(rec: TrialRecord) -> None:
-            records[rec.trial_id] = rec
-            sink.write(
-                json.dumps({"run_key": run_key, "record": rec.model_dump(mode="json")}) + "\n"
+    lock = RunLock(
+        path.with_name(path.name + ".lock"), f"{kind} eval of {adapter.decomposition_id}"
+    )
+    with lock, _ledger(path.with_name(f"{kind}.spend.db")) as ledger:
+        done = _done_trials(path, run_key)
+        todo = [t for t in trials if t.trial_id not in done]
+        records = dict(done)
+        with path.open("a") as sink:
+            spent, capped, baseline, judge = _judge_into(
+                sink, records, run_key, todo, llm, adapter, repo, ledger
             )
-            sink.flush()
+    return _result(
+        kind, adapter, config, trials, records, skipped, harvest_run, spent, capped, baseline, judge
+    )
 
-        sites = {s.name: s for s in adapter.sites}
-        summary = {c.key: c for c in repo.summary()}
 
-        def evidence_for(key: str) -> ComponentEvidence:
-            s = sites[summary[key].site]
-            return ComponentEvidence(
-                component_key=key,
-                site=s.name,
-                location=s.reads_from,
-                method_name=adapter.method.name,
-                method_description=adapter.method.description,
-                firing_density=min(1.0, summary[key].density),
-                firing_count=summary[key].firing_count,
-            )
+@contextlib.contextmanager
+def _ledger(path: Path) -> Iterator[SpendLedger]:
+    conn, ledger = open_ledger(str(path))
+    try:
+        yield ledger
+    finally:
+        conn.close()
 
-        def top_tokens(key: str) -> set[int]:
-            return {s.token for s in repo.token_stats(key, "input", top=10).top_pmi}
 
-        tokenizer = repo.tokenizer if hasattr(repo, "tokenizer") else None
-        spent, capped, baseline, judge = judge_trials(
-            todo,
-            llm,
-            decode=_decoder(tokenizer),
-            evidence_for=evidence_for,
-            top_tokens=top_tokens,
-            on_record=on_record,
+def _done_trials(path: Path, run_key: str) -> dict[str, TrialRecord]:
+    """Trials of this run key already judged ok (a line cut short by a kill is skipped)."""
+    done: dict[str, TrialRecord] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("run_key") == run_key:
+            rec = TrialRecord.model_validate(row["record"])
+            if rec.status == "ok" or rec.trial_id not in done:
+                done[rec.trial_id] = rec
+    return {k: v for k, v in done.items() if v.status == "ok"}
+
+
+def _judge_into(
+    sink: Any,
+    records: dict[str, TrialRecord],
+    run_key: str,
+    todo: list[Trial],
+    llm: Any,
+    adapter: DecompositionAdapter,
+    repo: Any,
+    ledger: SpendLedger,
+) -> tuple[float, bool, bool, str]:
+    from spd_host.autointerp.evidence import ComponentEvidence
+
+    def on_record(rec: TrialRecord) -> None:
+        records[rec.trial_id] = rec
+        sink.write(json.dumps({"run_key": run_key, "record": rec.model_dump(mode="json")}) + "\n")
+        sink.flush()
+
+    sites = {s.name: s for s in adapter.sites}
+    summary = {c.key: c for c in repo.summary()}
+
+    def evidence_for(key: str) -> ComponentEvidence:
+        s = sites[summary[key].site]
+        return ComponentEvidence(
+            component_key=key,
+            site=s.name,
+            location=s.reads_from,
+            method_name=adapter.method.name,
+            method_description=adapter.method.description,
+            firing_density=min(1.0, summary[key].density),
+            firing_count=summary[key].firing_count,
         )
 
+    def top_tokens(key: str) -> set[int]:
+        return {s.token for s in repo.token_stats(key, "input", top=10).top_pmi}
+
+    tokenizer = repo.tokenizer if hasattr(repo, "tokenizer") else None
+    return judge_trials(
+        todo,
+        llm,
+        decode=_decoder(tokenizer),
+        evidence_for=evidence_for,
+        top_tokens=top_tokens,
+        on_record=on_record,
+        ledger=ledger,
+    )
+
+
+def _result(
+    kind: Kind,
+    adapter: DecompositionAdapter,
+    config: JudgeSuiteConfig,
+    trials: list[Trial],
+    records: dict[str, TrialRecord],
+    skipped: dict[str, str],
+    harvest_run: str,
+    spent: float,
+    capped: bool,
+    baseline: bool,
+    judge: str,
+) -> JudgeResult:
     final = [records[t.trial_id] for t in trials if t.trial_id in records]
     not_sent = sum(1 for t in trials if t.trial_id not in records)
     by_key: dict[str, list[TrialRecord]] = {}

@@ -113,7 +113,7 @@ def resolve_pricing(provider: Provider, model: str, config: AutointerpConfig) ->
     if base is None:
         raise ConfigError(
             f"no price known for model {model!r} of provider {provider.name!r}, so the cost cap cannot be enforced",
-            hint="pass --input-price and --output-price (USD per million tokens)",
+            hint="pass --price-per-mtok IN,OUT (USD per million input, output tokens), or add the model to spd_host/autointerp/pricing.yaml",
         )
     return base
 

@@ -23,7 +23,7 @@ def autointerp(
     ] = None,
     model: Annotated[str | None, typer.Option(help="default: the provider's default model")] = None,
     strategy: Annotated[
-        str, typer.Option(help="compact_skeptical | dual_view | a plugin's")
+        str, typer.Option(help="compact_skeptical | dual_view | rich_examples | canon | a plugin's")
     ] = "compact_skeptical",
     max_concurrent: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 8,
     rpm: Annotated[
@@ -48,6 +48,12 @@ def autointerp(
     output_price: Annotated[
         float | None, typer.Option(help="USD per million output tokens")
     ] = None,
+    price_per_mtok: Annotated[
+        str | None,
+        typer.Option(
+            help="IN,OUT: USD per million input and output tokens (for a model not in the price list)"
+        ),
+    ] = None,
     max_output_tokens: Annotated[int, typer.Option(help="per call")] = 600,
     max_attempts: Annotated[int, typer.Option(min=1, help="attempts per component")] = 5,
     timeout: Annotated[float, typer.Option(help="seconds per request")] = 60.0,
@@ -67,6 +73,10 @@ def autointerp(
     from spd_host.autointerp.registry import get_provider
     from spd_host.autointerp.runner import report_table
 
+    if price_per_mtok is not None:
+        from spd_host.autointerp.pricing import parse_price_pair
+
+        input_price, output_price = parse_price_pair(price_per_mtok)
     chosen = get_provider(provider)
     if provider is None:
         note = " (offline BASELINE: no API key set)" if chosen.baseline else ""

@@ -12,11 +12,11 @@ import json
 from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
     Completion,
     CompletionRequest,
-    Pricing,
     Provider,
     TransientError,
     read_api_key,
@@ -25,15 +25,8 @@ from spd_host.autointerp.providers.sdk_errors import translate
 
 TOOL_NAME = "record_component_label"
 
-# USD per million tokens, from Anthropic's public price list; override with --input-price /
-# --output-price when prices change or for models not listed.
-PRICING = {
-    "claude-opus-4-1": Pricing(input_per_mtok=15.0, output_per_mtok=75.0),
-    "claude-sonnet-4-5": Pricing(input_per_mtok=3.0, output_per_mtok=15.0),
-    "claude-sonnet-4-0": Pricing(input_per_mtok=3.0, output_per_mtok=15.0),
-    "claude-haiku-4-5": Pricing(input_per_mtok=1.0, output_per_mtok=5.0),
-    "claude-3-5-haiku-latest": Pricing(input_per_mtok=0.8, output_per_mtok=4.0),
-}
+# USD per million tokens, from the price list (spd_host/autointerp/pricing.yaml).
+PRICING = provider_pricing("anthropic")
 
 
 class AnthropicClient:

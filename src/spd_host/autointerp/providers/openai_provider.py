@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
     Completion,
@@ -22,19 +23,9 @@ from spd_host.autointerp.providers.base import (
 from spd_host.autointerp.providers.sdk_errors import translate
 from spd_host.errors import ConfigError
 
-OPENAI_PRICING = {
-    "gpt-4.1": Pricing(input_per_mtok=2.0, output_per_mtok=8.0),
-    "gpt-4.1-mini": Pricing(input_per_mtok=0.4, output_per_mtok=1.6),
-    "gpt-4.1-nano": Pricing(input_per_mtok=0.1, output_per_mtok=0.4),
-    "gpt-4o": Pricing(input_per_mtok=2.5, output_per_mtok=10.0),
-    "gpt-4o-mini": Pricing(input_per_mtok=0.15, output_per_mtok=0.6),
-}
-
-OPENROUTER_PRICING = {
-    "google/gemini-2.5-flash": Pricing(input_per_mtok=0.3, output_per_mtok=2.5),
-    "openai/gpt-4.1-mini": Pricing(input_per_mtok=0.4, output_per_mtok=1.6),
-    "anthropic/claude-haiku-4.5": Pricing(input_per_mtok=1.0, output_per_mtok=5.0),
-}
+# USD per million tokens, from the price list (spd_host/autointerp/pricing.yaml).
+OPENAI_PRICING = provider_pricing("openai")
+OPENROUTER_PRICING = provider_pricing("openrouter")
 
 
 class OpenAIChatClient:

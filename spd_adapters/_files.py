@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from spd_host.errors import FormatError
+from spd_host.safe_yaml import load_yaml
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), path)  # refuses alias bombs
     except FileNotFoundError as err:
         raise FormatError(f"{path}: file not found") from err
     except yaml.YAMLError as err:

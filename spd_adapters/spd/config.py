@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spd_host.errors import FormatError
+from spd_host.safe_yaml import load_yaml
 
 LAYERWISE_FN_TYPES = ("mlp", "vector_mlp", "shared_mlp")
 GLOBAL_FN_TYPES = ("global_shared_mlp", "global_shared_transformer", "global_reverse_residual")
@@ -274,7 +275,7 @@ def load_config(path: Path) -> SpdRunConfig:
             hint="an SPD run directory holds final_config.yaml next to model_<step>.pth",
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(), path)  # refuses alias bombs
     except yaml.YAMLError as err:
         raise FormatError(f"{path}: invalid YAML: {err}") from err
     return parse_config(raw, where=path)

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spd_host import paths
 from spd_host.errors import ConfigError, DatasetError
+from spd_host.paths import expand_user
 
 HELDOUT_FRACTION_DENOMINATOR = 10
 """The last ``1/HELDOUT_FRACTION_DENOMINATOR`` of every token stream is the held-out split."""
@@ -279,7 +280,7 @@ def _resolve_source(source: str, text_column: str) -> _ResolvedSource:
             uses_column=False,
         )
 
-    path = Path(source).expanduser()
+    path = expand_user(source, "dataset")
     if path.is_file():
         if path.suffix == ".jsonl":
             return _ResolvedSource(

@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from spd_host.errors import DecompositionIdError, SourceNotFoundError
+from spd_host.paths import expand_user
 
 ACCEPTED_FORMS = (
     "<method>:demo",
@@ -150,7 +151,7 @@ def parse_decomposition_id(
     if own_pattern and re.fullmatch(own_pattern, source):
         return DecompositionId(method=method, kind=SourceKind.SHORT, raw=raw, short_id=source)
     base = cwd or Path.cwd()
-    path = Path(source).expanduser()
+    path = expand_user(source, "decomposition path")
     path = (path if path.is_absolute() else base / path).resolve()
     return DecompositionId(method=method, kind=SourceKind.LOCAL, raw=raw, path=path)
 

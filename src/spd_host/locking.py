@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from spd_host.errors import SpdHostError
+from spd_host.errors import ConfigError, SpdHostError
 
 try:  # POSIX only; elsewhere runs are not locked
     import fcntl
@@ -34,8 +34,14 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot create the lock file {self.path} for the {self.what}: {err.strerror}",
+                hint="the results directory must be a writable directory; check --out",
+            ) from None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

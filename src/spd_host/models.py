@@ -22,6 +22,7 @@ import torch
 
 from spd_host.demo import DEMO_MODEL_NAME, demo_model_dir
 from spd_host.errors import FormatError, SourceNotFoundError
+from spd_host.paths import expand_user
 
 
 def resolve_model_source(name_or_path: str) -> str:
@@ -32,7 +33,7 @@ def resolve_model_source(name_or_path: str) -> str:
     """
     if name_or_path == DEMO_MODEL_NAME:
         return str(demo_model_dir())
-    path = Path(name_or_path).expanduser()
+    path = expand_user(name_or_path, "model")
     if path.is_dir():
         return str(path)
     if (

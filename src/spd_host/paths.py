@@ -31,3 +31,17 @@ def cache_dir(*parts: str) -> Path:
     path = home().joinpath("cache", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def expand_user(raw: str | Path, what: str = "path") -> Path:
+    """``Path(raw).expanduser()``, with ``~nosuchuser/...`` a clear error instead of the bare
+    ``RuntimeError`` pathlib raises."""
+    from spd_host.errors import SourceNotFoundError
+
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:
+        raise SourceNotFoundError(
+            f"{what} {str(raw)!r}: the user named after '~' does not exist on this machine",
+            hint="give an absolute path, or one starting with '~/' for your own home",
+        ) from None

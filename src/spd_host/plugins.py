@@ -117,7 +117,8 @@ class PluginHost:
             )
             try:
                 plugin = importlib.import_module(module)
-            except Exception as err:
+            except BaseException as err:
+                _reraise_interrupts(err)
                 record.errors.append(f"import of {module!r} failed: {_short(err)}")
                 self.records[name] = record
                 continue
@@ -146,7 +147,8 @@ class PluginHost:
             )
             try:
                 plugin = ep.load()
-            except Exception as err:
+            except BaseException as err:
+                _reraise_interrupts(err)
                 record.errors.append(f"import of {ep.value!r} failed: {_short(err)}")
                 self.records[ep.name] = record
                 continue
@@ -156,7 +158,8 @@ class PluginHost:
         self.records[name] = record
         try:
             self.pm.register(plugin, name=name)
-        except Exception as err:  # pluggy validation errors, duplicate registration
+        except BaseException as err:  # pluggy validation errors, duplicate registration
+            _reraise_interrupts(err)
             record.errors.append(f"registration failed: {_short(err)}")
             return
         record.hooks = sorted({hc.name for hc in self.pm.get_hookcallers(plugin) or []})
@@ -179,7 +182,8 @@ class PluginHost:
                 register = self._register_callback(hook_name, impl.plugin_name, impl.plugin)
                 try:
                     impl.function(register=register)
-                except Exception as err:
+                except BaseException as err:
+                    _reraise_interrupts(err)
                     record.errors.append(f"{hook_name} raised: {_short(err)}")
 
     def _register_callback(
@@ -269,7 +273,8 @@ class PluginHost:
                 batch = fn(tokens)
             except SpdHostError:
                 raise
-            except Exception as err:
+            except BaseException as err:
+                _reraise_interrupts(err)
                 raise PluginError(
                     f"plugin {owner.plugin_name!r} harvest_fn failed on a batch of shape {list(getattr(tokens, 'shape', []))}: {_short(err)}"
                 ) from err
@@ -291,12 +296,23 @@ class PluginHost:
                     return impl.function(**kwargs)
                 except SpdHostError:
                     raise
-                except Exception as err:
+                except BaseException as err:
+                    _reraise_interrupts(err)
                     raise PluginError(
                         f"plugin {owner.plugin_name!r} failed in {hook_name}: {_short(err)}",
                         hint="run with SPD_HOST_DEBUG=1 for the full traceback",
                     ) from err
         return None
+
+
+def _reraise_interrupts(err: BaseException) -> None:
+    """Plugin code is contained: any failure, ``SystemExit`` included (a plugin calling
+    ``sys.exit`` at import used to take down every command with no output), becomes a
+    recorded plugin error. Only a user's Ctrl-C and asyncio cancellation go through."""
+    import asyncio
+
+    if isinstance(err, (KeyboardInterrupt, asyncio.CancelledError)):
+        raise err
 
 
 def _canonical(dist_name: str) -> str:

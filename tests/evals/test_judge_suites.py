@@ -201,3 +201,30 @@ def test_trials_obey_the_sampling_rules(harvested: str) -> None:
                 for e in truly:
                     assert not any(e.firings[j] for j in marked)
     assert density  # the harvest exists and has components
+
+
+@pytest.mark.parametrize("answer", ["none", "1, 2", "   "])
+def test_an_intruder_answer_that_is_not_one_number_is_a_failed_trial(
+    harvested: str, answer: str
+) -> None:
+    with LLMServer(plan=lambda req: _answer(answer)) as server:
+        result = run_suite("intruder", harvested, _config(server, max_attempts=1, n_trials=1))
+    assert result.n_trials_ok == 0 and result.n_trials_failed == len(result.trials) > 0
+    assert result.score is None  # never a score of 0
+    assert all("malformed answer" in (t.error or "") for t in result.trials)
+
+
+def test_judge_suites_are_capped_by_default_and_across_resumes(harvested: str) -> None:
+    """Output $1 per token, 300 max output tokens, input free: every call's worst case is
+    $300 and the server bills 40 output tokens, $40. The default cap is $5 (no call fits);
+    at $700 the calls go out while 40 (k - 1) + 300 <= 700, i.e. k <= 11; a resume at the
+    same cap starts from the $440 spent and sends nothing."""
+    assert JudgeSuiteConfig().cost_cap_usd == 5.0
+    prices = {"input_price_per_mtok": 0.0, "output_price_per_mtok": 1e6, "max_concurrent": 1}
+    with LLMServer() as server:
+        capped = run_suite("intruder", harvested, _config(server, **prices))
+        assert len(server.requests) == 0 and capped.stopped_by_cost_cap
+        first = run_suite("intruder", harvested, _config(server, cost_cap_usd=700, **prices))
+        assert len(server.requests) == 11 and first.spent_usd == pytest.approx(440)
+        again = run_suite("intruder", harvested, _config(server, cost_cap_usd=700, **prices))
+        assert len(server.requests) == 11 and again.stopped_by_cost_cap

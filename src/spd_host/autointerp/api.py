@@ -29,10 +29,12 @@ def run_autointerp(
     db_path: Path | None = None,
     progress: bool = True,
     console: Console | None = None,
+    force: bool = False,
 ) -> RunReport:
     """Label every component of the decomposition's harvest (latest sub-run by default) that
     is not yet labelled for this strategy and model, and fired at least ``min_firing_count``
-    times."""
+    times. ``force``: label again the components already labelled (the new label replaces
+    the old; the spend still counts against the store's cap)."""
     from spd_host.harvest import HarvestRepo
 
     config = config or AutointerpConfig()
@@ -50,6 +52,7 @@ def run_autointerp(
                 decomposition_id=repo.adapter_id,
                 progress=progress,
                 console=console,
+                force=force,
             )
         )
 

@@ -148,8 +148,10 @@ async def alabel_components(
     console: Console | None = None,
     progress: bool = False,
     seed: int | None = None,
+    force: bool = False,
 ) -> RunReport:
-    """Label ``keys`` (those not yet labelled for this harvest/strategy/model)."""
+    """Label ``keys`` (those not yet labelled for this harvest/strategy/model; every key
+    with ``force``)."""
     with store.run_lock(f"autointerp run on {store.path}"):
         return await _alabel_locked(
             keys,
@@ -162,6 +164,7 @@ async def alabel_components(
             console=console,
             progress=progress,
             seed=seed,
+            force=force,
         )
 
 
@@ -177,6 +180,7 @@ async def _alabel_locked(
     console: Console | None,
     progress: bool,
     seed: int | None,
+    force: bool = False,
 ) -> RunReport:
     provider = get_provider(config.provider, host)
     strategy = get_strategy(config.strategy, host)
@@ -208,7 +212,7 @@ async def _alabel_locked(
         rng=random.Random(seed),
     )
 
-    done_keys = store.labelled_keys(harvest_id, strategy.name, model)
+    done_keys = set() if force else store.labelled_keys(harvest_id, strategy.name, model)
     todo = [k for k in keys if k not in done_keys]
     if config.limit is not None:
         todo = todo[: config.limit]
@@ -298,7 +302,8 @@ async def _alabel_locked(
                     reasoning=clean(answer.reasoning),
                     raw_response=clean(out.completion.raw),
                     error=None,
-                )
+                ),
+                replace=force,
             )
             state.labelled += 1
         else:

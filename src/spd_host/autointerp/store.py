@@ -133,8 +133,9 @@ class LabelStore:
         )
         return {r[0] for r in rows}
 
-    def write(self, record: LabelRecord) -> None:
-        """Commit one row now. A failure does not replace an existing label."""
+    def write(self, record: LabelRecord, *, replace: bool = False) -> None:
+        """Commit one row now. A failure never replaces an existing label; a new label
+        replaces one only with ``replace`` (``--force``)."""
         values = [getattr(record, c) for c in _COLUMNS]
         values[_COLUMNS.index("is_baseline")] = int(record.is_baseline)
         updates = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS[4:])
@@ -142,7 +143,7 @@ class LabelStore:
             f"INSERT INTO labels ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
             f"ON CONFLICT(harvest_id, component_key, strategy, model) DO UPDATE SET {updates}, "
             "attempts = labels.attempts + excluded.attempts, cost_usd = labels.cost_usd + excluded.cost_usd "
-            "WHERE labels.status != 'ok'",
+            + ("" if replace and record.status == "ok" else "WHERE labels.status != 'ok'"),
             values,
         )
 

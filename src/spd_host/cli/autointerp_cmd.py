@@ -1,5 +1,11 @@
 """``spd-host autointerp <id>``: label every harvested component with an LLM (or the offline
-baseline), resumably and within a cost cap."""
+baseline), resumably and within a cost cap.
+
+The cap is the label store's: it bounds everything ``labels.db`` has ever spent, so re-running
+at ``--cost-cap 2`` never bills more than $2 in all; pass a higher ``--cost-cap`` to spend
+more. The command exits non-zero when every component it tried failed, or when an error every
+request would get (bad key, unknown model, bad URL) stopped the run.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,10 @@ from typing import Annotated
 
 import typer
 
-from spd_host.cli.common import console, err_console, handles_errors, print_json
+from spd_host.autointerp.config import DEFAULT_COST_CAP_USD
+from spd_host.cli.common import console, err_console, handles_errors, print_json, safe
 
-DEFAULT_COST_CAP = 5.0
+DEFAULT_COST_CAP = DEFAULT_COST_CAP_USD
 
 
 @handles_errors
@@ -18,7 +25,8 @@ def autointerp(
     provider: Annotated[
         str | None,
         typer.Option(
-            help="offline | anthropic | openai | openrouter | openai-compatible | a plugin's; default: first with a key set, else offline"
+            help="offline | anthropic | openai | openrouter | openai-compatible | a plugin's; "
+            "default: first with a key set, else offline"
         ),
     ] = None,
     model: Annotated[str | None, typer.Option(help="default: the provider's default model")] = None,
@@ -30,7 +38,8 @@ def autointerp(
         float | None, typer.Option(help="request starts per minute (default: unlimited)")
     ] = None,
     cost_cap: Annotated[
-        float, typer.Option(help="hard cap in USD for this run")
+        float,
+        typer.Option(help="hard cap in USD on all the label store has spent, across runs"),
     ] = DEFAULT_COST_CAP,
     no_cost_cap: Annotated[
         bool, typer.Option("--no-cost-cap", help="remove the cap (paid providers: careful)")
@@ -43,7 +52,7 @@ def autointerp(
         str | None, typer.Option(help="read the API key from this environment variable")
     ] = None,
     input_price: Annotated[
-        float | None, typer.Option(help="USD per million input tokens (overrides the price list)")
+        float | None, typer.Option(help="USD per million input tokens (overrides the list)")
     ] = None,
     output_price: Annotated[
         float | None, typer.Option(help="USD per million output tokens")
@@ -55,15 +64,22 @@ def autointerp(
         ),
     ] = None,
     max_output_tokens: Annotated[int, typer.Option(help="per call")] = 600,
-    max_attempts: Annotated[int, typer.Option(min=1, help="attempts per component")] = 5,
+    max_attempts: Annotated[int, typer.Option(help="attempts per component")] = 5,
     timeout: Annotated[float, typer.Option(help="seconds per request")] = 60.0,
+    max_retry_after: Annotated[
+        float, typer.Option(help="longest Retry-After (s) waited for; longer fails the request")
+    ] = 300.0,
     n_top: Annotated[int, typer.Option(help="strongest examples shown")] = 10,
     n_quantiles: Annotated[int, typer.Option(help="strata for further examples")] = 4,
     per_quantile: Annotated[int, typer.Option(help="examples drawn per stratum")] = 2,
     harvest_run: Annotated[
-        str | None, typer.Option(help="harvest sub-run (default: latest)")
+        str | None,
+        typer.Option("--run", "--harvest-run", help="harvest sub-run (default: latest)"),
     ] = None,
     min_firing_count: Annotated[int, typer.Option(help="skip components that fired less")] = 1,
+    force: Annotated[
+        bool, typer.Option("--force", help="label again components already labelled")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
 ) -> None:
@@ -71,7 +87,8 @@ def autointerp(
     from spd_host.autointerp.api import run_autointerp
     from spd_host.autointerp.config import AutointerpConfig
     from spd_host.autointerp.registry import get_provider
-    from spd_host.autointerp.runner import report_table
+    from spd_host.autointerp.runner import failure_table, report_table
+    from spd_host.cli.options import build
 
     if price_per_mtok is not None:
         from spd_host.autointerp.pricing import parse_price_pair
@@ -80,26 +97,34 @@ def autointerp(
     chosen = get_provider(provider)
     if provider is None:
         note = " (offline BASELINE: no API key set)" if chosen.baseline else ""
-        err_console.print(f"provider: {chosen.name}{note}", highlight=False)
-    config = AutointerpConfig(
-        provider=chosen.name,
-        model=model,
-        strategy=strategy,
-        strategy_options={
-            "selection": {"n_top": n_top, "n_quantiles": n_quantiles, "per_quantile": per_quantile}
-        },
-        max_concurrent=max_concurrent,
-        rpm=rpm,
-        cost_cap_usd=None if no_cost_cap else cost_cap,
-        max_attempts=max_attempts,
-        timeout_s=timeout,
-        max_output_tokens=max_output_tokens,
-        base_url=base_url,
-        api_key_env=api_key_env,
-        input_price_per_mtok=input_price,
-        output_price_per_mtok=output_price,
-        limit=limit,
-        min_firing_count=min_firing_count,
+        err_console.print(f"provider: {safe(chosen.name)}{note}", highlight=False)
+    config = build(
+        AutointerpConfig,
+        dict(
+            provider=chosen.name,
+            model=model,
+            strategy=strategy,
+            strategy_options={
+                "selection": {
+                    "n_top": n_top,
+                    "n_quantiles": n_quantiles,
+                    "per_quantile": per_quantile,
+                }
+            },
+            max_concurrent=max_concurrent,
+            rpm=rpm,
+            cost_cap_usd=None if no_cost_cap else cost_cap,
+            max_attempts=max_attempts,
+            timeout_s=timeout,
+            max_retry_after_s=max_retry_after,
+            max_output_tokens=max_output_tokens,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            input_price_per_mtok=input_price,
+            output_price_per_mtok=output_price,
+            limit=limit,
+            min_firing_count=min_firing_count,
+        ),
     )
     report = run_autointerp(
         decomposition_id,
@@ -107,13 +132,26 @@ def autointerp(
         harvest_run=harvest_run,
         progress=not (no_progress or json_out),
         console=err_console,
+        force=force,
     )
     if json_out:
         print_json(report.model_dump(mode="json"))
     else:
         console.print(report_table(report))
     if report.n_failed:
+        err_console.print(failure_table(report))
         err_console.print(
-            f"[yellow]{report.n_failed} component(s) failed; their errors are stored. Re-run the same "
-            "command to retry them.[/]"
+            f"[yellow]{report.n_failed} component(s) failed; their errors are stored: "
+            f"`spd-host show {safe(decomposition_id)} --failed` lists them. Re-run the same "
+            "command to retry them.[/]",
+            highlight=False,
         )
+    if report.stopped_by_error:
+        err_console.print(
+            f"[bold red]stopped:[/] {safe(report.stopped_by_error)} (every later request would "
+            "fail the same way; fix it and re-run)",
+            highlight=False,
+        )
+        raise SystemExit(1)
+    if report.n_failed and not report.n_labelled:
+        raise SystemExit(1)

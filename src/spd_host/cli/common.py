@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from spd_host.errors import SpdHostError
+from spd_host.safe_text import printable, redact
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -24,18 +28,63 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def safe(text: str) -> str:
+    """Text from outside (labels, IDs, errors) for the terminal: secrets redacted, control
+    characters escaped, Rich markup neutralised."""
+    from spd_host.autointerp.runner import known_secrets
+
+    try:
+        secrets = known_secrets()
+    except Exception:  # printing must not fail because a plugin did
+        secrets = []
+    return escape(printable(redact(text, secrets)))
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Print ``SpdHostError`` without a traceback and exit with its code."""
+    """Print ``SpdHostError`` without a traceback and exit with its code.
+
+    Also turned into one-line errors: a config model rejecting an option value (pydantic's
+    ``ValidationError``: the flag is named) and a full disk.
+    """
     try:
         yield
     except SpdHostError as err:
         if os.environ.get("SPD_HOST_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
-        if err.hint:
-            err_console.print(f"[yellow]hint:[/] {escape(err.hint)}", highlight=False)
+        _report(err)
         raise SystemExit(err.exit_code) from None
+    except ValidationError as err:
+        if os.environ.get("SPD_HOST_DEBUG"):
+            raise
+        from spd_host.cli.options import option_error
+
+        _report(option_error(err))
+        raise SystemExit(1) from None
+    except (OSError, sqlite3.OperationalError) as err:
+        full = (
+            "disk is full" in str(err)
+            if isinstance(err, sqlite3.OperationalError)
+            else err.errno in (errno.ENOSPC, errno.EDQUOT)
+        )
+        if not full or os.environ.get("SPD_HOST_DEBUG"):
+            raise
+        filename = getattr(err, "filename", None)
+        where = f" writing {filename}" if filename else ""
+        _report(
+            SpdHostError(
+                f"the disk is full{where}",
+                hint="free space (or point SPD_HOST_HOME / --out at a larger disk) and re-run: "
+                "finished work and checkpoints are kept",
+            )
+        )
+        raise SystemExit(1) from None
+
+
+def _report(err: SpdHostError) -> None:
+    err_console.print(f"[bold red]error:[/] {safe(err.message)}", highlight=False)
+    if err.hint:
+        err_console.print(f"[yellow]hint:[/] {safe(err.hint)}", highlight=False)
 
 
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

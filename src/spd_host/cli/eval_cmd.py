@@ -18,6 +18,8 @@ from spd_host.cli.common import console, err_console, handles_errors, print_json
 from spd_host.errors import SpdHostError
 
 eval_app = typer.Typer(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80},
+    rich_markup_mode=None,
     help="Evaluate decompositions (fidelity, intruder, detection, fuzzing, plugin suites).",
     no_args_is_help=True,
 )
@@ -38,9 +40,15 @@ Detail = Annotated[bool, typer.Option("--detail", help="Also print each result's
 
 
 def _config(suite: Any, options: dict[str, Any]) -> Any:
-    """Keep the options this suite's config has (``all`` passes every flag to every suite)."""
+    """Keep the options this suite's config has (``all`` passes every flag to every suite);
+    a rejected value is a one-line error naming the flag."""
+    from spd_host.cli.options import build
+
     fields = suite.config_model.model_fields
-    return suite.make_config(**{k: v for k, v in options.items() if k in fields})
+    given = {k: v for k, v in options.items() if k in fields and v is not None}
+    if options.get("no_cost_cap") and "cost_cap_usd" in fields:
+        given["cost_cap_usd"] = None
+    return build(suite.config_model, given)
 
 
 def run_many(
@@ -180,10 +188,26 @@ Provider = Annotated[
 Model = Annotated[str | None, typer.Option("--model", help="Judge model (provider default).")]
 BaseUrl = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint URL.")]
 MaxConcurrent = Annotated[int | None, typer.Option("--max-concurrent", help="Calls in flight.")]
-MaxCost = Annotated[float | None, typer.Option("--max-cost", help="Hard cost cap in USD.")]
+CostCap = Annotated[
+    float | None,
+    typer.Option(
+        "--cost-cap",
+        "--max-cost",
+        help="Hard cap in USD on this suite's judge spend, across runs (default 5).",
+    ),
+]
+NoCostCap = Annotated[bool, typer.Option("--no-cost-cap", help="Remove the cap (careful).")]
+Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds per request.")]
+MaxAttempts = Annotated[int | None, typer.Option("--max-attempts", help="Attempts per trial.")]
+LabelModel = Annotated[
+    str | None, typer.Option("--label-model", help="Score labels of this autointerp model only.")
+]
+Force = Annotated[bool, typer.Option("--force", help="Judge again trials already judged.")]
 NComponents = Annotated[int | None, typer.Option("--n-components", help="Components sampled.")]
 NTrials = Annotated[int | None, typer.Option("--n-trials", help="Trials per component.")]
-HarvestRun = Annotated[str | None, typer.Option("--harvest-run", help="Harvest sub-run (latest).")]
+HarvestRun = Annotated[
+    str | None, typer.Option("--run", "--harvest-run", help="Harvest sub-run (latest).")
+]
 
 
 def _judge_command(kind: str) -> Any:
@@ -193,10 +217,15 @@ def _judge_command(kind: str) -> Any:
         model: Model = None,
         base_url: BaseUrl = None,
         max_concurrent: MaxConcurrent = None,
-        max_cost: MaxCost = None,
+        cost_cap: CostCap = None,
+        no_cost_cap: NoCostCap = False,
+        timeout: Timeout = None,
+        max_attempts: MaxAttempts = None,
         n_components: NComponents = None,
         n_trials: NTrials = None,
         harvest_run: HarvestRun = None,
+        label_model: LabelModel = None,
+        force: Force = False,
         json_out: JsonOut = False,
         wandb: Wandb = False,
         wandb_project: WandbProject = "spd-host-evals",
@@ -206,10 +235,15 @@ def _judge_command(kind: str) -> Any:
             "model": model,
             "base_url": base_url,
             "max_concurrent": max_concurrent,
-            "cost_cap_usd": max_cost,
+            "cost_cap_usd": cost_cap,
+            "no_cost_cap": no_cost_cap,
+            "timeout_s": timeout,
+            "max_attempts": max_attempts,
             "n_components": n_components,
             "n_trials": n_trials,
             "harvest_run": harvest_run,
+            "label_model": label_model if kind != "intruder" else None,
+            "force": force,
         }
         run_many([kind], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
 

@@ -22,6 +22,8 @@ class _DefaultRunGroup(TyperGroup):
 
 
 harvest_app = typer.Typer(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80},
+    rich_markup_mode=None,
     cls=_DefaultRunGroup,
     help="Collect per-component statistics over a token dataset (`harvest <id>`), or merge shards.",
     no_args_is_help=True,
@@ -82,28 +84,48 @@ def run(
         int | None, typer.Option(help="Shards (default: WORLD_SIZE or SLURM_NTASKS)")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    text_column: Annotated[
+        str | None,
+        typer.Option(help="Text column of a .jsonl/Hub dataset (default: the recorded one)"),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Recompute even if this harvest is finished")
+    ] = False,
 ) -> None:
     """Harvest a decomposition: statistics, examples, token stats and co-occurrence per component."""
+    from spd_host.cli.options import build, finite, writable_dir
     from spd_host.harvest import HarvestConfig, run_harvest, summarize
     from spd_host.harvest.runner import resolve_rank
 
-    config = HarvestConfig(
-        dataset=dataset,
-        seq_len=seq_len,
-        n_tokens=n_tokens,
-        batch_size=batch_size,
-        examples_per_component=examples_per_component,
-        context_tokens=context_tokens,
-        threshold=threshold,
-        seed=seed,
-        output_top_k=output_top_k,
-        cooccurrence=cooccurrence,
-        checkpoint_every=checkpoint_every,
-        device=device,
+    finite("--threshold", threshold)
+    out = writable_dir(out)
+    config = build(
+        HarvestConfig,
+        dict(
+            dataset=dataset,
+            dataset_column=text_column,
+            seq_len=seq_len,
+            n_tokens=n_tokens,
+            batch_size=batch_size,
+            examples_per_component=examples_per_component,
+            context_tokens=context_tokens,
+            threshold=threshold,
+            seed=seed,
+            output_top_k=output_top_k,
+            cooccurrence=cooccurrence,
+            checkpoint_every=checkpoint_every,
+            device=device,
+        ),
     )
     r, w = resolve_rank(rank, world_size)
     repo = run_harvest(
-        decomposition_id, config, out=out, rank=r, world_size=w, progress=not json_out
+        decomposition_id,
+        config,
+        out=out,
+        rank=r,
+        world_size=w,
+        progress=not json_out,
+        force=force,
     )
     if repo is None:
         err_console.print(
@@ -111,11 +133,26 @@ def run(
             "(or run `spd-host harvest merge`)."
         )
         return
+    if repo.reused:
+        err_console.print(
+            f"using cached harvest {repo.run} (made {made_at(repo)}); --force recomputes it",
+            highlight=False,
+        )
     doc = summarize(repo)
     if json_out:
         print_json(doc)
     else:
         print_summary(doc)
+
+
+def made_at(repo: Any) -> str:
+    """When a finished sub-run was written (its ``harvest.json``), in local time to the minute."""
+    from datetime import datetime
+
+    from spd_host.harvest.store import RESULT_JSON
+
+    stamp = (repo.path / RESULT_JSON).stat().st_mtime
+    return datetime.fromtimestamp(stamp).astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 @harvest_app.command("merge")

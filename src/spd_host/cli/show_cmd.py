@@ -8,20 +8,26 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from spd_host.cli.common import console, handles_errors, print_json
+from spd_host.cli.common import console, handles_errors, print_json, safe
 from spd_host.errors import ResultsNotFoundError
 
 
 @handles_errors
 def show(
     decomposition_id: Annotated[str, typer.Argument(help="e.g. transcoder:demo")],
-    component: Annotated[str, typer.Argument(help="component key '<site>:<index>'")],
+    component: Annotated[
+        str | None, typer.Argument(help="component key '<site>:<index>' (omit with --failed)")
+    ] = None,
     strategy: Annotated[str | None, typer.Option(help="only labels of this strategy")] = None,
     model: Annotated[str | None, typer.Option(help="only labels of this model")] = None,
     harvest_run: Annotated[
-        str | None, typer.Option(help="harvest sub-run (default: latest)")
+        str | None,
+        typer.Option("--run", "--harvest-run", help="harvest sub-run (default: latest)"),
     ] = None,
     examples: Annotated[int, typer.Option(help="activation examples to print")] = 8,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="list the components whose labelling failed, and why")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Print the component's labels (and failures) and the evidence they were made from."""
@@ -29,6 +35,15 @@ def show(
     from spd_host.autointerp.store import LabelStore
 
     db = labels_db_path(decomposition_id)
+    if failed:
+        _show_failed(decomposition_id, db, strategy, model, json_out)
+        return
+    if component is None:
+        raise ResultsNotFoundError(
+            "give a component key, or --failed",
+            hint=f"e.g. `spd-host show {decomposition_id} <site>:0`; `spd-host info "
+            f"{decomposition_id}` lists the sites",
+        )
     records = []
     if db.exists():
         with LabelStore(db) as store:
@@ -39,8 +54,20 @@ def show(
         from spd_host.autointerp.bridge import HarvestEvidence
         from spd_host.harvest import HarvestRepo
 
-        evidence = HarvestEvidence(HarvestRepo.open(decomposition_id, harvest_run))(component)
+        repo = HarvestRepo.open(decomposition_id, harvest_run)
+        if component not in {s.key for s in repo.summary()} and not records:
+            sites = ", ".join(
+                f"{n} (0-{c - 1})"
+                for n, c in zip(repo.layout.names, repo.layout.sizes, strict=True)
+            )
+            raise ResultsNotFoundError(
+                f"unknown component {component!r} for {decomposition_id}",
+                hint=f"keys are '<site>:<index>'; sites: {sites}",
+            )
+        evidence = HarvestEvidence(repo)(component)
     except ResultsNotFoundError as err:
+        if "unknown component" in err.message:
+            raise
         evidence_error = err.message
     if not records and evidence is None:
         raise ResultsNotFoundError(
@@ -59,22 +86,23 @@ def show(
             }
         )
         return
-    console.print(f"[bold]{escape(component)}[/]  {escape(decomposition_id)}")
+    console.print(f"[bold]{safe(component)}[/]  {safe(decomposition_id)}")
     if records:
         table = Table(title="labels")
         for col in ("label", "confidence", "strategy", "model", "status", "cost", "when"):
             table.add_column(col)
         for r in records:
-            label = r.label if r.status == "ok" else f"[red]failed: {escape(r.error or '')}[/]"
-            if r.is_baseline and r.status == "ok":
-                label = f"{escape(label or '')} [yellow](BASELINE, not an LLM)[/]"
-            elif r.status == "ok":
-                label = escape(label or "")
+            if r.status != "ok":
+                label = f"[red]failed: {safe(r.error or '')}[/]"
+            elif r.is_baseline:
+                label = f"{safe(r.label or '')} [yellow](BASELINE, not an LLM)[/]"
+            else:
+                label = safe(r.label or "")
             table.add_row(
                 label,
-                r.confidence or "-",
-                r.strategy,
-                f"{r.provider}/{r.model}",
+                safe(r.confidence or "-"),
+                safe(r.strategy),
+                safe(f"{r.provider}/{r.model}"),
                 r.status,
                 f"${r.cost_usd:.4f}",
                 r.finished_at,
@@ -86,15 +114,48 @@ def show(
             )
         for r in records:
             if r.status == "ok" and r.reasoning:
-                console.print(
-                    f"[dim]{escape(r.strategy)} · {escape(r.model)}:[/] {escape(r.reasoning)}"
-                )
+                console.print(f"[dim]{safe(r.strategy)} · {safe(r.model)}:[/] {safe(r.reasoning)}")
     else:
         console.print("[yellow]no labels yet[/]")
     if evidence is None:
-        console.print(f"[yellow]no harvest evidence: {escape(evidence_error or '')}[/]")
+        console.print(f"[yellow]no harvest evidence: {safe(evidence_error or '')}[/]")
         return
     _print_evidence(evidence, examples)
+
+
+def _show_failed(
+    decomposition_id: str, db: Any, strategy: str | None, model: str | None, json_out: bool
+) -> None:
+    """Every failed component of the store with its stored error (newest first)."""
+    from spd_host.autointerp.store import LabelStore
+
+    if not db.exists():
+        raise ResultsNotFoundError(
+            f"no autointerp labels for {decomposition_id} ({db} does not exist)",
+            hint=f"run `spd-host autointerp {decomposition_id}` first",
+        )
+    with LabelStore(db) as store:
+        rows = store.records(strategy=strategy, model=model, status="failed")
+    if json_out:
+        print_json(
+            [
+                r.model_dump(include={"component_key", "strategy", "model", "error", "attempts"})
+                for r in rows
+            ]
+        )
+        return
+    table = Table(title=f"{len(rows)} failed component(s) of {safe(decomposition_id)}")
+    for col in ("component", "strategy", "model", "attempts", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            safe(r.component_key),
+            safe(r.strategy),
+            safe(r.model),
+            str(r.attempts),
+            safe(r.error or ""),
+        )
+    console.print(table)
 
 
 def _print_evidence(ev: Any, n_examples: int) -> None:
@@ -102,7 +163,7 @@ def _print_evidence(ev: Any, n_examples: int) -> None:
     from spd_host.autointerp.strategies.formatting import fires_on, rate_text
 
     console.print(
-        f"\n[bold]evidence[/] ({escape(ev.method_name)}, {escape(ev.location_description or ev.location)})"
+        f"\n[bold]evidence[/] ({safe(ev.method_name)}, {safe(ev.location_description or ev.location)})"
     )
     console.print(f"firing rate: {rate_text(ev.firing_density)}")
     for side, stats in (
@@ -131,6 +192,6 @@ def _print_evidence(ev: Any, n_examples: int) -> None:
     console.print("[bold]top examples[/] (firing tokens in << >>)")
     for i, ex in enumerate(chosen, 1):
         console.print(
-            f"{i:>2}. {escape(fires_on(ex))}  [dim](max {ex.max_activation:.3g})[/]",
+            f"{i:>2}. {safe(fires_on(ex))}  [dim](max {ex.max_activation:.3g})[/]",
             highlight=False,
         )

@@ -76,6 +76,9 @@ class JudgeSuiteConfig(_Frozen):
     label_model: str | None = Field(
         default=None, description="Detection/fuzzing: use labels by this autointerp model only."
     )
+    force: bool = Field(
+        default=False, description="Judge again the trials a previous run already judged."
+    )
 
     def llm(self) -> Any:
         from spd_host.autointerp.config import AutointerpConfig

@@ -7,7 +7,6 @@ are read per component from SQLite.
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 from functools import cached_property
@@ -17,9 +16,9 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
-from spd_host.errors import FormatError, ResultsNotFoundError
+from spd_host.errors import ResultsNotFoundError
 from spd_host.harvest.accumulator import Layout
-from spd_host.harvest.config import SCHEMA_VERSION, HarvestConfig
+from spd_host.harvest.config import HarvestConfig
 from spd_host.harvest.models import (
     ActivationExample,
     ComponentDetail,
@@ -35,6 +34,7 @@ from spd_host.harvest.store import (
     STATS_FILE,
 )
 from spd_host.harvest.token_stats import CoocMetric, cooc_score, token_lists
+from spd_host.harvest.verify import read_meta, verify_files
 from spd_host.harvest.windows import strip_padding
 
 
@@ -58,15 +58,13 @@ class HarvestRepo:
                 f"no finished harvest in {self.path} ({RESULT_JSON} missing)",
                 hint="run `spd-host harvest <id>` (or `spd-host harvest merge` after a sharded run)",
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("schema_version") != SCHEMA_VERSION:
-            raise FormatError(
-                f"harvest in {self.path} has schema version {self.meta.get('schema_version')}, "
-                f"this spd-host reads version {SCHEMA_VERSION}",
-                hint="re-run the harvest with this version (delete that sub-run first)",
-            )
+        # verified on open: a damaged sub-run is a clear error here, not a traceback later
+        self.meta: dict[str, Any] = read_meta(self.path)
+        verify_files(self.path, self.meta)
         self.layout = Layout.from_json(self.meta["layout"])
         self._tokenizer: Any = None
+        self.reused = False
+        """Set by ``run_harvest`` when it returned this finished sub-run instead of computing."""
 
     @classmethod
     def open(cls, decomposition_id: str, run: str | None = None) -> HarvestRepo:

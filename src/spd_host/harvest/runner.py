@@ -28,6 +28,7 @@ from spd_host.harvest.config import HarvestConfig
 from spd_host.harvest.merge import merge_accumulators
 from spd_host.harvest.repo import HarvestRepo, harvest_root
 from spd_host.harvest.store import RESULT_JSON, write_results
+from spd_host.locking import RunLock
 
 BatchSource = Callable[[int, int, int], Iterator[torch.Tensor]]
 """``(rank, world_size, start_batch) -> token batches [B, S]`` of that rank, from its ``start_batch``-th."""
@@ -48,11 +49,71 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     return rank, world_size
 
 
-def run_dir_name(decomposition_id: str, config: HarvestConfig) -> str:
-    doc = json.dumps(
-        {"id": decomposition_id, "config": config.model_dump(mode="json")}, sort_keys=True
-    )
-    return "run-" + hashlib.sha256(doc.encode()).hexdigest()[:10]
+def run_dir_name(
+    decomposition_id: str, config: HarvestConfig, inputs: dict[str, str | None] | None = None
+) -> str:
+    """The sub-run's key: ID, config and the fingerprints of its input files (see
+    :func:`input_fingerprints`), so changed weights or a changed dataset file get a new run."""
+    doc: dict[str, Any] = {"id": decomposition_id, "config": config.model_dump(mode="json")}
+    if inputs:
+        doc["inputs"] = inputs
+    return "run-" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def decomposition_files(adapter: Any, decomposition_id: str) -> Path | None:
+    """Where the decomposition's files are: a local ID's path, else what the adapter loaded
+    (``root`` of dictionary adapters, ``files.run_dir`` of SPD runs); None if unknown."""
+    from spd_host.plugins import get_host
+
+    try:
+        did = get_host().parse_id(decomposition_id)
+    except Exception:
+        did = None
+    if did is not None and did.path is not None:
+        return Path(did.path)
+    for candidate in (
+        getattr(adapter, "root", None),
+        getattr(getattr(adapter, "files", None), "run_dir", None),
+    ):
+        if isinstance(candidate, (str, Path)) and Path(candidate).exists():
+            return Path(candidate)
+    return None
+
+
+def input_fingerprints(adapter: Any, config: HarvestConfig) -> dict[str, str | None]:
+    """Fingerprints of the decomposition's files and of a local dataset file or directory."""
+    from spd_host.fingerprint import fingerprint_path
+
+    files = decomposition_files(adapter, adapter.decomposition_id)
+    out: dict[str, str | None] = {"decomposition": fingerprint_path(files) if files else None}
+    dataset = str(config.dataset or "")
+    try:
+        local = Path(dataset).expanduser()
+    except RuntimeError:
+        local = Path(dataset)
+    out["dataset"] = fingerprint_path(local) if dataset and local.exists() else None
+    return out
+
+
+def check_against_model(adapter: Any, config: HarvestConfig) -> None:
+    """Refuse, before any work, a ``seq_len`` longer than the base model's positions and
+    example windows longer than a sequence (``--context-tokens 100000`` was OOM-killed)."""
+    seq_len = int(config.seq_len or 128)
+    if config.context_tokens > seq_len:
+        raise ConfigError(
+            f"invalid --context-tokens {config.context_tokens}: more than the sequence length "
+            f"{seq_len} (an example window cannot be longer than its sequence)",
+            hint=f"pass --context-tokens {min(seq_len, 8)} (tokens kept on each side of a firing)",
+        )
+    try:
+        from spd_host.topology.loading import load_config
+
+        model_config = load_config(adapter.base_model_name)
+    except Exception:  # no config reachable offline: the forward pass will tell
+        return
+    from spd_host.data import check_seq_len
+
+    check_seq_len(seq_len, model_config)
 
 
 def shard_dir(out: Path, rank: int, world_size: int) -> Path:
@@ -120,6 +181,7 @@ def run_harvest(
     batches: BatchSource | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    force: bool = False,
 ) -> HarvestRepo | None:
     """Harvest a decomposition; resume from the last checkpoint if one exists.
 
@@ -127,6 +189,9 @@ def run_harvest(
     state under ``shards/``; the rank that finishes last merges them and returns the repo, the
     others return ``None`` (``spd-host harvest merge`` does the same by hand).
     ``stop_after``: process at most this many batches in this call (tests, budgets).
+    ``force``: recompute even if this sub-run (same ID, config and input fingerprints) is
+    finished; otherwise the finished one is returned with ``repo.reused`` set.
+    Two harvests of one sub-run at once: the second is refused (``BusyError`` naming the pid).
     """
     from spd_host.plugins import get_host
 
@@ -135,9 +200,49 @@ def run_harvest(
     adapter = host.load_adapter(decomposition_id)
     did = adapter.decomposition_id
     config = resolve_config(adapter, config)
-    out = Path(out) if out is not None else harvest_root(did) / run_dir_name(did, config)
-    if world_size == 1 and (out / RESULT_JSON).exists():
-        return HarvestRepo(out)
+    check_against_model(adapter, config)
+    if out is None:
+        out = harvest_root(did) / run_dir_name(did, config, input_fingerprints(adapter, config))
+    out = Path(out)
+    lock_name = ".harvest.lock" if world_size == 1 else f".harvest-rank-{rank}-of-{world_size}.lock"
+    with RunLock(out / lock_name, f"harvest of {did} into {out}"):
+        if force:
+            _discard_results(out, world_size, rank)
+        elif world_size == 1 and (out / RESULT_JSON).exists():
+            repo = HarvestRepo(out)
+            repo.reused = True
+            return repo
+        return _run_locked(
+            adapter, did, config, out, rank, world_size, batches, progress, stop_after
+        )
+
+
+def _discard_results(out: Path, world_size: int, rank: int) -> None:
+    """``--force``: remove this sub-run's finished files and checkpoint (only ours, by name)."""
+    from spd_host.harvest.store import DB_FILE, EXAMPLES_FILE, STATS_FILE
+
+    (out / RESULT_JSON).unlink(missing_ok=True)  # first: the run is unfinished from here on
+    for name in (STATS_FILE, EXAMPLES_FILE, DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(
+        out / "state" if world_size == 1 else shard_dir(out, rank, world_size), ignore_errors=True
+    )
+
+
+def _run_locked(
+    adapter: Any,
+    did: str,
+    config: HarvestConfig,
+    out: Path,
+    rank: int,
+    world_size: int,
+    batches: BatchSource | None,
+    progress: bool,
+    stop_after: int | None,
+) -> HarvestRepo | None:
+    from spd_host.plugins import get_host
+
+    host = get_host()
     state_dir = out / "state" if world_size == 1 else shard_dir(out, rank, world_size)
     layout = Layout.of(adapter.sites, adapter.activation_types)
     fn = host.harvest_fn(adapter, HarvestOptions(threshold=config.threshold, device=config.device))
@@ -189,6 +294,11 @@ def run_harvest(
                 save_checkpoint(
                     state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did}
                 )
+        if exhausted or start + processed >= my_batches:
+            # the planned total counts whole batches; a short last batch or a dataset that
+            # ran out must still end the bar at 100%
+            done_now = next(t.completed for t in bar.tasks if t.id == task)
+            bar.update(task, total=done_now, completed=done_now)
     if acc is None:
         raise ConfigError(
             f"the dataset yielded no batches for rank {rank}", hint="check --dataset and --n-tokens"

@@ -240,7 +240,7 @@ def run_judge_suite(
         path.with_name(path.name + ".lock"), f"{kind} eval of {adapter.decomposition_id}"
     )
     with lock, _ledger(path.with_name(f"{kind}.spend.db")) as ledger:
-        done = _done_trials(path, run_key)
+        done = {} if config.force else _done_trials(path, run_key)
         todo = [t for t in trials if t.trial_id not in done]
         records = dict(done)
         with path.open("a") as sink:

@@ -1,0 +1,112 @@
+"""Option values checked before any work starts, each failure one line with a hint.
+
+The config models (``HarvestConfig``, ``AutointerpConfig``, the eval suites') are the single
+source of what a valid value is; :func:`build` turns their ``ValidationError`` into a
+``ConfigError`` that names the *flag* the user typed, not the field. The other checks here are
+about the machine rather than the model: is ``--out`` a directory we can write, is a float
+finite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from spd_host.errors import ConfigError
+from spd_host.safe_text import printable
+
+M = TypeVar("M", bound=BaseModel)
+
+# fields whose flag is not simply ``--`` + the field name with dashes
+FLAG_OF_FIELD: Mapping[str, str] = {
+    "cost_cap_usd": "--cost-cap",
+    "timeout_s": "--timeout",
+    "input_price_per_mtok": "--input-price",
+    "output_price_per_mtok": "--output-price",
+    "max_retry_after_s": "--max-retry-after",
+    "dataset_column": "--text-column",
+    "text_column": "--text-column",
+    "strategy_options": "--n-top/--n-quantiles/--per-quantile",
+}
+
+
+def flag_for(field: str) -> str:
+    return FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def build(model: type[M], values: Mapping[str, Any], *, drop_none: bool = False) -> M:
+    """``model(**values)``, or a one-line ``ConfigError`` naming the first bad flag."""
+    given = {k: v for k, v in values.items() if v is not None} if drop_none else dict(values)
+    try:
+        return model(**given)
+    except ValidationError as err:
+        raise option_error(err) from None
+
+
+def option_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ())]
+    field = loc[0] if loc else ""
+    value = first.get("input")
+    msg = str(first.get("msg", "invalid value"))
+    if isinstance(value, float) and not math.isfinite(value):
+        msg = "must be a finite number"
+    shown = printable(repr(value) if isinstance(value, str) else str(value))
+    more = len(err.errors()) - 1
+    return ConfigError(
+        f"invalid {flag_for(field)} {shown}: {msg[0].lower() + msg[1:]}"
+        + (f" (and {more} more invalid option{'s' * (more > 1)})" if more else ""),
+        hint=f"run the command with -h to see what {flag_for(field)} accepts",
+    )
+
+
+def finite(flag: str, value: float | None) -> None:
+    """NaN or infinity is never a meaningful threshold, price or cap."""
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(
+            f"invalid {flag} {value}: must be a finite number", hint=f"pass a number to {flag}"
+        )
+
+
+def expand(raw: str | Path, flag: str) -> Path:
+    """``~`` expanded, or a clear error for ``~nosuchuser``."""
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:
+        raise ConfigError(
+            f"invalid {flag} {printable(str(raw))}: the user in its '~' is unknown on this machine",
+            hint="give an absolute path or one starting with '~/'",
+        ) from None
+
+
+def writable_dir(raw: Path | None, flag: str = "--out") -> Path | None:
+    """``raw`` as a directory this process can create or write into, checked up front.
+
+    Refused: an existing file (``/dev/null`` included), a directory without write
+    permission, a path whose nearest existing parent is not a writable directory.
+    """
+    if raw is None:
+        return None
+    path = expand(raw, flag)
+    shown = printable(str(path))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"{flag} {shown} exists and is not a directory",
+            hint=f"{flag} names the directory the results go into; pick a new or existing directory",
+        )
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{flag} {shown} cannot be written ({printable(str(probe))} is not a writable directory)",
+            hint=f"choose a {flag} under a directory you can write to",
+        )
+    return path

@@ -31,9 +31,33 @@ class Request:
     marker: str | None  # "MARK<n>" found in the prompt (tests put it in the evidence)
 
     @property
-    def prompt(self) -> str:
+    def system(self) -> str:
+        """The system prompt as text, whether sent as a string or as content blocks."""
+        if self.api == "openai":
+            msgs = self.body.get("messages", [])
+            return "\n".join(_text(m.get("content")) for m in msgs if m.get("role") == "system")
+        return _text(self.body.get("system"))
+
+    @property
+    def user(self) -> str:
         msgs = self.body.get("messages", [])
-        return "\n".join(str(m.get("content", "")) for m in msgs)
+        return "\n".join(_text(m.get("content")) for m in msgs if m.get("role") == "user")
+
+    @property
+    def prompt(self) -> str:
+        """Everything the model was shown: system prompt, then the messages."""
+        msgs = self.body.get("messages", [])
+        parts = [] if self.api == "openai" else [self.system]
+        return "\n".join(parts + [_text(m.get("content")) for m in msgs])
+
+
+def _text(content: Any) -> str:
+    """A message's content as text: a string, or the texts of its blocks joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
 
 
 @dataclass
@@ -46,7 +70,9 @@ class Reply:
     truncated: bool = False  # finish_reason length / stop_reason max_tokens
     cut_connection: bool = False  # announce a longer body than sent, then close
     output_tokens: int = 40
-    input_tokens: int = 100
+    input_tokens: int = 100  # every input token, cached ones included
+    cache_read_tokens: int = 0  # of input_tokens, read from the prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic only)
 
 
 def valid_answer(marker: str | None) -> dict[str, Any]:
@@ -192,7 +218,15 @@ class LLMServer:
                 "content": content,
                 "stop_reason": "max_tokens" if reply.truncated else "tool_use",
                 "stop_sequence": None,
-                "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+                # Anthropic's input_tokens excludes what was read from / written to the cache
+                "usage": {
+                    "input_tokens": reply.input_tokens
+                    - reply.cache_read_tokens
+                    - reply.cache_write_tokens,
+                    "output_tokens": reply.output_tokens,
+                    "cache_read_input_tokens": reply.cache_read_tokens,
+                    "cache_creation_input_tokens": reply.cache_write_tokens,
+                },
             }
         else:
             text = answer if isinstance(answer, str) else json.dumps(answer)
@@ -212,6 +246,8 @@ class LLMServer:
                     "prompt_tokens": reply.input_tokens,
                     "completion_tokens": reply.output_tokens,
                     "total_tokens": reply.input_tokens + reply.output_tokens,
+                    # OpenAI's prompt_tokens includes the cached part
+                    "prompt_tokens_details": {"cached_tokens": reply.cache_read_tokens},
                 },
             }
         return json.dumps(doc).encode()

@@ -1,7 +1,10 @@
 """OpenAI Chat Completions through the official ``openai`` SDK: OpenAI itself, OpenRouter, and
 any OpenAI-compatible endpoint by base URL (vLLM, Ollama, LM Studio, llama.cpp server).
 
-The answer is requested with a strict JSON-schema response format. The SDK's own retries are
+The answer is requested with a strict JSON-schema response format. OpenAI caches prompt
+prefixes of 1,024+ tokens by itself (the system message comes first, so the shared part of a
+strategy's prompt is the prefix); the cached part is read from
+``usage.prompt_tokens_details.cached_tokens`` and priced at the cached rate. The SDK's own retries are
 disabled; the runner retries (see :mod:`spd_host.autointerp.providers.anthropic_provider`).
 """
 
@@ -79,8 +82,10 @@ class OpenAIChatClient:
                 f"{self._provider}: the server answered without choices: {str(response)[:200]!r}"
             )
         usage = getattr(response, "usage", None)
-        n_in = int(getattr(usage, "prompt_tokens", 0) or 0)
+        n_in = int(getattr(usage, "prompt_tokens", 0) or 0)  # cached tokens included
         n_out = int(getattr(usage, "completion_tokens", 0) or 0)
+        details = getattr(usage, "prompt_tokens_details", None)
+        n_cached = min(n_in, int(getattr(details, "cached_tokens", 0) or 0))
         raw = response.model_dump_json()
         choice = response.choices[0]
         content = choice.message.content or ""
@@ -88,7 +93,13 @@ class OpenAIChatClient:
             answer = parse_answer(content, truncated=choice.finish_reason == "length")
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
-        return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
+        return Completion(
+            answer=answer,
+            raw=raw,
+            input_tokens=n_in,
+            output_tokens=n_out,
+            cache_read_tokens=n_cached,
+        )
 
     @property
     def _new_limit(self) -> bool:

@@ -49,7 +49,7 @@ def test_every_entry_has_a_date_a_source_and_sane_prices() -> None:
 
 def test_providers_take_their_prices_from_the_file() -> None:
     raw = yaml.safe_load(YAML.read_text())
-    for name in ("anthropic", "openai", "openrouter"):
+    for name in ("anthropic", "openai", "openrouter", "gemini"):
         provider = get_provider(name)
         assert set(provider.pricing) == set(raw[name]), name
         for model, entry in raw[name].items():

@@ -15,13 +15,19 @@ from spd_host.hookspecs import hookimpl
 
 @hookimpl
 def register_llm_providers(register: Callable[[Any], None]) -> None:
-    from spd_host.autointerp.providers import anthropic_provider, offline, openai_provider
+    from spd_host.autointerp.providers import (
+        anthropic_provider,
+        gemini_provider,
+        offline,
+        openai_provider,
+    )
 
     register(offline.PROVIDER)
     register(anthropic_provider.PROVIDER)
     register(openai_provider.OPENAI)
     register(openai_provider.OPENROUTER)
     register(openai_provider.OPENAI_COMPATIBLE)
+    register(gemini_provider.PROVIDER)
 
 
 @hookimpl

@@ -18,6 +18,7 @@ def register_llm_providers(register: Callable[[Any], None]) -> None:
     from spd_host.autointerp.providers import (
         anthropic_provider,
         gemini_provider,
+        local_provider,
         offline,
         openai_provider,
     )
@@ -28,6 +29,7 @@ def register_llm_providers(register: Callable[[Any], None]) -> None:
     register(openai_provider.OPENROUTER)
     register(openai_provider.OPENAI_COMPATIBLE)
     register(gemini_provider.PROVIDER)
+    register(local_provider.PROVIDER)
 
 
 @hookimpl

@@ -122,9 +122,17 @@ def test_cost_per_label_by_mode_worked_by_hand() -> None:
     assert cost_per_label(e, prof, "cached") == pytest.approx(cached)
     assert cost_per_label(e, prof, "batch") == pytest.approx(sync / 2)
     assert cost_per_label(e, prof, "batch+cached") == pytest.approx(cached / 2)
-    # a prefix below the model's minimum cacheable length is not cached
-    short = prof.model_copy(update={"shared_prefix_tokens": e.min_cache_tokens - 1})
-    assert cost_per_label(e, short, "cached") == pytest.approx(sync)
+    # OpenAI caches the shared prefix of any prompt of 1,024+ tokens, however short the prefix
+    short = prof.model_copy(update={"shared_prefix_tokens": 500})
+    assert cost_per_label(e, short, "cached") == pytest.approx((2000 * 0.4 + 500 * 0.1 + 240) / 1e6)
+    tiny_prompt = LabelProfile(input_tokens=1000, shared_prefix_tokens=800, output_tokens=150)
+    assert cost_per_label(e, tiny_prompt, "cached") == pytest.approx((1000 * 0.4 + 240) / 1e6)
+    # Anthropic counts the prefix itself: Sonnet 4.5 caches 1,024+ prefix tokens, not 1,023
+    sonnet = price_table()["anthropic"]["claude-sonnet-4-5"]  # 3.00 in, 0.30 cached, 15.00 out
+    for n, cached in ((1023, 0), (1024, 1024)):
+        p = prof.model_copy(update={"shared_prefix_tokens": n})
+        want = ((2500 - cached) * 3.0 + cached * 0.30 + 150 * 15.0) / 1e6
+        assert cost_per_label(sonnet, p, "cached") == pytest.approx(want)
 
 
 def test_the_docs_cost_table_is_the_generated_one() -> None:

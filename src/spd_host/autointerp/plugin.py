@@ -34,7 +34,9 @@ def register_llm_providers(register: Callable[[Any], None]) -> None:
 
 @hookimpl
 def register_autointerp_strategies(register: Callable[[Any], None]) -> None:
-    from spd_host.autointerp.strategies import compact_skeptical, dual_view
+    from spd_host.autointerp.strategies import canon, compact_skeptical, dual_view, rich_examples
 
     register(compact_skeptical.STRATEGY)
     register(dual_view.STRATEGY)
+    register(rich_examples.STRATEGY)
+    register(canon.STRATEGY)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,8 +37,17 @@ class PriceEntry(BaseModel):
     cache_write: float | None = Field(default=None, ge=0)
     batch_discount: float = Field(default=0.0, ge=0, lt=1)
     min_cache_tokens: int = Field(default=0, ge=0)
+    min_cache_scope: Literal["prefix", "prompt"] = "prefix"
+    """What ``min_cache_tokens`` is compared with: the cached prefix itself (Anthropic), or
+    the whole prompt (OpenAI and Gemini cache the shared prefix of any prompt that long)."""
     as_of: dt.date
     source: str = Field(min_length=1)
+
+    def caches(self, prefix_tokens: int, prompt_tokens: int) -> bool:
+        """Whether a prompt of ``prompt_tokens`` with a shared prefix of ``prefix_tokens`` is
+        long enough to be cached."""
+        n = prefix_tokens if self.min_cache_scope == "prefix" else prompt_tokens
+        return prefix_tokens > 0 and n >= self.min_cache_tokens
 
     def pricing(self, *, batch: bool = False) -> Pricing:
         """The per-token prices of a call, synchronous or through the batch API."""

@@ -7,9 +7,9 @@ print it for another token profile.
 
 Modes: ``sync`` (one request per label at list price), ``cached`` (the shared prefix read
 from the prompt cache at its price), ``batch`` (the batch API's discount on every token) and
-``batch+cached`` (both; the providers stack them). A prefix shorter than the model's
-``min_cache_tokens`` is not cached, so its cached columns equal the uncached ones and are
-marked. The one cache write per cache lifetime is amortised over many labels and ignored.
+``batch+cached`` (both; the providers stack them). Below the model's ``min_cache_tokens``
+(compared with the prefix on Anthropic, with the whole prompt on OpenAI and Gemini) nothing is
+cached, so those cached columns equal the uncached ones and are marked. The one cache write per cache lifetime is amortised over many labels and ignored.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ class LabelProfile(BaseModel):
 
     input_tokens: int = Field(default=2500, gt=0)
     shared_prefix_tokens: int = Field(
-        default=1200, ge=0, description="system prompt + schema, the same for every component"
+        default=1000,
+        ge=0,
+        description="system prompt + schema, the same for every component (canon with a "
+        "typical method description is about this long)",
     )
     output_tokens: int = Field(default=150, gt=0)
 
@@ -45,7 +48,7 @@ def cost_per_label(entry: PriceEntry, profile: LabelProfile, mode: str) -> float
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     pricing = entry.pricing(batch=mode.startswith("batch"))
     cached = 0
-    if mode.endswith("cached") and profile.shared_prefix_tokens >= entry.min_cache_tokens:
+    if mode.endswith("cached") and entry.caches(profile.shared_prefix_tokens, profile.input_tokens):
         cached = min(profile.shared_prefix_tokens, profile.input_tokens)
     return pricing.cost(profile.input_tokens, profile.output_tokens, cache_read_tokens=cached)
 
@@ -66,8 +69,9 @@ def cost_table_markdown(
         f"Per label: {profile.input_tokens:,} input tokens, of which {profile.shared_prefix_tokens:,} "
         f"are the shared prefix, and {profile.output_tokens:,} output tokens. Prices as of "
         f"{', '.join(dates)} (`pricing.yaml`, with each entry's source). Each cell: "
-        f"{' / '.join(f'{n:,}' for n in SIZES)} components. `*`: the prefix is shorter than the "
-        "model's minimum cacheable length, so nothing is cached.",
+        f"{' / '.join(f'{n:,}' for n in SIZES)} components. `*`: too short for the model's "
+        "minimum cacheable length (Anthropic counts the cached prefix, OpenAI and Gemini the "
+        "whole prompt), so nothing is cached.",
         "",
         "| provider | model | " + " | ".join(MODES) + " |",
         "|---|---|" + "---|" * len(MODES),
@@ -82,9 +86,8 @@ def cost_table_markdown(
                     continue
                 per = cost_per_label(entry, profile, mode)
                 cell = " / ".join(_money(per * n) for n in SIZES)
-                if (
-                    mode.endswith("cached")
-                    and profile.shared_prefix_tokens < entry.min_cache_tokens
+                if mode.endswith("cached") and not entry.caches(
+                    profile.shared_prefix_tokens, profile.input_tokens
                 ):
                     cell += " *"
                 cells.append(cell)

@@ -139,3 +139,18 @@ def test_canon_shows_outputs_then_inputs_and_xml_examples() -> None:
         assert fact in p.system, fact
     # the long shared part is what prompt caching pays for: it dwarfs this component's part
     assert len(p.system) > len(p.user)
+
+
+def test_cli_options_override_only_what_is_given() -> None:
+    from spd_host.cli.autointerp_cmd import _strategy_options
+
+    none = {"n_top": None, "n_quantiles": None, "per_quantile": None}
+    assert _strategy_options("rich_examples", none, {"format": None, "annotate": None}) == {}
+    got = _strategy_options(
+        "rich_examples", {**none, "n_top": 3}, {"format": "xml", "annotate": None}
+    )
+    # the strategy's own defaults (5 per stratum, annotated) survive beside the flags given
+    assert got["selection"] == {"n_top": 3, "n_quantiles": 4, "per_quantile": 5, "seed": 0}
+    assert got["rendering"] == {"format": "xml", "annotate": True, "delimiter": "brackets"}
+    opts = get_strategy("rich_examples").options(got)
+    assert opts.rendering.format == "xml"  # type: ignore[attr-defined]

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from llm_server import LLMServer
 from typer.testing import CliRunner
@@ -13,41 +9,11 @@ from typer.testing import CliRunner
 from spd_host.autointerp.api import labels_db_path, load_labels
 from spd_host.autointerp.bridge import HarvestEvidence, evidence_from_harvest
 from spd_host.cli.app import app
-from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
-from spd_host.paths import home
+from spd_host.harvest import HarvestRepo
 from spd_host.plugins import temporary_plugins
 from tests.harvest import toy_plugin
 
 ID = "toy:demo"
-
-
-@pytest.fixture(scope="module")
-def _built_harvest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Harvest once per module (a few seconds); each test gets its own copy."""
-    home = tmp_path_factory.mktemp("harvest_home")
-    with (
-        pytest.MonkeyPatch.context() as mp,
-        temporary_plugins(("toy", toy_plugin), entry_points=False),
-    ):
-        mp.setenv("SPD_HOST_HOME", str(home))
-        config = HarvestConfig(
-            n_tokens=960,
-            batch_size=4,
-            seq_len=12,
-            examples_per_component=5,
-            context_tokens=3,
-            output_top_k=5,
-            min_token_support=2,
-        )
-        assert run_harvest(ID, config, batches=toy_plugin.toy_source(4, 12), progress=False)
-    return home / "results"
-
-
-@pytest.fixture
-def toy_harvest(_built_harvest: Path) -> Iterator[HarvestRepo]:
-    shutil.copytree(_built_harvest, home() / "results", dirs_exist_ok=True)
-    with temporary_plugins(("toy", toy_plugin), entry_points=False):
-        yield HarvestRepo.open(ID)
 
 
 def test_bridge_decodes_harvest_evidence(toy_harvest: HarvestRepo) -> None:

@@ -77,3 +77,30 @@ def test_a_hand_given_price_bills_cached_tokens_in_full(tmp_path: Path) -> None:
         )  # fmt: skip
     assert report.spent_usd == pytest.approx((1000 * 2.0 + 40 * 8.0) / 1e6)
     assert report.cache_saved_usd == 0
+
+
+def test_anthropic_without_a_system_prompt_sends_none() -> None:
+    import asyncio
+
+    from factories import make_evidence
+
+    from spd_host.autointerp.answer import ANSWER_SCHEMA
+    from spd_host.autointerp.providers.base import ClientOptions, CompletionRequest
+    from spd_host.autointerp.registry import get_provider
+
+    provider = get_provider("anthropic")
+    with LLMServer() as server:
+        client = provider.make_client(
+            ClientOptions(model="claude-haiku-4-5", base_url=server.anthropic_url)
+        )
+        req = CompletionRequest(
+            system="", prompt="MARK9", schema=ANSWER_SCHEMA, max_output_tokens=50,
+            evidence=make_evidence(9),
+        )  # fmt: skip
+
+        async def go() -> None:
+            await client.complete(req)
+            await client.aclose()
+
+        asyncio.run(go())
+    assert "system" not in server.requests[0].body

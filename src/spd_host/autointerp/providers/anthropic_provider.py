@@ -56,7 +56,7 @@ class AnthropicClient:
             message = await self._client.messages.create(
                 model=self._model,
                 max_tokens=request.max_output_tokens,
-                system=_cached_system(request.system),
+                system=_cached_system(request.system) or self._sdk.omit,
                 messages=[{"role": "user", "content": request.prompt}],
                 tools=[tool],
                 tool_choice={"type": "tool", "name": TOOL_NAME},
@@ -114,7 +114,8 @@ def _cached_system(system: str) -> Any:
     system, messages: so this caches the label tool (the output schema) and the strategy's
     system prompt (method description, instructions), which every component of a run shares,
     and leaves the per-component user message uncached. A prefix shorter than the model's
-    minimum cacheable length is simply not cached (no error, no write charge)."""
+    minimum cacheable length is simply not cached (no error, no write charge). No system
+    prompt: nothing (the field is omitted)."""
     if not system:
         return []
     return [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]

@@ -233,6 +233,33 @@ def boundary_token_id(tokenizer: Any) -> int | None:
     return None
 
 
+def tokenization_record(tokenizer: Any) -> dict[str, Any]:
+    """How documents were turned into sequences for this tokenizer, recorded with a harvest.
+
+    Tokenizer families differ: GPT-2-style tokenizers have only ``<|endoftext|>`` (used as
+    EOS and BOS); Llama/Gemma-style ones have a distinct BOS and set ``add_bos_token``, and
+    their models expect BOS at the start of a sequence. The stream here never inserts the
+    tokenizer's own special tokens; it places the boundary token after each document, so a
+    sequence starts wherever the stream is cut. Recording the family and the choice makes a
+    harvest's statistics interpretable (and comparable) across tokenizers.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    boundary = boundary_token_id(tokenizer)
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "boundary_token": "eos"
+        if boundary is not None and boundary == eos
+        else ("bos" if boundary is not None and boundary == bos else None),
+        "boundary_token_id": boundary,
+        "bos_token_id": bos if isinstance(bos, int) else None,
+        "eos_token_id": eos if isinstance(eos, int) else None,
+        "tokenizer_adds_bos": bool(getattr(tokenizer, "add_bos_token", False)),
+        "bos_at_sequence_start": False,
+        "special_tokens_in_documents": False,
+    }
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that decides how the tokenizer maps text to ids."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())

@@ -113,11 +113,11 @@ def parse_decomposition_id(
 
     method, sep, source = raw.partition(":")
     if not sep or not method or not source:
-        raise _id_error(f"{raw!r} is not a decomposition ID", known, short_id_patterns)
+        raise _id_error(f"{raw!r} is not a decomposition ID", known, short_id_patterns, raw)
     if not _METHOD_RE.match(method):
-        raise _id_error(f"{method!r} is not a valid method name", known, short_id_patterns)
+        raise _id_error(f"{method!r} is not a valid method name", known, short_id_patterns, raw)
     if method not in known:
-        raise _id_error(f"unknown method {method!r} in {raw!r}", known, short_id_patterns)
+        raise _id_error(f"unknown method {method!r} in {raw!r}", known, short_id_patterns, raw)
 
     if source == "demo":
         return DecompositionId(method=method, kind=SourceKind.DEMO, raw=raw)
@@ -156,8 +156,37 @@ def parse_decomposition_id(
     return DecompositionId(method=method, kind=SourceKind.LOCAL, raw=raw, path=path)
 
 
+def known_ids(methods: Iterable[str]) -> list[str]:
+    """IDs a user plausibly meant: every method's demo, and every ID with a stored harvest."""
+    import json
+
+    from spd_host.paths import home
+
+    out = [f"{m}:demo" for m in sorted(methods)]
+    try:
+        results = home() / "results"
+        for meta in sorted(results.glob("*/harvest/*/harvest.json"))[:500]:
+            try:
+                did = json.loads(meta.read_text()).get("decomposition_id")
+            except (OSError, ValueError):
+                continue
+            if isinstance(did, str) and did not in out:
+                out.append(did)
+    except OSError:
+        pass
+    return out
+
+
+def did_you_mean(raw: str, methods: Iterable[str]) -> str:
+    """`` Did you mean 'transcoder:demo'?`` for a near miss (edit ratio >= 0.75), else ''."""
+    import difflib
+
+    match = difflib.get_close_matches(raw, known_ids(methods), n=1, cutoff=0.75)
+    return f" Did you mean {match[0]!r}?" if match and match[0] != raw else ""
+
+
 def _id_error(
-    what: str, known: Sequence[str], short_id_patterns: Mapping[str, str] | None
+    what: str, known: Sequence[str], short_id_patterns: Mapping[str, str] | None, raw: str = ""
 ) -> DecompositionIdError:
     installed = ", ".join(known) if known else "(none installed)"
     forms = "; ".join(ACCEPTED_FORMS)
@@ -165,7 +194,7 @@ def _id_error(
     if short_id_patterns:
         shorts = "; short IDs: " + ", ".join(f"{m} ({p})" for m, p in short_id_patterns.items())
     return DecompositionIdError(
-        f"{what}. Installed methods: {installed}.",
+        f"{what}.{did_you_mean(raw, known) if raw else ''} Installed methods: {installed}.",
         hint=f"accepted forms: {forms}{shorts}. `spd-host plugins` lists what is installed.",
     )
 
@@ -189,7 +218,8 @@ def fetch_source(
         assert did.path is not None
         if not did.path.exists():
             raise SourceNotFoundError(
-                f"{did.raw}: no such file or directory: {did.path}",
+                f"{did.raw}: no such file or directory: {did.path}."
+                + did_you_mean(did.raw, [did.method]),
                 hint="check the path, or use hf:<owner>/<repo> for a Hub repo",
             )
         return did.path

@@ -24,13 +24,57 @@ from spd_host.demo import DEMO_MODEL_NAME, demo_model_dir
 from spd_host.errors import FormatError, SourceNotFoundError
 from spd_host.paths import expand_user
 
+# TransformerLens model names (as decompositions trained with TransformerLens record them) and
+# the Hugging Face Hub names they load from.
+TL_ALIASES: dict[str, str] = {
+    "gpt2-small": "gpt2",
+    "gpt2-medium": "gpt2-medium",
+    "gpt2-large": "gpt2-large",
+    "gpt2-xl": "gpt2-xl",
+    "gemma-2b": "google/gemma-2b",
+    "gemma-7b": "google/gemma-7b",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-9b": "google/gemma-2-9b",
+    "gemma-2-27b": "google/gemma-2-27b",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "tiny-stories-1M": "roneneldan/TinyStories-1M",
+    "tiny-stories-33M": "roneneldan/TinyStories-33M",
+    **{
+        f"pythia-{size}{suffix}": f"EleutherAI/pythia-{size}{suffix}"
+        for size in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+        for suffix in ("", "-deduped")
+    },
+}
+
+_OVERRIDES: dict[str | None, str] = {}
+
+
+def override_base_model(replacement: str | None, original: str | None = None) -> None:
+    """Load ``replacement`` (a Hub name or a local directory) wherever ``original`` is asked
+    for, or wherever any base model is asked for when ``original`` is None (the CLI's
+    ``--base-model``, one decomposition per process). ``replacement=None`` removes it.
+
+    Why here: every adapter loads its base model and tokenizer through this module, so one
+    override serves every method without a plugin knowing about it.
+    """
+    if replacement is None:
+        _OVERRIDES.pop(original, None)
+    else:
+        _OVERRIDES[original] = replacement
+
 
 def resolve_model_source(name_or_path: str) -> str:
     """What to hand to ``from_pretrained``: the demo directory, a local directory, or the Hub name.
 
-    Raises ``SourceNotFoundError`` for a path-like name that does not exist, and ``FormatError``
-    for a local directory without ``config.json``/tokenizer files.
+    A ``--base-model`` override wins; a TransformerLens name (``gpt2-small``,
+    ``pythia-70m-deduped``) maps to its Hub name. Raises ``SourceNotFoundError`` for a
+    path-like name that does not exist, and ``FormatError`` for a local directory without
+    ``config.json``/tokenizer files.
     """
+    name_or_path = _OVERRIDES.get(name_or_path, _OVERRIDES.get(None, name_or_path))
+    name_or_path = TL_ALIASES.get(name_or_path, name_or_path)
     if name_or_path == DEMO_MODEL_NAME:
         return str(demo_model_dir())
     path = expand_user(name_or_path, "model")
@@ -152,4 +196,10 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise _not_found(name_or_path, "tokenizer", err) from err
 
 
-__all__ = ["load_base_model", "load_tokenizer", "resolve_model_source"]
+__all__ = [
+    "TL_ALIASES",
+    "load_base_model",
+    "load_tokenizer",
+    "override_base_model",
+    "resolve_model_source",
+]

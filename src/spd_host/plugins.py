@@ -229,8 +229,15 @@ class PluginHost:
             raw, methods=self.method_names, short_id_patterns=self.short_id_patterns()
         )
 
-    def load_adapter(self, decomposition_id: str | DecompositionId) -> DecompositionAdapter:
-        """Parse an ID and ask the owning plugin for its adapter."""
+    def load_adapter(
+        self, decomposition_id: str | DecompositionId, *, base_model: str | None = None
+    ) -> DecompositionAdapter:
+        """Parse an ID and ask the owning plugin for its adapter.
+
+        ``base_model`` (a Hub name or a local directory) replaces the base model the
+        decomposition names, e.g. one that is not in the local cache; it applies to every
+        later load of that name in this process (``spd_host.models.override_base_model``).
+        """
         did = (
             decomposition_id
             if isinstance(decomposition_id, DecompositionId)
@@ -252,6 +259,14 @@ class PluginHost:
             raise PluginError(
                 f"plugin {owner.plugin_name!r} returned a {type(adapter).__name__}, which lacks the DecompositionAdapter attributes"
             )
+        if base_model is not None:
+            from spd_host.models import override_base_model
+
+            try:
+                named: str | None = adapter.base_model_name or None
+            except SpdHostError:  # the decomposition names no base model: use it for any
+                named = None
+            override_base_model(base_model, named)
         return adapter
 
     def harvest_fn(
@@ -357,6 +372,9 @@ def temporary_plugins(
         _HOST = previous
 
 
-def load_adapter(decomposition_id: str | DecompositionId) -> DecompositionAdapter:
-    """Load a decomposition by ID through the installed plugins."""
-    return get_host().load_adapter(decomposition_id)
+def load_adapter(
+    decomposition_id: str | DecompositionId, *, base_model: str | None = None
+) -> DecompositionAdapter:
+    """Load a decomposition by ID through the installed plugins (``base_model``: see
+    :meth:`PluginHost.load_adapter`)."""
+    return get_host().load_adapter(decomposition_id, base_model=base_model)

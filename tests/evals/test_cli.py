@@ -123,3 +123,24 @@ def test_unknown_suite_and_unspliceable_errors_are_clean(host) -> None:
     out = runner.invoke(app, ["eval", "run", "nope", "toytc:demo"])
     assert out.exit_code != 0
     assert "unknown eval suite" in out.output and "Traceback" not in out.output
+
+
+def test_wandb_run_flags_and_keys_without_spaces(host, corpus, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    args = ["eval", "fidelity", "toytc:demo", "--dataset", str(corpus), "--n-tokens", "128"]
+    args += ["--seq-len", "16"]
+    args += ["--batch-size", "4", "--variant", "relu", "--no-per-site", "--wandb"]
+    args += ["--wandb-name", "my-run", "--wandb-group", "grp", "--wandb-tags", "a"]
+    args += ["--wandb-tags", "b"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    # offline runs keep everything in the run's record log (protobuf): keys appear verbatim
+    # (wandb keeps its first settings per process, so find the run from what the CLI printed)
+    where = " ".join(result.output.split()).split("to wandb: ")[1].split()[0]
+    (log,) = list(Path(where).parent.rglob("run-*.wandb"))
+    data = log.read_bytes()
+    assert b"fidelity/toytc:demo/relu/CE_score" in data and b"relu/CE score" not in data
+    for value in (b"my-run", b"grp"):
+        assert value in data

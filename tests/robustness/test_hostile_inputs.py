@@ -97,6 +97,8 @@ CASES = [
     Case("eval intruder --timeout 0", lambda t: ["eval", "intruder", "transcoder:demo", "--timeout", "0"], "invalid --timeout 0"),
     # IDs and files
     Case("id with ~nosuchuser", lambda t: ["info", "transcoder:~nosuchuser-spd/x"], "does not exist on this machine"),
+    Case("typo of a demo", lambda t: ["info", "transcoder:dmeo"], "Did you mean 'transcoder:demo'?"),
+    Case("typo of a method", lambda t: ["info", "transcodr:demo"], "Did you mean 'transcoder:demo'?"),
     Case("YAML alias bomb", lambda t: ["info", _bomb_run(t)], "alias bomb"),
     Case("pretrained_model_class pipeline", lambda t: ["topology", "demo", "--json"] if False else ["eval", "fidelity", _pipeline_run(t), "--n-tokens", "64"], "not a transformers model class"),
 ]  # fmt: skip

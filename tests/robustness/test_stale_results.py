@@ -167,6 +167,15 @@ def test_cli_says_when_it_reuses_a_harvest_and_force_recomputes() -> None:
     first = runner.invoke(app, argv)
     assert first.exit_code == 0, first.output
     assert "using cached harvest" not in first.output
+    # how the tokens were made is recorded: the demo's GPT-2 tokenizer separates documents with
+    # its EOS (<|endoftext|>) and never prepends a BOS
+    from spd_host.harvest import HarvestRepo
+    from spd_host.models import load_tokenizer
+
+    tok = load_tokenizer("demo")
+    rec = HarvestRepo.open("transcoder:demo").meta["tokenization"]
+    assert rec["boundary_token"] == "eos" and rec["boundary_token_id"] == tok.eos_token_id
+    assert rec["bos_at_sequence_start"] is False
     again = runner.invoke(app, argv)
     assert again.exit_code == 0, again.output
     (line,) = [x for x in again.output.splitlines() if "using cached harvest" in x]

@@ -14,7 +14,15 @@ from typing import Annotated, Any
 import typer
 
 from spd_host.autointerp.config import DEFAULT_COST_CAP_USD
-from spd_host.cli.common import console, err_console, handles_errors, print_json, safe
+from spd_host.cli.common import (
+    BaseModelOpt,
+    console,
+    err_console,
+    handles_errors,
+    print_json,
+    safe,
+    use_base_model,
+)
 
 DEFAULT_COST_CAP = DEFAULT_COST_CAP_USD
 
@@ -104,8 +112,10 @@ def autointerp(
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Label components with an LLM; re-running continues where the last run stopped."""
+    use_base_model(base_model)
     from spd_host.autointerp.api import run_autointerp
     from spd_host.autointerp.config import AutointerpConfig
     from spd_host.autointerp.registry import get_provider

@@ -9,14 +9,37 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from spd_host.errors import SpdHostError
+from spd_host.paths import expand_user
 from spd_host.safe_text import printable, redact
+
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-model",
+        help="Load this base model (Hub name or local dir) instead of the one the "
+        "decomposition names.",
+    ),
+]
+
+
+def use_base_model(value: str | None) -> None:
+    """``--base-model``: checked now (a missing directory is an error before any work), then
+    used for every base-model load of this process."""
+    if not value:
+        return
+    from spd_host.models import override_base_model, resolve_model_source
+
+    resolve_model_source(str(expand_user(value, "--base-model")))
+    override_base_model(str(expand_user(value, "--base-model")))
+
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)

@@ -14,7 +14,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from spd_host.cli.common import console, err_console, handles_errors, print_json
+from spd_host.cli.common import (
+    BaseModelOpt,
+    console,
+    err_console,
+    handles_errors,
+    print_json,
+    use_base_model,
+)
 from spd_host.errors import SpdHostError
 
 eval_app = typer.Typer(
@@ -36,6 +43,12 @@ Dataset = Annotated[
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 Wandb = Annotated[bool, typer.Option("--wandb", help="Also log the results to a wandb run.")]
 WandbProject = Annotated[str, typer.Option("--wandb-project", help="wandb project for --wandb.")]
+WandbName = Annotated[str | None, typer.Option("--wandb-name", help="wandb run name.")]
+WandbGroup = Annotated[str | None, typer.Option("--wandb-group", help="wandb run group.")]
+WandbTags = Annotated[
+    list[str] | None, typer.Option("--wandb-tags", help="wandb run tag (repeatable).")
+]
+WandbEntity = Annotated[str | None, typer.Option("--wandb-entity", help="wandb entity (team).")]
 Detail = Annotated[bool, typer.Option("--detail", help="Also print each result's detail table.")]
 
 
@@ -60,6 +73,7 @@ def run_many(
     wandb: bool,
     wandb_project: str,
     detail: bool = False,
+    wandb_run: dict[str, Any] | None = None,
 ) -> None:
     """Run suites x IDs; save each result as it completes; a failure does not stop the others."""
     from spd_host.evals import get_suite, run_suite
@@ -106,7 +120,7 @@ def run_many(
     if wandb and results:
         from spd_host.evals.wandb_log import log_results
 
-        where = log_results(results, project=wandb_project)
+        where = log_results(results, project=wandb_project, **(wandb_run or {}))
         err_console.print(f"logged {len(results)} result(s) to wandb: {escape(where)}")
     if failures:
         raise SystemExit(1)
@@ -157,11 +171,17 @@ def fidelity(
         bool, typer.Option("--per-site/--no-per-site", help="Also splice each site alone.")
     ] = True,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
     detail: Detail = False,
 ) -> None:
     """Splice each decomposition into its base model: CE/KL scores, explained variance, L0."""
+    use_base_model(base_model)
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
@@ -177,6 +197,12 @@ def fidelity(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
         detail=detail,
     )
 
@@ -227,9 +253,15 @@ def _judge_command(kind: str) -> Any:
         label_model: LabelModel = None,
         force: Force = False,
         json_out: JsonOut = False,
+        base_model: BaseModelOpt = None,
         wandb: Wandb = False,
         wandb_project: WandbProject = "spd-host-evals",
+        wandb_name: WandbName = None,
+        wandb_group: WandbGroup = None,
+        wandb_tags: WandbTags = None,
+        wandb_entity: WandbEntity = None,
     ) -> None:
+        use_base_model(base_model)
         options = {
             "provider": provider,
             "model": model,
@@ -245,7 +277,20 @@ def _judge_command(kind: str) -> Any:
             "label_model": label_model if kind != "intruder" else None,
             "force": force,
         }
-        run_many([kind], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+        run_many(
+            [kind],
+            ids,
+            options,
+            json_out=json_out,
+            wandb=wandb,
+            wandb_project=wandb_project,
+            wandb_run={
+                "name": wandb_name,
+                "group": wandb_group,
+                "tags": wandb_tags,
+                "entity": wandb_entity,
+            },
+        )
 
     command.__doc__ = {
         "intruder": "Coherence without labels: can a judge spot the intruding example?",
@@ -269,17 +314,36 @@ def run(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
 ) -> None:
     """Run any installed suite (plugin suites included) with its default config."""
+    use_base_model(base_model)
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dataset": dataset,
     }
-    run_many([suite], ids, options, json_out=json_out, wandb=wandb, wandb_project=wandb_project)
+    run_many(
+        [suite],
+        ids,
+        options,
+        json_out=json_out,
+        wandb=wandb,
+        wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
+    )
 
 
 @eval_app.command("all")
@@ -291,10 +355,16 @@ def run_all(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     json_out: JsonOut = False,
+    base_model: BaseModelOpt = None,
     wandb: Wandb = False,
     wandb_project: WandbProject = "spd-host-evals",
+    wandb_name: WandbName = None,
+    wandb_group: WandbGroup = None,
+    wandb_tags: WandbTags = None,
+    wandb_entity: WandbEntity = None,
 ) -> None:
     """Run every installed suite on one decomposition (a failing suite does not stop the rest)."""
+    use_base_model(base_model)
     from spd_host.evals import eval_suites
 
     options = {
@@ -310,4 +380,10 @@ def run_all(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
+        wandb_run={
+            "name": wandb_name,
+            "group": wandb_group,
+            "tags": wandb_tags,
+            "entity": wandb_entity,
+        },
     )

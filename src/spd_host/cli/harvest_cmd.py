@@ -9,7 +9,14 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from spd_host.cli.common import console, err_console, handles_errors, print_json
+from spd_host.cli.common import (
+    BaseModelOpt,
+    console,
+    err_console,
+    handles_errors,
+    print_json,
+    use_base_model,
+)
 
 
 class _DefaultRunGroup(TyperGroup):
@@ -91,8 +98,10 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Recompute even if this harvest is finished")
     ] = False,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Harvest a decomposition: statistics, examples, token stats and co-occurrence per component."""
+    use_base_model(base_model)
     from spd_host.cli.options import build, finite, writable_dir
     from spd_host.harvest import HarvestConfig, run_harvest, summarize
     from spd_host.harvest.runner import resolve_rank

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from spd_host.adapter import DecompositionAdapter
-from spd_host.cli.common import console, handles_errors, print_json
+from spd_host.cli.common import BaseModelOpt, console, handles_errors, print_json, use_base_model
 from spd_host.plugins import get_host
 
 
@@ -31,8 +31,10 @@ def describe_adapter(adapter: DecompositionAdapter) -> dict[str, Any]:
 def info(
     decomposition_id: Annotated[str, typer.Argument(help="e.g. transcoder:demo, clt:hf:org/repo")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Show a decomposition's method, base model, sites and activation types."""
+    use_base_model(base_model)
     adapter = get_host().load_adapter(decomposition_id)
     doc = describe_adapter(adapter)
     if json_out:

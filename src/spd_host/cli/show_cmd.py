@@ -8,7 +8,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from spd_host.cli.common import console, handles_errors, print_json, safe
+from spd_host.cli.common import (
+    BaseModelOpt,
+    console,
+    handles_errors,
+    print_json,
+    safe,
+    use_base_model,
+)
 from spd_host.errors import ResultsNotFoundError
 
 
@@ -29,8 +36,10 @@ def show(
         bool, typer.Option("--failed", help="list the components whose labelling failed, and why")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Print the component's labels (and failures) and the evidence they were made from."""
+    use_base_model(base_model)
     from spd_host.autointerp.api import labels_db_path
     from spd_host.autointerp.store import LabelStore
 

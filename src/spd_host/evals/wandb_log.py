@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,11 +16,14 @@ def log_results(
     project: str = "spd-host-evals",
     entity: str | None = None,
     name: str | None = None,
+    group: str | None = None,
+    tags: Sequence[str] | None = None,
 ) -> str:
     """One wandb run: a comparison table per suite, headline numbers in the summary.
 
-    Summary keys are ``<suite>/<decomposition>[/<variant>]/<column>``. Returns the run's
-    directory (offline) or URL (online).
+    Summary keys are ``<suite>/<decomposition>[/<variant>]/<column>`` with every character
+    outside ``[A-Za-z0-9_./:-]`` (spaces included) replaced by ``_`` (see
+    :func:`summary_metrics`). Returns the run's directory (offline) or URL (online).
     """
     import wandb
 
@@ -28,6 +32,8 @@ def log_results(
         project=project,
         entity=entity,
         name=name,
+        group=group,
+        tags=list(tags) if tags else None,
         job_type="eval",
         config={
             "suites": suites,
@@ -43,17 +49,31 @@ def log_results(
                 columns += [c for c in row if c not in columns]
             data: list[list[Any]] = [[_cell(row.get(c)) for c in columns] for row in rows]
             table = wandb.Table(columns=list[str | int](columns), data=data)
-            run.log({f"{suite}/comparison": table})
-            for row in rows:
-                prefix = f"{suite}/{row['decomposition']}"
-                if "variant" in row:
-                    prefix += f"/{row['variant']}"
-                for c, v in row.items():
-                    if c not in ("decomposition", "variant") and isinstance(v, int | float):
-                        run.summary[f"{prefix}/{c}"] = v
+            run.log({metric_key(f"{suite}/comparison"): table})
+        for key, value in summary_metrics(results).items():
+            run.summary[key] = value
         return str(run.url or run.dir)
     finally:
         run.finish()
+
+
+def metric_key(text: str) -> str:
+    """A wandb key without spaces or odd characters (``CE score`` -> ``CE_score``)."""
+    return re.sub(r"[^A-Za-z0-9_./:-]+", "_", text).strip("_")
+
+
+def summary_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
+    """The headline numbers of every result, keyed ``<suite>/<decomposition>[/<variant>]/<column>``."""
+    out: dict[str, float] = {}
+    for suite in sorted({r.suite for r in results}):
+        for row in comparison_rows([r for r in results if r.suite == suite]):
+            prefix = f"{suite}/{row['decomposition']}"
+            if "variant" in row:
+                prefix += f"/{row['variant']}"
+            for c, v in row.items():
+                if c not in ("decomposition", "variant") and isinstance(v, int | float):
+                    out[metric_key(f"{prefix}/{c}")] = v
+    return out
 
 
 def _cell(v: Any) -> Any:

@@ -312,7 +312,15 @@ def _run_locked(
     )
     if not complete:
         return None
-    meta = {"decomposition_id": did, "world_size": world_size, "seconds": time.perf_counter() - t0}
+    meta = {
+        "decomposition_id": did,
+        "world_size": world_size,
+        "seconds": time.perf_counter() - t0,
+    }
+    if batches is None:  # tokens came from spd_host.data: record how (BOS/EOS per family)
+        from spd_host.data import tokenization_record
+
+        meta["tokenization"] = tokenization_record(adapter.load_tokenizer())
     if world_size == 1:
         write_results(out, acc, meta)
         # the finished files hold everything; the checkpoint only served the resume

@@ -1,4 +1,5 @@
-"""A local HTTP server speaking the Anthropic Messages and OpenAI Chat Completions wire formats.
+"""A local HTTP server speaking the Anthropic Messages, OpenAI Chat Completions and Gemini
+``generateContent`` wire formats.
 
 Standard library only (``http.server`` in a thread). Each request is answered by the test's
 ``plan(request) -> Reply`` (default: a valid label after ``latency`` seconds). The server
@@ -23,7 +24,7 @@ MARKER = re.compile(r"MARK(\d+)")
 
 @dataclass
 class Request:
-    api: str  # "anthropic" | "openai"
+    api: str  # "anthropic" | "openai" | "gemini"
     body: dict[str, Any]
     headers: dict[str, str]
     arrived: float
@@ -31,9 +32,39 @@ class Request:
     marker: str | None  # "MARK<n>" found in the prompt (tests put it in the evidence)
 
     @property
-    def prompt(self) -> str:
+    def system(self) -> str:
+        """The system prompt as text, whether sent as a string or as content blocks."""
+        if self.api == "openai":
+            msgs = self.body.get("messages", [])
+            return "\n".join(_text(m.get("content")) for m in msgs if m.get("role") == "system")
+        if self.api == "gemini":
+            return _text((self.body.get("systemInstruction") or {}).get("parts"))
+        return _text(self.body.get("system"))
+
+    @property
+    def user(self) -> str:
+        if self.api == "gemini":
+            return "\n".join(_text(c.get("parts")) for c in self.body.get("contents", []))
         msgs = self.body.get("messages", [])
-        return "\n".join(str(m.get("content", "")) for m in msgs)
+        return "\n".join(_text(m.get("content")) for m in msgs if m.get("role") == "user")
+
+    @property
+    def prompt(self) -> str:
+        """Everything the model was shown: system prompt, then the messages."""
+        if self.api == "gemini":
+            return self.system + "\n" + self.user
+        msgs = self.body.get("messages", [])
+        parts = [] if self.api == "openai" else [self.system]
+        return "\n".join(parts + [_text(m.get("content")) for m in msgs])
+
+
+def _text(content: Any) -> str:
+    """A message's content as text: a string, or the texts of its blocks joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
 
 
 @dataclass
@@ -46,7 +77,11 @@ class Reply:
     truncated: bool = False  # finish_reason length / stop_reason max_tokens
     cut_connection: bool = False  # announce a longer body than sent, then close
     output_tokens: int = 40
-    input_tokens: int = 100
+    input_tokens: int = 100  # every input token, cached ones included
+    cache_read_tokens: int = 0  # of input_tokens, read from the prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic only)
+    thinking_tokens: int = 0  # of output_tokens, spent thinking (Gemini only)
+    error_details: list[dict[str, Any]] = field(default_factory=list)  # Gemini error details
 
 
 def valid_answer(marker: str | None) -> dict[str, Any]:
@@ -82,6 +117,8 @@ class LLMServer:
                     api = "anthropic"
                 elif self.path.endswith("/chat/completions"):
                     api = "openai"
+                elif self.path.split("?")[0].endswith(":generateContent"):
+                    api = "gemini"
                 else:
                     self.send_error(404)
                     return
@@ -102,6 +139,10 @@ class LLMServer:
 
     @property
     def anthropic_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def gemini_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     @property
@@ -160,6 +201,21 @@ class LLMServer:
 
     def _payload(self, api: str, req: Request, reply: Reply) -> bytes:
         if reply.status >= 400:
+            if api == "gemini":
+                status = {
+                    429: "RESOURCE_EXHAUSTED",
+                    401: "UNAUTHENTICATED",
+                    400: "INVALID_ARGUMENT",
+                }
+                doc = {
+                    "error": {
+                        "code": reply.status,
+                        "message": f"status {reply.status}",
+                        "status": status.get(reply.status, "INTERNAL"),
+                        "details": reply.error_details,
+                    }
+                }
+                return json.dumps(doc).encode()
             if api == "anthropic":
                 kind = "rate_limit_error" if reply.status == 429 else "api_error"
                 doc: dict[str, Any] = {
@@ -177,6 +233,27 @@ class LLMServer:
             return json.dumps(doc).encode()
         answer = reply.answer if reply.answer is not None else valid_answer(req.marker)
         model = req.body.get("model", "m")
+        if api == "gemini":
+            text = answer if isinstance(answer, str) else json.dumps(answer)
+            doc = {
+                "candidates": [
+                    {
+                        "content": {"parts": [{"text": text}], "role": "model"},
+                        "finishReason": "MAX_TOKENS" if reply.truncated else "STOP",
+                        "index": 0,
+                    }
+                ],
+                # promptTokenCount includes the cached part
+                "usageMetadata": {
+                    "promptTokenCount": reply.input_tokens,
+                    "candidatesTokenCount": reply.output_tokens - reply.thinking_tokens,
+                    "thoughtsTokenCount": reply.thinking_tokens,
+                    "cachedContentTokenCount": reply.cache_read_tokens,
+                    "totalTokenCount": reply.input_tokens + reply.output_tokens,
+                },
+                "modelVersion": "test",
+            }
+            return json.dumps(doc).encode()
         if api == "anthropic":
             if isinstance(answer, str):
                 content = [{"type": "text", "text": answer}]
@@ -192,7 +269,15 @@ class LLMServer:
                 "content": content,
                 "stop_reason": "max_tokens" if reply.truncated else "tool_use",
                 "stop_sequence": None,
-                "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+                # Anthropic's input_tokens excludes what was read from / written to the cache
+                "usage": {
+                    "input_tokens": reply.input_tokens
+                    - reply.cache_read_tokens
+                    - reply.cache_write_tokens,
+                    "output_tokens": reply.output_tokens,
+                    "cache_read_input_tokens": reply.cache_read_tokens,
+                    "cache_creation_input_tokens": reply.cache_write_tokens,
+                },
             }
         else:
             text = answer if isinstance(answer, str) else json.dumps(answer)
@@ -212,6 +297,8 @@ class LLMServer:
                     "prompt_tokens": reply.input_tokens,
                     "completion_tokens": reply.output_tokens,
                     "total_tokens": reply.input_tokens + reply.output_tokens,
+                    # OpenAI's prompt_tokens includes the cached part
+                    "prompt_tokens_details": {"cached_tokens": reply.cache_read_tokens},
                 },
             }
         return json.dumps(doc).encode()

@@ -35,13 +35,7 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _prompt_bytes(req: Request) -> int:
     """Bytes of what the runner prompts with (system + user), as the server received them."""
-    system = req.body.get("system") or ""
-    if req.api == "openai":
-        system = next(m["content"] for m in req.body["messages"] if m["role"] == "system")
-        user = next(m["content"] for m in req.body["messages"] if m["role"] == "user")
-    else:
-        user = req.body["messages"][0]["content"]
-    return len(system.encode()) + len(user.encode())
+    return len(req.system.encode()) + len(req.user.encode())
 
 
 # $1 per thousand input tokens, outputs free: spend is the billed input tokens / 1000.

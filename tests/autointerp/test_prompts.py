@@ -68,7 +68,7 @@ def test_strategies_show_all_evidence(name: str) -> None:
     ev = ev.model_copy(update={"dataset": "my-org/some-unknown-dataset"})
     prompt = get_strategy(name).prompt(ev)
     text = prompt.user
-    assert METHOD_DESCRIPTION in text  # the method blurb from the adapter, verbatim
+    assert METHOD_DESCRIPTION in prompt.system  # the method blurb from the adapter, verbatim
     assert "MLP input in block 3 of 4" in text and "3.mlp_in" in text
     assert "my-org/some-unknown-dataset" in text  # any dataset name is shown as given
     assert "1% of tokens (about 1 in 100)" in text  # firing density

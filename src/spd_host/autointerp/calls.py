@@ -124,7 +124,7 @@ async def call_with_retries(
         answered = False  # False in ``finally`` means cancelled mid-call: count the worst case
         try:
             completion = await client.complete(request)
-            actual = gates.pricing.cost(completion.input_tokens, completion.output_tokens)
+            actual = gates.pricing.completion_cost(completion)  # cached input at its price
             out.input_tokens += completion.input_tokens
             out.output_tokens += completion.output_tokens
             out.raw = completion.raw

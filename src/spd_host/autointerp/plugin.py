@@ -15,18 +15,28 @@ from spd_host.hookspecs import hookimpl
 
 @hookimpl
 def register_llm_providers(register: Callable[[Any], None]) -> None:
-    from spd_host.autointerp.providers import anthropic_provider, offline, openai_provider
+    from spd_host.autointerp.providers import (
+        anthropic_provider,
+        gemini_provider,
+        local_provider,
+        offline,
+        openai_provider,
+    )
 
     register(offline.PROVIDER)
     register(anthropic_provider.PROVIDER)
     register(openai_provider.OPENAI)
     register(openai_provider.OPENROUTER)
     register(openai_provider.OPENAI_COMPATIBLE)
+    register(gemini_provider.PROVIDER)
+    register(local_provider.PROVIDER)
 
 
 @hookimpl
 def register_autointerp_strategies(register: Callable[[Any], None]) -> None:
-    from spd_host.autointerp.strategies import compact_skeptical, dual_view
+    from spd_host.autointerp.strategies import canon, compact_skeptical, dual_view, rich_examples
 
     register(compact_skeptical.STRATEGY)
     register(dual_view.STRATEGY)
+    register(rich_examples.STRATEGY)
+    register(canon.STRATEGY)

@@ -15,7 +15,7 @@ from spd_host.errors import ConfigError, PluginError
 from spd_host.plugins import PluginHost, get_host
 
 # Tried in this order when no --provider is given; offline (no key) is the fallback.
-KEYED_DEFAULT_ORDER = ("anthropic", "openai", "openrouter")
+KEYED_DEFAULT_ORDER = ("anthropic", "openai", "openrouter", "gemini")
 
 
 def _collect(host: PluginHost, hook: str, kind: type) -> dict[str, object]:

@@ -89,6 +89,11 @@ class RunReport(BaseModel):
     """Set when a 400/401/403/404 stopped the run: every later request would fail the same."""
     failure_reasons: dict[str, int] = {}
     """Failures of this run, counted by reason."""
+    cache_read_tokens: int = 0
+    """Input tokens of this run's labels read from the provider's prompt cache."""
+    cache_saved_usd: float = 0.0
+    """What prompt caching saved on this run's labels against the uncached price (negative
+    while cache writes, dearer than plain input, outweigh the reads)."""
 
 
 @dataclass
@@ -97,6 +102,8 @@ class _State:
     failed: int = 0
     not_sent: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    cache_read_tokens: int = 0
+    cache_saved: float = 0.0
 
 
 def resolve_pricing(provider: Provider, model: str, config: AutointerpConfig) -> Pricing:
@@ -113,7 +120,7 @@ def resolve_pricing(provider: Provider, model: str, config: AutointerpConfig) ->
     if base is None:
         raise ConfigError(
             f"no price known for model {model!r} of provider {provider.name!r}, so the cost cap cannot be enforced",
-            hint="pass --input-price and --output-price (USD per million tokens)",
+            hint="pass --price-per-mtok IN,OUT (USD per million input, output tokens), or add the model to spd_host/autointerp/pricing.yaml",
         )
     return base
 
@@ -293,6 +300,8 @@ async def _alabel_locked(
         }
         if out.ok and out.completion is not None:
             answer = out.completion.answer
+            state.cache_read_tokens += out.completion.cache_read_tokens
+            state.cache_saved += pricing.cache_saving(out.completion)
             store.write(
                 LabelRecord(
                     **common,
@@ -372,6 +381,8 @@ async def _alabel_locked(
         orphaned_usd=orphaned,
         stopped_by_error=gates.fatal,
         failure_reasons=dict(state.reasons.most_common()),
+        cache_read_tokens=state.cache_read_tokens,
+        cache_saved_usd=state.cache_saved,
     )
 
 
@@ -433,6 +444,17 @@ def report_table(report: RunReport) -> Table:
         ("not sent", not_sent),
         ("calls", str(report.calls)),
         ("spent", spent),
+        *(
+            [
+                (
+                    "prompt cache",
+                    f"{report.cache_read_tokens:,} input tokens read from cache; "
+                    f"saved ${report.cache_saved_usd:.4f}",
+                )
+            ]
+            if report.cache_read_tokens or report.cache_saved_usd
+            else []
+        ),
         ("labels", report.db_path),
     ]
     for k, v in rows:

@@ -9,7 +9,7 @@ request would get (bad key, unknown model, bad URL) stopped the run.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -39,7 +39,7 @@ def autointerp(
     ] = None,
     model: Annotated[str | None, typer.Option(help="default: the provider's default model")] = None,
     strategy: Annotated[
-        str, typer.Option(help="compact_skeptical | dual_view | a plugin's")
+        str, typer.Option(help="compact_skeptical | dual_view | rich_examples | canon | a plugin's")
     ] = "compact_skeptical",
     max_concurrent: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 8,
     rpm: Annotated[
@@ -65,15 +65,43 @@ def autointerp(
     output_price: Annotated[
         float | None, typer.Option(help="USD per million output tokens")
     ] = None,
+    price_per_mtok: Annotated[
+        str | None,
+        typer.Option(
+            help="IN,OUT: USD per million input and output tokens (for a model not in the price list)"
+        ),
+    ] = None,
     max_output_tokens: Annotated[int, typer.Option(help="per call")] = 600,
     max_attempts: Annotated[int, typer.Option(help="attempts per component")] = 5,
     timeout: Annotated[float, typer.Option(help="seconds per request")] = 60.0,
     max_retry_after: Annotated[
         float, typer.Option(help="longest Retry-After (s) waited for; longer fails the request")
     ] = 300.0,
-    n_top: Annotated[int, typer.Option(help="strongest examples shown")] = 10,
-    n_quantiles: Annotated[int, typer.Option(help="strata for further examples")] = 4,
-    per_quantile: Annotated[int, typer.Option(help="examples drawn per stratum")] = 2,
+    n_top: Annotated[
+        int | None, typer.Option(help="strongest examples shown (default: the strategy's, 10)")
+    ] = None,
+    n_quantiles: Annotated[
+        int | None, typer.Option(help="strata for further examples (default: the strategy's, 4)")
+    ] = None,
+    per_quantile: Annotated[
+        int | None,
+        typer.Option(
+            help="examples drawn per stratum (default: the strategy's; 2, or 5 for rich_examples/canon)"
+        ),
+    ] = None,
+    examples: Annotated[
+        str | None,
+        typer.Option(
+            help="example rendering: delimited | single_line | xml (default: the strategy's)"
+        ),
+    ] = None,
+    annotate: Annotated[
+        bool | None,
+        typer.Option(
+            "--annotate/--no-annotate",
+            help="show each firing token's activation (single_line, xml)",
+        ),
+    ] = None,
     harvest_run: Annotated[
         str | None,
         typer.Option("--run", "--harvest-run", help="harvest sub-run (default: latest)"),
@@ -94,6 +122,10 @@ def autointerp(
     from spd_host.autointerp.runner import failure_table, report_table
     from spd_host.cli.options import build
 
+    if price_per_mtok is not None:
+        from spd_host.autointerp.pricing import parse_price_pair
+
+        input_price, output_price = parse_price_pair(price_per_mtok)
     chosen = get_provider(provider)
     if provider is None:
         note = " (offline BASELINE: no API key set)" if chosen.baseline else ""
@@ -104,13 +136,11 @@ def autointerp(
             provider=chosen.name,
             model=model,
             strategy=strategy,
-            strategy_options={
-                "selection": {
-                    "n_top": n_top,
-                    "n_quantiles": n_quantiles,
-                    "per_quantile": per_quantile,
-                }
-            },
+            strategy_options=_strategy_options(
+                strategy,
+                {"n_top": n_top, "n_quantiles": n_quantiles, "per_quantile": per_quantile},
+                {"format": examples, "annotate": annotate},
+            ),
             max_concurrent=max_concurrent,
             rpm=rpm,
             cost_cap_usd=None if no_cost_cap else cost_cap,
@@ -155,3 +185,19 @@ def autointerp(
         raise SystemExit(1)
     if report.n_failed and not report.n_labelled:
         raise SystemExit(1)
+
+
+def _strategy_options(
+    strategy: str, selection: dict[str, Any], rendering: dict[str, Any]
+) -> dict[str, Any]:
+    """The options given on the command line over the strategy's own defaults (the strategies
+    differ: rich_examples and canon show 30 examples and annotate them)."""
+    from spd_host.autointerp.registry import get_strategy
+
+    out: dict[str, Any] = {}
+    defaults = get_strategy(strategy).options().model_dump()
+    for key, given in (("selection", selection), ("rendering", rendering)):
+        chosen = {k: v for k, v in given.items() if v is not None}
+        if chosen and key in defaults:
+            out[key] = {**defaults[key], **chosen}
+    return out

@@ -2,6 +2,9 @@
 
 The JSON answer is obtained with forced tool use: one tool whose ``input_schema`` is the label
 schema and ``tool_choice`` naming it, so the model must answer with a schema-shaped object.
+The shared prefix (the tool, i.e. the output schema, and the system prompt) is marked
+cacheable with ``cache_control``; cached input is read back from the usage fields
+(``cache_read_input_tokens``, ``cache_creation_input_tokens``) and priced at its own rate.
 The SDK's own retries are disabled (``max_retries=0``): the runner retries, so that Retry-After
 pauses the whole run and every attempt is counted against the cost cap.
 """
@@ -12,11 +15,11 @@ import json
 from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
     Completion,
     CompletionRequest,
-    Pricing,
     Provider,
     TransientError,
     read_api_key,
@@ -25,15 +28,8 @@ from spd_host.autointerp.providers.sdk_errors import translate
 
 TOOL_NAME = "record_component_label"
 
-# USD per million tokens, from Anthropic's public price list; override with --input-price /
-# --output-price when prices change or for models not listed.
-PRICING = {
-    "claude-opus-4-1": Pricing(input_per_mtok=15.0, output_per_mtok=75.0),
-    "claude-sonnet-4-5": Pricing(input_per_mtok=3.0, output_per_mtok=15.0),
-    "claude-sonnet-4-0": Pricing(input_per_mtok=3.0, output_per_mtok=15.0),
-    "claude-haiku-4-5": Pricing(input_per_mtok=1.0, output_per_mtok=5.0),
-    "claude-3-5-haiku-latest": Pricing(input_per_mtok=0.8, output_per_mtok=4.0),
-}
+# USD per million tokens, from the price list (spd_host/autointerp/pricing.yaml).
+PRICING = provider_pricing("anthropic")
 
 
 class AnthropicClient:
@@ -60,7 +56,7 @@ class AnthropicClient:
             message = await self._client.messages.create(
                 model=self._model,
                 max_tokens=request.max_output_tokens,
-                system=request.system,
+                system=_cached_system(request.system) or self._sdk.omit,
                 messages=[{"role": "user", "content": request.prompt}],
                 tools=[tool],
                 tool_choice={"type": "tool", "name": TOOL_NAME},
@@ -73,7 +69,10 @@ class AnthropicClient:
                 f"{self._provider}: the server answered without a message: {str(message)[:200]!r}"
             )
         usage = getattr(message, "usage", None)
-        n_in = int(getattr(usage, "input_tokens", 0) or 0)
+        # Anthropic's input_tokens excludes the cached part; ours counts every input token
+        n_read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
+        n_write = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
+        n_in = int(getattr(usage, "input_tokens", 0) or 0) + n_read + n_write
         n_out = int(getattr(usage, "output_tokens", 0) or 0)
         raw = _raw_json(message)
         truncated = getattr(message, "stop_reason", None) == "max_tokens"
@@ -95,10 +94,31 @@ class AnthropicClient:
             answer = parse_answer(payload, truncated=truncated)
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
-        return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
+        return Completion(
+            answer=answer,
+            raw=raw,
+            input_tokens=n_in,
+            output_tokens=n_out,
+            cache_read_tokens=n_read,
+            cache_write_tokens=n_write,
+        )
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _cached_system(system: str) -> Any:
+    """The system prompt as one text block marked cacheable.
+
+    Anthropic caches the prefix up to a ``cache_control`` breakpoint, in the order tools,
+    system, messages: so this caches the label tool (the output schema) and the strategy's
+    system prompt (method description, instructions), which every component of a run shares,
+    and leaves the per-component user message uncached. A prefix shorter than the model's
+    minimum cacheable length is simply not cached (no error, no write charge). No system
+    prompt: nothing (the field is omitted)."""
+    if not system:
+        return []
+    return [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
 
 
 def _raw_json(message: Any) -> str:

@@ -73,15 +73,61 @@ class PermanentError(ProviderCallError):
 
 
 class Pricing(BaseModel):
-    """US dollars per million tokens."""
+    """US dollars per million tokens.
+
+    ``cached_input_per_mtok`` prices input read from the provider's prompt cache and
+    ``cache_write_per_mtok`` input written to it; ``None`` bills them at the full input price
+    (the safe side for the cost cap when a price is given by hand).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+    def cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+    ) -> float:
+        """Dollars for one call. ``input_tokens`` counts *every* input token, the cached ones
+        included; ``cache_read_tokens``/``cache_write_tokens`` say how many of them were read
+        from / written to the cache."""
+        plain = max(0, input_tokens - cache_read_tokens - cache_write_tokens)
+        read = (
+            self.input_per_mtok
+            if self.cached_input_per_mtok is None
+            else self.cached_input_per_mtok
+        )
+        write = (
+            self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        )
+        return (
+            plain * self.input_per_mtok
+            + cache_read_tokens * read
+            + cache_write_tokens * write
+            + output_tokens * self.output_per_mtok
+        ) / 1e6
+
+    def completion_cost(self, completion: Completion) -> float:
+        """The billed cost of a completion, cached input at its own price."""
+        return self.cost(
+            completion.input_tokens,
+            completion.output_tokens,
+            cache_read_tokens=completion.cache_read_tokens,
+            cache_write_tokens=completion.cache_write_tokens,
+        )
+
+    def cache_saving(self, completion: Completion) -> float:
+        """What the cache saved on this completion (negative while writing it costs extra)."""
+        return self.cost(completion.input_tokens, completion.output_tokens) - self.completion_cost(
+            completion
+        )
 
     @property
     def free(self) -> bool:
@@ -102,10 +148,16 @@ class CompletionRequest:
 
 @dataclass(frozen=True)
 class Completion:
+    """One answer and its billed usage. ``input_tokens`` is every input token (cached ones
+    included, whatever the provider's own usage fields count); ``cache_read_tokens`` and
+    ``cache_write_tokens`` are the parts read from and written to the prompt cache."""
+
     answer: LabelAnswer
     raw: str
     input_tokens: int
     output_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class LLMClient(Protocol):

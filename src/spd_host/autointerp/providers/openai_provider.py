@@ -1,7 +1,10 @@
 """OpenAI Chat Completions through the official ``openai`` SDK: OpenAI itself, OpenRouter, and
 any OpenAI-compatible endpoint by base URL (vLLM, Ollama, LM Studio, llama.cpp server).
 
-The answer is requested with a strict JSON-schema response format. The SDK's own retries are
+The answer is requested with a strict JSON-schema response format. OpenAI caches prompt
+prefixes of 1,024+ tokens by itself (the system message comes first, so the shared part of a
+strategy's prompt is the prefix); the cached part is read from
+``usage.prompt_tokens_details.cached_tokens`` and priced at the cached rate. The SDK's own retries are
 disabled; the runner retries (see :mod:`spd_host.autointerp.providers.anthropic_provider`).
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
     Completion,
@@ -22,19 +26,9 @@ from spd_host.autointerp.providers.base import (
 from spd_host.autointerp.providers.sdk_errors import translate
 from spd_host.errors import ConfigError
 
-OPENAI_PRICING = {
-    "gpt-4.1": Pricing(input_per_mtok=2.0, output_per_mtok=8.0),
-    "gpt-4.1-mini": Pricing(input_per_mtok=0.4, output_per_mtok=1.6),
-    "gpt-4.1-nano": Pricing(input_per_mtok=0.1, output_per_mtok=0.4),
-    "gpt-4o": Pricing(input_per_mtok=2.5, output_per_mtok=10.0),
-    "gpt-4o-mini": Pricing(input_per_mtok=0.15, output_per_mtok=0.6),
-}
-
-OPENROUTER_PRICING = {
-    "google/gemini-2.5-flash": Pricing(input_per_mtok=0.3, output_per_mtok=2.5),
-    "openai/gpt-4.1-mini": Pricing(input_per_mtok=0.4, output_per_mtok=1.6),
-    "anthropic/claude-haiku-4.5": Pricing(input_per_mtok=1.0, output_per_mtok=5.0),
-}
+# USD per million tokens, from the price list (spd_host/autointerp/pricing.yaml).
+OPENAI_PRICING = provider_pricing("openai")
+OPENROUTER_PRICING = provider_pricing("openrouter")
 
 
 class OpenAIChatClient:
@@ -88,8 +82,10 @@ class OpenAIChatClient:
                 f"{self._provider}: the server answered without choices: {str(response)[:200]!r}"
             )
         usage = getattr(response, "usage", None)
-        n_in = int(getattr(usage, "prompt_tokens", 0) or 0)
+        n_in = int(getattr(usage, "prompt_tokens", 0) or 0)  # cached tokens included
         n_out = int(getattr(usage, "completion_tokens", 0) or 0)
+        details = getattr(usage, "prompt_tokens_details", None)
+        n_cached = min(n_in, int(getattr(details, "cached_tokens", 0) or 0))
         raw = response.model_dump_json()
         choice = response.choices[0]
         content = choice.message.content or ""
@@ -97,7 +93,13 @@ class OpenAIChatClient:
             answer = parse_answer(content, truncated=choice.finish_reason == "length")
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
-        return Completion(answer=answer, raw=raw, input_tokens=n_in, output_tokens=n_out)
+        return Completion(
+            answer=answer,
+            raw=raw,
+            input_tokens=n_in,
+            output_tokens=n_out,
+            cache_read_tokens=n_cached,
+        )
 
     @property
     def _new_limit(self) -> bool:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.selection import ExampleSelection
+from spd_host.autointerp.strategies.rendering import ExampleRendering
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class StrategyOptions(BaseModel):
     n_stat_tokens: int = Field(default=8, ge=0, description="tokens per statistic list")
     forbidden_words: tuple[str, ...] = ("various", "miscellaneous", "general", "mixed")
     max_example_chars: int = Field(default=400, ge=40, description="per-example cap on characters")
+    rendering: ExampleRendering = ExampleRendering()
 
 
 @dataclass(frozen=True)

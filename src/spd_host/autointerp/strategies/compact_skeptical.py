@@ -2,7 +2,9 @@
 
 Shape after Goodfire's strategy of the same name (context, token statistics, delimited
 examples, strict rules, "unclear" allowed), re-written for any method: the paragraph on what a
-component is comes from the adapter's ``MethodInfo.description``.
+component is comes from the adapter's ``MethodInfo.description``. Everything that is the same
+for every component of a run (role, method, how evidence is shown, task) is the system prompt,
+the cacheable prefix; the user message holds only this component's evidence.
 """
 
 from __future__ import annotations
@@ -10,17 +12,37 @@ from __future__ import annotations
 from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.selection import select_examples
 from spd_host.autointerp.strategies.base import Prompt, Strategy, StrategyOptions
-from spd_host.autointerp.strategies.formatting import (
-    context_lines,
-    fires_on,
-    numbered,
-    token_list,
-)
+from spd_host.autointerp.strategies.formatting import context_lines, token_list
+from spd_host.autointerp.strategies.rendering import describe_rendering, render_examples
 
-SYSTEM = (
+ROLE = (
     "You interpret components of decomposed language models from statistics and examples. "
     "You answer only through the requested JSON object."
 )
+
+
+def system_prompt(ev: ComponentEvidence, opts: StrategyOptions) -> str:
+    """What every component of a run shares (the cacheable prefix): role, method, task."""
+    forbidden = ", ".join(repr(w) for w in opts.forbidden_words) or "(none)"
+    return f"""{ROLE}
+
+## What a component is ({ev.method_name})
+{ev.method_description}
+
+## How the evidence is shown
+Token statistics list the current tokens (recall, precision, PMI) and the predicted next tokens
+(precision, PMI) most associated with the component firing. {describe_rendering(opts.rendering)}
+
+## Task
+Label what the component detects in at most {opts.label_max_words} words.
+Be skeptical: name specific tokens or a tight grammatical or semantic pattern only when the
+statistics and the examples agree; otherwise the label is "unclear".
+- Prefer concrete labels ("plural -s suffix", "'of' after quantities") to abstract ones.
+- Do not use these vague words: {forbidden}.
+- Lowercase.
+- confidence: "high" for a specific pattern supported by every source, "medium" for a
+  plausible but noisy one, "low" for a guess.
+"""
 
 
 def build(ev: ComponentEvidence, opts: StrategyOptions) -> Prompt:
@@ -64,11 +86,7 @@ def build(ev: ComponentEvidence, opts: StrategyOptions) -> Prompt:
             ),
         ]
     )
-    forbidden = ", ".join(repr(w) for w in opts.forbidden_words) or "(none)"
-    user = f"""Give a short label to one component of a decomposed language model.
-
-## What a component is ({ev.method_name})
-{ev.method_description}
+    user = f"""Give a short label to this component.
 
 ## Context
 {chr(10).join(context_lines(ev))}
@@ -76,19 +94,9 @@ def build(ev: ComponentEvidence, opts: StrategyOptions) -> Prompt:
 ## Token statistics
 {inputs or "(no input-token statistics)"}
 {outputs or "(no output-token statistics)"}
-## Examples (tokens where the component fires are between {"<<"} and {">>"})
-{numbered(examples, fires_on, opts.max_example_chars)}
-## Task
-Label what this component detects in at most {opts.label_max_words} words.
-Be skeptical: name specific tokens or a tight grammatical or semantic pattern only when the
-statistics and the examples agree; otherwise the label is "unclear".
-- Prefer concrete labels ("plural -s suffix", "'of' after quantities") to abstract ones.
-- Do not use these vague words: {forbidden}.
-- Lowercase.
-- confidence: "high" for a specific pattern supported by every source, "medium" for a
-  plausible but noisy one, "low" for a guess.
-"""
-    return Prompt(system=SYSTEM, user=user)
+## Examples
+{render_examples(examples, opts.rendering, opts.max_example_chars)}"""
+    return Prompt(system=system_prompt(ev, opts), user=user)
 
 
 STRATEGY = Strategy(

@@ -86,11 +86,11 @@ def says(example: ActivationExample) -> str:
     return delimit(example.tokens, shifted)
 
 
-def clip(text: str, max_chars: int) -> str:
-    """Shorten ``text`` to ``max_chars`` keeping the first delimited span in view."""
+def clip(text: str, max_chars: int, mark: str = OPEN) -> str:
+    """Shorten ``text`` to ``max_chars`` keeping the first span opened by ``mark`` in view."""
     if len(text) <= max_chars:
         return text
-    anchor = max(text.find(OPEN), 0)
+    anchor = max(text.find(mark), 0)
     start = max(0, min(anchor - max_chars // 3, len(text) - max_chars))
     body = text[start : start + max_chars]
     return ("…" if start > 0 else "") + body + ("…" if start + max_chars < len(text) else "")

@@ -80,6 +80,16 @@ class CLTAdapter(DictionaryAdapter):
             )
         return self._positions[site]
 
+    def decoder_directions(self, site: str) -> Tensor:
+        """``[n, d_model]``: what each feature of ``site`` writes into the residual stream per
+        unit activation, summed over the layers it decodes into (every target layer's MLP
+        output is added to the residual stream). The viewer reads logits through it."""
+        p = self.layer_of(site)
+        total = self.clt.decoder(p, p).float().clone()
+        for q in range(p + 1, self.clt.n_layers):
+            total += self.clt.decoder(p, q).float()
+        return total
+
     def to(self, device: str | torch.device) -> CLTAdapter:
         if torch.device(device) != self.clt.device:
             self.clt.to(device)

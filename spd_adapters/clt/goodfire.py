@@ -278,8 +278,14 @@ class GoodfireCLT:
         for p in range(q + 1):
             if p not in acts:
                 raise ValueError(f"decoding position {q} needs the activations of position {p}")
-            out = out + acts[p].to(out.dtype) @ self._w(f"W_dec.{p}")[q - p]
+            out = out + acts[p].to(out.dtype) @ self.decoder(p, q)
         return out
+
+    def decoder(self, p: int, q: int) -> Tensor:
+        """``W_dec.{p}[q - p]`` (``[n, d]``): position ``p`` writing into position ``q``."""
+        if not 0 <= p <= q < self.n_layers:
+            raise ValueError(f"position {p} cannot write to position {q}")
+        return self._w(f"W_dec.{p}")[q - p]
 
     def reconstruct(self, inputs: Mapping[int, Tensor]) -> dict[int, Tensor]:
         acts = {p: self.encode_layer(p, x) for p, x in inputs.items()}

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from spd_adapters.spd import base, formats
 from spd_adapters.spd.config import IDENTITY_NAME
@@ -283,6 +283,20 @@ class SpdAdapter:
         if self._tokenizer is None:
             self._tokenizer = base.load_tokenizer(self.config)
         return self._tokenizer
+
+    def decoder_directions(self, site: str) -> Tensor | None:
+        """``U`` (``[C, d_model]``): what each component adds to the residual stream per unit of
+        component activation, for sites that write into it (MLP down and attention output
+        projections, the embedding); ``None`` for sites whose output is not the residual
+        stream (up/gate/q/k/v projections). The viewer reads logits through it."""
+        by_name = {s.name: s for s in self.sites}
+        if site not in by_name:
+            raise ConfigError(f"unknown site {site!r}", hint=f"sites are: {', '.join(by_name)}")
+        writes = by_name[site].writes_to
+        if not any(w == "embed" or w.endswith((".mlp_out", ".attn_out")) for w in writes):
+            return None
+        path = {n: p for p, n in self.site_names_by_path().items()}[site]
+        return self.spd_model().components[path].U.detach()
 
     # -- splice --------------------------------------------------------------------------------
     @property

@@ -10,9 +10,10 @@ Computed once per harvest and stored beside it, in ``<harvest sub-run>/viewer/lo
 each ``[n_components, k]``), so pages and exports slice one row.
 
 Which methods have a decoder: an adapter may implement ``decoder_directions(site) -> Tensor
-[n_components, d_model]`` (``SupportsDecoder``); otherwise an adapter whose
-``dictionary(site)`` exposes a ``W_dec`` of that shape is used. Other methods (e.g. SPD's
-rank-one components, whose output is not a fixed residual direction) get no logits.
+[n_components, d_model] | None`` (``SupportsDecoder``; the CLT sums its decoders over the layers
+a feature writes into, SPD gives ``U`` for sites writing into the residual stream and ``None``
+for the others); otherwise an adapter whose ``dictionary(site)`` exposes a ``W_dec`` of that
+shape is used. Sites without one get no logits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ CHUNK = 4096
 
 @runtime_checkable
 class SupportsDecoder(Protocol):
-    def decoder_directions(self, site: str) -> torch.Tensor: ...
+    def decoder_directions(self, site: str) -> torch.Tensor | None: ...
 
 
 def logits_path(source: DecompositionSource) -> Path:
@@ -43,7 +44,8 @@ def logits_path(source: DecompositionSource) -> Path:
 def decoder_directions(adapter: Any, site: str, d_model: int) -> torch.Tensor | None:
     """``[n_components, d_model]`` or ``None`` when the method has no fixed decoder direction."""
     if isinstance(adapter, SupportsDecoder):
-        return adapter.decoder_directions(site).detach().float().cpu()
+        directions = adapter.decoder_directions(site)
+        return None if directions is None else directions.detach().float().cpu()
     dictionary = getattr(adapter, "dictionary", None)
     if callable(dictionary):
         w = getattr(dictionary(site), "W_dec", None)

@@ -94,6 +94,9 @@ class FidelitySettings(_Frozen):
     peer_names: dict[str, str] = Field(
         default_factory=dict, description="Splice variant -> the peer's name for it."
     )
+    default_variants: list[str] | None = Field(
+        default=None, description="Variants run when none are asked for (default: all offered)."
+    )
     notes: list[str] = Field(default_factory=list)
 
 

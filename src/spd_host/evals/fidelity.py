@@ -219,9 +219,13 @@ def check_splice(adapter: DecompositionAdapter) -> SupportsSplice:
     return adapter
 
 
-def resolve_variants(adapter: SupportsSplice, config: FidelityConfig) -> list[str | None]:
+def resolve_variants(
+    adapter: SupportsSplice, config: FidelityConfig, default: Sequence[str] | None = None
+) -> list[str | None]:
     offered = list(adapter.splice_variants)
     if config.variants is None:
+        if default is not None:
+            return list(default)
         return list(offered) if offered else [None]
     unknown = [v for v in config.variants if v not in offered]
     if unknown:
@@ -370,8 +374,8 @@ def fidelity_on_batches(
 
     convention = config.convention
     splicer = check_splice(adapter)
-    variants = resolve_variants(splicer, config)
     settings = convention_settings(adapter, config)
+    variants = resolve_variants(splicer, config, settings.default_variants)
     model = adapter.load_base_model()
     topo = topology_of(model)
     device = next(model.parameters()).device

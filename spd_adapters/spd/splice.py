@@ -113,10 +113,11 @@ def splice(
         if variant == "rounded_ci":
             return ci.round() if threshold is None else (ci > threshold).to(ci.dtype)
         # stochastic: ci + (1 - ci) * source, source as the run samples it
+        # drawn in row-major order whatever the CI tensor's strides are
         if sampling == "binomial":
             source = torch.randint(0, 2, ci.shape, device=ci.device).to(ci.dtype)
         else:
-            source = torch.rand_like(ci)
+            source = torch.rand(ci.shape, dtype=ci.dtype, device=ci.device)
         return ci + (1 - ci) * source
 
     def pre_forward(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -34,6 +34,11 @@ class FidelityConfig(_Frozen):
     batch_size: int = Field(default=16, gt=0)
     seed: int = 0
     per_site: bool = Field(default=True, description="Also splice / ablate each site alone.")
+    per_site_variants: Literal["first", "all"] = Field(
+        default="first",
+        description="Splice variants run per site: the first only (the all-sites scope always "
+        "runs every variant), or all (scopes x variants forwards: slow for SPD's many sites).",
+    )
     variants: tuple[str, ...] | None = Field(
         default=None, description="Splice variants to run; default: all the adapter exposes."
     )

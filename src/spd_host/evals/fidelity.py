@@ -403,7 +403,13 @@ def fidelity_on_batches(
         scopes += [(s.name, [s.name], list(s.writes_to)) for s in sites]
     all_targets = scopes[0][2]
     vname = {v: (v if v is not None else DEFAULT_VARIANT) for v in variants}
-    keys = [(sc, vname[v]) for sc, _, _ in scopes for v in variants]
+
+    def scope_variants(scope: str) -> list[str | None]:
+        if scope == ALL_SITES or config.per_site_variants == "all":
+            return variants
+        return variants[:1]
+
+    keys = [(sc, vname[v]) for sc, _, _ in scopes for v in scope_variants(sc)]
 
     ce_clean = MeanAccumulator()
     ce_abl = {sc: MeanAccumulator() for sc, _, _ in scopes}
@@ -418,7 +424,7 @@ def fidelity_on_batches(
     recon = {
         (sc, vname[v], t): ReconAccumulator()
         for sc, _, targets in scopes
-        for v in variants
+        for v in scope_variants(sc)
         for t in targets
     }
     sparsity = {s.name: SparsityAccumulator(s.n_components) for s in sites}
@@ -464,7 +470,7 @@ def fidelity_on_batches(
                 a_b = mean_of(pair)
                 w_ce_abl[scope].add(a_b, weight)
                 w_kl_abl[scope].add(mean_of(kpair), weight)
-                for v in variants:
+                for v in scope_variants(scope):
                     key = (scope, vname[v])
                     with (
                         do_splice(scope_sites, v, targets, keep),
@@ -500,7 +506,7 @@ def fidelity_on_batches(
     goodfire = convention == "goodfire"
     loss_rows = []
     for scope, _, _ in scopes:
-        for v in variants:
+        for v in scope_variants(scope):
             key = (scope, vname[v])
             if goodfire:
                 c, sp, a = w_clean.mean, w["ce"][key].mean, w_ce_abl[scope].mean

@@ -60,9 +60,9 @@ class CiCache:
         self.ci: dict[str, Tensor] = {}
 
     def get(self, tokens: Tensor, key: tuple[Any, ...]) -> dict[str, Tensor] | None:
-        if self._ref is not None and self._ref() is tokens and self._version == tokens._version:
-            if self._key == key:
-                return self.ci
+        fresh = self._ref is not None and self._ref() is tokens
+        if fresh and self._version == tokens._version and self._key == key:
+            return self.ci
         return None
 
     def put(self, tokens: Tensor, key: tuple[Any, ...], ci: dict[str, Tensor]) -> None:

@@ -127,7 +127,9 @@ def test_saelens_convention_matches_saelens_formulas(toy) -> None:
         assert rec.explained_variance == pytest.approx(ev.item(), abs=1e-6)
         cos = ((x / x.norm(dim=-1, keepdim=True)) * (y / y.norm(dim=-1, keepdim=True))).sum(-1)
         assert rec.cosine_similarity == pytest.approx(cos.mean().item(), abs=1e-6)
-        assert rec.l2_ratio == pytest.approx((y.norm(dim=-1) / x.norm(dim=-1)).mean().item(), rel=1e-6)
+        assert rec.l2_ratio == pytest.approx(
+            (y.norm(dim=-1) / x.norm(dim=-1)).mean().item(), rel=1e-6
+        )
         rrbs = []
         for sl in (slice(0, 4), slice(4, 6)):
             kb = keep[sl].reshape(-1)
@@ -211,4 +213,22 @@ def test_bos_option_prepends_and_keeps_length() -> None:
     tok = build_tokenizer()  # no BOS and adds none
     assert resolve_prepend_bos(FidelityConfig(), {}, tok) is False
     assert resolve_prepend_bos(FidelityConfig(), {"prepend_bos": True}, tok) is True
-    assert resolve_prepend_bos(FidelityConfig(prepend_bos=False), {"prepend_bos": True}, tok) is False
+    assert (
+        resolve_prepend_bos(FidelityConfig(prepend_bos=False), {"prepend_bos": True}, tok) is False
+    )
+
+
+def test_fused_ce_kl_equals_the_separate_definitions() -> None:
+    from spd_host.evals.metrics import ce_and_kl_sums, kl_sum, next_token_ce_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits_clean, logits = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    keep = torch.rand(3, 5, generator=g) > 0.3
+    lp = F.log_softmax(logits_clean, -1)
+    for k in (None, keep):
+        ce, kl = ce_and_kl_sums(lp, lp.exp(), logits, tokens, k)
+        ce_ref, kl_ref = next_token_ce_sum(logits, tokens, k), kl_sum(lp, logits, k)
+        assert ce[1] == ce_ref[1] and kl[1] == kl_ref[1]
+        assert ce[0] == pytest.approx(ce_ref[0], rel=1e-6)
+        assert kl[0] == pytest.approx(kl_ref[0], rel=1e-6)

@@ -52,7 +52,9 @@ def _hand(model, sd, paths, tokens, mask_fn, delta_r=None):
     """Logits with every decomposed module replaced by ((x V) * mask) U (+ r * delta)."""
     xs: dict[str, torch.Tensor] = {}
     hs = [
-        model.get_submodule(p).register_forward_pre_hook(lambda m, a, _p=p: xs.__setitem__(_p, a[0]))
+        model.get_submodule(p).register_forward_pre_hook(
+            lambda m, a, _p=p: xs.__setitem__(_p, a[0])
+        )
         for p in paths
     ]
     with torch.no_grad():
@@ -74,7 +76,10 @@ def _hand(model, sd, paths, tokens, mask_fn, delta_r=None):
             new = new + delta_r(_p, delta.shape[:-1]).unsqueeze(-1) * delta
         return new
 
-    hs = [model.get_submodule(p).register_forward_hook(lambda m, a, o, _p=p: hook(m, a, o, _p)) for p in paths]
+    hs = [
+        model.get_submodule(p).register_forward_hook(lambda m, a, o, _p=p: hook(m, a, o, _p))
+        for p in paths
+    ]
     with torch.no_grad():
         logits = model(tokens).logits.double()
     for h in hs:
@@ -91,7 +96,12 @@ def _ce(logits, b):
 
 
 def _kl(pred, target):
-    return F.kl_div(F.log_softmax(pred, -1), F.softmax(target, -1), reduction="none").sum(-1).mean().item()
+    return (
+        F.kl_div(F.log_softmax(pred, -1), F.softmax(target, -1), reduction="none")
+        .sum(-1)
+        .mean()
+        .item()
+    )
 
 
 def test_goodfire_rounded_ci_baseline_and_l0(run) -> None:
@@ -140,7 +150,11 @@ def test_goodfire_stochastic_mask_and_weight_delta(run) -> None:
     model = adapter.load_base_model()
     tokens = torch.randint(0, 61, (3, 8), generator=torch.Generator().manual_seed(4))
     cfg = FidelityConfig(
-        use_harvest=False, convention="goodfire", per_site=False, variants=("stochastic",), seed_masks=11
+        use_harvest=False,
+        convention="goodfire",
+        per_site=False,
+        variants=("stochastic",),
+        seed_masks=11,
     )
     res = fidelity_on_batches(adapter, [tokens], cfg)
     # the same draws in the same order: one source per module (sorted paths) when the masks

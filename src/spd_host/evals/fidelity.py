@@ -57,8 +57,8 @@ from spd_host.evals.metrics import (
     ReconAccumulator,
     SparsityAccumulator,
     WeightedMean,
+    ce_and_kl_sums,
     density_histogram,
-    kl_sum,
     next_token_ce_sum,
     recovered_score,
 )
@@ -255,7 +255,7 @@ def special_token_ids(tokenizer: Any) -> list[int]:
         if attr.endswith("_token_id"):
             try:
                 value = getattr(tokenizer, attr)
-            except Exception:  # noqa: BLE001 - an unset special token may raise on access
+            except Exception:  # an unset special token may raise on access
                 continue
             if isinstance(value, int):
                 ids.add(value)
@@ -275,7 +275,7 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
         return False
     try:
         ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode a letter adds nothing
+    except Exception:  # a tokenizer that cannot encode a letter adds nothing
         return False
     return bool(ids) and ids[0] == bos
 
@@ -322,7 +322,9 @@ class _Splicer:
     splice options) and ``positions`` (where to splice); without ``positions`` support the
     splice is undone at excluded positions by hooks at the write targets."""
 
-    def __init__(self, adapter: SupportsSplice, model: torch.nn.Module, topo: Any, options: dict[str, Any]):
+    def __init__(
+        self, adapter: SupportsSplice, model: torch.nn.Module, topo: Any, options: dict[str, Any]
+    ):
         self.adapter, self.model, self.topo, self.options = adapter, model, topo, options
         try:
             params = inspect.signature(adapter.splice).parameters
@@ -386,7 +388,7 @@ def fidelity_on_batches(
     harvest_fn = get_host().harvest_fn(
         adapter, HarvestOptions(threshold=threshold, device=str(device), next_token=False)
     )
-    primary = list(adapter.activation_types)[0] if list(adapter.activation_types) else None
+    primary = next(iter(adapter.activation_types), None)
     exclude: torch.Tensor | None = None
     if convention == "saelens":
         if special_ids is None:
@@ -451,6 +453,7 @@ def fidelity_on_batches(
                 logits_clean = forward(tokens)
                 clean = {t: acts[t].detach().clone() for t in all_targets}
             logp_clean = F.log_softmax(logits_clean.float(), dim=-1)
+            p_clean = logp_clean.exp()
             pair = next_token_ce_sum(logits_clean, tokens, keep)
             ce_clean.add(pair)
             c_b = mean_of(pair)
@@ -463,8 +466,7 @@ def fidelity_on_batches(
                 else:
                     with zero_targets(model, topo, targets):
                         logits = forward(tokens)
-                pair = next_token_ce_sum(logits, tokens, keep)
-                kpair = kl_sum(logp_clean, logits, keep)
+                pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
                 ce_abl[scope].add(pair)
                 kl_abl[scope].add(kpair)
                 a_b = mean_of(pair)
@@ -478,8 +480,7 @@ def fidelity_on_batches(
                     ):
                         logits = forward(tokens)
                         spliced = {t: acts[t].detach().clone() for t in targets}
-                    pair = next_token_ce_sum(logits, tokens, keep)
-                    kpair = kl_sum(logp_clean, logits, keep)
+                    pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
                     ce_spl[key].add(pair)
                     kl_spl[key].add(kpair)
                     s_b = mean_of(pair)
@@ -492,8 +493,8 @@ def fidelity_on_batches(
                         recon[(scope, vname[v], t)].add(clean[t], spliced[t], keep)
             hb = harvest_fn(tokens)
             for s in sites:
-                a = hb.activations.get(s.name, {}).get(primary) if primary else None
-                sparsity[s.name].add(hb.firings[s.name], a, keep)
+                site_acts = hb.activations.get(s.name, {}).get(primary) if primary else None
+                sparsity[s.name].add(hb.firings[s.name], site_acts, keep)
             if report is not None:
                 report(i_batch + 1, n_batches_hint, adapter.decomposition_id)
 

@@ -139,7 +139,7 @@ def keep_original_at(
         for hp in hps:
             site = topo.site(hp)
             points.append((hp, site.where, model.get_submodule(site.module_path)))
-        for key, where, module in points:
+        for _key, where, module in points:
             saved: dict[str, torch.Tensor] = {}
             if where == "input":
 

@@ -55,6 +55,27 @@ def kl_sum(
     return float(kl.double().sum()), int(kl.numel())
 
 
+def ce_and_kl_sums(
+    logp_clean: torch.Tensor,
+    p_clean: torch.Tensor,
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> tuple[tuple[float, int], tuple[float, int]]:
+    """``next_token_ce_sum`` and ``kl_sum`` of one forward from a single log-softmax (the
+    vocabulary-wide work dominates a small model's eval); same definitions, same masks."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    kl = (p_clean * (logp_clean - logp)).sum(-1)
+    if tokens.shape[1] >= 2:
+        ce = -logp[:, :-1].gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    else:
+        ce = logp.new_zeros((tokens.shape[0], 0))
+    if keep is not None:
+        k = keep.to(kl.device)
+        kl, ce = kl[k], ce[k[:, :-1]]
+    return (float(ce.double().sum()), int(ce.numel())), (float(kl.double().sum()), int(kl.numel()))
+
+
 @dataclass
 class MeanAccumulator:
     total: float = 0.0

@@ -232,3 +232,19 @@ def test_fused_ce_kl_equals_the_separate_definitions() -> None:
         assert ce[1] == ce_ref[1] and kl[1] == kl_ref[1]
         assert ce[0] == pytest.approx(ce_ref[0], rel=1e-6)
         assert kl[0] == pytest.approx(kl_ref[0], rel=1e-6)
+
+
+def test_fused_gelu_is_the_same_formula_and_is_undone() -> None:
+    from transformers.activations import NewGELUActivation
+
+    from spd_host.evals.fidelity import _fused_gelu
+
+    model = torch.nn.Sequential(NewGELUActivation())
+    x = torch.linspace(-6, 6, 1001)
+    with torch.no_grad():
+        ref = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+        with _fused_gelu(model, True):
+            assert "forward" in vars(model[0])
+            fused = model(x)
+        assert "forward" not in vars(model[0])
+    assert torch.allclose(fused, ref, atol=1e-6)

@@ -68,6 +68,11 @@ class FidelityConfig(_Frozen):
         "the training noise), once per batch, as the reference's eval does.",
     )
     seed_masks: int = Field(default=0, description="Seed of stochastic / random masks.")
+    fused_gelu: bool = Field(
+        default=True,
+        description="Evaluate transformers' NewGELU (gelu_new) with torch's fused tanh GELU: the "
+        "same formula (transformers' gelu_pytorch_tanh), equal to float32 rounding, 2.5x faster.",
+    )
     cpu_threads: int | None = Field(
         default=None,
         ge=1,

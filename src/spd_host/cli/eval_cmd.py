@@ -150,6 +150,10 @@ def fidelity(
     per_site: Annotated[
         bool, typer.Option("--per-site/--no-per-site", help="Also splice each site alone.")
     ] = True,
+    per_site_variants: Annotated[
+        str,
+        typer.Option("--per-site-variants", help="Variants per single-site scope: first or all."),
+    ] = "first",
     convention: Annotated[
         str,
         typer.Option(
@@ -183,6 +187,10 @@ def fidelity(
             f"unknown convention {convention!r}; one of: {', '.join(CONVENTIONS)}",
             param_hint="--convention",
         )
+    if per_site_variants not in ("first", "all"):
+        raise typer.BadParameter(
+            f"{per_site_variants!r} is not first or all", param_hint="--per-site-variants"
+        )
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
@@ -190,6 +198,7 @@ def fidelity(
         "dataset": dataset,
         "variants": tuple(variant) if variant else None,
         "per_site": per_site,
+        "per_site_variants": per_site_variants,
         "convention": convention,
         "prepend_bos": prepend_bos,
         "rounding_threshold": rounding_threshold,

@@ -89,19 +89,17 @@ def test_saelens_convention_on_a_saelens_sae(tmp_path: Path) -> None:
     clean, seen_c = _forward(model, tokens, None)
     spl, _ = _forward(model, tokens, lambda x: torch.where(keep[..., None], sae(x), x))
     abl, _ = _forward(model, tokens, torch.zeros_like)
-    per_ce = (
-        lambda lg: (
-            F.cross_entropy(  # noqa: E731
-                lg[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none"
-            )[keep[:, :-1].reshape(-1)]
-            .mean()
-            .item()
-        )
-    )
     p = F.softmax(clean, -1)
-    kl = lambda o: (
-        (p * (F.log_softmax(clean, -1) - F.log_softmax(o, -1))).sum(-1)[keep].mean().item()
-    )  # noqa: E731
+
+    def per_ce(lg: torch.Tensor) -> float:
+        per = F.cross_entropy(
+            lg[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none"
+        )
+        return per[keep[:, :-1].reshape(-1)].mean().item()
+
+    def kl(o: torch.Tensor) -> float:
+        return (p * (F.log_softmax(clean, -1) - F.log_softmax(o, -1))).sum(-1)[keep].mean().item()
+
     (row,) = res.loss
     assert res.convention == "saelens"
     assert row.ce_spliced == pytest.approx(per_ce(spl), abs=1e-5)

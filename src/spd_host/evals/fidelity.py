@@ -321,10 +321,10 @@ def _fused_gelu(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         try:
             from transformers.activations import NewGELUActivation
         except ImportError:  # pragma: no cover - transformers is a dependency
-            NewGELUActivation = ()  # type: ignore[assignment, misc]  # noqa: N806
+            NewGELUActivation = ()  # type: ignore[assignment, misc]
         for m in model.modules():
             if isinstance(m, NewGELUActivation) and "forward" not in vars(m):
-                m.forward = _tanh_gelu  # type: ignore[method-assign]
+                m.forward = _tanh_gelu  # type: ignore[method-assign, assignment]
                 swapped.append(m)
     try:
         yield

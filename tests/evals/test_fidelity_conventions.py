@@ -248,3 +248,15 @@ def test_fused_gelu_is_the_same_formula_and_is_undone() -> None:
             fused = model(x)
         assert "forward" not in vars(model[0])
     assert torch.allclose(fused, ref, atol=1e-6)
+
+
+def test_progress_is_reported_through_the_callback(toy) -> None:
+    from spd_host.evals.fidelity import reporting_progress
+
+    seen: list[tuple[int, int | None, str]] = []
+    tokens = _tokens()
+    with reporting_progress(lambda d, t, w: seen.append((d, t, w))):
+        fidelity_on_batches(
+            toy, [tokens[:2], tokens[2:]], FidelityConfig(use_harvest=False), n_batches_hint=2
+        )
+    assert seen == [(1, 2, "toytc:demo"), (2, 2, "toytc:demo")]

@@ -360,8 +360,10 @@ class _Splicer:
         self.takes_options = "options" in params
         self.takes_positions = "positions" in params
         if options and not self.takes_options:
+            did = getattr(adapter, "decomposition_id", type(adapter).__name__)
             raise ConfigError(
-                f"the splice of {adapter!r} takes no options, but its fidelity_settings gave some"
+                f"the splice of {did!r} takes no `options`, but its fidelity_settings gave {sorted(options)}",
+                hint="the adapter's splice must accept options=... (or return no splice_options)",
             )
 
     @contextmanager

@@ -9,7 +9,7 @@ when the architecture is known, else by the module path.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +22,13 @@ from spd_adapters.spd.config import IDENTITY_NAME
 from spd_adapters.spd.harvest_fn import ACTIVATION_TYPES
 from spd_adapters.spd.identity import Identity, insert_identities
 from spd_adapters.spd.model import SpdModel
-from spd_adapters.spd.splice import SPLICE_VARIANTS, splice
+from spd_adapters.spd.splice import (
+    DETERMINISTIC_VARIANTS,
+    GOODFIRE_NAMES,
+    SPLICE_VARIANTS,
+    CiCache,
+    splice,
+)
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError, SourceNotFoundError
 from spd_host.ids import DecompositionId, SourceKind, fetch_source, fetch_wandb_run
@@ -125,6 +131,7 @@ class SpdAdapter:
         self._model: nn.Module | None = None
         self._spd: SpdModel | None = None
         self._tokenizer: Any = None
+        self._ci_cache = CiCache()
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -309,7 +316,12 @@ class SpdAdapter:
         *,
         sites: Sequence[str] | None = None,
         variant: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        positions: Tensor | None = None,
     ) -> AbstractContextManager[None]:
+        """``options``: ``rounding_threshold`` (rounded_ci keeps CI > it; default ``round``) and
+        ``ci_sampling`` (compute CI under that sampling); ``positions`` [B, S] bool: splice only
+        there. Both come from the fidelity engine (see ``fidelity_settings``)."""
         spd = self.spd_model()
         by_name = {n: p for p, n in self.site_names_by_path().items()}
         if sites is None:
@@ -322,4 +334,56 @@ class SpdAdapter:
                     hint=f"sites: {', '.join(by_name)}",
                 )
             paths = [by_name[s] for s in sites]
-        return splice(model, spd, paths, variant or "ci_masked")
+        return splice(
+            model,
+            spd,
+            paths,
+            variant or "ci_masked",
+            options=options,
+            positions=positions,
+            ci_cache=self._ci_cache,
+            sampling=self.config.sampling,
+        )
+
+    # -- eval conventions ----------------------------------------------------------------------
+    def recorded_rounding_threshold(self) -> float | None:
+        """``rounding_threshold`` of the run's ``CEandKLLosses`` entry in ``eval_metric_configs``."""
+        for cfg in self.config.eval_metric_configs or []:
+            if cfg.get("classname") == "CEandKLLosses" and "rounding_threshold" in cfg:
+                return float(cfg["rounding_threshold"])
+        return None
+
+    def fidelity_settings(self, convention: str, config: Any) -> Any:
+        """What the fidelity conventions mean for an SPD run (see docs/evals.md)."""
+        from spd_host.evals.configs import FidelitySettings
+
+        if convention != "goodfire":
+            return FidelitySettings(
+                peer_names=dict(GOODFIRE_NAMES), default_variants=list(DETERMINISTIC_VARIANTS)
+            )
+        notes = []
+        threshold = config.rounding_threshold
+        if threshold is None:
+            threshold = self.recorded_rounding_threshold()
+            if threshold is None:
+                threshold = 0.0
+                notes.append(
+                    "the run records no CEandKLLosses rounding_threshold; rounded_ci used 0.0 "
+                    "(Goodfire's LM configs)"
+                )
+        options: dict[str, Any] = {"rounding_threshold": threshold}
+        if config.ci_sampling:
+            options["ci_sampling"] = self.config.sampling
+            notes.append(f"eval CI computed under the run's sampling ({self.config.sampling})")
+        notes.append(
+            f"goodfire convention: rounded_ci at CI > {threshold}; baseline zero_mask; L0 at "
+            f"ci_alive_threshold {self.config.ci_alive_threshold}"
+        )
+        return FidelitySettings(
+            splice_options=options,
+            baseline_variant="zero_mask",
+            alive_threshold=self.config.ci_alive_threshold,
+            peer_names=dict(GOODFIRE_NAMES),
+            default_variants=list(SPLICE_VARIANTS),
+            notes=notes,
+        )

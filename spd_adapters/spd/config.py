@@ -115,6 +115,8 @@ class SpdRunConfig(_Tolerant):
     ci_config: CiConfig
     sigmoid_type: str = "leaky_hard"
     sampling: str = "continuous"
+    ci_alive_threshold: float = 0.0
+    eval_metric_configs: list[dict[str, Any]] | None = None
     pretrained_model_class: str
     pretrained_model_name: str | None = None
     pretrained_model_path: str | None = None

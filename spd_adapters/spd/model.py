@@ -221,7 +221,18 @@ class SpdModel:
         assert self.layerwise is not None
         return {p: self.layerwise[p].pre_sigmoid(inputs[p], self.components[p]) for p in inputs}
 
-    def causal_importance(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Noiseless causal importances (the value masks are built from), ``[..., C]`` each."""
+    def causal_importance(
+        self, inputs: Mapping[str, Tensor], sampling: str | None = None
+    ) -> dict[str, Tensor]:
+        """Causal importances (the value masks are built from), ``[..., C]`` each.
+
+        Noiseless by default. ``sampling="binomial"`` reproduces the reference's CI under that
+        sampling: the mask branch sees ``1.05 z - 0.05 u`` (``u`` uniform) instead of ``z``.
+        """
         sig = CI_SIGMOIDS[self.sigmoid_type]
-        return {p: sig(z) for p, z in self.pre_sigmoid(inputs).items()}
+        out = {}
+        for p, z in self.pre_sigmoid(inputs).items():
+            if sampling == "binomial":
+                z = 1.05 * z - 0.05 * torch.rand_like(z)
+            out[p] = sig(z)
+        return out

@@ -126,6 +126,8 @@ def test_harvest_fidelity_autointerp_end_to_end(tmp_path: Path) -> None:
             "32",
             "--batch-size",
             "4",
+            "--per-site-variants",
+            "all",
             "--json",
         ],
     )

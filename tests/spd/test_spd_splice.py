@@ -57,7 +57,14 @@ def test_all_ones_exact_decomposition_reproduces_logits(tmp_path: Path, arch: st
     )
     adapter = get_host().load_adapter(f"spd:{tmp_path / 'run'}")
     assert isinstance(adapter, SupportsSplice)
-    assert set(adapter.splice_variants) == {"ci_masked", "all_ones", "rounded_ci", "zero_mask"}
+    assert set(adapter.splice_variants) == {
+        "ci_masked",
+        "all_ones",
+        "rounded_ci",
+        "zero_mask",
+        "stochastic",
+        "random",
+    }
     base = adapter.load_base_model()
     tokens = _tokens()
     with torch.no_grad():

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from spd_adapters.spd.model import Components, SpdModel
 from spd_adapters.spd.param_decomp.ci_fns import PdCiFunction
+from spd_host.errors import ConfigError
 
 
 def _move(obj: Any, device: torch.device | str) -> Any:
@@ -77,6 +78,17 @@ class PdModel(SpdModel):
         pre = self.ci_fn.pre_activations(taps, acts)
         return {self.path_of_site[s]: z for s, z in pre.items()}
 
-    def causal_importance(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Noiseless CI: the lower leaky hard sigmoid's forward value ``clip(pre, 0, 1)``."""
+    def causal_importance(
+        self, inputs: Mapping[str, Tensor], sampling: str | None = None
+    ) -> dict[str, Tensor]:
+        """Noiseless CI: the lower leaky hard sigmoid's forward value ``clip(pre, 0, 1)``.
+
+        param-decomp runs are always evaluated noiselessly here; a sampling mode (a torch-era
+        Goodfire eval option) is refused rather than silently ignored.
+        """
+        if sampling is not None:
+            raise ConfigError(
+                f"CI sampling {sampling!r} is not defined for param-decomp runs",
+                hint="evaluate param-decomp runs without --ci-sampling",
+            )
         return {p: z.clamp(0, 1) for p, z in self.pre_sigmoid(inputs).items()}

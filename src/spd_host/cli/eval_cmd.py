@@ -8,6 +8,8 @@ Every result is saved as JSON under ``<results>/<storage key>/evals/<suite>.json
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
@@ -179,6 +181,30 @@ def fidelity(
     per_site: Annotated[
         bool, typer.Option("--per-site/--no-per-site", help="Also splice each site alone.")
     ] = True,
+    per_site_variants: Annotated[
+        str,
+        typer.Option("--per-site-variants", help="Variants per single-site scope: first or all."),
+    ] = "first",
+    convention: Annotated[
+        str,
+        typer.Option(
+            "--convention", help="Definitions: spd-host, saelens or goodfire (docs/evals.md)."
+        ),
+    ] = "spd-host",
+    prepend_bos: Annotated[
+        bool | None,
+        typer.Option(
+            "--prepend-bos/--no-prepend-bos",
+            help="Start each sequence with BOS (default: as recorded / the tokenizer does).",
+        ),
+    ] = None,
+    rounding_threshold: Annotated[
+        float | None,
+        typer.Option("--rounding-threshold", help="goodfire: rounded_ci threshold (run's)."),
+    ] = None,
+    ci_sampling: Annotated[
+        bool, typer.Option("--ci-sampling", help="goodfire: eval CI under the run's sampling.")
+    ] = False,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -191,6 +217,17 @@ def fidelity(
 ) -> None:
     """Splice each decomposition into its base model: CE/KL scores, explained variance, L0."""
     use_base_model(base_model)
+    from spd_host.evals.configs import CONVENTIONS
+
+    if convention not in CONVENTIONS:
+        raise typer.BadParameter(
+            f"unknown convention {convention!r}; one of: {', '.join(CONVENTIONS)}",
+            param_hint="--convention",
+        )
+    if per_site_variants not in ("first", "all"):
+        raise typer.BadParameter(
+            f"{per_site_variants!r} is not first or all", param_hint="--per-site-variants"
+        )
     options = {
         "n_tokens": n_tokens,
         "batch_size": batch_size,
@@ -199,22 +236,63 @@ def fidelity(
         "text_column": text_column,
         "variants": tuple(variant) if variant else None,
         "per_site": per_site,
+        "per_site_variants": per_site_variants,
+        "convention": convention,
+        "prepend_bos": prepend_bos,
+        "rounding_threshold": rounding_threshold,
+        "ci_sampling": ci_sampling,
     }
-    run_many(
-        ["fidelity"],
-        ids,
-        options,
-        json_out=json_out,
-        wandb=wandb,
-        wandb_project=wandb_project,
-        wandb_run={
-            "name": wandb_name,
-            "group": wandb_group,
-            "tags": wandb_tags,
-            "entity": wandb_entity,
-        },
-        detail=detail,
+    with fidelity_progress():
+        run_many(
+            ["fidelity"],
+            ids,
+            options,
+            json_out=json_out,
+            wandb=wandb,
+            wandb_project=wandb_project,
+            wandb_run={
+                "name": wandb_name,
+                "group": wandb_group,
+                "tags": wandb_tags,
+                "entity": wandb_entity,
+            },
+            detail=detail,
+        )
+
+
+@contextmanager
+def fidelity_progress() -> Iterator[None]:
+    """A rich bar on stderr fed by the fidelity engine's progress callback (one task per ID)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
+
+    from spd_host.evals.fidelity import reporting_progress
+
+    progress = Progress(
+        TextColumn("[bold]fidelity {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def report(done: int, total: int | None, what: str) -> None:
+        if what not in tasks:
+            tasks[what] = progress.add_task(escape(what), total=total)
+        progress.update(tasks[what], completed=done, total=total)
+
+    with progress, reporting_progress(report):
+        yield
 
 
 Provider = Annotated[

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+Convention = Literal["spd-host", "saelens", "goodfire"]
+CONVENTIONS: dict[str, str] = {
+    "spd-host": "all positions; CE/KL pooled over every pair/position; MSE per element",
+    "saelens": "SAELens run_evals(exclude_special_tokens=True): special-token positions "
+    "excluded and not spliced; MSE per-token sum; l2_ratio, relative_reconstruction_bias, L1, "
+    "feature density",
+    "goodfire": "Goodfire SPD CEandKLLosses: per-batch means weighted by B*S, ce_unrecovered "
+    "against the zero_masked baseline, rounded_ci at the run's rounding_threshold, L0 at the "
+    "run's ci_alive_threshold",
+}
 
 
 class _Frozen(BaseModel):
@@ -23,14 +34,80 @@ class FidelityConfig(_Frozen):
     batch_size: int = Field(default=16, gt=0)
     seed: int = 0
     per_site: bool = Field(default=True, description="Also splice / ablate each site alone.")
+    per_site_variants: Literal["first", "all"] = Field(
+        default="first",
+        description="Splice variants run per site: the first only (the all-sites scope always "
+        "runs every variant), or all (scopes x variants forwards: slow for SPD's many sites).",
+    )
     variants: tuple[str, ...] | None = Field(
         default=None, description="Splice variants to run; default: all the adapter exposes."
     )
-    threshold: float = Field(default=0.0, description="Firing threshold passed to the HarvestFn.")
+    threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Firing threshold passed to the HarvestFn; default 0.0 (goodfire: the "
+        "run's ci_alive_threshold).",
+    )
+    convention: Convention = Field(
+        default="spd-host", description="Which field's definitions to compute (see docs/evals.md)."
+    )
+    prepend_bos: bool | None = Field(
+        default=None,
+        description="Start every sequence with the tokenizer's BOS (the sequence keeps seq_len "
+        "tokens); default: what the decomposition recorded, else what the tokenizer does.",
+    )
+    rounding_threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="goodfire: rounded_ci keeps components with CI > this; default the run's "
+        "eval_metric_configs CEandKLLosses.rounding_threshold.",
+    )
+    ci_sampling: bool = Field(
+        default=False,
+        description="goodfire: compute the eval CI under the run's `sampling` (binomial adds "
+        "the training noise), once per batch, as the reference's eval does.",
+    )
+    seed_masks: int = Field(default=0, description="Seed of stochastic / random masks.")
+    fused_gelu: bool = Field(
+        default=True,
+        description="Evaluate transformers' NewGELU (gelu_new) with torch's fused tanh GELU: the "
+        "same formula (transformers' gelu_pytorch_tanh), equal to float32 rounding, 2.5x faster.",
+    )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch threads on CPU during the eval; default 1 for models under 50M "
+        "parameters (thread hand-offs cost more than the maths), else torch's own.",
+    )
     use_harvest: bool = Field(
         default=True, description="Count alive components from the stored harvest if one exists."
     )
     harvest_run: str | None = Field(default=None, description="Harvest sub-run (default latest).")
+
+
+class FidelitySettings(_Frozen):
+    """What a convention means for one method, said by its adapter (optional capability).
+
+    An adapter may define ``fidelity_settings(convention: str, config: FidelityConfig) ->
+    FidelitySettings``; the engine then passes ``splice_options`` to every ``splice`` call as
+    ``options=`` and uses the rest. Adapters without it get the defaults (no options, zero
+    ablation as the baseline, the configured threshold).
+    """
+
+    splice_options: dict[str, Any] = Field(default_factory=dict)
+    baseline_variant: str | None = Field(
+        default=None, description="A splice variant whose forward is the ablation baseline."
+    )
+    alive_threshold: float | None = Field(
+        default=None, description="Firing threshold for L0 / alive under this convention."
+    )
+    peer_names: dict[str, str] = Field(
+        default_factory=dict, description="Splice variant -> the peer's name for it."
+    )
+    default_variants: list[str] | None = Field(
+        default=None, description="Variants run when none are asked for (default: all offered)."
+    )
+    notes: list[str] = Field(default_factory=list)
 
 
 class JudgeSuiteConfig(_Frozen):

@@ -108,3 +108,60 @@ def zero_targets(model: nn.Module, topo: Any, targets: Sequence[str]) -> Iterato
 
             stack.callback(_module(model, topo, address).register_forward_hook(hook).remove)
         yield
+
+
+@contextmanager
+def keep_original_at(
+    model: nn.Module, topo: Any, targets: Sequence[str], splice_here: torch.Tensor
+) -> Iterator[None]:
+    """Undo a splice at the positions where ``splice_here`` ([B, S] bool) is False.
+
+    Enter it *inside* the splice context: it records each target's value with a hook that runs
+    before every other hook on that module (prepended last, so it sees what the base module
+    computed in this forward) and, with a hook that runs after them, puts that value back
+    where ``splice_here`` is False. This is SAELens' ``torch.where(mask, sae_out, original)``
+    for adapters whose splice replaces the write target itself; an adapter that splices inside
+    a module instead takes a ``positions`` argument (see ``fidelity``).
+    """
+    from spd_host.topology.hooks import _input_tensor, _output_tensor, _with_input, _with_output
+
+    hps, mods = _split(topo, targets)
+    keep = ~splice_here
+
+    def merged(original: torch.Tensor, spliced: torch.Tensor) -> torch.Tensor:
+        m = keep.to(spliced.device).reshape(*keep.shape, *([1] * (spliced.ndim - keep.ndim)))
+        return torch.where(m, original.to(spliced.dtype), spliced)
+
+    with ExitStack() as stack:
+        points: list[tuple[str, str, nn.Module]] = [
+            (a, "output", _module(model, topo, a)) for a in mods
+        ]
+        for hp in hps:
+            site = topo.site(hp)
+            points.append((hp, site.where, model.get_submodule(site.module_path)))
+        for _key, where, module in points:
+            saved: dict[str, torch.Tensor] = {}
+            if where == "input":
+
+                def rec_in(_m: nn.Module, args: Any, kwargs: Any, saved: Any = saved) -> None:
+                    saved["x"] = _input_tensor(args, kwargs)[0]
+
+                def merge_in(_m: nn.Module, args: Any, kwargs: Any, saved: Any = saved) -> Any:
+                    value, slot = _input_tensor(args, kwargs)
+                    return _with_input(args, kwargs, slot, merged(saved["x"], value))
+
+                h1 = module.register_forward_pre_hook(rec_in, with_kwargs=True, prepend=True)
+                h2 = module.register_forward_pre_hook(merge_in, with_kwargs=True)
+            else:
+
+                def rec_out(_m: nn.Module, _a: Any, out: Any, saved: Any = saved) -> None:
+                    saved["y"] = _output_tensor(out)
+
+                def merge_out(_m: nn.Module, _a: Any, out: Any, saved: Any = saved) -> Any:
+                    return _with_output(out, merged(saved["y"], _output_tensor(out)))
+
+                h1 = module.register_forward_hook(rec_out, prepend=True)
+                h2 = module.register_forward_hook(merge_out)
+            stack.callback(h1.remove)
+            stack.callback(h2.remove)
+        yield

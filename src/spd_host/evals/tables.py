@@ -123,5 +123,8 @@ def fidelity_detail_table(result: Any) -> Table:
             fmt(sp.l0 if sp else result.l0_total if row.scope == "all" else None),
             fmt(sp.alive_fraction if sp else result.alive_fraction if row.scope == "all" else None),
         )
-    table.caption = f"CE clean {fmt(result.loss[0].ce_clean)} on {result.n_tokens} tokens of {result.dataset}; alive from {result.alive_source}"
+    table.caption = (
+        f"CE clean {fmt(result.loss[0].ce_clean)} on {result.n_tokens} tokens of {result.dataset}; "
+        f"alive from {result.alive_source}; convention {getattr(result, 'convention', 'spd-host')}"
+    )
     return table

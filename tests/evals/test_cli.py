@@ -147,3 +147,6 @@ def test_wandb_run_flags_and_keys_without_spaces(host, corpus, tmp_path, monkeyp
     assert b"fidelity/toytc:demo/relu/CE_score" in data and b"relu/CE score" not in data
     for value in (b"my-run", b"grp"):
         assert value in data
+    # per-scope reconstruction metrics and the resolved dataset are logged too
+    assert b"/scope/" in data and b"/mse" in data and b"/cosine_similarity" in data
+    assert b"(heldout)" in data

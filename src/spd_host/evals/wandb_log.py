@@ -39,6 +39,12 @@ def log_results(
             "suites": suites,
             "decompositions": sorted({r.decomposition_id for r in results}),
             "results": {f"{r.suite}/{r.decomposition_id}": r.config for r in results},
+            # the dataset actually evaluated on (a config's None means "the recorded default")
+            "datasets": {
+                f"{r.suite}/{r.decomposition_id}": getattr(r, "dataset", None)
+                for r in results
+                if isinstance(getattr(r, "dataset", None), str)
+            },
         },
     )
     try:
@@ -73,6 +79,27 @@ def summary_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
             for c, v in row.items():
                 if c not in ("decomposition", "variant") and isinstance(v, int | float):
                     out[metric_key(f"{prefix}/{c}")] = v
+    for r in results:
+        out.update(_scope_metrics(r))
+    return out
+
+
+def _scope_metrics(r: EvalResult) -> dict[str, float]:
+    """Per splice scope (all sites, each site alone) and write target: CE/KL scores, MSE,
+    cosine similarity and explained variance, for results that have them (fidelity)."""
+    out: dict[str, float] = {}
+    base = f"{r.suite}/{r.decomposition_id}"
+    for row in getattr(r, "loss", None) or []:
+        for name in ("ce_loss_score", "kl_div_score", "ce_spliced", "kl_spliced"):
+            v = getattr(row, name, None)
+            if isinstance(v, int | float):
+                out[metric_key(f"{base}/{row.variant}/scope/{row.scope}/{name}")] = v
+    for row in getattr(r, "recon", None) or []:
+        for name in ("mse", "cosine_similarity", "explained_variance"):
+            v = getattr(row, name, None)
+            if isinstance(v, int | float):
+                key = f"{base}/{row.variant}/scope/{row.scope}/{row.target}/{name}"
+                out[metric_key(key)] = v
     return out
 
 

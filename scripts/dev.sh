@@ -12,7 +12,7 @@ setup() {
   if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
   fi
-  if ! "$PY" -c "import spd_host, torch, pytest, starlette, uvicorn, selenium" >/dev/null 2>&1; then
+  if ! "$PY" -c "import spd_host, torch, pytest, starlette, uvicorn, selenium, orbax.checkpoint, google.genai" >/dev/null 2>&1; then
     "$PY" -m pip install -q --upgrade pip
     # torch first, pinned: 2.13.0 is the CPU build; a looser spec can pull a multi-GB CUDA build.
     "$PY" -m pip install -q "torch==2.13.0"

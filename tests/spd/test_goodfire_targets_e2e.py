@@ -94,9 +94,9 @@ def test_harvest_autointerp_and_fidelity_end_to_end(tmp_path: Path) -> None:
     assert fidelity.exit_code == 0, fidelity.output
     (result,) = json.loads(fidelity.stdout)["results"]
     assert result["decomposition_id"] == did
-    from spd_adapters.spd.splice import SPLICE_VARIANTS
+    from spd_adapters.spd.splice import DETERMINISTIC_VARIANTS
 
-    assert result["variants"] == list(SPLICE_VARIANTS)  # all mask variants by default
+    assert result["variants"] == list(DETERMINISTIC_VARIANTS)  # the deterministic ones by default
     assert result["n_tokens"] == 128 and result["harvest_run"] == repo.run
     for row in result["loss"]:
         assert 0 < row["ce_clean"] < 10 and row["n_predictions"] == 120

@@ -26,7 +26,12 @@ from spd_adapters.spd.param_decomp.model import PdModel
 from spd_adapters.spd.param_decomp.orbax_reader import read_item, read_item_shapes
 from spd_adapters.spd.param_decomp.run_files import discover_pd_run
 from spd_adapters.spd.param_decomp.structure import Structure, resolve_structure
-from spd_adapters.spd.splice import SPLICE_VARIANTS, splice
+from spd_adapters.spd.splice import (
+    DETERMINISTIC_VARIANTS,
+    GOODFIRE_NAMES,
+    SPLICE_VARIANTS,
+    splice,
+)
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError, FormatError
 from spd_host.ids import DecompositionId
@@ -231,6 +236,22 @@ class PdAdapter:
     @property
     def splice_variants(self) -> Sequence[str]:
         return SPLICE_VARIANTS
+
+    def fidelity_settings(self, convention: str, config: Any) -> Any:
+        """As for torch-era SPD runs: the deterministic mask variants by default; under the
+        goodfire convention all six, with the ``zero_mask`` forward as the baseline."""
+        from spd_host.evals.configs import FidelitySettings
+
+        if convention != "goodfire":
+            return FidelitySettings(
+                peer_names=dict(GOODFIRE_NAMES), default_variants=list(DETERMINISTIC_VARIANTS)
+            )
+        return FidelitySettings(
+            baseline_variant="zero_mask",
+            peer_names=dict(GOODFIRE_NAMES),
+            default_variants=list(SPLICE_VARIANTS),
+            notes=["goodfire convention on a param-decomp run: baseline zero_mask"],
+        )
 
     def splice(
         self,

@@ -62,7 +62,7 @@ class HarvestConfig(BaseModel):
     min_token_support: int = Field(
         default=5,
         ge=1,
-        description="Bottom-PMI lists only rank tokens seen at least this often overall",
+        description="Token lists (top and bottom) only rank tokens seen at least this often overall",
     )
     dense_table_bytes: int = Field(
         default=1 << 28,

@@ -29,7 +29,11 @@ class HarvestConfig(BaseModel):
     context_tokens: int = Field(
         default=8, ge=0, description="Tokens kept on each side of a firing in an example window"
     )
-    threshold: float = Field(default=0.0, description="Passed to the plugin's HarvestFn")
+    threshold: float = Field(
+        default=0.0,
+        allow_inf_nan=False,  # NaN compares false everywhere: an all-dead harvest, exit 0
+        description="Passed to the plugin's HarvestFn",
+    )
     seed: int = 0
     output_top_k: int = Field(
         default=16, gt=0, description="Next-token probabilities kept per position for output stats"

@@ -225,12 +225,14 @@ class HarvestBatch:
     - ``tokens``: ``[B, S]`` int64 token ids (the batch that was passed in).
     - per site, either the dense form, ``firings[site]``: ``[B, S, C]`` bool (where each
       component fires) with ``activations[site][activation_type]``: ``[B, S, C]`` float,
-      finite; or the sparse form ``sparse[site]`` (:class:`SparseActivity`: one entry per
-      firing, activations zero elsewhere). A site is in exactly one of the two.
+      finite and below ``MAX_ABS_ACTIVATION`` (``2**30``) in magnitude; or the sparse form
+      ``sparse[site]`` (:class:`SparseActivity`: one entry per firing, activations zero
+      elsewhere). A site is in exactly one of the two.
     - next-token information, one of ``next_token_logits`` / ``next_token_probs`` (``[B, S, V]``
-      float) or ``next_token_topk`` (:class:`NextTokenTopK`, when the host set
-      ``HarvestOptions.next_token_top_k``; its k must be at least that) — absent when the host
-      asked for ``next_token=False``.
+      float; logits without NaN or ``+inf``, probabilities summing to 1) or ``next_token_topk``
+      (:class:`NextTokenTopK`, when the host set ``HarvestOptions.next_token_top_k``; its k must
+      be at least that) — absent when the host asked for ``next_token=False``. ``V`` is the
+      same for every batch and covers every id in ``tokens``.
 
     Tensors may live on any device; the host moves them to its harvest device (a no-op when
     the plugin already computed them there, which is what makes a GPU harvest fast).

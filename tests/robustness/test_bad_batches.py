@@ -9,10 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
+from spd_host.adapter import (
+    MAX_ABS_ACTIVATION,
+    HarvestBatch,
+    Site,
+    next_token_topk_of,
+    validate_harvest_batch,
+)
 from spd_host.errors import HarvestBatchError
 from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
+from spd_host.harvest.accumulator import SUM_FRAC_BITS
+from spd_host.harvest.exact import split_fixed
 from spd_host.plugins import temporary_plugins
 from tests.harvest import toy_plugin
 from tests.robustness import bad_plugin
@@ -88,3 +98,40 @@ def test_threshold_nan_is_refused_by_the_config() -> None:
         with pytest.raises(ValidationError):
             HarvestConfig(threshold=bad)
     assert HarvestConfig(threshold=0.5).threshold == 0.5
+
+
+def test_the_activation_bound_is_what_the_exact_sums_hold() -> None:
+    """The validator's bound and the accumulator's fixed point agree: the largest float32
+    below the bound is summed (either sign), the bound itself is not representable."""
+    bound = torch.tensor([MAX_ABS_ACTIVATION], dtype=torch.float32)
+    below = torch.nextafter(bound, torch.zeros(1))
+    q, _ = split_fixed(torch.cat([below, -below]), SUM_FRAC_BITS)
+    assert q.tolist() == [int(below) << SUM_FRAC_BITS, -(int(below) << SUM_FRAC_BITS)]
+    with pytest.raises(OverflowError):
+        split_fixed(-bound, SUM_FRAC_BITS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_honest_low_precision_outputs_pass(dtype: torch.dtype) -> None:
+    """No false alarms: a softmax or top-k computed in half precision over a large
+    vocabulary, with masked (-inf) logits, is accepted."""
+    g = torch.Generator().manual_seed(0)
+    B, S, V, C = 2, 3, 5000, 4
+    logits = (4 * torch.randn(B, S, V, generator=g)).to(dtype)
+    logits[..., -7:] = float("-inf")
+    acts = torch.relu(torch.randn(B, S, C, generator=g)).to(dtype)
+    tokens = torch.randint(0, V, (B, S), generator=g)
+    site = [Site(name="s", n_components=C, reads_from="a", writes_to=("b",))]
+    for nt in (
+        {"next_token_logits": logits},
+        {"next_token_probs": torch.softmax(logits.float(), -1).to(dtype)},
+        {"next_token_topk": next_token_topk_of(logits, 16)},
+    ):
+        batch = HarvestBatch(
+            tokens=tokens.clone(), firings={"s": acts > 0}, activations={"s": {"a": acts}}, **nt
+        )
+        n = validate_harvest_batch(
+            batch, sites=site, activation_types=["a"], plugin="p", input_tokens=tokens,
+            vocab_size=V, min_top_k=16,
+        )  # fmt: skip
+        assert n == V

@@ -6,6 +6,7 @@ small: anything method-specific stays inside the plugin, behind ``DecompositionA
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -224,12 +225,14 @@ class HarvestBatch:
     - ``tokens``: ``[B, S]`` int64 token ids (the batch that was passed in).
     - per site, either the dense form, ``firings[site]``: ``[B, S, C]`` bool (where each
       component fires) with ``activations[site][activation_type]``: ``[B, S, C]`` float,
-      finite; or the sparse form ``sparse[site]`` (:class:`SparseActivity`: one entry per
-      firing, activations zero elsewhere). A site is in exactly one of the two.
+      finite and below ``MAX_ABS_ACTIVATION`` (``2**30``) in magnitude; or the sparse form
+      ``sparse[site]`` (:class:`SparseActivity`: one entry per firing, activations zero
+      elsewhere). A site is in exactly one of the two.
     - next-token information, one of ``next_token_logits`` / ``next_token_probs`` (``[B, S, V]``
-      float) or ``next_token_topk`` (:class:`NextTokenTopK`, when the host set
-      ``HarvestOptions.next_token_top_k``; its k must be at least that) — absent when the host
-      asked for ``next_token=False``.
+      float; logits without NaN or ``+inf``, probabilities summing to 1) or ``next_token_topk``
+      (:class:`NextTokenTopK`, when the host set ``HarvestOptions.next_token_top_k``; its k must
+      be at least that) — absent when the host asked for ``next_token=False``. ``V`` is the
+      same for every batch and covers every id in ``tokens``.
 
     Tensors may live on any device; the host moves them to its harvest device (a no-op when
     the plugin already computed them there, which is what makes a GPU harvest fast).
@@ -269,10 +272,18 @@ def validate_harvest_batch(
     plugin: str,
     expect_next_token: bool = True,
     min_top_k: int | None = None,
-) -> None:
+    input_tokens: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> int | None:
     """Check a plugin's HarvestBatch against the contract; raise naming the plugin.
 
-    Cheap relative to a forward pass: shape/dtype checks plus one min/max reduction per tensor.
+    ``input_tokens``: the tokens the HarvestFn was called with (``batch.tokens`` must equal
+    them); ``vocab_size``: the next-token vocabulary of the earlier batches (it must not
+    change). Returns this batch's vocabulary size (None without next-token data).
+
+    Cheap relative to a forward pass: shape/dtype checks plus a few reductions per tensor on
+    its device (min/max, and one sum over the vocabulary for probabilities), each read back
+    once per tensor, never per element.
     """
     import torch
 
@@ -282,11 +293,19 @@ def validate_harvest_batch(
             hint="this is a bug in the plugin's harvest_fn; report it to the plugin's authors",
         )
 
+    if not isinstance(batch, HarvestBatch):
+        got = "None" if batch is None else type(batch).__name__
+        raise fail(f"returned {got}, expected a HarvestBatch")
     tokens = batch.tokens
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         raise fail(f"tokens must be a [B, S] tensor, got {_describe(tokens)}")
     if tokens.dtype not in (torch.int64, torch.int32):
         raise fail(f"tokens must be int64, got {tokens.dtype}")
+    if input_tokens is not None and (
+        tuple(tokens.shape) != tuple(input_tokens.shape)
+        or not torch.equal(tokens, input_tokens.to(tokens.device, tokens.dtype))
+    ):
+        raise fail("tokens differ from the tokens passed in (return the input batch as is)")
     B, S = tokens.shape
     expected = {s.name: s.n_components for s in sites}
     sparse = batch.sparse
@@ -326,10 +345,11 @@ def validate_harvest_batch(
                 )
             if not t.is_floating_point():
                 raise fail(f"activations[{name!r}][{kind!r}] must be float, got {t.dtype}")
-            if not _all_finite(t):
-                raise fail(f"activations[{name!r}][{kind!r}] contains NaN or inf")
+            bad = _activation_problem(t)
+            if bad:
+                raise fail(f"activations[{name!r}][{kind!r}] {bad}")
     if not expect_next_token:
-        return
+        return None
     topk = batch.next_token_topk
     dense_nt = [t for t in (batch.next_token_logits, batch.next_token_probs) if t is not None]
     if len(dense_nt) + (topk is not None) != 1:
@@ -343,14 +363,28 @@ def validate_harvest_batch(
             raise fail(
                 f"next_token_topk carries {k} tokens per position, the host asked for {min_top_k}"
             )
-        return
-    nt = dense_nt[0]
-    if nt.ndim != 3 or tuple(nt.shape[:2]) != (B, S):
-        raise fail(f"next-token tensor must be [{B}, {S}, V], got {_describe(nt)}")
-    if not nt.is_floating_point():
-        raise fail(f"next-token tensor must be float, got {nt.dtype}")
-    if batch.next_token_probs is not None and not _all_finite(nt):
-        raise fail("next_token_probs contains NaN or inf")
+        n_vocab = int(topk.vocab_size)
+    else:
+        nt = dense_nt[0]
+        if not isinstance(nt, torch.Tensor) or nt.ndim != 3 or tuple(nt.shape[:2]) != (B, S):
+            raise fail(f"next-token tensor must be [{B}, {S}, V], got {_describe(nt)}")
+        if not nt.is_floating_point():
+            raise fail(f"next-token tensor must be float, got {nt.dtype}")
+        if batch.next_token_probs is not None:
+            _validate_probs(nt, fail)
+        elif not _logits_ok(nt):
+            raise fail("next_token_logits contains NaN or +inf")
+        n_vocab = int(nt.shape[-1])
+    if vocab_size is not None and n_vocab != vocab_size:
+        raise fail(f"the next-token vocabulary changed from {vocab_size} to {n_vocab} tokens")
+    if tokens.numel():
+        lo, hi = torch.aminmax(tokens)
+        if int(lo) < 0 or int(hi) >= n_vocab:
+            raise fail(
+                f"tokens has ids outside [0, {n_vocab}), the next-token vocabulary (got "
+                f"{int(lo)}..{int(hi)}; the model's vocabulary must cover the tokenizer's)"
+            )
+    return n_vocab
 
 
 def _validate_sparse(
@@ -382,8 +416,9 @@ def _validate_sparse(
             raise fail(f"sparse[{name!r}].values[{kind!r}] must be [{E}], got {_describe(v)}")
         if not v.is_floating_point():
             raise fail(f"sparse[{name!r}].values[{kind!r}] must be float, got {v.dtype}")
-        if not _all_finite(v):
-            raise fail(f"sparse[{name!r}].values[{kind!r}] contains NaN or inf")
+        bad = _activation_problem(v)
+        if bad:
+            raise fail(f"sparse[{name!r}].values[{kind!r}] {bad}")
 
 
 def _validate_topk(tk: Any, B: int, S: int, fail: Callable[[str], Exception]) -> None:
@@ -404,10 +439,81 @@ def _validate_topk(tk: Any, B: int, S: int, fail: Callable[[str], Exception]) ->
         raise fail(f"next_token_topk.logsumexp must be [{B}, {S}], got {_describe(lse)}")
     if not _all_finite(lse):
         raise fail("next_token_topk.logsumexp contains NaN or inf")
+    if not _logits_ok(v):
+        raise fail("next_token_topk.values contains NaN or +inf")
     if i.numel():
         lo, hi = torch.aminmax(i)
         if int(lo) < 0 or int(hi) >= int(tk.vocab_size):
             raise fail(f"next_token_topk.indices has values outside [0, {tk.vocab_size})")
+        # the kept probabilities exp(value - logsumexp) are part of a distribution
+        kept = torch.exp(v.float() - lse.float()[..., None]).sum(-1).max()
+        if float(kept) > 1.0 + _prob_tolerance(v.dtype):
+            raise fail(
+                f"next_token_topk probabilities sum past 1 (up to {float(kept):.4g}); "
+                "logsumexp must be over the full logits"
+            )
+
+
+def _validate_probs(p: Any, fail: Callable[[str], Exception]) -> None:
+    """Probabilities: finite, in [0, 1], and each position's sum about 1 (two reductions)."""
+    import torch
+
+    if p.numel() == 0:
+        return
+    lo_f, hi_f = torch.stack(torch.aminmax(p)).tolist()
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+        raise fail("next_token_probs contains NaN or inf")
+    tol = _prob_tolerance(p.dtype)
+    if lo_f < 0 or hi_f > 1 + tol:
+        raise fail(f"next_token_probs has values outside [0, 1] ({lo_f:.4g}..{hi_f:.4g})")
+    s_lo, s_hi = torch.stack(torch.aminmax(p.sum(-1, dtype=torch.float32))).tolist()
+    if abs(s_lo - 1) > tol or abs(s_hi - 1) > tol:
+        raise fail(
+            f"next_token_probs do not sum to 1 over the vocabulary (sums {s_lo:.4g}..{s_hi:.4g}); "
+            "pass logits as next_token_logits instead"
+        )
+
+
+def _prob_tolerance(dtype: Any) -> float:
+    """How far from 1 a sum of probabilities in ``dtype`` may be (rounding, not a bug)."""
+    import torch
+
+    return max(1e-3, 4 * float(torch.finfo(dtype).eps))
+
+
+def _logits_ok(t: Any) -> bool:
+    """No NaN and no +inf (``-inf`` is a masked token, allowed): one ``aminmax``."""
+    import torch
+
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.stack(torch.aminmax(t)).float().tolist()  # one read-back
+    return not math.isnan(lo) and math.isfinite(hi)
+
+
+MAX_ABS_ACTIVATION = 2.0**30
+"""Activations must be below this in magnitude: the harvest sums every value exactly in int64
+fixed point at ``2**-32`` (``spd_host.harvest.exact``), which holds ``|a| < 2**30`` per value
+(sums of many such values are unbounded)."""
+
+
+def _activation_problem(t: Any) -> str | None:
+    """Why ``t`` is not a valid activation tensor (NaN, inf, or past ``MAX_ABS_ACTIVATION``),
+    or None; one ``aminmax``."""
+    import torch
+
+    if t.numel() == 0:
+        return None
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one read-back
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "contains NaN or inf"
+    big = max(-lo, hi)
+    if big >= MAX_ABS_ACTIVATION:
+        return (
+            f"has values of magnitude {big:.3g}, past the {MAX_ABS_ACTIVATION:.3g} that exact "
+            "accumulation holds (rescale the activations)"
+        )
+    return None
 
 
 def _all_finite(t: Any) -> bool:

@@ -282,6 +282,7 @@ class PluginHost:
             )
         sites = list(adapter.sites)
         act_types = list(adapter.activation_types)
+        vocab: list[int | None] = [None]  # the first batch's next-token vocabulary
 
         def validated(tokens: Any) -> HarvestBatch:
             try:
@@ -293,14 +294,18 @@ class PluginHost:
                 raise PluginError(
                     f"plugin {owner.plugin_name!r} harvest_fn failed on a batch of shape {list(getattr(tokens, 'shape', []))}: {_short(err)}"
                 ) from err
-            validate_harvest_batch(
+            n_vocab = validate_harvest_batch(
                 batch,
                 sites=sites,
                 activation_types=act_types,
                 plugin=owner.plugin_name,
                 expect_next_token=options.next_token,
                 min_top_k=options.next_token_top_k,
+                input_tokens=tokens,
+                vocab_size=vocab[0],
             )
+            if vocab[0] is None:
+                vocab[0] = n_vocab
             return batch
 
         return validated

@@ -83,10 +83,14 @@ def _ref_lists(
     n_ct: torch.Tensor, n_t: torch.Tensor, n_c: float, N: int, top: int, support: int
 ) -> dict[str, list[tuple[int, float]]]:
     out = {}
-    co = [t for t in range(len(n_t)) if n_ct[t] > 0 and n_t[t] > 0]
+    # the support floor applies to every list; ties: larger count, then smaller token id
+    co = [t for t in range(len(n_t)) if n_ct[t] > 0 and n_t[t] > 0 and n_t[t] >= support]
 
     def rank(score: dict[int, float], largest: bool) -> list[tuple[int, float]]:
-        items = sorted(score.items(), key=lambda kv: (-kv[1] if largest else kv[1], kv[0]))
+        items = sorted(
+            score.items(),
+            key=lambda kv: (-kv[1] if largest else kv[1], -float(n_ct[kv[0]]), kv[0]),
+        )
         return items[:top]
 
     out["top_pmi"] = rank({t: math.log(n_ct[t] * N / (n_c * n_t[t])) for t in co}, True)

@@ -29,7 +29,11 @@ class HarvestConfig(BaseModel):
     context_tokens: int = Field(
         default=8, ge=0, description="Tokens kept on each side of a firing in an example window"
     )
-    threshold: float = Field(default=0.0, description="Passed to the plugin's HarvestFn")
+    threshold: float = Field(
+        default=0.0,
+        allow_inf_nan=False,  # NaN compares false everywhere: an all-dead harvest, exit 0
+        description="Passed to the plugin's HarvestFn",
+    )
     seed: int = 0
     output_top_k: int = Field(
         default=16, gt=0, description="Next-token probabilities kept per position for output stats"
@@ -62,7 +66,7 @@ class HarvestConfig(BaseModel):
     min_token_support: int = Field(
         default=5,
         ge=1,
-        description="Bottom-PMI lists only rank tokens seen at least this often overall",
+        description="Token lists (top and bottom) only rank tokens seen at least this often overall",
     )
     dense_table_bytes: int = Field(
         default=1 << 28,

@@ -62,10 +62,11 @@ class TokenStats(_Frozen):
     """Token statistics of one component.
 
     ``precision = n(c,t) / n(t)``, ``recall = n(c,t) / n(c)``,
-    ``pmi = log(n(c,t) N / (n(c) n(t)))``. Top lists rank tokens with ``n(c,t) > 0``; the bottom
-    PMI list ranks tokens with ``n(t) >= min_support`` using ``n(c,t) + 0.5`` (so that tokens
-    the component avoids, including never co-occurring ones, rank lowest instead of being
-    dropped). For ``kind="output"`` counts are expected next-token probability mass and each
+    ``pmi = log(n(c,t) N / (n(c) n(t)))``. Every list ranks only tokens with
+    ``n(t) >= min_support``: top lists those with ``n(c,t) > 0``; the bottom PMI list uses
+    ``n(c,t) + 0.5`` (so that tokens the component avoids, including never co-occurring ones,
+    rank lowest instead of being dropped). Exact ties: larger ``count`` first, then token id.
+    For ``kind="output"`` counts are expected next-token probability mass and each
     ``count`` may be under-estimated by at most ``approximation_bound``; for ``kind="input"``
     the bound is 0 (exact) unless the harvest bounded its token tables
     (``token_table_max_pairs``).

@@ -22,7 +22,12 @@ def token_lists(
     top: int,
     min_support: int,
 ) -> dict[str, list[TokenScore]]:
-    """Top PMI/precision/recall over co-occurring tokens, bottom PMI over supported tokens.
+    """Top PMI/precision/recall over co-occurring supported tokens, bottom PMI over supported
+    tokens (supported: ``n(t) >= min_support``).
+
+    Why the floor on the top lists too: a token seen once, at a firing, has precision 1 and the
+    largest possible PMI, so without it the top lists are exact ties of one-off tokens. Ties
+    are broken by the larger count (more evidence), then by token id (deterministic).
 
     ``tokens``/``counts``: the component's sparse row (tokens with ``n(c,t) > 0``);
     ``token_total``: dense ``n(t)`` over the vocabulary.
@@ -38,7 +43,7 @@ def token_lists(
     counts = counts.to(torch.float64)
     tot = token_total.to(torch.float64)
     nt = tot[tokens]
-    ok = nt > 0
+    ok = (nt > 0) & (nt >= min_support)
     tokens, counts, nt = tokens[ok], counts[ok], nt[ok]
 
     def pack(
@@ -58,19 +63,22 @@ def token_lists(
             for i in idx.tolist()
         ]
 
-    def best(values: torch.Tensor, largest: bool = True) -> torch.Tensor:
-        # ties broken by token id, so results are deterministic
-        o = torch.argsort(tokens, stable=True)
+    def best(
+        values: torch.Tensor, tok: torch.Tensor, cnt: torch.Tensor, largest: bool = True
+    ) -> torch.Tensor:
+        # stable sorts from the last key to the first: value, then larger count, then token id
+        o = torch.argsort(tok, stable=True)
+        o = o[torch.argsort(cnt[o], descending=True, stable=True)]
         o = o[torch.argsort(values[o], descending=largest, stable=True)]
         return o[:top]
 
     if tokens.numel():
         pmi = torch.log(counts * n_tokens / (n_c * nt))
-        out["top_pmi"] = pack(best(pmi), pmi, tokens, counts, nt)
+        out["top_pmi"] = pack(best(pmi, tokens, counts), pmi, tokens, counts, nt)
         prec = counts / nt
-        out["top_precision"] = pack(best(prec), prec, tokens, counts, nt)
+        out["top_precision"] = pack(best(prec, tokens, counts), prec, tokens, counts, nt)
         rec = counts / n_c
-        out["top_recall"] = pack(best(rec), rec, tokens, counts, nt)
+        out["top_recall"] = pack(best(rec, tokens, counts), rec, tokens, counts, nt)
     # bottom PMI: all tokens with enough support, zero co-occurrence included (+0.5 pseudo-count)
     supported = torch.nonzero(tot >= min_support).flatten()
     if supported.numel():
@@ -78,7 +86,7 @@ def token_lists(
         dense[tokens] = counts
         c_s, t_s = dense[supported], tot[supported]
         spmi = torch.log((c_s + 0.5) * n_tokens / (n_c * t_s))
-        o = torch.argsort(spmi, stable=True)[:top]
+        o = best(spmi, supported, c_s, largest=False)
         out["bottom_pmi"] = pack(o, spmi, supported, c_s, t_s)
     return out
 

@@ -40,9 +40,15 @@ _TAP_MODULE = {
         "mlp_in": "mlp.c_fc",
         "mlp_hidden": "mlp.down_proj",
     },
+    # the qwen36_moe family's CI reads residual-stream taps only
+    "qwen36_moe": {},
 }
 # (block container, final norm) names, per site family.
-_DECODER = {"glu_transformer": ("layers", "norm"), "simple_mlp": ("h", "ln_f")}
+_DECODER = {
+    "glu_transformer": ("layers", "norm"),
+    "simple_mlp": ("h", "ln_f"),
+    "qwen36_moe": ("layers", "norm"),
+}
 
 PretrainedLoader = Callable[[dict[str, Any]], nn.Module]
 _PRETRAINED_LOADER: list[PretrainedLoader] = []

@@ -29,7 +29,7 @@ from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig  # noqa: E4
 
 from spd_host.adapter import HarvestOptions  # noqa: E402
 from spd_host.demo import demo_model_dir  # noqa: E402
-from spd_host.errors import ConfigError, FormatError  # noqa: E402
+from spd_host.errors import ConfigError, FormatError, SpdHostError  # noqa: E402
 from spd_host.plugins import get_host  # noqa: E402
 from tests.spd import pd_reference as ref  # noqa: E402
 
@@ -167,7 +167,7 @@ def _dims(layer: int, kind: str) -> tuple[int, int]:
 def make_params(seed: int = 5, pad: int = 1) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
 
-    def r(*shape: int, scale: float = 0.5) -> np.ndarray:
+    def r(*shape: int, scale: float = 0.35) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     stacks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -270,10 +270,13 @@ def launch_config(target_dir: Path) -> dict[str, Any]:
     }
 
 
-def write_run(run_dir: Path, model: Any, p: dict[str, Any], *, wrap: bool = False) -> None:
+def write_run(
+    run_dir: Path, model: Any, p: dict[str, Any], *, wrap: bool = False, saved: Any = None
+) -> None:
+    """``saved``: the model to save as the target (default ``model``)."""
     run_dir.mkdir(parents=True)
     target_dir = run_dir.parent / f"{run_dir.name}-target"
-    model.save_pretrained(target_dir)
+    (saved or model).save_pretrained(target_dir)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_model_dir() / f, target_dir / f)
     (run_dir / "launch_config.yaml").write_text(yaml.safe_dump(launch_config(target_dir)))
@@ -547,3 +550,76 @@ def test_bad_runs_name_the_real_cause(tmp_path: Path, moe_run: tuple) -> None:
     )
     with pytest.raises(FormatError, match=r"launch_config.yaml: qwen36_moe sites cover every"):
         _load(run_dir)
+
+
+def test_hub_snapshot_layout_composite_config(tmp_path: Path) -> None:
+    """The Hub snapshot is the image-text ``Qwen3_5MoeForConditionalGeneration`` checkpoint
+    (``model_type: qwen3_5_moe``, ``text_config``); the run's ``Qwen3_5MoeForCausalLM`` target
+    is its text decoder."""
+    from transformers import AutoModelForCausalLM, Qwen3_5MoeConfig
+    from transformers import Qwen3_5MoeForConditionalGeneration as Composite
+
+    text = tiny_target(seed=1).config.to_dict()
+    vision = {"depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 16}
+    torch.manual_seed(2)
+    composite = Composite(Qwen3_5MoeConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, prm in composite.named_parameters():
+            if "norm" not in name:
+                prm.normal_(0, 0.3)
+    params = make_params(seed=6)
+    run_dir = tmp_path / "runs" / "p-3e3e3e3e"
+    write_run(run_dir, None, params, saved=composite)
+    model = AutoModelForCausalLM.from_pretrained(run_dir.parent / f"{run_dir.name}-target").eval()
+    assert type(model).__name__ == "Qwen3_5MoeForCausalLM"
+    adapter = _load(run_dir)
+    tokens = _tokens(seed=5)
+    want_ci, want_acts = reference(model, params, capture(model, tokens))
+    batch = get_host().harvest_fn(adapter, HarvestOptions())(tokens)
+    paths = adapter.defaults.extra["module_paths"]
+    assert len(batch.activations) == len(want_ci)
+    for site, acts in batch.activations.items():
+        name = paths[site].removeprefix("model.")
+        np.testing.assert_allclose(
+            acts["causal_importance"].numpy(), want_ci[name], atol=1e-5, rtol=0
+        )
+        np.testing.assert_allclose(
+            acts["component_activation"].numpy(), want_acts[name], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_info_harvest_autointerp_end_to_end_and_fidelity_fails_clearly(
+    tmp_path: Path, moe_run: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from spd_host.autointerp.api import load_labels
+    from spd_host.cli.app import app
+    from spd_host.evals import run_suite
+    from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
+
+    _, model, params = moe_run
+    run_dir = tmp_path / "runs" / "p-4e4e4e4e"
+    write_run(run_dir, model, params)
+    monkeypatch.setenv("SPD_HOST_PD_RUNS_DIR", str(tmp_path / "runs"))
+    out = CliRunner().invoke(app, ["info", "p-4e4e4e4e", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert doc["n_components"] == sum(CS[k] for _, k in sites())
+    assert len(doc["sites"]) == len(sites())
+    did = f"spd:{run_dir}"
+    cfg = HarvestConfig(dataset="demo", n_tokens=128, batch_size=4, seq_len=16)
+    run_harvest(did, cfg, progress=False)
+    summary = HarvestRepo.open(did).summary()
+    assert len(summary) == sum(CS[k] for _, k in sites())
+    fired = [c for c in summary if c.firing_count > 0]
+    assert fired
+    out = CliRunner().invoke(app, ["autointerp", did, "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert {r.component_key for r in load_labels(did)} == {c.key for c in fired}
+    # fidelity needs a splice (refused for qwen36_moe); today the host stops one step earlier,
+    # at the topology map it builds for the spliced model, with a clear one-line error
+    with pytest.raises(SpdHostError, match="Qwen3_5MoeForCausalLM"):
+        run_suite("fidelity", did, dataset="demo", n_tokens=64, seq_len=16, batch_size=4)

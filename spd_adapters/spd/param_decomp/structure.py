@@ -134,22 +134,23 @@ def _resolve_qwen36(cfg: LaunchConfig, n_layer: int, full_attention: frozenset[i
                     )
                 )
     per = getattr(ci, "blocks_per_chunk", None) or 0
-    if not per or n_layer % per:
-        raise ValueError(f"{n_layer} target layers not divisible by blocks_per_chunk={per}")
+    # chunks group the decomposed BLOCKS (layers carrying a site), as param-decomp's resolver
+    layers = tuple(sorted({s.layer for s in sites}))
+    if not per or len(layers) % per:
+        raise ValueError(f"{len(layers)} decomposed blocks not divisible by blocks_per_chunk={per}")
     interval = min(full_attention) + 1 if full_attention else per
     if per != interval:
         raise ValueError(
             f"blocks_per_chunk={per} is not the target's full_attention_interval={interval} "
             "(a moe_chunkwise_transformer chunk is one stage)"
         )
-    layers = tuple(range(n_layer))
     nets = tuple(
         NetRouting(
             _taps(ci.input_tap, layers[i : i + per], n_layer),
-            tuple(s.name for s in sites if i <= s.layer < i + per),
+            tuple(s.name for s in sites if s.layer in layers[i : i + per]),
             layers[i : i + per],
         )
-        for i in range(0, n_layer, per)
+        for i in range(0, len(layers), per)
     )
     return Structure(spec.kind, tuple(sites), layers, kinds, nets)
 

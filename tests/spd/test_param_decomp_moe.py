@@ -164,7 +164,15 @@ def _dims(layer: int, kind: str) -> tuple[int, int]:
     }[kind]
 
 
-def make_params(seed: int = 5, pad: int = 1) -> dict[str, Any]:
+CI_GQA = {  # grouped-query, causal, learned norm scales, every block's residual
+    **CI,
+    "input_tap": "all_block_resids",
+    "attention": {"kind": "gqa", "n_heads": 2, "n_kv_heads": 1, "mask": "causal"},
+    "learned_norm_scale": True,
+}
+
+
+def make_params(seed: int = 5, pad: int = 1, ci: dict[str, Any] = CI) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
 
     def r(*shape: int, scale: float = 0.35) -> np.ndarray:
@@ -183,14 +191,17 @@ def make_params(seed: int = 5, pad: int = 1) -> dict[str, Any]:
         Vs[len(layers) :] = 0
         Us[len(layers) :] = 0
         stacks[kind] = (Vs, Us)
-    dm, f, s = CI["d_model"], CI["expert_ffn_hidden"], CI["shared_ffn_hidden"]
+    dm, f, s = ci["d_model"], ci["expert_ffn_hidden"], ci["shared_ffn_hidden"]
     n = N_LAYER // INTERVAL
-    in_dim = D + INTERVAL * E
+    n_taps = INTERVAL if ci["input_tap"] == "all_block_resids" else 1
+    in_dim = n_taps * D + INTERVAL * E
+    att = ci["attention"]
+    kv = dm // att["n_heads"] * att.get("n_kv_heads", att["n_heads"])
     blocks = [
         {
             "wq": r(n, dm, dm),
-            "wk": r(n, dm, dm),
-            "wv": r(n, dm, dm),
+            "wk": r(n, kv, dm),
+            "wv": r(n, kv, dm),
             "wo": r(n, dm, dm),
             "expert_gate": [r(n, E, dm, f) for _ in range(INTERVAL)],
             "expert_up": [r(n, E, dm, f) for _ in range(INTERVAL)],
@@ -198,8 +209,9 @@ def make_params(seed: int = 5, pad: int = 1) -> dict[str, Any]:
             "shared_gate": r(n, dm, s),
             "shared_up": r(n, dm, s),
             "shared_down": r(n, s, dm),
+            "norm_scales": (1 + r(n, dm), 1 + r(n, dm)) if ci.get("learned_norm_scale") else None,
         }
-        for _ in range(CI["n_blocks"])
+        for _ in range(ci["n_blocks"])
     ]
     heads = []
     for _, kind in [(b, k) for b, k in sites() if b < INTERVAL]:  # one chunk's slots
@@ -207,9 +219,10 @@ def make_params(seed: int = 5, pad: int = 1) -> dict[str, Any]:
             heads.append({"w": r(n, E, f, CS[kind] // E, scale=1.0)})
         else:
             heads.append({"w": r(n, dm, CS[kind], scale=0.7), "b": r(n, CS[kind], scale=0.3) + 0.4})
-    hd = dm // CI["attention"]["n_heads"]
+    hd = dm // att["n_heads"]
     inv_freq = (1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))).astype(np.float32)
     return {
+        "ci": ci,
         "stacks": stacks,
         "in_proj_w": r(n, in_dim, dm, scale=0.4),
         "in_proj_b": r(n, dm, scale=0.1),
@@ -228,7 +241,9 @@ def decomposition_tree(p: dict[str, Any], *, wrap: bool = False) -> Any:
             expert_gate=tuple(j(a) for a in b["expert_gate"]),
             expert_up=tuple(j(a) for a in b["expert_up"]),
             expert_down=tuple(j(a) for a in b["expert_down"]),
-            norm_scales=None,
+            norm_scales=None
+            if b["norm_scales"] is None
+            else (j(b["norm_scales"][0]), j(b["norm_scales"][1])),
         )
         for b in p["blocks"]
     ]
@@ -246,7 +261,7 @@ def decomposition_tree(p: dict[str, Any], *, wrap: bool = False) -> Any:
     return Decomposition(components=ComponentStacks(stacks=stacks), ci_fn=ci_fn)
 
 
-def launch_config(target_dir: Path) -> dict[str, Any]:
+def launch_config(target_dir: Path, ci: dict[str, Any]) -> dict[str, Any]:
     return {
         "run_name": "tiny-qwen36-moe",
         "target": {
@@ -262,7 +277,7 @@ def launch_config(target_dir: Path) -> dict[str, Any]:
         },
         "decomposition": {
             "sites": {"kind": "qwen36_moe", "layers": {"kind": "all"}, "cs": dict(CS)},
-            "ci": dict(CI),
+            "ci": dict(ci),
         },
         "data": {"train": {"kind": "name", "name": "pile"}, "eval": {"kind": "dir", "dir": "/x"}},
         "pd": {"seed": 0, "steps": 10, "batch_size": 8, "loss_metrics": []},
@@ -279,7 +294,7 @@ def write_run(
     (saved or model).save_pretrained(target_dir)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_model_dir() / f, target_dir / f)
-    (run_dir / "launch_config.yaml").write_text(yaml.safe_dump(launch_config(target_dir)))
+    (run_dir / "launch_config.yaml").write_text(yaml.safe_dump(launch_config(target_dir, p["ci"])))
     mgr = ocp.CheckpointManager(
         (run_dir / "ckpts").resolve(),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
@@ -395,28 +410,37 @@ def reference(model: Any, p: dict[str, Any], got: dict[str, np.ndarray]) -> tupl
             continue
         acts[name] = a.reshape(*a.shape[:2], -1)
     # CI, one chunk per stage
-    nh = CI["attention"]["n_heads"]
+    ci_cfg = p["ci"]
+    nh = ci_cfg["attention"]["n_heads"]
+    nkv = ci_cfg["attention"].get("n_kv_heads", nh)
+    causal = ci_cfg["attention"].get("mask") == "causal"
     for c, start in enumerate(range(0, N_LAYER, INTERVAL)):
         stage = list(range(start, start + INTERVAL))
-        parts = [ref._rms(got[f"resid.{start}"])] + [tables[b] * K for b in stage]
+        tap_layers = stage if ci_cfg["input_tap"] == "all_block_resids" else [start]
+        parts = [ref._rms(got[f"resid.{b}"]) for b in tap_layers] + [tables[b] * K for b in stage]
         x = np.concatenate(parts, -1) @ f64(p["in_proj_w"][c]) + f64(p["in_proj_b"][c])
         B, T, dm = x.shape
         hd = dm // nh
         hidden_all: list[np.ndarray] = []
         for blk in p["blocks"]:
-            h = ref._rms(x)
+            ns = blk["norm_scales"]
+            h = ref._rms(x, None if ns is None else f64(ns[0][c]))
             q, k, v = (h @ f64(blk[w][c]).T for w in ("wq", "wk", "wv"))
             y = np.zeros_like(x)
             for bi in range(B):
                 for head in range(nh):
                     sl = slice(head * hd, (head + 1) * hd)
+                    kvh = head // (nh // nkv)
+                    kv_sl = slice(kvh * hd, (kvh + 1) * hd)
                     qh = ref._rope(q[bi, :, sl], p["inv_freq"])
-                    kh = ref._rope(k[bi, :, sl], p["inv_freq"])
+                    kh = ref._rope(k[bi, :, kv_sl], p["inv_freq"])
                     sc = qh @ kh.T / math.sqrt(hd)
+                    if causal:
+                        sc = np.where(np.tril(np.ones((T, T))) > 0, sc, -np.inf)
                     sc = np.exp(sc - sc.max(-1, keepdims=True))
-                    y[bi, :, sl] = (sc / sc.sum(-1, keepdims=True)) @ v[bi, :, sl]
+                    y[bi, :, sl] = (sc / sc.sum(-1, keepdims=True)) @ v[bi, :, kv_sl]
             x = x + y @ f64(blk["wo"][c]).T
-            h = ref._rms(x)
+            h = ref._rms(x, None if ns is None else f64(ns[1][c]))
             total = np.zeros_like(x)
             hidden_all = []
             for r, b in enumerate(stage):  # dense-masked: every expert, times its weight
@@ -623,3 +647,24 @@ def test_info_harvest_autointerp_end_to_end_and_fidelity_fails_clearly(
     # at the topology map it builds for the spliced model, with a clear one-line error
     with pytest.raises(SpdHostError, match="Qwen3_5MoeForCausalLM"):
         run_suite("fidelity", did, dataset="demo", n_tokens=64, seq_len=16, batch_size=4)
+
+
+def test_gqa_causal_learned_norms_all_block_resids(tmp_path: Path, moe_run: tuple) -> None:
+    _, model, _ = moe_run
+    params = make_params(seed=7, ci=CI_GQA)
+    run_dir = tmp_path / "runs" / "p-5e5e5e5e"
+    write_run(run_dir, model, params)
+    adapter = _load(run_dir)
+    assert not adapter.non_causal
+    tokens = _tokens(seed=8)
+    want_ci, _ = reference(model, params, capture(model, tokens))
+    batch = get_host().harvest_fn(adapter, HarvestOptions())(tokens)
+    paths = adapter.defaults.extra["module_paths"]
+    n_mid = 0
+    for site, acts in batch.activations.items():
+        ci = acts["causal_importance"].numpy()
+        np.testing.assert_allclose(
+            ci, want_ci[paths[site].removeprefix("model.")], atol=1e-5, rtol=0
+        )
+        n_mid += int(((ci > 0.01) & (ci < 0.99)).sum())
+    assert n_mid > 0

@@ -18,11 +18,18 @@ from torch import nn
 
 from spd_adapters.spd.adapter import NON_CAUSAL_NOTE, _site_io
 from spd_adapters.spd.model import Components
+from spd_adapters.spd.param_decomp import qwen36_moe
 from spd_adapters.spd.param_decomp import target as tgt
 from spd_adapters.spd.param_decomp.decomposition import PdDecomposition, build_decomposition
 from spd_adapters.spd.param_decomp.harvest_fn import ACTIVATION_TYPES
-from spd_adapters.spd.param_decomp.launch_config import TransformerCi, load_launch_config
+from spd_adapters.spd.param_decomp.launch_config import (
+    MoeTransformerCi,
+    TransformerCi,
+    load_launch_config,
+)
 from spd_adapters.spd.param_decomp.model import PdModel
+from spd_adapters.spd.param_decomp.moe_model import PdMoeModel
+from spd_adapters.spd.param_decomp.moe_tree import MoeDecomposition, build_moe_decomposition
 from spd_adapters.spd.param_decomp.orbax_reader import read_item, read_item_shapes
 from spd_adapters.spd.param_decomp.run_files import discover_pd_run
 from spd_adapters.spd.param_decomp.structure import Structure, resolve_structure
@@ -58,7 +65,7 @@ class PdAdapter:
         note = f" {NON_CAUSAL_NOTE}" if self.non_causal else ""
         self._method = method.model_copy(update={"description": PD_DESCRIPTION + note})
         self._model: nn.Module | None = None
-        self._pd: PdModel | None = None
+        self._pd: PdModel | PdMoeModel | None = None
         self._tokenizer: Any = None
         # Every key and shape checked now, from orbax's metadata (no array data is read).
         self._decomposition(self._skeleton, read_item_shapes(self.files.item_dir), meta=True)
@@ -71,7 +78,11 @@ class PdAdapter:
     @property
     def non_causal(self) -> bool:
         ci = self.config.decomposition.ci
-        return isinstance(ci, TransformerCi) and ci.attends and ci.attention.mask == "bidirectional"
+        return (
+            isinstance(ci, TransformerCi | MoeTransformerCi)
+            and ci.attends
+            and ci.attention.mask == "bidirectional"
+        )
 
     # -- structure -----------------------------------------------------------------------------
     @cached_property
@@ -82,10 +93,20 @@ class PdAdapter:
     def layout(self) -> tgt.TargetLayout:
         return tgt.layout_of(self._skeleton, self.config.decomposition.sites.kind)
 
+    @property
+    def is_moe(self) -> bool:
+        return self.config.decomposition.sites.kind == "qwen36_moe"
+
     @cached_property
     def structure(self) -> Structure:
+        layout = self.layout
+        full_attention = (
+            qwen36_moe.full_attention_layers(self._skeleton, layout.prefix, layout.n_layer)
+            if self.is_moe
+            else frozenset()
+        )
         try:
-            return resolve_structure(self.config, self.layout.n_layer)
+            return resolve_structure(self.config, layout.n_layer, full_attention)
         except ValueError as err:
             raise FormatError(f"{self.files.config_path}: {err}") from err
 
@@ -171,7 +192,9 @@ class PdAdapter:
                 "checkpoint": str(self.files.item_dir.relative_to(self.files.run_dir)),
                 "step": self.files.step,
                 "ci_fn_type": ci.type,
-                "ci_attention_mask": ci.attention.mask if isinstance(ci, TransformerCi) else None,
+                "ci_attention_mask": ci.attention.mask
+                if isinstance(ci, TransformerCi | MoeTransformerCi)
+                else None,
                 "ci_causal": self.ci_causal,
                 "ci_input_taps": list(
                     dict.fromkeys(t for n in self.structure.nets for t in n.input_taps)
@@ -191,8 +214,24 @@ class PdAdapter:
 
     def _decomposition(
         self, model: nn.Module, restored: dict[str, Any], *, meta: bool
-    ) -> PdDecomposition:
+    ) -> PdDecomposition | MoeDecomposition:
         layout = self.layout
+        ci = self.config.decomposition.ci
+        if isinstance(ci, MoeTransformerCi):
+            moe_dims = {
+                s.name: qwen36_moe.site_dims(model, layout.prefix, s.layer, s.kind)
+                for s in self.structure.sites
+            }
+            return build_moe_decomposition(
+                restored,
+                self.files.item_dir,
+                ci,
+                self.structure,
+                moe_dims,
+                lambda tap: tgt.tap_width(model, layout, tap),
+                qwen36_moe.n_experts(model, layout.prefix),
+                meta=meta,
+            )
         dims = {
             s.name: tgt.linear_dims(model, layout.site_path(s.name)) for s in self.structure.sites
         }
@@ -206,11 +245,14 @@ class PdAdapter:
             meta=meta,
         )
 
-    def pd_model(self) -> PdModel:
+    def pd_model(self) -> PdModel | PdMoeModel:
         if self._pd is None:
             model = self.load_base_model()
             layout = self.layout
             dec = self._decomposition(model, read_item(self.files.item_dir), meta=False)
+            if isinstance(dec, MoeDecomposition):
+                self._pd = PdMoeModel(model, layout, self.structure, dec)
+                return self._pd
             components = {}
             site_of_path = {}
             for s in self.structure.sites:
@@ -235,7 +277,7 @@ class PdAdapter:
     # -- splice --------------------------------------------------------------------------------
     @property
     def splice_variants(self) -> Sequence[str]:
-        return SPLICE_VARIANTS
+        return () if self.is_moe else SPLICE_VARIANTS
 
     def fidelity_settings(self, convention: str, config: Any) -> Any:
         """As for torch-era SPD runs: the deterministic mask variants by default; under the
@@ -260,7 +302,14 @@ class PdAdapter:
         sites: Sequence[str] | None = None,
         variant: str | None = None,
     ) -> AbstractContextManager[None]:
+        if self.is_moe:
+            raise ConfigError(
+                f"{self.decomposition_id}: splicing is not supported for qwen36_moe runs (the "
+                "fused expert sites are not torch modules whose outputs a splice can replace)",
+                hint="harvest and autointerp work on this run; eval fidelity needs a splice",
+            )
         pd = self.pd_model()
+        assert isinstance(pd, PdModel)
         by_name = {n: p for p, n in self.site_names_by_path().items()}
         if sites is None:
             paths = pd.site_paths

@@ -44,6 +44,41 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def attention_half(
+    x: Tensor,
+    w: tuple[Tensor, Tensor, Tensor, Tensor],
+    norm_scale: Tensor | None,
+    inv_freq: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    causal: bool,
+) -> Tensor:
+    """``x + Attn(RMSNorm(x))`` of one CI block (``w = (wq, wk, wv, wo)``, stored ``[out, in]``):
+    RoPE (rotate-half), grouped K/V heads, ``1/sqrt(head_dim)``, optional causal mask."""
+    wq, wk, wv, wo = w
+    b, t, d = x.shape
+    hd = d // n_heads
+    h = rms_norm(x, norm_scale)
+
+    def split(m: Tensor, n: int) -> Tensor:
+        return (h @ m.T).view(b, t, n, hd).transpose(1, 2)  # [b, n, t, hd]
+
+    q, k, v = split(wq, n_heads), split(wk, n_kv_heads), split(wv, n_kv_heads)
+    angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    group = n_heads // n_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    if causal:
+        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    y = scores.softmax(dim=-1) @ v
+    return x + y.transpose(1, 2).reshape(b, t, d) @ wo.T
+
+
 @dataclass
 class Block:
     """One CI-transformer block; ``gate`` present <=> SwiGLU, ``norm_scales`` <=> learned norms."""
@@ -80,31 +115,15 @@ class TransformerNet:
     causal: bool
 
     def _attention(self, x: Tensor, blk: Block) -> Tensor:
-        b, t, d = x.shape
-        hd = d // self.n_heads
-        h = rms_norm(x, blk.norm_scales[0] if blk.norm_scales else None)
-
-        def split(w: Tensor, n: int) -> Tensor:
-            return (h @ w.T).view(b, t, n, hd).transpose(1, 2)  # [b, n, t, hd]
-
-        q, k, v = (
-            split(blk.wq, self.n_heads),
-            split(blk.wk, self.n_kv_heads),
-            split(blk.wv, self.n_kv_heads),
+        return attention_half(
+            x,
+            (blk.wq, blk.wk, blk.wv, blk.wo),
+            blk.norm_scales[0] if blk.norm_scales else None,
+            self.inv_freq,
+            self.n_heads,
+            self.n_kv_heads,
+            self.causal,
         )
-        angles = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * self.inv_freq
-        emb = torch.cat([angles, angles], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        group = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        if self.causal:
-            future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-        y = scores.softmax(dim=-1) @ v
-        return x + y.transpose(1, 2).reshape(b, t, d) @ blk.wo.T
 
     def _ffn(self, x: Tensor, blk: Block) -> Tensor:
         h = rms_norm(x, blk.norm_scales[1] if blk.norm_scales else None)

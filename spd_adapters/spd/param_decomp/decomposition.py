@@ -244,6 +244,8 @@ def read_ci_fn(
 ) -> PdCiFunction:
     if isinstance(ci, GlobalMlpCi):
         return read_global_mlp(tree, node, ci, structure, tap_width)
+    if not isinstance(ci, TransformerCi):  # the MoE fn has its own reader (moe_tree)
+        raise tree.fail(f"decomposition.ci.type={ci.type!r} is not read here")
     readouts_node = None
     if isinstance(node, dict) and "backbone" in node:
         node = node["backbone"]

@@ -24,12 +24,44 @@ LEGACY_CONFIG_FILENAME = "config.yaml"
 DELIVERABLE_FILENAME = "deliverable.yaml"
 
 # Every CI-function type param-decomp's LM schema knows, and the ones computed here.
-SUPPORTED_CI_TYPES = ("chunkwise_transformer", "global_transformer", "global_mlp")
-KNOWN_CI_TYPES = (*SUPPORTED_CI_TYPES, "moe_chunkwise_transformer")
+SUPPORTED_CI_TYPES = (
+    "chunkwise_transformer",
+    "global_transformer",
+    "global_mlp",
+    "moe_chunkwise_transformer",
+)
+KNOWN_CI_TYPES = SUPPORTED_CI_TYPES
 
 # The dense families' matrix vocabularies, in canonical within-block order.
 GLU_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 SIMPLE_MLP_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "down_proj")
+# The qwen36_moe family (param-decomp ``targets/qwen36_moe.py``): the gated-DeltaNet kinds sit
+# on the linear-attention layers, the attention kinds on the full-attention layers, the MoE
+# kinds on every layer; this is the within-layer canonical (computation) order.
+QWEN36_MOE_KINDS = (
+    "gdn_q",
+    "gdn_k",
+    "gdn_v",
+    "gdn_z",
+    "gdn_b",
+    "gdn_a",
+    "gdn_out",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_o",
+    "experts_gate",
+    "experts_up",
+    "experts_down",
+    "shared_gate",
+    "shared_up",
+    "shared_down",
+)
+_FAMILY_KINDS = {
+    "glu_transformer": GLU_KINDS,
+    "simple_mlp": SIMPLE_MLP_KINDS,
+    "qwen36_moe": QWEN36_MOE_KINDS,
+}
 
 
 class _Loose(BaseModel):
@@ -59,13 +91,13 @@ LayerSelection = Annotated[AllLayers | LayerRange | LayerList, Field(discriminat
 class SiteSpec(_Loose):
     """``decomposition.sites``: one C per matrix kind, tiled over the selected layers."""
 
-    kind: Literal["glu_transformer", "simple_mlp"]
+    kind: Literal["glu_transformer", "simple_mlp", "qwen36_moe"]
     layers: LayerSelection
     cs: dict[str, int] = Field(min_length=1)
 
     def kinds(self) -> tuple[str, ...]:
         """The decomposed kinds in the family's canonical order (the order blocks list them)."""
-        order = GLU_KINDS if self.kind == "glu_transformer" else SIMPLE_MLP_KINDS
+        order = _FAMILY_KINDS[self.kind]
         unknown = sorted(set(self.cs) - set(order))
         if unknown:
             raise ValueError(f"unknown {self.kind} matrix kinds {unknown}; known: {list(order)}")
@@ -150,7 +182,31 @@ class GlobalMlpCi(_Loose):
         return False
 
 
-CiConfig = Annotated[TransformerCi | GlobalMlpCi, Field(discriminator="type")]
+class MoeTransformerCi(_Loose):
+    """``decomposition.ci`` of type ``moe_chunkwise_transformer`` (the qwen36_moe family): one
+    chunk per target stage (``blocks_per_chunk`` = the target's ``full_attention_interval``),
+    ``n_blocks`` blocks of RoPE attention + a routed expert FFN (one ``n_experts`` SwiGLU bank
+    per covered target layer, dispatched by that layer's captured routing) + a dense SwiGLU
+    shared expert; expert sites are scored only on their routed experts."""
+
+    type: Literal["moe_chunkwise_transformer"]
+    blocks_per_chunk: int = Field(gt=0)
+    input_tap: InputTap = "first_block_resid"
+    d_model: int = Field(gt=0)
+    n_blocks: int = Field(gt=0)
+    attention: Attention
+    expert_ffn_hidden: int = Field(gt=0)
+    shared_ffn_hidden: int = Field(gt=0)
+    learned_norm_scale: bool = False
+
+    component_conditioning: None = None
+
+    @property
+    def attends(self) -> bool:
+        return True
+
+
+CiConfig = Annotated[TransformerCi | GlobalMlpCi | MoeTransformerCi, Field(discriminator="type")]
 
 
 class HfTarget(_Loose):
@@ -214,6 +270,17 @@ def load_launch_config(path: Path) -> LaunchConfig:
             f"{path}: {what} CI function type decomposition.ci.type={ci_type!r}",
             hint=f"spd-host computes: {', '.join(SUPPORTED_CI_TYPES)}",
         )
+    sites_kind = (
+        decomposition.get("sites", {}).get("kind")
+        if isinstance(decomposition.get("sites"), dict)
+        else None
+    )
+    if (ci_type == "moe_chunkwise_transformer") != (sites_kind == "qwen36_moe"):
+        raise FormatError(
+            f"{path}: unsupported CI function type decomposition.ci.type={ci_type!r} for "
+            f"decomposition.sites.kind={sites_kind!r}",
+            hint="moe_chunkwise_transformer is the CI function of qwen36_moe sites, and only it",
+        )
     try:
         cfg = LaunchConfig.model_validate(raw)
     except ValidationError as err:
@@ -224,6 +291,20 @@ def load_launch_config(path: Path) -> LaunchConfig:
         cfg.decomposition.sites.kinds()
     except ValueError as err:
         raise FormatError(f"{path}: decomposition.sites: {err}") from err
+    if isinstance(cfg.decomposition.ci, MoeTransformerCi) and (
+        cfg.decomposition.ci.input_tap == "all_block_taps"
+    ):
+        raise FormatError(
+            f"{path}: qwen36_moe serves residual-stream taps only (input_tap=all_block_taps)",
+            hint="use input_tap: first_block_resid or all_block_resids",
+        )
+    if cfg.decomposition.sites.kind == "qwen36_moe" and not isinstance(
+        cfg.decomposition.sites.layers, AllLayers
+    ):
+        raise FormatError(
+            f"{path}: qwen36_moe sites cover every layer that has each kind",
+            hint="decomposition.sites.layers must be {kind: all}",
+        )
     ci_cfg = cfg.decomposition.ci
     if (
         isinstance(ci_cfg, TransformerCi)

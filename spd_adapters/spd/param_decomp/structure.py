@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spd_adapters.spd.param_decomp import qwen36_moe
 from spd_adapters.spd.param_decomp.launch_config import (
     LaunchConfig,
     ResidualBoundaries,
@@ -55,7 +56,11 @@ def simple_mlp_site_name(layer: int, kind: str) -> str:
     return f"h.{layer}.{'mlp' if kind in ('c_fc', 'down_proj') else 'attn'}.{kind}"
 
 
-SITE_NAMERS = {"glu_transformer": glu_site_name, "simple_mlp": simple_mlp_site_name}
+SITE_NAMERS = {
+    "glu_transformer": glu_site_name,
+    "simple_mlp": simple_mlp_site_name,
+    "qwen36_moe": qwen36_moe.site_name,
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class SiteInfo:
 class NetRouting:
     input_taps: tuple[str, ...]
     output_sites: tuple[str, ...]
+    # moe_chunkwise_transformer: the target layers whose routing the chunk dispatches on
+    routing_layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,9 +116,53 @@ def _taps(tap_sel: object, layers: tuple[int, ...], n_layer: int) -> tuple[str, 
     raise ValueError(f"input_tap {tap_sel!r} is not supported by spd-host")
 
 
-def resolve_structure(cfg: LaunchConfig, n_layer: int) -> Structure:
-    """Sites + per-network routing; raises ``ValueError`` (the caller names the config file)."""
+def _resolve_qwen36(cfg: LaunchConfig, n_layer: int, full_attention: frozenset[int]) -> Structure:
+    """Every kind on every layer that has it (slot = rank among those layers); one chunk per
+    ``blocks_per_chunk`` consecutive layers, its sites layer-ascending then kind order."""
     spec, ci = cfg.decomposition.sites, cfg.decomposition.ci
+    kinds = spec.kinds()
+    rank: dict[str, int] = {}
+    sites = []
+    for layer in range(n_layer):
+        for kind in kinds:
+            if qwen36_moe.layer_has(kind, layer, full_attention):
+                slot = rank.get(kind, 0)
+                rank[kind] = slot + 1
+                sites.append(
+                    SiteInfo(
+                        qwen36_moe.site_name(layer, kind), layer, kind, spec.cs[kind], kind, slot
+                    )
+                )
+    per = getattr(ci, "blocks_per_chunk", None) or 0
+    # chunks group the decomposed BLOCKS (layers carrying a site), as param-decomp's resolver
+    layers = tuple(sorted({s.layer for s in sites}))
+    if not per or len(layers) % per:
+        raise ValueError(f"{len(layers)} decomposed blocks not divisible by blocks_per_chunk={per}")
+    interval = min(full_attention) + 1 if full_attention else per
+    if per != interval:
+        raise ValueError(
+            f"blocks_per_chunk={per} is not the target's full_attention_interval={interval} "
+            "(a moe_chunkwise_transformer chunk is one stage)"
+        )
+    nets = tuple(
+        NetRouting(
+            _taps(ci.input_tap, layers[i : i + per], n_layer),
+            tuple(s.name for s in sites if s.layer in layers[i : i + per]),
+            layers[i : i + per],
+        )
+        for i in range(0, len(layers), per)
+    )
+    return Structure(spec.kind, tuple(sites), layers, kinds, nets)
+
+
+def resolve_structure(
+    cfg: LaunchConfig, n_layer: int, full_attention: frozenset[int] = frozenset()
+) -> Structure:
+    """Sites + per-network routing; raises ``ValueError`` (the caller names the config file).
+    ``full_attention``: the full-attention layers of a qwen36_moe target."""
+    spec, ci = cfg.decomposition.sites, cfg.decomposition.ci
+    if spec.kind == "qwen36_moe":
+        return _resolve_qwen36(cfg, n_layer, full_attention)
     name_of = SITE_NAMERS[spec.kind]
     kinds = spec.kinds()
     layers = spec.layer_indices(n_layer)

@@ -40,9 +40,15 @@ _TAP_MODULE = {
         "mlp_in": "mlp.c_fc",
         "mlp_hidden": "mlp.down_proj",
     },
+    # the qwen36_moe family's CI reads residual-stream taps only
+    "qwen36_moe": {},
 }
 # (block container, final norm) names, per site family.
-_DECODER = {"glu_transformer": ("layers", "norm"), "simple_mlp": ("h", "ln_f")}
+_DECODER = {
+    "glu_transformer": ("layers", "norm"),
+    "simple_mlp": ("h", "ln_f"),
+    "qwen36_moe": ("layers", "norm"),
+}
 
 PretrainedLoader = Callable[[dict[str, Any]], nn.Module]
 _PRETRAINED_LOADER: list[PretrainedLoader] = []
@@ -138,10 +144,15 @@ def build_skeleton(cfg: LaunchConfig) -> nn.Module:
         return _load_pretrained(cfg)
     _, cls_name = _hf_spec(cfg)
     cls = _hf_class(cls_name)
+    config = hf_config(cfg)
+    if cfg.decomposition.sites.kind == "qwen36_moe" and hasattr(config, "text_config"):
+        # The Hub snapshot (Qwen/Qwen3.6-35B-A3B) is the composite image-text config; the
+        # *ForCausalLM target is its text decoder (transformers maps the weights on load).
+        config = config.get_text_config()
     with torch.device("meta"):
         if hasattr(cls, "from_config"):
-            return cls.from_config(hf_config(cfg))  # type: ignore[no-any-return]
-        return cls(hf_config(cfg))  # type: ignore[no-any-return]
+            return cls.from_config(config)  # type: ignore[no-any-return]
+        return cls(config)  # type: ignore[no-any-return]
 
 
 def load_target_tokenizer(cfg: LaunchConfig) -> Any:

@@ -70,6 +70,13 @@ def _config(suite: Any, options: dict[str, Any]) -> Any:
     return build(suite.config_model, given)
 
 
+def wandb_run_fields(
+    name: str | None, group: str | None, tags: list[str] | None, entity: str | None
+) -> dict[str, Any]:
+    """The ``--wandb-name/--wandb-group/--wandb-tags/--wandb-entity`` values, as ``run_many`` takes them."""
+    return {"name": name, "group": group, "tags": tags, "entity": entity}
+
+
 def run_many(
     suite_names: list[str],
     ids: list[str],
@@ -250,12 +257,7 @@ def fidelity(
             json_out=json_out,
             wandb=wandb,
             wandb_project=wandb_project,
-            wandb_run={
-                "name": wandb_name,
-                "group": wandb_group,
-                "tags": wandb_tags,
-                "entity": wandb_entity,
-            },
+            wandb_run=wandb_run_fields(wandb_name, wandb_group, wandb_tags, wandb_entity),
             detail=detail,
         )
 
@@ -372,12 +374,7 @@ def _judge_command(kind: str) -> Any:
             json_out=json_out,
             wandb=wandb,
             wandb_project=wandb_project,
-            wandb_run={
-                "name": wandb_name,
-                "group": wandb_group,
-                "tags": wandb_tags,
-                "entity": wandb_entity,
-            },
+            wandb_run=wandb_run_fields(wandb_name, wandb_group, wandb_tags, wandb_entity),
         )
 
     command.__doc__ = {
@@ -427,12 +424,7 @@ def run(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
-        wandb_run={
-            "name": wandb_name,
-            "group": wandb_group,
-            "tags": wandb_tags,
-            "entity": wandb_entity,
-        },
+        wandb_run=wandb_run_fields(wandb_name, wandb_group, wandb_tags, wandb_entity),
     )
 
 
@@ -472,10 +464,5 @@ def run_all(
         json_out=json_out,
         wandb=wandb,
         wandb_project=wandb_project,
-        wandb_run={
-            "name": wandb_name,
-            "group": wandb_group,
-            "tags": wandb_tags,
-            "entity": wandb_entity,
-        },
+        wandb_run=wandb_run_fields(wandb_name, wandb_group, wandb_tags, wandb_entity),
     )

@@ -28,7 +28,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,55 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from spd_host.adapter import (  # noqa: E402
-    DecompositionDefaults,
-    HarvestBatch,
-    HarvestOptions,
-    MethodInfo,
-    Site,
-)
-from spd_host.hookspecs import hookimpl  # noqa: E402
+from harvest_bench import BenchAdapter, BenchPlugin  # noqa: E402  (the same synthetic method)
 
-METHOD = MethodInfo(
-    name="servebench", description="synthetic decomposition for the viewer benchmark"
-)
+from spd_host.adapter import HarvestBatch, Site  # noqa: E402
+
+DID = "bench:demo"
 
 
-@dataclass
-class Adapter:
-    sites: list[Site]
-    activation_types: tuple[str, ...]
-    fn: Callable[[torch.Tensor], HarvestBatch]
-    decomposition_id: str = "servebench:demo"
-    method: MethodInfo = METHOD
-    base_model_name: str = "servebench"
-    defaults: DecompositionDefaults = field(default_factory=DecompositionDefaults)
-
-    def load_base_model(self) -> Any:
-        return None
-
-    def load_tokenizer(self) -> Any:
-        return None
-
-
-class Plugin:
-    def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
-
-    @hookimpl
-    def register_methods(self, register: Callable[[MethodInfo], None]) -> None:
-        register(METHOD)
-
-    @hookimpl
-    def load_decomposition(self, decomposition_id: Any) -> Any:
-        return self.adapter
-
-    @hookimpl
-    def harvest_fn(self, adapter: Any, options: HarvestOptions) -> Any:
-        return self.adapter.fn
-
-
-def make_adapter(n_sites: int, C: int, V: int, l0: int) -> Adapter:
+def make_adapter(n_sites: int, C: int, V: int, l0: int) -> BenchAdapter:
     popularity = 1.0 / torch.arange(1, C + 1, dtype=torch.float64) ** 0.8
     perms = [torch.randperm(C, generator=torch.Generator().manual_seed(s)) for s in range(n_sites)]
     U = torch.randn(32, V, generator=torch.Generator().manual_seed(9)) * 1.5
@@ -111,7 +69,7 @@ def make_adapter(n_sites: int, C: int, V: int, l0: int) -> Adapter:
         Site(name=f"{s}.mlp", n_components=C, reads_from=f"{s}.mlp_in", writes_to=(f"{s}.mlp_out",))
         for s in range(n_sites)
     ]
-    return Adapter(sites, ("act",), fn)
+    return BenchAdapter(sites, ("act",), fn)
 
 
 def batches(V: int, B: int, S: int) -> Callable[[int, int, int], Iterator[torch.Tensor]]:
@@ -159,7 +117,7 @@ def main() -> None:
     result: dict[str, Any] = {"components": args.sites * args.per_site}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        temporary_plugins(("servebench", Plugin(adapter)), entry_points=False),
+        temporary_plugins(("bench", BenchPlugin(adapter)), entry_points=False),
     ):
         os.environ["SPD_HOST_HOME"] = tmp
         config = HarvestConfig(
@@ -167,9 +125,7 @@ def main() -> None:
             context_tokens=8, checkpoint_every=1000, cooccurrence_fraction=0.2,
         )  # fmt: skip
         t0 = time.perf_counter()
-        repo = run_harvest(
-            "servebench:demo", config, batches=batches(args.vocab, B, S), progress=False
-        )
+        repo = run_harvest(DID, config, batches=batches(args.vocab, B, S), progress=False)
         assert repo is not None
         result["harvest_seconds"] = round(time.perf_counter() - t0, 2)
 
@@ -177,11 +133,11 @@ def main() -> None:
         from spd_host.viewer.source import open_sources
 
         t0 = time.perf_counter()
-        viewer = Viewer(open_sources(["servebench:demo"]))
+        viewer = Viewer(open_sources([DID]))
         result["index_build_seconds_first_start"] = round(time.perf_counter() - t0, 2)
         viewer.close()
         t0 = time.perf_counter()
-        viewer = Viewer(open_sources(["servebench:demo"]))  # a second start reuses the cache
+        viewer = Viewer(open_sources([DID]))  # a second start reuses the cache
         result["index_open_seconds_later_starts"] = round(time.perf_counter() - t0, 3)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

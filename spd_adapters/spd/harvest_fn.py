@@ -50,18 +50,31 @@ def make_harvest_fn(adapter: SpdAdapter, options: HarvestOptions) -> HarvestFn:
             c = ci[path].float()
             firings[site] = c > options.threshold
             acts[site] = {"causal_importance": c, "component_activation": a.float()}
-        # everything stays on the device: the host accumulates there (dense form: the
-        # component activations are non-zero off the firings)
-        logits = logits_of(out).float() if options.next_token else None
-        top_k = options.next_token_top_k
-        return HarvestBatch(
-            tokens=tokens_dev,
-            firings=firings,
-            activations=acts,
-            next_token_logits=logits if top_k is None else None,
-            next_token_topk=next_token_topk_of(logits, top_k)
-            if logits is not None and top_k is not None
-            else None,
-        )
+        return device_batch(tokens_dev, firings, acts, out, options)
 
     return harvest
+
+
+def device_batch(
+    tokens: torch.Tensor,
+    firings: dict[str, torch.Tensor],
+    activations: dict[str, dict[str, torch.Tensor]],
+    model_output: object,
+    options: HarvestOptions,
+) -> HarvestBatch:
+    """The HarvestBatch of an SPD-style run, left on the device: the host accumulates there.
+
+    Dense sites (the component activations are non-zero off the firings); next tokens as the
+    top-k form when the host asks for it, else full logits.
+    """
+    logits = logits_of(model_output).float() if options.next_token else None
+    top_k = options.next_token_top_k
+    return HarvestBatch(
+        tokens=tokens,
+        firings=firings,
+        activations=activations,
+        next_token_logits=logits if top_k is None else None,
+        next_token_topk=next_token_topk_of(logits, top_k)
+        if logits is not None and top_k is not None
+        else None,
+    )

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from spd_adapters.spd.capture import capture_inputs, logits_of
+from spd_adapters.spd.capture import capture_inputs
+from spd_adapters.spd.harvest_fn import device_batch
 from spd_host.adapter import HarvestBatch, HarvestFn, HarvestOptions
 
 if TYPE_CHECKING:
@@ -30,23 +31,21 @@ def make_pd_harvest_fn(adapter: PdAdapter, options: HarvestOptions) -> HarvestFn
 
     @torch.no_grad()
     def harvest(tokens: torch.Tensor) -> HarvestBatch:
+        tokens_dev = tokens.to(device)
         with capture_inputs(model, pd.paths) as inputs:
-            out = model(tokens.to(device))
+            out = model(tokens_dev)
         ci = pd.causal_importance(inputs)
         acts = pd.component_acts(inputs)
         firings: dict[str, torch.Tensor] = {}
         activations: dict[str, dict[str, torch.Tensor]] = {}
         for path in pd.site_paths:
             site = site_of[path]
-            c = ci[path].float().cpu()
+            c = ci[path].float()
             firings[site] = c > options.threshold
             activations[site] = {
                 "causal_importance": c,
-                "component_activation": acts[path].float().cpu(),
+                "component_activation": acts[path].float(),
             }
-        logits = logits_of(out).float().cpu() if options.next_token else None
-        return HarvestBatch(
-            tokens=tokens, firings=firings, activations=activations, next_token_logits=logits
-        )
+        return device_batch(tokens_dev, firings, activations, out, options)
 
     return harvest

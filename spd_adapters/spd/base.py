@@ -54,18 +54,23 @@ def model_class(config: SpdRunConfig) -> type[Any]:
             "spd.pretrain.models.{llama_simple.LlamaSimple, llama_simple_mlp.LlamaSimpleMLP, "
             "gpt2_simple.GPT2Simple}",
         )
+    return transformers_model_class(attr, what=f"pretrained_model_class {name!r}")
+
+
+def transformers_model_class(attr: str, *, what: str) -> type[Any]:
+    """``transformers.<attr>`` if it is a model class (never a function such as ``pipeline``)."""
     import transformers
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
     cls = getattr(transformers, attr, None)
     if cls is None:
-        raise FormatError(f"pretrained_model_class {name!r}: transformers has no {attr!r}")
+        raise FormatError(f"{what}: transformers has no {attr!r}")
     if not (
         isinstance(cls, type)
         and issubclass(cls, transformers.PreTrainedModel | _BaseAutoModelClass)
     ):
         raise FormatError(
-            f"pretrained_model_class {name!r} is not a transformers model class",
+            f"{what} is not a transformers model class",
             hint="name a model class (e.g. transformers.LlamaForCausalLM), not a function or "
             "another kind of object",
         )

@@ -84,16 +84,13 @@ def _hf_spec(cfg: LaunchConfig) -> tuple[str, str]:
 
 
 def _hf_class(cls_name: str) -> Any:
-    import transformers
+    from spd_adapters.spd.base import transformers_model_class
 
     module, _, attr = cls_name.rpartition(".")
     if module != "transformers":
         # The vendored Llama is the HF Llama architecture with HF weights.
         attr = "LlamaForCausalLM" if attr == "VendoredLlama" else attr
-    cls = getattr(transformers, attr, None)
-    if cls is None:
-        raise FormatError(f"target.spec.model_class {cls_name!r}: transformers has no {attr!r}")
-    return cls
+    return transformers_model_class(attr, what=f"target.spec.model_class {cls_name!r}")
 
 
 def hf_config(cfg: LaunchConfig) -> Any:

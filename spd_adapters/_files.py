@@ -123,3 +123,42 @@ def decomposition_dir(decomposition_id: Any, *, demo_dir: Path, trainer: str) ->
     if decomposition_id.kind is SourceKind.SHORT:
         return None
     return fetch_source(decomposition_id)
+
+
+def read_torch_state_dict(path: Path, *, hint: str) -> dict[str, Tensor]:
+    """A ``torch.save``d state dict, read with ``weights_only=True`` (memory-mapped when the file
+    allows): tensors only; a pickled object is refused and named, never run.
+
+    ``hint`` says what the file should be (it differs per format).
+    """
+    import pickle
+    import re
+
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"an object of type {found.group(1)}" if found else "a non-tensor object"
+        raise FormatError(
+            f"{path}: not a readable torch state dict: refused to unpickle the checkpoint: it "
+            f"holds {what}",
+            hint=f"{hint}; re-save it with torch.save(model.state_dict(), ...) in a trusted "
+            "environment",
+        ) from err
+    except Exception as err:  # RuntimeError, EOFError, OSError, ... all mean "unreadable"
+        raise FormatError(
+            f"{path}: not a readable torch state dict ({type(err).__name__}: {str(err)[:200]})",
+            hint=hint,
+        ) from err
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    ):
+        raise FormatError(
+            f"{path}: expected a state dict of named tensors, got {type(obj).__name__}", hint=hint
+        )
+    return dict(obj)

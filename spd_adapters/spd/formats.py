@@ -24,15 +24,14 @@ Older runs are normalised first (:func:`normalize_keys`): ``_gates.`` -> ``_ci_f
 from __future__ import annotations
 
 import fnmatch
-import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from spd_adapters._files import read_torch_state_dict
 from spd_adapters.spd.ci_transformer import (
     Attention,
     ResidualBlock,
@@ -104,35 +103,9 @@ def discover_run(path: Path) -> RunFiles:
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load a ``.pth`` as tensors only; anything pickled beyond that is refused, not run."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = (
-            f"it holds an object of type {found.group(1)}"
-            if found
-            else "it holds a non-tensor object"
-        )
-        raise FormatError(
-            f"{path}: refused to unpickle the checkpoint: {what}",
-            hint="an SPD checkpoint must be a plain state dict of tensors; re-save it with "
-            "torch.save(model.state_dict(), ...) in a trusted environment",
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise FormatError(f"{path}: not a readable PyTorch checkpoint: {err}") from err
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise FormatError(
-            f"{path}: expected a state dict (str -> Tensor), got {type(obj).__name__}",
-            hint="SPD checkpoints are ComponentModel.state_dict() saved with torch.save",
-        )
-    return dict(obj)
+    return read_torch_state_dict(
+        path, hint="an SPD checkpoint is ComponentModel.state_dict() saved with torch.save"
+    )
 
 
 def normalize_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

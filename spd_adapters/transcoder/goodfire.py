@@ -41,7 +41,7 @@ from torch import Tensor
 
 from spd_adapters import _hooks
 from spd_adapters._dictionary import Activation, Dictionary
-from spd_adapters._files import read_json, read_yaml
+from spd_adapters._files import read_json, read_torch_state_dict, read_yaml
 from spd_host.errors import FormatError, SourceNotFoundError
 
 CONFIG_FILE = "config.json"
@@ -165,26 +165,7 @@ def load_state_dict(root: Path) -> dict[str, Tensor]:
     path = root / WEIGHTS_FILE
     if not path.is_file():
         raise FormatError(f"{path}: file not found", hint="the checkpoint directory is incomplete")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ... all mean "unreadable"
-        raise FormatError(
-            f"{path}: not a readable torch state dict ({type(err).__name__}: {str(err)[:200]})",
-            hint="encoder.pt must be torch.save(module.state_dict()); it is read with weights_only=True",
-        ) from err
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise FormatError(
-            f"{path}: expected a state dict of named tensors, got {type(obj).__name__}",
-            hint="encoder.pt must be torch.save(module.state_dict())",
-        )
-    return dict(obj)
+    return read_torch_state_dict(path, hint="encoder.pt must be torch.save(module.state_dict())")
 
 
 def expect_tensor(

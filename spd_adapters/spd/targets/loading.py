@@ -22,6 +22,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from spd_adapters._files import read_torch_state_dict
 from spd_adapters.spd.targets.configs import CONFIG_CLASSES, TargetConfig
 from spd_adapters.spd.targets.models import GPT2Simple, build_model
 from spd_adapters.spd.targets.run_reader import PretrainRun, locate
@@ -68,21 +69,17 @@ def read_config(run: PretrainRun, model_type: str) -> TargetConfig:
 
 def read_checkpoint(path: Path) -> dict[str, Tensor]:
     """A plain state dict: ``torch.load(weights_only=True)`` or safetensors (never unpickled)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    hint = "the checkpoint must be a torch state dict (model_step_<N>.pt) or safetensors"
+    if path.suffix != ".safetensors":
+        state: dict[str, Tensor] = read_torch_state_dict(path, hint=hint)
+    else:
+        from safetensors.torch import load_file
 
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch/safetensors raise many types for a corrupt file
-        raise FormatError(
-            f"{path}: not a readable state dict: {err}",
-            hint="the checkpoint must be a torch state dict (model_step_<N>.pt) or safetensors",
-        ) from err
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise FormatError(f"{path}: expected a flat state dict of tensors")
-    return {str(k).removeprefix("_orig_mod."): v for k, v in state.items()}
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for a corrupt file
+            raise FormatError(f"{path}: not a readable state dict: {err}", hint=hint) from err
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, where: Path | str) -> None:

@@ -5,10 +5,13 @@ Rules that make the scores mean what they say:
 - intruder: 4 real examples of the target + 1 example of another component whose firing
   density is within a relative tolerance of the target's, and which, as shown, does not make
   the target fire (checked by running the method's HarvestFn on the shown window);
-- detection: activating examples of the target spread over activation quantiles, and
-  negatives that truly do not fire the target (same HarvestFn check);
-- fuzzing: activating examples; some marked at their real firings, the others at as many
-  random positions where the target does *not* fire;
+- detection: activating examples of the target drawn by population quantile, and negatives
+  that truly do not fire the target (same HarvestFn check); see ``populations`` for the
+  named options (``positives``, ``negatives``, ``window``);
+- fuzzing: activating examples drawn the same way; some marked at their real firings, the
+  others at as many random positions where the target does *not* fire;
+- every detection/fuzzing item carries its ``ExampleOrigin`` in ``Trial.extras["examples"]``
+  (in the order shown), including whether its window alone reproduces the firing;
 - windows are cut around their recorded firing centre (``ActivationExample.centre``), never
   at ``len // 2``.
 """
@@ -19,6 +22,16 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from spd_host.evals.llm.populations import (
+    Drawn,
+    ExampleOrigin,
+    PopulationOptions,
+    SequenceFn,
+    cut_at,
+    draw_negatives,
+    draw_positives,
+)
 
 Kind = Literal["intruder", "detection", "fuzzing"]
 FiresFn = Callable[[str, Sequence[int]], list[bool]]  # (key, tokens) -> per-token firing of key
@@ -45,11 +58,7 @@ class Trial:
 
 def cut(ex: Any, max_tokens: int) -> Shown:
     """The example's window, at most ``max_tokens`` long, around its recorded firing centre."""
-    tokens, firings, centre = list(ex.tokens), list(ex.firings), int(ex.centre)
-    if len(tokens) > max_tokens:
-        start = max(0, min(centre - max_tokens // 2, len(tokens) - max_tokens))
-        tokens, firings = tokens[start : start + max_tokens], firings[start : start + max_tokens]
-    return Shown(tuple(tokens), tuple(bool(f) for f in firings))
+    return cut_at(ex, max_tokens)[0]
 
 
 def unmarked(s: Shown) -> Shown:
@@ -78,11 +87,22 @@ class Pool:
     act_type: str
     load_examples: Callable[[str], list[Any]]
     max_tokens: int = 64
+    populations: PopulationOptions = field(default_factory=PopulationOptions)
+    sequence: SequenceFn | None = None
+    """position -> its harvest sequence (for ``window="widen"``); None when not on record."""
     _cache: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def examples(self) -> _Examples:
         return _Examples(self)
+
+    def positives(self, key: str, n: int, rng: random.Random, visible: Any = "any") -> list[Drawn]:
+        """``populations.draw_positives`` with this pool's options."""
+        return draw_positives(self, key, n, rng, visible=visible)
+
+    def negatives(self, key: str, n: int, rng: random.Random) -> list[Drawn]:
+        """``populations.draw_negatives`` with this pool's options."""
+        return draw_negatives(self, key, n, rng)
 
     def others(self, key: str) -> list[str]:
         return [k for k, d in self.density.items() if k != key and d > 0]
@@ -139,38 +159,45 @@ def detection_trial(
 ) -> Trial | str:
     if len(pool.examples[key]) < 1:
         return "no examples"
-    pos = [
-        unmarked(cut(e, pool.max_tokens))
-        for e in spread(pool.examples[key], n_pos, rng, pool.act_type)
-    ]
-    neg = []
-    for _ in range(n_neg):
-        shown = pool.negative(key, pool.others(key), rng)
-        if shown is not None:
-            neg.append(unmarked(shown))
+    pos = pool.positives(key, n_pos, rng, visible="any")
+    neg = pool.negatives(key, n_neg, rng)
     if not neg:
         return "no window found on which it does not fire"
-    items = [(s, True) for s in pos] + [(s, False) for s in neg]
+    items = [(Drawn(unmarked(d.shown), d.origin), True) for d in pos] + [(d, False) for d in neg]
     rng.shuffle(items)
     truth = frozenset(i + 1 for i, (_, p) in enumerate(items) if p)
-    return Trial(f"detection:{key}:{idx}", key, "detection", [s for s, _ in items], truth, label)
+    return Trial(
+        f"detection:{key}:{idx}",
+        key,
+        "detection",
+        [d.shown for d, _ in items],
+        truth,
+        label,
+        extras={"examples": _numbered([d.origin for d, _ in items])},
+    )
+
+
+def _numbered(origins: list[ExampleOrigin]) -> list[ExampleOrigin]:
+    return [o.model_copy(update={"item": i}) for i, o in enumerate(origins, 1)]
 
 
 def fuzzing_trial(
     pool: Pool, key: str, idx: int, rng: random.Random, *, n_examples: int, label: str
 ) -> Trial | str:
-    chosen = spread(pool.examples[key], n_examples, rng, pool.act_type)
+    drawn = pool.positives(key, n_examples, rng, visible="centre")
+    chosen = [d.shown for d in drawn]
     if len(chosen) < 2:
         return "fewer than 2 examples"
     items: list[tuple[Shown, bool]] = []
+    origins: list[ExampleOrigin] = []
     n_correct = len(chosen) // 2
     order = list(range(len(chosen)))
     rng.shuffle(order)
     correct = set(order[:n_correct])
-    for i, ex in enumerate(chosen):
-        shown = cut(ex, pool.max_tokens)
+    for i, shown in enumerate(chosen):
         if i in correct:
             items.append((shown, True))
+            origins.append(drawn[i].origin)
             continue
         # never mark a real firing: neither a recorded one nor one in the window as shown
         real = pool.fires(key, shown.tokens)
@@ -182,8 +209,19 @@ def fuzzing_trial(
         items.append(
             (Shown(shown.tokens, tuple(j in picked for j in range(len(shown.tokens)))), False)
         )
+        origins.append(drawn[i].origin.model_copy(update={"role": "negative"}))
     if not any(not ok for _, ok in items):
         return "no example has a token it does not fire on"
-    rng.shuffle(items)
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    items, origins = [items[j] for j in order], [origins[j] for j in order]
     truth = frozenset(i + 1 for i, (_, ok) in enumerate(items) if ok)
-    return Trial(f"fuzzing:{key}:{idx}", key, "fuzzing", [s for s, _ in items], truth, label)
+    return Trial(
+        f"fuzzing:{key}:{idx}",
+        key,
+        "fuzzing",
+        [s for s, _ in items],
+        truth,
+        label,
+        extras={"examples": _numbered(origins)},
+    )

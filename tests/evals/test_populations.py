@@ -260,3 +260,23 @@ def test_prefer_alone_and_widen(harvested: str) -> None:
                     in_context = _brute_fires(model, t.key, stream[seq_start : start + n])
                     assert list(item.marks) == in_context[start - seq_start :]
     assert n_widened > 0
+
+
+def test_cli_flags_reach_the_result_and_a_bad_value_is_one_line(harvested: str) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from spd_host.cli.app import app
+
+    _write_labels(harvested)
+    args = ["eval", "detection", harvested, "--provider", "offline", "--n-components", "3"]
+    out = CliRunner().invoke(
+        app, [*args, "--n-trials", "1", "--negatives", "similar_density", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    (result,) = json.loads(out.stdout)["results"]
+    assert result["config"]["negatives"] == "similar_density"
+    assert result["ceiling"] is not None
+    bad = CliRunner().invoke(app, [*args, "--window", "sideways"])
+    assert bad.exit_code != 0 and "--window" in bad.output and "Traceback" not in bad.output

@@ -348,6 +348,30 @@ MaxWiden = Annotated[
 HarvestRun = Annotated[
     str | None, typer.Option("--run", "--harvest-run", help="Harvest sub-run (latest).")
 ]
+JudgeConventionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--convention",
+        help="Detection/fuzzing definitions: spd-host or delphi (docs/evals.md).",
+    ),
+]
+PromptForm = Annotated[
+    str | None,
+    typer.Option("--prompt-form", help="select (name the positives) or binary (0/1 each)."),
+]
+NExamplesShown = Annotated[
+    int | None, typer.Option("--n-examples-shown", help="Examples per prompt (delphi: 5).")
+]
+Logprobs = Annotated[
+    bool | None,
+    typer.Option("--logprobs/--no-logprobs", help="Binary form: ask for logprobs (AUROC)."),
+]
+FuzzTypeOpt = Annotated[
+    str | None, typer.Option("--fuzz-type", help="Fuzzing: spd-host, default or active.")
+]
+MarkRuleOpt = Annotated[
+    str | None, typer.Option("--mark-rule", help="Fuzzing marks: firing or delphi (>= 0.3 max).")
+]
 
 
 def _judge_command(kind: str) -> Any:
@@ -371,6 +395,12 @@ def _judge_command(kind: str) -> Any:
         window: Window = None,
         max_widen_tokens: MaxWiden = None,
         force: Force = False,
+        convention: JudgeConventionOpt = None,
+        prompt_form: PromptForm = None,
+        n_examples_shown: NExamplesShown = None,
+        logprobs: Logprobs = None,
+        fuzz_type: FuzzTypeOpt = None,
+        mark_rule: MarkRuleOpt = None,
         json_out: JsonOut = False,
         base_model: BaseModelOpt = None,
         wandb: Wandb = False,
@@ -400,6 +430,12 @@ def _judge_command(kind: str) -> Any:
             "window": window,
             "max_widen_tokens": max_widen_tokens,
             "force": force,
+            "convention": convention,
+            "prompt_form": prompt_form,
+            "n_examples_shown": n_examples_shown,
+            "logprobs": logprobs,
+            "fuzz_type": fuzz_type if kind == "fuzzing" else None,
+            "mark_rule": mark_rule if kind == "fuzzing" else None,
         }
         run_many(
             [kind],

@@ -144,6 +144,19 @@ class CompletionRequest:
     schema: Mapping[str, Any]
     max_output_tokens: int
     evidence: ComponentEvidence
+    # ask for per-token log-probabilities with this many alternatives per token (OpenAI
+    # ``logprobs``/``top_logprobs``); None: not asked. Providers without them ignore it.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives (the
+    OpenAI-compatible ``choices[0].logprobs.content[i]``), the generated token included."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,8 @@ class Completion:
     output_tokens: int
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # per generated token, when the request asked for them and the provider returned them
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class LLMClient(Protocol):

@@ -99,8 +99,12 @@ class ExampleOrigin(BaseModel):
 
 @dataclass(frozen=True)
 class Drawn:
+    """A window as shown, where it came from, and (positives) the target's activation on each
+    of its tokens (0.0 on left context added by ``widen``, which the harvest did not store)."""
+
     shown: Shown
     origin: ExampleOrigin
+    acts: tuple[float, ...] = ()
 
 
 # -- quantiles ----------------------------------------------------------------------------------
@@ -236,10 +240,15 @@ def draw_positives(
         if got is None:
             continue
         ex, shown, centre, any_alone, centre_alone = got
+        start = int(ex.centre) - centre
+        acts = tuple(
+            float(a) for a in ex.activations[pool.act_type][start : start + len(shown.tokens)]
+        )
         widened = 0
         if opts.window == "widen" and not (centre_alone if visible == "centre" else any_alone):
             shown, centre, widened = widen(pool, key, ex, shown, centre, opts.max_widen_tokens)
             any_alone, centre_alone = alone(pool, key, shown, centre)
+            acts = (0.0,) * widened + acts
         used.add(int(ex.position))
         out.append(
             Drawn(
@@ -257,6 +266,7 @@ def draw_positives(
                     centre_fires_alone=centre_alone,
                     widened_by=widened,
                 ),
+                acts,
             )
         )
     return out

@@ -10,6 +10,11 @@ Detection and fuzzing records carry, per shown example, where it came from and w
 window alone reproduces the firing (``populations.ExampleOrigin``); the result reports the
 share of positives whose firing is visible and the ``ceiling`` a perfect judge answering from
 the windows as shown would reach, aggregated like ``score``.
+
+Under ``convention="delphi"`` detection and fuzzing are also scored as delphi's result analysis
+does (:mod:`spd_host.evals.llm.scoring`): the headline is the class-balanced accuracy of one
+confusion matrix pooled over every example of every component, next to F1, precision,
+recall, frequency-weighted F1 and AUROC from logprobs (``JudgeResult.delphi``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import contextlib
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +34,7 @@ from spd_host.adapter import DecompositionAdapter, HarvestOptions, parse_compone
 from spd_host.autointerp.ledger import SpendLedger, open_ledger
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import JudgeSuiteConfig
-from spd_host.evals.llm.judge import TrialRecord, judge_trials
+from spd_host.evals.llm.judge import PromptStyle, TrialRecord, judge_trials
 from spd_host.evals.llm.populations import (
     ExampleOrigin,
     PopulationOptions,
@@ -37,6 +42,7 @@ from spd_host.evals.llm.populations import (
     Visible,
     trial_ceiling,
 )
+from spd_host.evals.llm.scoring import DelphiMetrics, ExampleOutcome, delphi_metrics
 from spd_host.evals.llm.trials import (
     Kind,
     Pool,
@@ -44,6 +50,7 @@ from spd_host.evals.llm.trials import (
     detection_trial,
     fuzzing_trial,
     intruder_trial,
+    rebatch,
 )
 from spd_host.evals.results import EvalResult, evals_dir, package_version
 from spd_host.locking import RunLock
@@ -85,12 +92,20 @@ class JudgeResult(EvalResult):
     ceiling: float | None = None
     """The score a perfect judge answering from the windows as shown would reach."""
     trials: list[SuiteTrialRecord]
+    convention: str = "spd-host"
+    delphi: DelphiMetrics | None = None  # under convention="delphi"
 
     def table_rows(self) -> list[dict[str, Any]]:
+        extra: dict[str, Any] = {}
+        if self.delphi is not None:
+            p = self.delphi.pooled
+            extra = {"F1": p.f1_score, "weighted F1": self.delphi.weighted_f1, "AUROC": p.auc}
         return [
             {
                 "judge": self.judge + (" (BASELINE)" if self.baseline else ""),
+                "convention": self.convention,
                 "score": self.score,
+                **extra,
                 "chance": self.chance,
                 "ceiling": self.ceiling,
                 "scored": self.n_components_scored,
@@ -189,7 +204,12 @@ def _run_key(suite: str, judge: str, harvest_run: str, config: JudgeSuiteConfig)
             "positives", "n_quantiles", "negatives", "window", "max_widen_tokens",
         }
     )  # fmt: skip
-    blob = json.dumps([suite, judge, harvest_run, trial_fields], sort_keys=True)
+    parts: list[Any] = [suite, judge, harvest_run, trial_fields]
+    style = config.judge_style()
+    if style != JudgeSuiteConfig().judge_style() or config.convention != "spd-host":
+        # keys of runs in today's defaults stay what they were (their resume keeps working)
+        parts.append([config.convention, style, config.top_logprobs, config.mark_fraction])
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -202,6 +222,7 @@ def build_trials(
     ``window="widen"``; by default the harvest's own ``spd_host.data`` stream when it recorded
     one.
     """
+    style = _style_for(kind, config)
     repo = _open_harvest(adapter, config.harvest_run)
     summary = repo.summary()
     density = {c.key: c.density for c in summary}
@@ -264,13 +285,34 @@ def build_trials(
                 )
             else:
                 t = fuzzing_trial(
-                    pool, key, i, krng, n_examples=config.n_fuzz_examples, label=labels[key]
+                    pool,
+                    key,
+                    i,
+                    krng,
+                    n_examples=config.n_fuzz_examples,
+                    label=labels[key],
+                    fuzz_type=style["fuzz_type"],
+                    mark_rule=style["mark_rule"],
+                    mark_fraction=config.mark_fraction,
                 )
             if isinstance(t, str):
                 skipped[key] = t
                 break
             trials.append(t)
+    if kind != "intruder" and style["n_examples_shown"]:
+        trials = rebatch(trials, style["n_examples_shown"], f"{config.seed}:{kind}")
     return trials, skipped, repo
+
+
+def _style_for(kind: Kind, config: JudgeSuiteConfig) -> dict[str, Any]:
+    style = config.judge_style()
+    if kind == "intruder" and style != JudgeSuiteConfig().judge_style():
+        raise ConfigError(
+            "the intruder suite has one question and one score; --convention, --prompt-form, "
+            "--n-examples-shown, --fuzz-type and --mark-rule apply to detection and fuzzing",
+            hint="drop those options for intruder",
+        )
+    return style
 
 
 def run_judge_suite(
@@ -297,10 +339,75 @@ def run_judge_suite(
         records = dict(done)
         with path.open("a") as sink:
             spent, capped, baseline, judge = _judge_into(
-                sink, records, run_key, todo, llm, adapter, repo, ledger
+                sink, records, run_key, todo, llm, adapter, repo, ledger, _prompt_style(config)
             )
-    return _result(
+    result = _result(
         kind, adapter, config, trials, records, skipped, harvest_run, spent, capped, baseline, judge
+    )
+    if config.convention != "delphi" or kind == "intruder":
+        return result
+    return _with_delphi(result, config, {c.key: c for c in repo.summary()})
+
+
+def _prompt_style(config: JudgeSuiteConfig) -> PromptStyle:
+    style = config.judge_style()
+    binary = style["prompt_form"] == "binary"
+    return PromptStyle(
+        form=style["prompt_form"],
+        top_logprobs=config.top_logprobs if binary and style["logprobs"] else None,
+    )
+
+
+def _outcomes(records: Sequence[TrialRecord]) -> list[ExampleOutcome]:
+    """Every example of every judged trial (a failed trial's examples have no prediction)."""
+    out = []
+    for r in records:
+        if r.n_items is None:
+            raise ConfigError(
+                f"trial {r.trial_id} was stored without its example count (an older run)",
+                hint="re-run with --force to score it under the delphi convention",
+            )
+        ok = r.status == "ok" and r.predicted is not None
+        predicted = set(r.predicted or [])
+        for i in range(1, r.n_items + 1):
+            prob = r.probabilities[i - 1] if ok and r.probabilities else None
+            out.append(
+                ExampleOutcome(
+                    r.component_key, i in r.truth, (i in predicted) if ok else None, prob
+                )
+            )
+    return out
+
+
+def _with_delphi(
+    result: JudgeResult, config: JudgeSuiteConfig, summary: dict[str, Any]
+) -> JudgeResult:
+    """The result with delphi's pooled figures, its headline their class-balanced accuracy."""
+    metrics = delphi_metrics(
+        _outcomes(result.trials),
+        {k: c.site for k, c in summary.items()},
+        {k: int(c.firing_count) for k, c in summary.items()},
+    )
+    style = config.judge_style()
+    ok = [r for r in result.trials if r.status == "ok"]
+    with_p = sum(1 for r in ok if r.probabilities is not None)
+    notes = list(result.notes)
+    if style["prompt_form"] != "binary":
+        notes.append("AUROC not computed: it needs one 0/1 per example (--prompt-form binary)")
+    elif not style["logprobs"]:
+        notes.append("AUROC not computed: logprobs were not requested (--logprobs)")
+    elif ok and with_p == 0:
+        notes.append("AUROC not computed: the judge returned no usable logprobs")
+    elif with_p < len(ok):
+        notes.append(f"AUROC over the {with_p} of {len(ok)} judged prompts that had logprobs")
+    pooled = metrics.pooled
+    return result.model_copy(
+        update={
+            "convention": "delphi",
+            "delphi": metrics,
+            "notes": notes,
+            "score": pooled.accuracy if pooled.total_examples else None,
+        }
     )
 
 
@@ -339,6 +446,7 @@ def _judge_into(
     adapter: DecompositionAdapter,
     repo: Any,
     ledger: SpendLedger,
+    style: PromptStyle | None = None,
 ) -> tuple[float, bool, bool, str]:
     from spd_host.autointerp.evidence import ComponentEvidence
 
@@ -377,6 +485,7 @@ def _judge_into(
         top_tokens=top_tokens,
         on_record=on_record,
         ledger=ledger,
+        style=style,
     )
 
 

@@ -280,3 +280,27 @@ def test_cli_flags_reach_the_result_and_a_bad_value_is_one_line(harvested: str) 
     assert result["ceiling"] is not None
     bad = CliRunner().invoke(app, [*args, "--window", "sideways"])
     assert bad.exit_code != 0 and "--window" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("fuzz_type", ["default", "active"])
+def test_delphi_batched_fuzzing_keeps_each_items_origin(harvested: str, fuzz_type: str) -> None:
+    """Under delphi's convention items are re-batched across trials: each item must still
+    carry its own origin (a correctly marked item is a positive, every other a negative)."""
+    _write_labels(harvested)
+    adapter = get_host().load_adapter(harvested)
+    model = adapter.load_base_model()
+    config = JudgeSuiteConfig(
+        provider="offline", n_components=4, n_trials=2, convention="delphi", fuzz_type=fuzz_type
+    )
+    trials, _, _ = build_trials("fuzzing", adapter, config)
+    assert trials and all(":b" in t.trial_id for t in trials)
+    for t in trials:
+        origins = t.extras["examples"]
+        assert len(origins) == len(t.items)
+        for i, (item, o) in enumerate(zip(t.items, origins, strict=True), 1):
+            assert o.item == i and (o.role == "positive") == (i in t.truth)
+            fired = _brute_fires(model, t.key, item.tokens)
+            if o.role == "negative" and o.source in ("random", "similar_density"):
+                assert not any(fired) and o.component != t.key  # delphi default: never fires
+            if o.role == "positive":
+                assert o.component == t.key and o.centre_fires_alone is not None

@@ -304,3 +304,20 @@ def test_delphi_batched_fuzzing_keeps_each_items_origin(harvested: str, fuzz_typ
                 assert not any(fired) and o.component != t.key  # delphi default: never fires
             if o.role == "positive":
                 assert o.component == t.key and o.centre_fires_alone is not None
+
+
+def test_widen_without_or_with_a_changed_token_stream_is_a_clear_error(harvested: str) -> None:
+    from spd_host.errors import ConfigError
+
+    _write_labels(harvested)
+    adapter = get_host().load_adapter(harvested)
+    cfg = JudgeSuiteConfig(provider="offline", n_components=8, n_trials=1, window="widen")
+    with pytest.raises(ConfigError, match="token stream"):  # toy tokens were passed in
+        build_trials("fuzzing", adapter, cfg)
+
+    def changed(rank: int, world: int, start: int) -> Any:
+        for b in toy_batches(rank, world, start):
+            yield (b + 1) % 61
+
+    with pytest.raises(ConfigError, match="no longer holds"):
+        build_trials("fuzzing", adapter, cfg, batches=changed)

@@ -23,7 +23,7 @@ from spd_host.errors import ConfigError
 from spd_host.evals import run_suite
 from spd_host.evals.configs import JudgeSuiteConfig
 from spd_host.evals.llm.suites import build_trials
-from spd_host.evals.llm.trials import cut, cut_activations
+from spd_host.evals.llm.trials import cut
 from spd_host.plugins import get_host
 from tests.evals.test_judge_suites import _write_labels
 
@@ -293,7 +293,9 @@ def test_delphi_fuzzing_marks(harvested: str, fuzz_type: str) -> None:
         windows = {}
         for e in examples:
             s = cut(e, config.max_example_tokens)
-            windows[s.tokens] = (s, cut_activations(e, config.max_example_tokens, act_type))
+            n, m = len(e.tokens), config.max_example_tokens
+            start = max(0, min(e.centre - m // 2, n - m)) if n > m else 0
+            windows[s.tokens] = (s, e.activations[act_type][start : start + m])
         rights = [t.items[i - 1] for i in sorted(t.truth)]
         k = math.ceil(sum(sum(windows[r.tokens][0].marks) for r in rights) / len(rights))
         for r in rights:

@@ -160,6 +160,29 @@ class JudgeSuiteConfig(_Frozen):
     n_positive: int = Field(default=5, ge=1, description="Detection: activating examples.")
     n_negative: int = Field(default=5, ge=1, description="Detection: non-activating examples.")
     n_fuzz_examples: int = Field(default=6, ge=2, description="Fuzzing: examples per trial.")
+    positives: Literal["quantiles", "top_and_reservoir"] = Field(
+        default="quantiles",
+        description="Detection/fuzzing positives: 'quantiles' bins the reservoir (uniform over "
+        "all firings) into n_quantiles bins, top-K only in the top bin (delphi); "
+        "'top_and_reservoir' spreads over the pooled top-K and reservoir (before #15).",
+    )
+    n_quantiles: int = Field(
+        default=10, ge=1, description="Activation quantile bins of positives (delphi's default)."
+    )
+    negatives: Literal["random", "similar_density"] = Field(
+        default="random",
+        description="Detection negatives: 'random' windows of any component's reservoir, "
+        "weighted by firing count (delphi's default); 'similar_density' windows of components "
+        "within density_tolerance of the target's density. Both checked not to fire.",
+    )
+    window: Literal["as_recorded", "prefer_alone", "widen"] = Field(
+        default="as_recorded",
+        description="Positives whose firing the window alone does not reproduce: show as "
+        "recorded, prefer others in the same bin, or widen the left context (bounded).",
+    )
+    max_widen_tokens: int = Field(
+        default=64, ge=1, description="window='widen': at most this many tokens of left context."
+    )
     label_model: str | None = Field(
         default=None, description="Detection/fuzzing: use labels by this autointerp model only."
     )

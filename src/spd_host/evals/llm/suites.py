@@ -10,6 +10,11 @@ Under ``convention="delphi"`` detection and fuzzing are also scored as delphi's 
 does (:mod:`spd_host.evals.llm.scoring`): the headline is the class-balanced accuracy of one
 confusion matrix pooled over every example of every component, next to F1, precision,
 recall, frequency-weighted F1 and AUROC from logprobs (``JudgeResult.delphi``).
+
+Detection and fuzzing records carry, per shown example, where it came from and whether its
+window alone reproduces the firing (``populations.ExampleOrigin``); the result reports the
+share of positives whose firing is visible and the ``ceiling`` a perfect judge answering from
+the windows as shown would reach, aggregated like ``score``.
 """
 
 from __future__ import annotations
@@ -18,18 +23,25 @@ import contextlib
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from spd_host.adapter import DecompositionAdapter, HarvestOptions, parse_component_key
 from spd_host.autointerp.ledger import SpendLedger, open_ledger
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import JudgeSuiteConfig
 from spd_host.evals.llm.judge import PromptStyle, TrialRecord, judge_trials
+from spd_host.evals.llm.populations import (
+    ExampleOrigin,
+    PopulationOptions,
+    SequenceSource,
+    Visible,
+    trial_ceiling,
+)
 from spd_host.evals.llm.scoring import DelphiMetrics, ExampleOutcome, delphi_metrics
 from spd_host.evals.llm.trials import (
     Kind,
@@ -53,6 +65,12 @@ class ComponentScore(BaseModel):
     n_failed: int
 
 
+class SuiteTrialRecord(TrialRecord):
+    """A judged trial and, per shown example, its origin (empty for intruder trials)."""
+
+    examples: list[ExampleOrigin] = Field(default_factory=list)
+
+
 class JudgeResult(EvalResult):
     suite: Literal["intruder", "detection", "fuzzing"]
     judge: str
@@ -68,7 +86,12 @@ class JudgeResult(EvalResult):
     spent_usd: float
     stopped_by_cost_cap: bool
     components: list[ComponentScore]
-    trials: list[TrialRecord]
+    positives_visible: float | None = None
+    """Share of shown positives whose firing the window alone shows (detection: anywhere in
+    the window; fuzzing: at the recorded firing token)."""
+    ceiling: float | None = None
+    """The score a perfect judge answering from the windows as shown would reach."""
+    trials: list[SuiteTrialRecord]
     convention: str = "spd-host"
     delphi: DelphiMetrics | None = None  # under convention="delphi"
 
@@ -84,6 +107,7 @@ class JudgeResult(EvalResult):
                 "score": self.score,
                 **extra,
                 "chance": self.chance,
+                "ceiling": self.ceiling,
                 "scored": self.n_components_scored,
                 "failed trials": self.n_trials_failed,
                 "not sent": self.n_trials_not_sent,
@@ -149,6 +173,19 @@ def _firing_checker(adapter: DecompositionAdapter, threshold: float) -> Any:
     return fires
 
 
+def _sequence_source(adapter: DecompositionAdapter, repo: Any, batches: Any) -> Any:
+    """The harvest's token stream by position, or None when it is not on record."""
+    cfg = repo.config
+    if batches is None:
+        if "tokenization" not in repo.meta:  # tokens were passed in, not read by spd_host.data
+            return None
+        from spd_host.harvest.runner import dataset_batches, resolve_config
+
+        cfg = resolve_config(adapter, cfg)
+        batches = dataset_batches(adapter, cfg)
+    return SequenceSource(batches, cfg.batch_size, int(cfg.seq_len or 128))
+
+
 def _decoder(tokenizer: Any) -> Any:
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         return lambda ids: tokenizer.decode(ids)
@@ -164,6 +201,7 @@ def _run_key(suite: str, judge: str, harvest_run: str, config: JudgeSuiteConfig)
         include={
             "n_components", "n_trials", "seed", "max_example_tokens", "density_tolerance",
             "n_real", "n_positive", "n_negative", "n_fuzz_examples", "label_model",
+            "positives", "n_quantiles", "negatives", "window", "max_widen_tokens",
         }
     )  # fmt: skip
     parts: list[Any] = [suite, judge, harvest_run, trial_fields]
@@ -176,9 +214,14 @@ def _run_key(suite: str, judge: str, harvest_run: str, config: JudgeSuiteConfig)
 
 
 def build_trials(
-    kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig
+    kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig, *, batches: Any = None
 ) -> tuple[list[Trial], dict[str, str], Any]:
-    """The trials a run would judge (deterministic for a seed), the skip reasons, the harvest."""
+    """The trials a run would judge (deterministic for a seed), the skip reasons, the harvest.
+
+    ``batches``: the harvest's token source (as ``run_harvest`` took it), for
+    ``window="widen"``; by default the harvest's own ``spd_host.data`` stream when it recorded
+    one.
+    """
     style = _style_for(kind, config)
     repo = _open_harvest(adapter, config.harvest_run)
     summary = repo.summary()
@@ -205,6 +248,15 @@ def build_trials(
         act_type=adapter.activation_types[0],
         load_examples=load_examples,
         max_tokens=config.max_example_tokens,
+        populations=PopulationOptions(
+            positives=config.positives,
+            n_quantiles=config.n_quantiles,
+            negatives=config.negatives,
+            density_tolerance=config.density_tolerance,
+            window=config.window,
+            max_widen_tokens=config.max_widen_tokens,
+        ),
+        sequence=_sequence_source(adapter, repo, batches) if config.window == "widen" else None,
     )
     eligible = sorted(
         k for k, d in density.items() if d > 0 and (kind == "intruder" or k in labels)
@@ -306,7 +358,7 @@ def _prompt_style(config: JudgeSuiteConfig) -> PromptStyle:
     )
 
 
-def _outcomes(records: list[TrialRecord]) -> list[ExampleOutcome]:
+def _outcomes(records: Sequence[TrialRecord]) -> list[ExampleOutcome]:
     """Every example of every judged trial (a failed trial's examples have no prediction)."""
     out = []
     for r in records:
@@ -368,9 +420,9 @@ def _ledger(path: Path) -> Iterator[SpendLedger]:
         conn.close()
 
 
-def _done_trials(path: Path, run_key: str) -> dict[str, TrialRecord]:
+def _done_trials(path: Path, run_key: str) -> dict[str, SuiteTrialRecord]:
     """Trials of this run key already judged ok (a line cut short by a kill is skipped)."""
-    done: dict[str, TrialRecord] = {}
+    done: dict[str, SuiteTrialRecord] = {}
     if not path.is_file():
         return done
     for line in path.read_text().splitlines():
@@ -379,7 +431,7 @@ def _done_trials(path: Path, run_key: str) -> dict[str, TrialRecord]:
         except json.JSONDecodeError:
             continue
         if row.get("run_key") == run_key:
-            rec = TrialRecord.model_validate(row["record"])
+            rec = SuiteTrialRecord.model_validate(row["record"])
             if rec.status == "ok" or rec.trial_id not in done:
                 done[rec.trial_id] = rec
     return {k: v for k, v in done.items() if v.status == "ok"}
@@ -387,7 +439,7 @@ def _done_trials(path: Path, run_key: str) -> dict[str, TrialRecord]:
 
 def _judge_into(
     sink: Any,
-    records: dict[str, TrialRecord],
+    records: dict[str, SuiteTrialRecord],
     run_key: str,
     todo: list[Trial],
     llm: Any,
@@ -398,7 +450,10 @@ def _judge_into(
 ) -> tuple[float, bool, bool, str]:
     from spd_host.autointerp.evidence import ComponentEvidence
 
-    def on_record(rec: TrialRecord) -> None:
+    origins = {t.trial_id: t.extras.get("examples", []) for t in todo}
+
+    def on_record(plain: TrialRecord) -> None:
+        rec = SuiteTrialRecord(**plain.model_dump(), examples=origins.get(plain.trial_id, []))
         records[rec.trial_id] = rec
         sink.write(json.dumps({"run_key": run_key, "record": rec.model_dump(mode="json")}) + "\n")
         sink.flush()
@@ -434,12 +489,40 @@ def _judge_into(
     )
 
 
+def _ceiling(
+    kind: Kind, trials: list[Trial], scored: set[str]
+) -> tuple[float | None, float | None]:
+    """Share of shown positives whose firing is visible, and the perfect-judge score,
+    aggregated like ``score`` (trial -> component mean -> mean over scored components)."""
+    if kind == "intruder":
+        return None, None
+    visible: Visible = "any" if kind == "detection" else "centre"
+    per_key: dict[str, list[float]] = {}
+    seen: list[bool] = []
+    for t in trials:
+        if t.key not in scored:
+            continue
+        origins = t.extras.get("examples", [])
+        c = trial_ceiling(origins, visible)
+        if c is not None:
+            per_key.setdefault(t.key, []).append(c)
+        seen += [
+            bool(o.fires_alone if visible == "any" else o.centre_fires_alone)
+            for o in origins
+            if o.role == "positive"
+        ]
+    if not per_key:
+        return None, None
+    means = [sum(v) / len(v) for v in per_key.values()]
+    return sum(seen) / len(seen), sum(means) / len(means)
+
+
 def _result(
     kind: Kind,
     adapter: DecompositionAdapter,
     config: JudgeSuiteConfig,
     trials: list[Trial],
-    records: dict[str, TrialRecord],
+    records: dict[str, SuiteTrialRecord],
     skipped: dict[str, str],
     harvest_run: str,
     spent: float,
@@ -464,6 +547,7 @@ def _result(
             )
         )
     scored = [c.score for c in comps if c.score is not None]
+    visible_share, ceiling = _ceiling(kind, trials, {c.key for c in comps if c.score is not None})
     notes = []
     if baseline:
         notes.append("offline BASELINE judge (token overlap / top tokens), not an LLM")
@@ -492,5 +576,7 @@ def _result(
         spent_usd=spent,
         stopped_by_cost_cap=capped,
         components=comps,
+        positives_visible=visible_share,
+        ceiling=ceiling,
         trials=final,
     )

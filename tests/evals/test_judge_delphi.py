@@ -321,3 +321,21 @@ def test_delphi_fuzzing_marks(harvested: str, fuzz_type: str) -> None:
             else:
                 want = set(random.Random(22).sample(eligible, len(marked)))
             assert marked == want
+
+
+def test_cli_records_the_convention_and_refuses_a_bad_one(harvested: str) -> None:
+    from typer.testing import CliRunner
+
+    from spd_host.cli.app import app
+
+    _write_labels(harvested)
+    runner = CliRunner()
+    args = ["eval", "fuzzing", harvested, "--provider", "offline", "--n-components", "4"]
+    out = runner.invoke(app, [*args, "--convention", "delphi", "--fuzz-type", "active", "--json"])
+    assert out.exit_code == 0, out.output
+    (res,) = json.loads(out.stdout)["results"]
+    assert res["convention"] == "delphi" and res["config"]["fuzz_type"] == "active"
+    assert res["delphi"]["pooled"]["total_examples"] > 0 and res["delphi"]["pooled"]["auc"] is None
+    assert any("logprobs" in n for n in res["notes"])
+    bad = runner.invoke(app, [*args, "--convention", "saelens"])
+    assert bad.exit_code != 0 and "convention" in bad.output

@@ -339,3 +339,18 @@ def test_cli_records_the_convention_and_refuses_a_bad_one(harvested: str) -> Non
     assert any("logprobs" in n for n in res["notes"])
     bad = runner.invoke(app, [*args, "--convention", "saelens"])
     assert bad.exit_code != 0 and "convention" in bad.output
+
+
+def test_binary_prompt_groups_runs_of_marks_and_numbers_from_zero() -> None:
+    from spd_host.evals.llm.judge import PromptStyle, prompt_for, render
+    from spd_host.evals.llm.trials import Shown, Trial
+
+    def decode(ids: list[int]) -> str:
+        return "".join(f" t{i}" for i in ids)
+
+    shown = Shown((1, 2, 3, 4), (True, True, False, True))
+    assert render(shown, decode, group=True) == "<< t1 t2>> t3<< t4>>"
+    assert render(shown, decode) == "<< t1>><< t2>> t3<< t4>>"
+    trial = Trial("fuzzing:a:b0", "a", "fuzzing", [shown, shown], frozenset({1}), "x")
+    text = prompt_for(trial, decode, PromptStyle(form="binary"))
+    assert EXAMPLE.findall(text) == ["0", "1"] and "Answer 1 if every mark is right" in text

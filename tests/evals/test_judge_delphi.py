@@ -23,7 +23,7 @@ from spd_host.errors import ConfigError
 from spd_host.evals import run_suite
 from spd_host.evals.configs import JudgeSuiteConfig
 from spd_host.evals.llm.suites import build_trials
-from spd_host.evals.llm.trials import cut, cut_activations
+from spd_host.evals.llm.trials import cut
 from spd_host.plugins import get_host
 from tests.evals.test_judge_suites import _write_labels
 
@@ -293,7 +293,9 @@ def test_delphi_fuzzing_marks(harvested: str, fuzz_type: str) -> None:
         windows = {}
         for e in examples:
             s = cut(e, config.max_example_tokens)
-            windows[s.tokens] = (s, cut_activations(e, config.max_example_tokens, act_type))
+            n, m = len(e.tokens), config.max_example_tokens
+            start = max(0, min(e.centre - m // 2, n - m)) if n > m else 0
+            windows[s.tokens] = (s, e.activations[act_type][start : start + m])
         rights = [t.items[i - 1] for i in sorted(t.truth)]
         k = math.ceil(sum(sum(windows[r.tokens][0].marks) for r in rights) / len(rights))
         for r in rights:
@@ -319,3 +321,36 @@ def test_delphi_fuzzing_marks(harvested: str, fuzz_type: str) -> None:
             else:
                 want = set(random.Random(22).sample(eligible, len(marked)))
             assert marked == want
+
+
+def test_cli_records_the_convention_and_refuses_a_bad_one(harvested: str) -> None:
+    from typer.testing import CliRunner
+
+    from spd_host.cli.app import app
+
+    _write_labels(harvested)
+    runner = CliRunner()
+    args = ["eval", "fuzzing", harvested, "--provider", "offline", "--n-components", "4"]
+    out = runner.invoke(app, [*args, "--convention", "delphi", "--fuzz-type", "active", "--json"])
+    assert out.exit_code == 0, out.output
+    (res,) = json.loads(out.stdout)["results"]
+    assert res["convention"] == "delphi" and res["config"]["fuzz_type"] == "active"
+    assert res["delphi"]["pooled"]["total_examples"] > 0 and res["delphi"]["pooled"]["auc"] is None
+    assert any("logprobs" in n for n in res["notes"])
+    bad = runner.invoke(app, [*args, "--convention", "saelens"])
+    assert bad.exit_code != 0 and "convention" in bad.output
+
+
+def test_binary_prompt_groups_runs_of_marks_and_numbers_from_zero() -> None:
+    from spd_host.evals.llm.judge import PromptStyle, prompt_for, render
+    from spd_host.evals.llm.trials import Shown, Trial
+
+    def decode(ids: list[int]) -> str:
+        return "".join(f" t{i}" for i in ids)
+
+    shown = Shown((1, 2, 3, 4), (True, True, False, True))
+    assert render(shown, decode, group=True) == "<< t1 t2>> t3<< t4>>"
+    assert render(shown, decode) == "<< t1>><< t2>> t3<< t4>>"
+    trial = Trial("fuzzing:a:b0", "a", "fuzzing", [shown, shown], frozenset({1}), "x")
+    text = prompt_for(trial, decode, PromptStyle(form="binary"))
+    assert EXAMPLE.findall(text) == ["0", "1"] and "Answer 1 if every mark is right" in text

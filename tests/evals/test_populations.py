@@ -147,6 +147,7 @@ def _brute_fires(model: Any, key: str, tokens: Any) -> list[bool]:
     return (pre_acts(model, layer, seen["x"])[0, :, int(idx)] > THRESHOLD).tolist()
 
 
+@pytest.mark.slow
 def test_negatives_and_window_alone_records_match_brute_force(harvested: str) -> None:
     from spd_host.harvest import HarvestRepo
 

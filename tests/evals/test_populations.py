@@ -322,3 +322,25 @@ def test_widen_without_or_with_a_changed_token_stream_is_a_clear_error(harvested
 
     with pytest.raises(ConfigError, match="no longer holds"):
         build_trials("fuzzing", adapter, cfg, batches=changed)
+
+
+def test_build_pool_gives_scorers_the_same_draws(harvested: str) -> None:
+    """A scorer's draws through ``build_pool`` are the suites' own: positives of the key
+    (firing recorded at their centre), negatives that never fire (brute force)."""
+    from spd_host.evals.llm.suites import build_pool
+
+    adapter = get_host().load_adapter(harvested)
+    model = adapter.load_base_model()
+    pool = build_pool(adapter, JudgeSuiteConfig(negatives="random", n_quantiles=4))
+    assert pool.populations.n_quantiles == 4 and pool.populations.negatives == "random"
+    key = max(pool.density, key=lambda k: pool.density[k])
+    rng = random.Random(3)
+    pos = pool.positives(key, 4, rng)
+    neg = pool.negatives(key, 4, rng)
+    assert len(pos) == 4 and len(neg) == 4
+    assert [d.origin.bin for d in pos] == [0, 1, 2, 3]  # n = n_bins: pick k in bin k
+    for d in pos:
+        assert d.origin.component == key and any(d.shown.marks)
+        assert d.origin.fires_alone == any(_brute_fires(model, key, d.shown.tokens))
+    for d in neg:
+        assert not any(_brute_fires(model, key, d.shown.tokens)) and d.origin.role == "negative"

@@ -213,6 +213,38 @@ def _run_key(suite: str, judge: str, harvest_run: str, config: JudgeSuiteConfig)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def build_pool(
+    adapter: DecompositionAdapter, config: Any, repo: Any = None, *, batches: Any = None
+) -> Pool:
+    """The example pool of a harvest, with the firing check and the population options of
+    ``config`` (a ``JudgeSuiteConfig``, or any config with its population fields); what a
+    scorer needs to call ``pool.positives(key, n, rng)`` / ``pool.negatives(key, n, rng)``.
+
+    ``repo``: an open ``HarvestRepo`` (default: ``config.harvest_run`` of the decomposition).
+    """
+    if repo is None:
+        repo = _open_harvest(adapter, getattr(config, "harvest_run", None))
+    summary = repo.summary()
+
+    def load_examples(key: str) -> list[Any]:
+        d = repo.component(key)
+        return [*d.top_examples, *d.reservoir_examples]
+
+    window = getattr(config, "window", "as_recorded")
+    return Pool(
+        density={c.key: c.density for c in summary},
+        site={c.key: c.site for c in summary},
+        fires=_firing_checker(adapter, float(getattr(repo.config, "threshold", 0.0))),
+        act_type=adapter.activation_types[0],
+        load_examples=load_examples,
+        max_tokens=getattr(config, "max_example_tokens", 64),
+        populations=PopulationOptions(
+            **{f: getattr(config, f) for f in PopulationOptions.model_fields if hasattr(config, f)}
+        ),
+        sequence=_sequence_source(adapter, repo, batches) if window == "widen" else None,
+    )
+
+
 def build_trials(
     kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig, *, batches: Any = None
 ) -> tuple[list[Trial], dict[str, str], Any]:
@@ -224,9 +256,6 @@ def build_trials(
     """
     style = _style_for(kind, config)
     repo = _open_harvest(adapter, config.harvest_run)
-    summary = repo.summary()
-    density = {c.key: c.density for c in summary}
-    site = {c.key: c.site for c in summary}
     labels: dict[str, str] = {}
     skipped: dict[str, str] = {}
     if kind != "intruder":
@@ -237,29 +266,9 @@ def build_trials(
                 hint=f"run `spd-host autointerp {adapter.decomposition_id}` first",
             )
 
-    def load_examples(key: str) -> list[Any]:
-        d = repo.component(key)
-        return [*d.top_examples, *d.reservoir_examples]
-
-    pool = Pool(
-        density=density,
-        site=site,
-        fires=_firing_checker(adapter, float(getattr(repo.config, "threshold", 0.0))),
-        act_type=adapter.activation_types[0],
-        load_examples=load_examples,
-        max_tokens=config.max_example_tokens,
-        populations=PopulationOptions(
-            positives=config.positives,
-            n_quantiles=config.n_quantiles,
-            negatives=config.negatives,
-            density_tolerance=config.density_tolerance,
-            window=config.window,
-            max_widen_tokens=config.max_widen_tokens,
-        ),
-        sequence=_sequence_source(adapter, repo, batches) if config.window == "widen" else None,
-    )
+    pool = build_pool(adapter, config, repo, batches=batches)
     eligible = sorted(
-        k for k, d in density.items() if d > 0 and (kind == "intruder" or k in labels)
+        k for k, d in pool.density.items() if d > 0 and (kind == "intruder" or k in labels)
     )
     rng = random.Random(config.seed)
     rng.shuffle(eligible)

@@ -99,8 +99,12 @@ class ExampleOrigin(BaseModel):
 
 @dataclass(frozen=True)
 class Drawn:
+    """A window as shown, where it came from, and (positives) the target's activation on each
+    of its tokens (0.0 on left context added by ``widen``, which the harvest did not store)."""
+
     shown: Shown
     origin: ExampleOrigin
+    acts: tuple[float, ...] = ()
 
 
 # -- quantiles ----------------------------------------------------------------------------------
@@ -151,10 +155,17 @@ def alone(pool: Pool, key: str, shown: Shown, centre: int) -> tuple[bool, bool]:
 
 
 def widen(
-    pool: Pool, key: str, ex: Any, shown: Shown, centre: int, bound: int
+    pool: Pool,
+    key: str,
+    ex: Any,
+    shown: Shown,
+    centre: int,
+    bound: int,
+    visible: Visible = "centre",
 ) -> tuple[Shown, int, int]:
-    """``shown`` with left context from the harvest's sequence, doubled until the firing at
-    ``centre`` reproduces alone or ``bound`` tokens were added (or the sequence starts).
+    """``shown`` with left context from the harvest's sequence, doubled until the firing is
+    visible alone (``visible``: at ``centre``, or anywhere in the window) or ``bound`` tokens
+    were added (or the sequence starts).
 
     Returns (window, its centre, tokens added). The marks of a widened window are the
     target's firings *in context* (the sequence run from its start: the model is causal).
@@ -170,6 +181,12 @@ def widen(
     left0 = centre  # tokens left of the firing in the window as shown
     right = len(shown.tokens) - centre - 1
     end = min(len(seq), off + right + 1)
+    if tuple(seq[off - left0 : end]) != tuple(shown.tokens):
+        raise ConfigError(
+            f"the harvest's token stream at position {ex.position} no longer holds the "
+            "example's window (the dataset or its tokenization changed since the harvest)",
+            hint="use window='as_recorded' or 'prefer_alone', or harvest again",
+        )
     added = 0
     step = max(1, left0)
     while True:
@@ -183,7 +200,8 @@ def widen(
         cand = Shown(tokens, tuple(bool(x) for x in in_context))
         c = off - start
         shown, centre = cand, c
-        if alone(pool, key, cand, c)[1]:
+        any_alone, centre_alone = alone(pool, key, cand, c)
+        if centre_alone if visible == "centre" else any_alone:
             return shown, centre, added
         step *= 2
 
@@ -236,10 +254,17 @@ def draw_positives(
         if got is None:
             continue
         ex, shown, centre, any_alone, centre_alone = got
+        start = int(ex.centre) - centre
+        acts = tuple(
+            float(a) for a in ex.activations[pool.act_type][start : start + len(shown.tokens)]
+        )
         widened = 0
         if opts.window == "widen" and not (centre_alone if visible == "centre" else any_alone):
-            shown, centre, widened = widen(pool, key, ex, shown, centre, opts.max_widen_tokens)
+            shown, centre, widened = widen(
+                pool, key, ex, shown, centre, opts.max_widen_tokens, visible
+            )
             any_alone, centre_alone = alone(pool, key, shown, centre)
+            acts = (0.0,) * widened + acts
         used.add(int(ex.position))
         out.append(
             Drawn(
@@ -257,6 +282,7 @@ def draw_positives(
                     centre_fires_alone=centre_alone,
                     widened_by=widened,
                 ),
+                acts,
             )
         )
     return out

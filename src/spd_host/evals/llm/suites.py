@@ -6,15 +6,15 @@ judged and retries only the failed and unsent ones. A component's score is the m
 successful trials; a component whose trials all failed has no score (it is counted as
 failed, never as zero).
 
-Under ``convention="delphi"`` detection and fuzzing are also scored as delphi's result analysis
-does (:mod:`spd_host.evals.llm.scoring`): the headline is the class-balanced accuracy of one
-confusion matrix pooled over every example of every component, next to F1, precision,
-recall, frequency-weighted F1 and AUROC from logprobs (``JudgeResult.delphi``).
-
 Detection and fuzzing records carry, per shown example, where it came from and whether its
 window alone reproduces the firing (``populations.ExampleOrigin``); the result reports the
 share of positives whose firing is visible and the ``ceiling`` a perfect judge answering from
 the windows as shown would reach, aggregated like ``score``.
+
+Under ``convention="delphi"`` detection and fuzzing are also scored as delphi's result analysis
+does (:mod:`spd_host.evals.llm.scoring`): the headline is the class-balanced accuracy of one
+confusion matrix pooled over every example of every component, next to F1, precision,
+recall, frequency-weighted F1 and AUROC from logprobs (``JudgeResult.delphi``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from spd_host.evals.llm.populations import (
     ExampleOrigin,
     PopulationOptions,
     SequenceFn,
-    cut_at,
     draw_negatives,
     draw_positives,
 )
@@ -62,9 +61,23 @@ class Trial:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def _window(ex: Any, max_tokens: int) -> slice:
+    n, centre = len(ex.tokens), int(ex.centre)
+    if n <= max_tokens:
+        return slice(0, n)
+    start = max(0, min(centre - max_tokens // 2, n - max_tokens))
+    return slice(start, start + max_tokens)
+
+
 def cut(ex: Any, max_tokens: int) -> Shown:
     """The example's window, at most ``max_tokens`` long, around its recorded firing centre."""
-    return cut_at(ex, max_tokens)[0]
+    w = _window(ex, max_tokens)
+    return Shown(tuple(ex.tokens[w]), tuple(bool(f) for f in ex.firings[w]))
+
+
+def cut_activations(ex: Any, max_tokens: int, act_type: str) -> list[float]:
+    """The activations of the window :func:`cut` shows."""
+    return [float(a) for a in ex.activations[act_type][_window(ex, max_tokens)]]
 
 
 def unmarked(s: Shown) -> Shown:
@@ -169,7 +182,8 @@ def detection_trial(
     neg = pool.negatives(key, n_neg, rng)
     if not neg:
         return "no window found on which it does not fire"
-    items = [(Drawn(unmarked(d.shown), d.origin), True) for d in pos] + [(d, False) for d in neg]
+    items = [(Drawn(unmarked(d.shown), d.origin, d.acts), True) for d in pos]
+    items += [(d, False) for d in neg]
     rng.shuffle(items)
     truth = frozenset(i + 1 for i, (_, p) in enumerate(items) if p)
     return Trial(
@@ -183,7 +197,7 @@ def detection_trial(
     )
 
 
-def _numbered(origins: list[ExampleOrigin]) -> list[ExampleOrigin]:
+def _numbered(origins: Sequence[ExampleOrigin]) -> list[ExampleOrigin]:
     return [o.model_copy(update={"item": i}) for i, o in enumerate(origins, 1)]
 
 
@@ -192,17 +206,6 @@ def threshold_marks(acts: Sequence[float], fraction: float) -> tuple[bool, ...]:
     ``fraction`` (delphi: 0.3) times the example's own maximum."""
     top = max(acts, default=0.0)
     return tuple(a >= fraction * top for a in acts)
-
-
-def shown_activations(pool: Pool, key: str, drawn: Drawn) -> list[float]:
-    """The primary activations of ``key`` over a drawn positive's window as shown. Tokens a
-    widened window (``window="widen"``) added on the left have no recorded activation: 0."""
-    ex = next(e for e in pool.examples[key] if int(e.position) == drawn.origin.position)
-    _, centre = cut_at(ex, pool.max_tokens)
-    start = int(ex.centre) - centre
-    n = len(drawn.shown.tokens) - drawn.origin.widened_by
-    acts = [float(a) for a in ex.activations[pool.act_type][start : start + n]]
-    return [0.0] * drawn.origin.widened_by + acts
 
 
 def _mismarked(
@@ -217,12 +220,12 @@ def _mismarked(
 ) -> Shown | None:
     """``shown`` marked at ``k`` wrong tokens (fewer if fewer qualify; None if none does).
 
-    ``firing``: tokens where the component fires neither in the harvest record (``shown``'s
-    marks) nor in the window as shown (``real``), picked with ``rng``. ``delphi``
-    (``sample._prepare_text``): tokens whose activation is at most ``fraction`` x the example's
-    maximum (every token of a window it never fires on); the token at ``n - n // 4`` (where
-    delphi's windows put the firing) first when it qualifies, the rest by ``random.sample``
-    after delphi's ``random.seed(22)``, re-seeded for every example as delphi does.
+    ``firing``: tokens where the component fires neither in the harvest record nor in the
+    window as shown, picked with ``rng``. ``delphi`` (``sample._prepare_text``): tokens whose
+    activation is at most ``fraction`` x the example's maximum (all tokens of a window it never
+    fires on); the token at ``n - n // 4`` (where delphi's windows put the firing) first when it
+    qualifies, the rest by ``random.sample`` after delphi's ``random.seed(22)``, re-seeded for
+    every example as delphi does.
     """
     n = len(shown.tokens)
     if rule == "firing":
@@ -262,116 +265,118 @@ def fuzzing_trial(
 
     ``fuzz_type``: ``spd-host`` — activating examples, half marked right, the others wrong
     at as many tokens as they really fire on; delphi's ``default`` — ``ceil(n/2)`` activating
-    examples marked right plus ``n//2`` windows the component never fires on (``negatives``),
-    each marked at ``ceil(mean firing tokens of the activating examples)`` tokens; delphi's
-    ``active`` — ``n//2`` activating examples each shown twice, once marked right and once
-    marked wrong at that many tokens. ``mark_rule``: ``firing`` marks right at the recorded
-    firings (and wrong where it fires nowhere); ``delphi`` marks right where the activation is
-    at least ``mark_fraction`` x the example's maximum, wrong as in :func:`_mismarked`.
+    examples marked right plus ``n//2`` windows the component never fires on, each marked at
+    ``ceil(mean firing tokens of the activating examples)`` tokens; delphi's ``active`` —
+    ``n//2`` activating examples each shown twice, once marked right and once marked wrong at
+    that many tokens. ``mark_rule``: ``firing`` marks right at the recorded firings (and wrong
+    where it fires nowhere); ``delphi`` marks right where the activation is at least
+    ``mark_fraction`` x the example's maximum, wrong as in :func:`_mismarked`.
     """
     n_pos = {"spd-host": n_examples, "default": math.ceil(n_examples / 2)}.get(
         fuzz_type, n_examples // 2
     )
-    drawn = pool.positives(key, n_pos, rng, visible="centre")
-    least = 2 if fuzz_type == "spd-host" else 1
-    if len(drawn) < least:
-        return f"fewer than {least} examples"
+    chosen = pool.positives(key, n_pos, rng, visible="centre")
+    if len(chosen) < (2 if fuzz_type == "spd-host" else 1):
+        return f"fewer than {2 if fuzz_type == 'spd-host' else 1} examples"
 
-    def right(d: Drawn) -> tuple[Shown, list[float] | None]:
-        if mark_rule == "firing":
-            return d.shown, None
-        acts = shown_activations(pool, key, d)
-        return Shown(d.shown.tokens, threshold_marks(acts, mark_fraction)), acts
+    def right(d: Drawn) -> tuple[Shown, list[float]]:
+        shown, acts = d.shown, list(d.acts)
+        if mark_rule == "delphi":
+            shown = Shown(shown.tokens, threshold_marks(acts, mark_fraction))
+        return shown, acts
 
-    def wrong(recorded: Shown, acts: list[float] | None, k: int) -> Shown | None:
-        # never mark a real firing: neither a recorded one nor one in the window as shown
-        real = pool.fires(key, recorded.tokens)
+    def wrong(shown: Shown, acts: list[float] | None, k: int, recorded: Sequence[bool]) -> Any:
+        real = [a or b for a, b in zip(pool.fires(key, shown.tokens), recorded, strict=True)]
+        cleared = Shown(shown.tokens, tuple(recorded) if mark_rule == "firing" else shown.marks)
         return _mismarked(
-            recorded, k, rng, rule=mark_rule, acts=acts, real=real, fraction=mark_fraction
+            cleared, k, rng, rule=mark_rule, acts=acts, real=real, fraction=mark_fraction
         )
 
-    items: list[tuple[Shown, bool]] = []
-    origins: list[ExampleOrigin] = []
+    # the items, each with where it came from (a wrongly marked item counts as a negative)
+    items: list[tuple[Shown, bool, ExampleOrigin]] = []
+
+    def as_negative(o: ExampleOrigin) -> ExampleOrigin:
+        return o.model_copy(update={"role": "negative"})
+
     if fuzz_type == "spd-host":
-        order = list(range(len(drawn)))
+        order = list(range(len(chosen)))
         rng.shuffle(order)
-        correct = set(order[: len(drawn) // 2])
-        for i, d in enumerate(drawn):
+        correct = set(order[: len(chosen) // 2])
+        for i, d in enumerate(chosen):
             shown, acts = right(d)
             if i in correct:
-                items.append((shown, True))
-                origins.append(d.origin)
+                items.append((shown, True, d.origin))
                 continue
-            bad = wrong(d.shown, acts, max(1, sum(d.shown.marks)))
+            # never mark a real firing: neither a recorded one nor one in the window as shown
+            recorded = d.shown.marks
+            bad = wrong(shown, acts, max(1, sum(recorded)), recorded)
             if bad is not None:
-                items.append((bad, False))
-                origins.append(d.origin.model_copy(update={"role": "negative"}))
+                items.append((bad, False, as_negative(d.origin)))
     else:
-        k = max(1, math.ceil(sum(sum(d.shown.marks) for d in drawn) / len(drawn)))
-        for d in drawn:
-            shown, acts = right(d)
-            items.append((shown, True))
-            origins.append(d.origin)
+        rights = [(right(d), d.shown.marks, d.origin) for d in chosen]
+        k = max(1, math.ceil(sum(sum(rec) for _, rec, _ in rights) / len(rights)))
+        for (shown, acts), recorded, origin in rights:
+            items.append((shown, True, origin))
             if fuzz_type == "active":
-                bad = wrong(d.shown, acts, k)
+                bad = wrong(shown, acts, k, recorded)
                 if bad is not None:
-                    items.append((bad, False))
-                    origins.append(d.origin.model_copy(update={"role": "negative"}))
+                    items.append((bad, False, as_negative(origin)))
         if fuzz_type == "default":
             for neg in pool.negatives(key, n_examples // 2, rng):
                 blank = unmarked(neg.shown)
-                bad = wrong(blank, None, k)
+                bad = wrong(blank, None, k, blank.marks)
                 if bad is not None:
-                    items.append((bad, False))
-                    origins.append(neg.origin)
-    if not any(not ok for _, ok in items):
+                    items.append((bad, False, neg.origin))
+    if not any(not ok for _, ok, _ in items):
         return "no example has a token it does not fire on"
-    order = list(range(len(items)))
-    rng.shuffle(order)
-    items, origins = [items[j] for j in order], [origins[j] for j in order]
-    truth = frozenset(i + 1 for i, (_, ok) in enumerate(items) if ok)
+    rng.shuffle(items)
+    truth = frozenset(i + 1 for i, (_, ok, _) in enumerate(items) if ok)
     return Trial(
         f"fuzzing:{key}:{idx}",
         key,
         "fuzzing",
-        [s for s, _ in items],
+        [s for s, _, _ in items],
         truth,
         label,
-        extras={"examples": _numbered(origins)},
+        extras={"examples": _numbered([o for _, _, o in items])},
     )
 
 
 def rebatch(trials: Sequence[Trial], n_shown: int, seed: str) -> list[Trial]:
     """delphi's batching: each component's items (of all its trials) shuffled together and
     asked ``n_shown`` at a time (``Classifier._batch``; the last prompt may hold fewer, where
-    delphi's parser then fails the whole prompt). Trial ids become ``<kind>:<key>:b<j>``; each
-    item keeps its ``ExampleOrigin``."""
+    delphi's parser then fails the whole prompt). Trial ids become ``<kind>:<key>:b<j>``."""
     by_key: dict[str, list[Trial]] = {}
     for t in trials:
         by_key.setdefault(t.key, []).append(t)
     out: list[Trial] = []
     for key, group in by_key.items():
-        items = []
-        for t in group:
-            origins = t.extras.get("examples") or [None] * len(t.items)
-            items += [
-                (s, i + 1 in t.truth, o)
-                for i, (s, o) in enumerate(zip(t.items, origins, strict=True))
-            ]
+        items = [(s, i + 1 in t.truth, _origin(t, i)) for t in group for i, s in enumerate(t.items)]
         random.Random(f"{seed}:batch:{key}").shuffle(items)
         first = group[0]
         for j in range(0, len(items), n_shown):
             chunk = items[j : j + n_shown]
-            kept = [o for _, _, o in chunk if o is not None]
+            truth = frozenset(i + 1 for i, (_, p, _) in enumerate(chunk) if p)
+            origins = [o for _, _, o in chunk]
             out.append(
                 Trial(
                     f"{first.kind}:{key}:b{j // n_shown}",
                     key,
                     first.kind,
                     [s for s, _, _ in chunk],
-                    frozenset(i + 1 for i, (_, p, _) in enumerate(chunk) if p),
+                    truth,
                     first.label,
-                    extras={"examples": _numbered(kept)} if len(kept) == len(chunk) else {},
+                    extras=(
+                        {"examples": _numbered([o for o in origins if o is not None])}
+                        if all(o is not None for o in origins)
+                        else {}
+                    ),
                 )
             )
     return out
+
+
+def _origin(trial: Trial, i: int) -> ExampleOrigin | None:
+    """The origin of a trial's ``i``-th item (0-based), when the trial records origins."""
+    origins = trial.extras.get("examples") or []
+    return origins[i] if i < len(origins) else None

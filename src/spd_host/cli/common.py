@@ -30,6 +30,17 @@ BaseModelOpt = Annotated[
 ]
 
 
+PrependBosOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--prepend-bos/--no-prepend-bos",
+        help="Start each sequence with BOS (then seq_len - 1 dataset tokens); default: what "
+        "the decomposition recorded, else what its tokenizer does.",
+    ),
+]
+"""The one dataset option for BOS, on every command that builds token sequences."""
+
+
 def use_base_model(value: str | None) -> None:
     """``--base-model``: checked now (a missing directory is an error before any work), then
     used for every base-model load of this process."""

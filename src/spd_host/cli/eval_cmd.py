@@ -18,6 +18,7 @@ from rich.table import Table
 
 from spd_host.cli.common import (
     BaseModelOpt,
+    PrependBosOpt,
     console,
     err_console,
     handles_errors,
@@ -198,13 +199,7 @@ def fidelity(
             "--convention", help="Definitions: spd-host, saelens or goodfire (docs/evals.md)."
         ),
     ] = "spd-host",
-    prepend_bos: Annotated[
-        bool | None,
-        typer.Option(
-            "--prepend-bos/--no-prepend-bos",
-            help="Start each sequence with BOS (default: as recorded / the tokenizer does).",
-        ),
-    ] = None,
+    prepend_bos: PrependBosOpt = None,
     rounding_threshold: Annotated[
         float | None,
         typer.Option("--rounding-threshold", help="goodfire: rounded_ci threshold (run's)."),
@@ -399,6 +394,7 @@ def run(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     text_column: TextColumn = None,
+    prepend_bos: PrependBosOpt = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -416,6 +412,7 @@ def run(
         "seq_len": seq_len,
         "dataset": dataset,
         "text_column": text_column,
+        "prepend_bos": prepend_bos,
     }
     run_many(
         [suite],
@@ -437,6 +434,7 @@ def run_all(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     text_column: TextColumn = None,
+    prepend_bos: PrependBosOpt = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -456,6 +454,7 @@ def run_all(
         "seq_len": seq_len,
         "dataset": dataset,
         "text_column": text_column,
+        "prepend_bos": prepend_bos,
     }
     run_many(
         list(eval_suites()),

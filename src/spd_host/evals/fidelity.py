@@ -268,20 +268,10 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer itself starts an encoded text with its BOS token."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    try:
-        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # a tokenizer that cannot encode a letter adds nothing
-        return False
-    return bool(ids) and ids[0] == bos
-
-
 def with_bos(batches: Iterable[torch.Tensor], bos: int) -> Iterator[torch.Tensor]:
-    """Each sequence becomes BOS + its first ``seq_len - 1`` tokens (the length is kept)."""
+    """Each sequence of already-cut batches becomes BOS + its first ``seq_len - 1`` tokens
+    (for callers of :func:`fidelity_on_batches` holding batches without BOS; ``run_fidelity``
+    builds BOS sequences in ``spd_host.data`` instead, dropping no stream token)."""
     for b in batches:
         col = torch.full((b.shape[0], 1), bos, dtype=b.dtype, device=b.device)
         yield torch.cat([col, b[:, :-1]], dim=1)
@@ -675,7 +665,12 @@ def harvest_run_name(repo: Any) -> str:
 
 def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> FidelityResult:
     """The suite entry point: held-out tokens from the configured dataset, then measure."""
-    from spd_host.data import TokenDatasetSpec, available_tokens, iter_token_batches
+    from spd_host.data import (
+        TokenDatasetSpec,
+        available_tokens,
+        bos_token_for,
+        iter_token_batches,
+    )
 
     check_splice(adapter)
     defaults = adapter.defaults
@@ -690,22 +685,15 @@ def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> Fidel
     column = config.text_column or defaults.dataset_column
     if column:
         spec_kwargs["text_column"] = column
-    spec = TokenDatasetSpec(**spec_kwargs)
     tokenizer = adapter.load_tokenizer()
+    prepend_bos = resolve_prepend_bos(config, defaults.extra, tokenizer)
+    spec = TokenDatasetSpec(**spec_kwargs, prepend_bos=prepend_bos)
+    bos_token_for(spec, tokenizer)  # no BOS to prepend: refused before the model loads
     # a small held-out split is used whole rather than refused
     n_tokens = min(config.n_tokens, available_tokens(spec, tokenizer))
     batches: Iterable[torch.Tensor] = iter_token_batches(
         spec, tokenizer, batch_size=config.batch_size, n_tokens=n_tokens
     )
-    prepend_bos = resolve_prepend_bos(config, defaults.extra, tokenizer)
-    if prepend_bos:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if bos is None:
-            raise ConfigError(
-                f"--prepend-bos was asked for, but the tokenizer of {adapter.decomposition_id!r} has no BOS token",
-                hint="omit --prepend-bos (or pass --no-prepend-bos)",
-            )
-        batches = with_bos(batches, int(bos))
     special = special_token_ids(tokenizer) if config.convention == "saelens" else None
     hint = -(-n_tokens // (config.batch_size * seq_len))
     result = fidelity_on_batches(
@@ -728,10 +716,8 @@ def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> Fidel
 
 def resolve_prepend_bos(config: FidelityConfig, recorded: dict[str, Any], tokenizer: Any) -> bool:
     """``--prepend-bos`` if given, else what the decomposition recorded (``prepend_bos`` in its
-    defaults' extra, e.g. a SAELens config), else whether the tokenizer adds BOS itself."""
-    if config.prepend_bos is not None:
-        return config.prepend_bos
-    value = recorded.get("prepend_bos")
-    if isinstance(value, bool):
-        return value
-    return tokenizer_adds_bos(tokenizer)
+    defaults' extra, e.g. a SAELens config), else whether the tokenizer adds BOS itself: the
+    one rule of ``spd_host.data.resolve_prepend_bos``, shared with the harvest."""
+    from spd_host.data import resolve_prepend_bos as resolve
+
+    return resolve(config.prepend_bos, recorded, tokenizer)

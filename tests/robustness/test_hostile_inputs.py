@@ -86,6 +86,13 @@ CASES = [
     Case("harvest --out /dev/null", lambda t: [*H, "--out", "/dev/null"], "/dev/null exists and is not a directory"),
     Case("harvest --out ~nosuchuser", lambda t: [*H, "--out", "~nosuchuser-spd/x"], "'~' is unknown"),
     Case("harvest --out under a file", lambda t: [*H, "--out", _file(t) + "/sub"], "cannot be written"),
+    # places even root cannot write (permission bits say yes to root; the kernel says no)
+    Case("harvest --out under /proc", lambda t: [*H, "--out", "/proc/spd-host-test/run"], "--out /proc/spd-host-test/run cannot be written"),
+    Case("harvest --out under /sys", lambda t: [*H, "--out", "/sys/spd-host-test"], "--out /sys/spd-host-test cannot be written"),
+    Case("dashboard --out a file", lambda t: ["dashboard", "transcoder:demo", "--out", _file(t)], "exists and is not a directory"),
+    Case("dashboard --out under /proc", lambda t: ["dashboard", "transcoder:demo", "--out", "/proc/spd-host-test"], "cannot be written"),
+    Case("export neuronpedia --out a file", lambda t: ["export", "neuronpedia", "transcoder:demo", "--out", _file(t)], "exists and is not a directory"),
+    Case("export circuit-tracer --out under /sys", lambda t: ["export", "circuit-tracer", "transcoder:demo", "--out", "/sys/spd-host-test"], "cannot be written"),
     Case("harvest --dataset ~nosuchuser", lambda t: [*H, "--dataset", "~nosuchuser-spd/c.txt", "--out", str(t / "o")], "does not exist on this machine"),
     # autointerp options
     Case("autointerp --cost-cap -1", lambda t: [*A, "--cost-cap", "-1"], "invalid --cost-cap -1"),

@@ -116,7 +116,7 @@ def writable_dir(raw: Path | None, flag: str = "--out") -> Path | None:
             hint=hint,
         )
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".spd-host-write-probe-", dir=probe))
+        Path(tempfile.mkdtemp(prefix=".spd-host-write-probe-", dir=probe)).rmdir()
     except OSError as err:
         raise ConfigError(
             f"{flag} {shown} cannot be written (creating a directory in {printable(str(probe))} "

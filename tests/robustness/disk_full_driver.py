@@ -126,7 +126,11 @@ def main() -> None:
     (db,) = ref_home.rglob("labels.db")
     db_bytes = sum(p.stat().st_size for p in db.parent.glob("labels.db*"))
     home = MNT / "home"
-    shutil.copytree(ref_home / "results", home / "results", ignore=shutil.ignore_patterns("labels.db*", "autointerp"))
+    shutil.copytree(
+        ref_home / "results",
+        home / "results",
+        ignore=shutil.ignore_patterns("labels.db*", "autointerp"),
+    )
     # room for some of the labels, not all (a WAL commit appends whole 4 KiB pages)
     fill(leave=db_bytes)
     report["autointerp_full"] = cli(AUTOINTERP, home)

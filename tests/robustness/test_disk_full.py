@@ -78,7 +78,10 @@ def test_full_disk_during_harvest_and_autointerp(tmp_path: Path) -> None:
     # ...and after freeing space the same command finishes to the ample-disk result, bit for bit
     assert r["harvest_resumed"]["rc"] == 0, r["harvest_resumed"]["stderr"]
     assert r["harvest_files_equal"] == {"stats.safetensors": True, "examples.safetensors": True}
-    ref, resumed = json.loads(r["harvest_ref"]["stdout"]), json.loads(r["harvest_resumed"]["stdout"])
+    ref, resumed = (
+        json.loads(r["harvest_ref"]["stdout"]),
+        json.loads(r["harvest_resumed"]["stdout"]),
+    )
     assert resumed["sites"] == ref["sites"] and resumed["n_tokens"] == ref["n_tokens"]
 
     # autointerp: labels.db on the full disk

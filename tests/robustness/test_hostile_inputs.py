@@ -111,6 +111,11 @@ CASES = [
     Case("harvest --text-column missing", lambda t: [*H, "--dataset", _jsonl(t), "--text-column", "nosuch", "--out", str(t / "o")], "has no 'nosuch' field"),
     Case("eval intruder --cost-cap nan", lambda t: ["eval", "intruder", "transcoder:demo", "--cost-cap", "nan"], "invalid --cost-cap nan"),
     Case("eval intruder --timeout 0", lambda t: ["eval", "intruder", "transcoder:demo", "--timeout", "0"], "invalid --timeout 0"),
+    Case("eval detection --rpm nan", lambda t: ["eval", "detection", "transcoder:demo", "--rpm", "nan"], "invalid --rpm nan"),
+    Case("eval fuzzing --max-output-tokens 1", lambda t: ["eval", "fuzzing", "transcoder:demo", "--max-output-tokens", "1"], "invalid --max-output-tokens 1"),
+    Case("eval detection --input-price -1", lambda t: ["eval", "detection", "transcoder:demo", "--input-price", "-1"], "invalid --input-price -1"),
+    Case("eval fuzzing --price-per-mtok x", lambda t: ["eval", "fuzzing", "transcoder:demo", "--price-per-mtok", "x"], "--price-per-mtok"),
+    Case("eval intruder --label-model", lambda t: ["eval", "intruder", "transcoder:demo", "--label-model", "m"], "--label-model does not apply to intruder"),
     # IDs and files
     Case("id with ~nosuchuser", lambda t: ["info", "transcoder:~nosuchuser-spd/x"], "does not exist on this machine"),
     Case("typo of a demo", lambda t: ["info", "transcoder:dmeo"], "Did you mean 'transcoder:demo'?"),

@@ -53,6 +53,7 @@ from spd_host.evals.configs import FidelityConfig, FidelitySettings, _Frozen
 from spd_host.evals.hooks import capture_targets, keep_original_at, zero_targets
 from spd_host.evals.metrics import (
     DENSITY_BIN_EDGES,
+    CleanRows,
     MeanAccumulator,
     ReconAccumulator,
     SparsityAccumulator,
@@ -458,7 +459,7 @@ def fidelity_on_batches(
         return pair[0] / pair[1] if pair[1] else float("nan")
 
     with (
-        torch.no_grad(),
+        torch.inference_mode(),  # no autograd state kept at all (cheaper than no_grad)
         _cpu_threads(model, device, config.cpu_threads),
         _fused_gelu(model, config.fused_gelu),
     ):
@@ -474,7 +475,7 @@ def fidelity_on_batches(
                 n_excluded += int((~keep).sum())
             with capture_targets(model, topo, all_targets) as acts:
                 logits_clean = forward(tokens)
-                clean = {t: acts[t].detach().clone() for t in all_targets}
+                clean = {t: CleanRows.of(acts[t], keep) for t in all_targets}
             logp_clean = F.log_softmax(logits_clean.float(), dim=-1)
             p_clean = logp_clean.exp()
             pair = next_token_ce_sum(logits_clean, tokens, keep)
@@ -482,14 +483,28 @@ def fidelity_on_batches(
             c_b = mean_of(pair)
             w_clean.add(c_b, weight)
             for scope, scope_sites, targets in scopes:
+                # goodfire: the baseline is a splice variant that is often also measured
+                # (zero_mask); without an exclusion mask it is the same forward: run it once
+                reuse = (
+                    baseline_variant is not None
+                    and keep is None
+                    and baseline_variant in scope_variants(scope)
+                )
+                baseline_acts: dict[str, torch.Tensor] = {}
                 if baseline_variant is not None:
                     # the ablation is a splice, so SAELens' exclusion does not apply to it
-                    with do_splice(scope_sites, baseline_variant, targets, None):
+                    with ExitStack() as stack:
+                        stack.enter_context(do_splice(scope_sites, baseline_variant, targets, None))
+                        if reuse:
+                            acts = stack.enter_context(capture_targets(model, topo, targets))
                         logits = forward(tokens)
+                        if reuse:
+                            baseline_acts = {t: acts[t].detach().clone() for t in targets}
                 else:
                     with zero_targets(model, topo, targets):
                         logits = forward(tokens)
                 pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
+                baseline_pairs = (pair, kpair)
                 ce_abl[scope].add(pair)
                 kl_abl[scope].add(kpair)
                 a_b = mean_of(pair)
@@ -497,13 +512,17 @@ def fidelity_on_batches(
                 w_kl_abl[scope].add(mean_of(kpair), weight)
                 for v in scope_variants(scope):
                     key = (scope, vname[v])
-                    with (
-                        do_splice(scope_sites, v, targets, keep),
-                        capture_targets(model, topo, targets) as acts,
-                    ):
-                        logits = forward(tokens)
-                        spliced = {t: acts[t].detach().clone() for t in targets}
-                    pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
+                    if reuse and v == baseline_variant:
+                        spliced = baseline_acts
+                        pair, kpair = baseline_pairs
+                    else:
+                        with (
+                            do_splice(scope_sites, v, targets, keep),
+                            capture_targets(model, topo, targets) as acts,
+                        ):
+                            logits = forward(tokens)
+                            spliced = {t: acts[t].detach().clone() for t in targets}
+                        pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
                     ce_spl[key].add(pair)
                     kl_spl[key].add(kpair)
                     s_b = mean_of(pair)

@@ -459,7 +459,7 @@ def fidelity_on_batches(
         return pair[0] / pair[1] if pair[1] else float("nan")
 
     with (
-        torch.inference_mode(),  # no autograd state kept at all (cheaper than no_grad)
+        torch.no_grad(),  # (not inference_mode: adapters key caches on tensor versions)
         _cpu_threads(model, device, config.cpu_threads),
         _fused_gelu(model, config.fused_gelu),
     ):

@@ -67,6 +67,14 @@ def _jsonl(tmp: Path) -> str:
     return str(f)
 
 
+def _stored_result(tmp: Path) -> str:
+    """A finished harvest of ``transcoder:org/my-saes`` in this test's home; the typo of its ID."""
+    meta = Path(os.environ["SPD_HOST_HOME"]) / "results" / "x" / "harvest" / "run-1" / "harvest.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"decomposition_id": "transcoder:org/my-saes"}')
+    return "transcodr:org/my-saes"
+
+
 H = ["harvest", "transcoder:demo"]
 A = ["autointerp", "transcoder:demo", "--no-progress"]
 
@@ -120,6 +128,7 @@ CASES = [
     Case("id with ~nosuchuser", lambda t: ["info", "transcoder:~nosuchuser-spd/x"], "does not exist on this machine"),
     Case("typo of a demo", lambda t: ["info", "transcoder:dmeo"], "Did you mean 'transcoder:demo'?"),
     Case("typo of a method", lambda t: ["info", "transcodr:demo"], "Did you mean 'transcoder:demo'?"),
+    Case("typo of a stored result", lambda t: ["info", _stored_result(t)], "Did you mean 'transcoder:org/my-saes'?"),
     Case("YAML alias bomb", lambda t: ["info", _bomb_run(t)], "alias bomb"),
     Case("pretrained_model_class pipeline", lambda t: ["topology", "demo", "--json"] if False else ["eval", "fidelity", _pipeline_run(t), "--n-tokens", "64"], "not a transformers model class"),
 ]  # fmt: skip

@@ -94,7 +94,8 @@ class BosAdapter:
     def defaults(self) -> DecompositionDefaults:
         record = self.root / "record.json"
         extra = json.loads(record.read_text()) if record.exists() else {}
-        return DecompositionDefaults(seq_len=8, extra=extra)
+        column = extra.pop("dataset_column", None)  # the decomposition's recorded text column
+        return DecompositionDefaults(seq_len=8, dataset_column=column, extra=extra)
 
     def load_base_model(self) -> Any:
         return torch.nn.Identity()

@@ -248,3 +248,22 @@ def test_eval_fidelity_uses_the_same_bos_sequences() -> None:
         logits = adapter.load_base_model()(tokens).logits.double()
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     assert result.loss_row().ce_clean == pytest.approx(float(ce), abs=1e-5)
+
+
+def test_the_recorded_text_column_is_honoured(
+    btoy: None, tokenizers: dict[str, Any], tmp_path: Path
+) -> None:
+    """A decomposition that records its text column (SAELens/Goodfire configs do) is harvested
+    from that column without --text-column; --text-column still wins."""
+    tok = tokenizers["gpt2"]
+    corpus = tmp_path / "body.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"body": d, "text": "x"}) + "\n" for d in bos_toy.DOCS * 6)
+    )
+    root = bos_toy.write_decomposition(tmp_path / "d", tok, {"dataset_column": "body"})
+    repo = _harvest(root, corpus)
+    assert repo.config.dataset_column == "body"
+    want = expected_rows(tok, "train", False)  # the rows of the "body" documents
+    assert all(row in want for row in torch.cat(bos_toy.SEEN).tolist())
+    with pytest.raises(Exception, match="has no 'nosuch' field"):
+        _harvest(root, corpus, dataset_column="nosuch")

@@ -69,7 +69,9 @@ def _jsonl(tmp: Path) -> str:
 
 def _stored_result(tmp: Path) -> str:
     """A finished harvest of ``transcoder:org/my-saes`` in this test's home; the typo of its ID."""
-    meta = Path(os.environ["SPD_HOST_HOME"]) / "results" / "x" / "harvest" / "run-1" / "harvest.json"
+    meta = (
+        Path(os.environ["SPD_HOST_HOME"]) / "results" / "x" / "harvest" / "run-1" / "harvest.json"
+    )
     meta.parent.mkdir(parents=True)
     meta.write_text('{"decomposition_id": "transcoder:org/my-saes"}')
     return "transcodr:org/my-saes"

@@ -216,6 +216,7 @@ def read_goodfire_clt(
         layers=layers,
         d_out=d_out,
         extra={
+            "prepend_bos": False,  # Goodfire's harvest data loader: add_bos_token=False
             "layers": list(cfg.layers),
             **gf.batch_metadata(_as_encoder_cfg(cfg, d_out), inference),
         },

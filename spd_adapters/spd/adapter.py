@@ -240,6 +240,9 @@ class SpdAdapter:
             dataset_column=task.column_name if task else None,
             seq_len=task.max_seq_len if task else None,
             extra={
+                # Goodfire's LM data loader never prepends BOS (spd/data.py:
+                # tokenize_and_concatenate(..., add_bos_token=False))
+                "prepend_bos": False,
                 "run_dir": str(self.files.run_dir),
                 "checkpoint": self.files.checkpoint_path.name,
                 "step": self.files.step,

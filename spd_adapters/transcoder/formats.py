@@ -290,12 +290,15 @@ def read_saelens(root: Path) -> TranscoderLayout:
     sites: list[SiteSource] = []
     model = dataset = None
     seq_len = None
+    prepend_bos: bool | None = None
     for d in dirs:
         site, meta = _saelens_site(d)
         sites.append(site)
         model = model or meta.get("model_name")
         dataset = dataset or meta.get("dataset_path")
         seq_len = seq_len or meta.get("context_size")
+        if prepend_bos is None and isinstance(meta.get("prepend_bos"), bool):
+            prepend_bos = meta["prepend_bos"]
     return TranscoderLayout(
         format="saelens",
         root=root,
@@ -303,6 +306,8 @@ def read_saelens(root: Path) -> TranscoderLayout:
         sites=sites,
         dataset=dataset if isinstance(dataset, str) else None,
         seq_len=seq_len if isinstance(seq_len, int) else None,
+        # how the SAE's training sequences began: the host's harvest/eval default
+        extra={} if prepend_bos is None else {"prepend_bos": prepend_bos},
     )
 
 
@@ -312,10 +317,16 @@ def _saelens_site(d: Path) -> tuple[SiteSource, dict[str, Any]]:
     where = str(cfg_path)
     meta_raw = cfg.get("metadata")
     meta: dict[str, Any] = dict(meta_raw) if isinstance(meta_raw, dict) else {}
-    # SAELens < 6 kept these at the top level; >= 6 moved them under "metadata".
-    for key in ("model_name", "hook_name", "hook_name_out", "dataset_path", "context_size"):
+    # SAELens < 6 kept these at the top level; >= 6 moved them under "metadata" (some 6.x
+    # releases wrote the SAEMetadata dict as "meta").
+    alt_raw = cfg.get("meta")
+    alt: dict[str, Any] = dict(alt_raw) if isinstance(alt_raw, dict) else {}
+    keys = ("model_name", "hook_name", "hook_name_out", "dataset_path", "context_size")
+    for key in (*keys, "prepend_bos"):
         if meta.get(key) is None and cfg.get(key) is not None:
             meta[key] = cfg[key]
+        if meta.get(key) is None and alt.get(key) is not None:
+            meta[key] = alt[key]
     arch = cfg.get("architecture", "standard")
     if arch not in _SAELENS_ARCHS:
         raise FormatError(

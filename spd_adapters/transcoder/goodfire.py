@@ -454,6 +454,8 @@ def read_goodfire_transcoders(path: Path, *, inference: str | None = None) -> An
         model_name=resolve_base_model(spec.base_model_path, base),
         sites=sites,
         extra={
+            # Goodfire's harvest data loader never prepends BOS (add_bos_token=False)
+            "prepend_bos": False,
             "artifact_paths": dict(spec.artifact_paths),
             **shared.get("batch", {}),
         },

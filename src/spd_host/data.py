@@ -31,6 +31,16 @@ Pipeline:
    dropped). Splitting tokens rather than sequences keeps train and held-out disjoint for every
    ``seq_len``, so a model trained on one sequence length (the demo model) is evaluated fairly at any
    other.
+
+   **BOS.** With ``prepend_bos`` each sequence is the tokenizer's BOS followed by ``seq_len - 1``
+   stream tokens: the stream is cut into ``seq_len - 1``-token bodies and BOS is put in front of
+   each, so no stream token is dropped and a sequence still has ``seq_len`` tokens. This is how
+   SAELens (``prepend_bos``: a begin-batch BOS, then ``context_size - 1`` tokens) and Goodfire's
+   ``tokenize_and_concatenate(add_bos_token=True)`` (``max_length - 1`` tokens, then BOS in
+   front) build sequences. The default (``resolve_prepend_bos``) is what the decomposition
+   recorded (``defaults.extra["prepend_bos"]``), else what the base model's tokenizer does when
+   it encodes a text: Llama/Gemma-style tokenizers (``add_bos_token``) start with BOS, GPT-2's
+   does not.
 4. **Order.** With ``shuffle`` the sequences are permuted by ``numpy.random.default_rng(seed)``;
    ``n_tokens`` takes the first ``ceil(n_tokens / seq_len)`` sequences of that order (so a longer
    run extends a shorter one), which are grouped into batches of ``batch_size`` (the last batch may
@@ -47,7 +57,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +97,15 @@ class TokenDatasetSpec(BaseModel):
     shuffle: bool = Field(
         default=True, description="Permute the sequences (else keep corpus order)"
     )
+    prepend_bos: bool = Field(
+        default=False,
+        description="Each sequence is BOS + seq_len - 1 stream tokens (see the module docstring)",
+    )
+
+    @property
+    def body_len(self) -> int:
+        """Stream tokens per sequence: ``seq_len``, or ``seq_len - 1`` after a prepended BOS."""
+        return self.seq_len - 1 if self.prepend_bos else self.seq_len
 
 
 def heldout_start(n_tokens: int) -> int:
@@ -125,6 +144,7 @@ def iter_token_batches(
             f"n_tokens must be positive (or None for the whole split), got {n_tokens}"
         )
 
+    bos = bos_token_for(spec, tokenizer)
     sequences = split_sequences(
         load_token_stream(spec.source, tokenizer, text_column=spec.text_column), spec
     )
@@ -142,13 +162,58 @@ def iter_token_batches(
     n_batches = math.ceil(order.shape[0] / batch_size)
     for global_batch in range(rank + start_batch * world_size, n_batches, world_size):
         index = order[global_batch * batch_size : (global_batch + 1) * batch_size]
-        yield sequences[torch.from_numpy(index)]
+        batch = sequences[torch.from_numpy(index)]
+        if bos is not None:
+            batch = torch.cat([torch.full((batch.shape[0], 1), bos, dtype=batch.dtype), batch], 1)
+        yield batch
+
+
+def bos_token_for(spec: TokenDatasetSpec, tokenizer: Any) -> int | None:
+    """The BOS id to put in front of every sequence, or None without ``prepend_bos``.
+
+    A tokenizer without a BOS token cannot honour ``prepend_bos``: a clear error, not a
+    silent sequence without it."""
+    if not spec.prepend_bos:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        raise ConfigError(
+            "sequences must start with BOS (--prepend-bos, or the decomposition records "
+            f"prepend_bos), but the tokenizer ({type(tokenizer).__name__}) has no BOS token",
+            hint="pass --no-prepend-bos",
+        )
+    return bos
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer itself starts an encoded text with its BOS token (Llama/Gemma
+    tokenizers with ``add_bos_token``: yes; GPT-2's: no, although its BOS id is set)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return False
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # a tokenizer that cannot encode a letter adds nothing
+        return False
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_prepend_bos(given: bool | None, recorded: Mapping[str, Any], tokenizer: Any) -> bool:
+    """``prepend_bos`` for a harvest or eval: the option if given, else what the decomposition
+    recorded (``defaults.extra["prepend_bos"]``: a SAELens config's, a Goodfire run's), else
+    what the base model's tokenizer does (:func:`tokenizer_adds_bos`)."""
+    if given is not None:
+        return given
+    value = recorded.get("prepend_bos")
+    if isinstance(value, bool):
+        return value
+    return tokenizer_adds_bos(tokenizer)
 
 
 def available_tokens(spec: TokenDatasetSpec, tokenizer: Any) -> int:
     """How many tokens ``iter_token_batches`` can yield for ``spec`` (whole sequences of its split)."""
     stream = load_token_stream(spec.source, tokenizer, text_column=spec.text_column)
-    return split_sequences(stream, spec).shape[0] * spec.seq_len
+    return split_sequences(stream, spec).shape[0] * spec.seq_len  # a prepended BOS counts
 
 
 def model_context_length(model_or_config: Any) -> int | None:
@@ -176,17 +241,20 @@ def check_seq_len(seq_len: int, model_or_config: Any) -> None:
 
 
 def split_sequences(stream: torch.Tensor, spec: TokenDatasetSpec) -> torch.Tensor:
-    """The ``[n, seq_len]`` non-overlapping sequences of ``spec.split`` (a view of ``stream``)."""
+    """The ``[n, spec.body_len]`` non-overlapping stream pieces of ``spec.split`` (a view of
+    ``stream``): whole sequences, or their bodies after BOS with ``prepend_bos``."""
     start = heldout_start(stream.numel())
     part = stream[:start] if spec.split == "train" else stream[start:]
-    n = part.numel() // spec.seq_len
+    body = spec.body_len
+    n = part.numel() // body
     if n == 0:
         raise DatasetError(
             f"the {spec.split} split of {spec.source!r} has {part.numel():,} tokens, fewer than one "
-            f"sequence of {spec.seq_len} (the whole stream has {stream.numel():,})",
+            f"sequence of {spec.seq_len}{' (BOS + ' + str(body) + ')' if spec.prepend_bos else ''} "
+            f"(the whole stream has {stream.numel():,})",
             hint="use a shorter seq_len or a larger dataset",
         )
-    return part[: n * spec.seq_len].view(n, spec.seq_len)
+    return part[: n * body].view(n, body)
 
 
 def sequence_order(n_sequences: int, spec: TokenDatasetSpec) -> np.ndarray:
@@ -233,14 +301,15 @@ def boundary_token_id(tokenizer: Any) -> int | None:
     return None
 
 
-def tokenization_record(tokenizer: Any) -> dict[str, Any]:
+def tokenization_record(tokenizer: Any, prepend_bos: bool = False) -> dict[str, Any]:
     """How documents were turned into sequences for this tokenizer, recorded with a harvest.
 
     Tokenizer families differ: GPT-2-style tokenizers have only ``<|endoftext|>`` (used as
     EOS and BOS); Llama/Gemma-style ones have a distinct BOS and set ``add_bos_token``, and
     their models expect BOS at the start of a sequence. The stream here never inserts the
     tokenizer's own special tokens; it places the boundary token after each document, so a
-    sequence starts wherever the stream is cut. Recording the family and the choice makes a
+    sequence starts wherever the stream is cut, unless ``prepend_bos`` puts BOS in front of
+    every sequence (``bos_at_sequence_start``). Recording the family and the choice makes a
     harvest's statistics interpretable (and comparable) across tokenizers.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -255,7 +324,8 @@ def tokenization_record(tokenizer: Any) -> dict[str, Any]:
         "bos_token_id": bos if isinstance(bos, int) else None,
         "eos_token_id": eos if isinstance(eos, int) else None,
         "tokenizer_adds_bos": bool(getattr(tokenizer, "add_bos_token", False)),
-        "bos_at_sequence_start": False,
+        "tokenizer_encodes_bos": tokenizer_adds_bos(tokenizer),
+        "bos_at_sequence_start": bool(prepend_bos),
         "special_tokens_in_documents": False,
     }
 
@@ -527,11 +597,15 @@ def _atomic_save(stream: torch.Tensor, target: Path, metadata: dict[str, str]) -
 __all__ = [
     "TokenDatasetSpec",
     "available_tokens",
+    "bos_token_for",
     "boundary_token_id",
     "check_seq_len",
     "heldout_start",
     "iter_token_batches",
     "load_token_stream",
     "model_context_length",
+    "resolve_prepend_bos",
     "split_sequences",
+    "tokenization_record",
+    "tokenizer_adds_bos",
 ]

@@ -242,3 +242,47 @@ def test_openrouter_speaks_openai_wire_format(
     assert report.n_labelled == 1
     assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
     assert report.spent_usd == pytest.approx((100 * 0.3 + 40 * 2.5) / 1e6)
+
+
+def test_a_retry_after_pause_shows_in_the_progress_bar(keyed: None, tmp_path: Path) -> None:
+    """Issue #13: a Retry-After stalled every worker silently; the bar now says it waits."""
+    import asyncio
+    import io
+
+    from rich.console import Console
+
+    from spd_host.autointerp.config import AutointerpConfig
+    from spd_host.autointerp.runner import alabel_components
+    from spd_host.autointerp.store import LabelStore
+
+    def plan(req):  # type: ignore[no-untyped-def]
+        if req.index == 0:
+            return Reply(status=429, headers={"retry-after": "2"}, delay=0.0)
+        return Reply(delay=0.4 if req.index < 4 else 0.0)  # finish while the pause lasts
+
+    evidence = {e.component_key: e for e in make_many(6)}
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160)
+    with LLMServer(plan=plan) as server, LabelStore(tmp_path / "labels.db") as store:
+        config = AutointerpConfig(
+            provider="openai",
+            model="gpt-4.1-mini",
+            base_url=server.openai_url,
+            max_concurrent=4,
+            backoff_base_s=0.01,
+        )
+        report = asyncio.run(
+            alabel_components(
+                list(evidence),
+                evidence.__getitem__,
+                config,
+                store=store,
+                harvest_id="h1",
+                decomposition_id="t:demo",
+                console=console,
+                progress=True,
+                seed=0,
+            )
+        )
+    assert report.n_labelled == 6
+    assert "(Retry-After)" in out.getvalue() and "waiting" in out.getvalue()

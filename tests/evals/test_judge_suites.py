@@ -228,3 +228,51 @@ def test_judge_suites_are_capped_by_default_and_across_resumes(harvested: str) -
         assert len(server.requests) == 11 and first.spent_usd == pytest.approx(440)
         again = run_suite("intruder", harvested, _config(server, cost_cap_usd=700, **prices))
         assert len(server.requests) == 11 and again.stopped_by_cost_cap
+
+
+@pytest.mark.parametrize("kind", ["intruder", "detection"])
+@pytest.mark.parametrize("answer", ["", "   \n\t "])
+def test_a_blank_judge_answer_is_a_failed_trial_not_a_crash(
+    harvested: str, kind: str, answer: str
+) -> None:
+    """Issue #13: a blank or whitespace answer crashed the run (pydantic, after stripping)."""
+    if kind != "intruder":
+        _write_labels(harvested)
+    with LLMServer() as server:
+        server.plan = lambda req: _answer(answer)
+        result = run_suite(kind, harvested, _config(server, max_attempts=1))
+    assert result.n_trials_ok == 0 and result.n_trials_failed == len(result.trials) > 0
+    assert all(t.status == "failed" and t.score is None and t.error for t in result.trials)
+    assert result.score is None  # failures are never scored as zeros
+
+
+def test_a_blank_label_is_not_judged(harvested: str) -> None:
+    """A component whose stored label is blank is not a detection trial (and no crash)."""
+    from spd_host.autointerp.store import LabelStore, default_db_path
+
+    _write_labels(harvested)
+    key = get_host().parse_id(harvested).storage_key
+    with LabelStore(default_db_path(key)) as store:
+        first = store.records()[0]
+        store.write(first.model_copy(update={"label": "  \n\t "}), replace=True)
+    with LLMServer() as server:
+        config = _config(server, n_components=None)
+        trials, _, _ = build_trials("detection", get_host().load_adapter(harvested), config)
+        truths = {t.trial_id: t.truth for t in trials}
+        server.plan = _oracle(truths)
+        result = run_suite("detection", harvested, config)
+    assert result.n_trials_failed == 0 and result.score == pytest.approx(1.0)
+    assert first.component_key not in {t.key for t in trials}
+
+
+def test_force_judges_every_trial_again(harvested: str) -> None:
+    with LLMServer() as server:
+        config = _config(server)
+        trials, _, _ = build_trials("intruder", get_host().load_adapter(harvested), config)
+        server.plan = _oracle({t.trial_id: t.truth for t in trials})
+        first = run_suite("intruder", harvested, config)
+        n = len(server.requests)
+        assert run_suite("intruder", harvested, config).score == first.score
+        assert len(server.requests) == n  # resumed: nothing judged twice
+        forced = run_suite("intruder", harvested, config.model_copy(update={"force": True}))
+        assert len(server.requests) == 2 * n and forced.score == first.score

@@ -67,6 +67,16 @@ def _jsonl(tmp: Path) -> str:
     return str(f)
 
 
+def _stored_result(tmp: Path) -> str:
+    """A finished harvest of ``transcoder:org/my-saes`` in this test's home; the typo of its ID."""
+    meta = (
+        Path(os.environ["SPD_HOST_HOME"]) / "results" / "x" / "harvest" / "run-1" / "harvest.json"
+    )
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"decomposition_id": "transcoder:org/my-saes"}')
+    return "transcodr:org/my-saes"
+
+
 H = ["harvest", "transcoder:demo"]
 A = ["autointerp", "transcoder:demo", "--no-progress"]
 
@@ -86,6 +96,13 @@ CASES = [
     Case("harvest --out /dev/null", lambda t: [*H, "--out", "/dev/null"], "/dev/null exists and is not a directory"),
     Case("harvest --out ~nosuchuser", lambda t: [*H, "--out", "~nosuchuser-spd/x"], "'~' is unknown"),
     Case("harvest --out under a file", lambda t: [*H, "--out", _file(t) + "/sub"], "cannot be written"),
+    # places even root cannot write (permission bits say yes to root; the kernel says no)
+    Case("harvest --out under /proc", lambda t: [*H, "--out", "/proc/spd-host-test/run"], "--out /proc/spd-host-test/run cannot be written"),
+    Case("harvest --out under /sys", lambda t: [*H, "--out", "/sys/spd-host-test"], "--out /sys/spd-host-test cannot be written"),
+    Case("dashboard --out a file", lambda t: ["dashboard", "transcoder:demo", "--out", _file(t)], "exists and is not a directory"),
+    Case("dashboard --out under /proc", lambda t: ["dashboard", "transcoder:demo", "--out", "/proc/spd-host-test"], "cannot be written"),
+    Case("export neuronpedia --out a file", lambda t: ["export", "neuronpedia", "transcoder:demo", "--out", _file(t)], "exists and is not a directory"),
+    Case("export circuit-tracer --out under /sys", lambda t: ["export", "circuit-tracer", "transcoder:demo", "--out", "/sys/spd-host-test"], "cannot be written"),
     Case("harvest --dataset ~nosuchuser", lambda t: [*H, "--dataset", "~nosuchuser-spd/c.txt", "--out", str(t / "o")], "does not exist on this machine"),
     # autointerp options
     Case("autointerp --cost-cap -1", lambda t: [*A, "--cost-cap", "-1"], "invalid --cost-cap -1"),
@@ -104,10 +121,16 @@ CASES = [
     Case("harvest --text-column missing", lambda t: [*H, "--dataset", _jsonl(t), "--text-column", "nosuch", "--out", str(t / "o")], "has no 'nosuch' field"),
     Case("eval intruder --cost-cap nan", lambda t: ["eval", "intruder", "transcoder:demo", "--cost-cap", "nan"], "invalid --cost-cap nan"),
     Case("eval intruder --timeout 0", lambda t: ["eval", "intruder", "transcoder:demo", "--timeout", "0"], "invalid --timeout 0"),
+    Case("eval detection --rpm nan", lambda t: ["eval", "detection", "transcoder:demo", "--rpm", "nan"], "invalid --rpm nan"),
+    Case("eval fuzzing --max-output-tokens 1", lambda t: ["eval", "fuzzing", "transcoder:demo", "--max-output-tokens", "1"], "invalid --max-output-tokens 1"),
+    Case("eval detection --input-price -1", lambda t: ["eval", "detection", "transcoder:demo", "--input-price", "-1"], "invalid --input-price -1"),
+    Case("eval fuzzing --price-per-mtok x", lambda t: ["eval", "fuzzing", "transcoder:demo", "--price-per-mtok", "x"], "--price-per-mtok"),
+    Case("eval intruder --label-model", lambda t: ["eval", "intruder", "transcoder:demo", "--label-model", "m"], "--label-model does not apply to intruder"),
     # IDs and files
     Case("id with ~nosuchuser", lambda t: ["info", "transcoder:~nosuchuser-spd/x"], "does not exist on this machine"),
     Case("typo of a demo", lambda t: ["info", "transcoder:dmeo"], "Did you mean 'transcoder:demo'?"),
     Case("typo of a method", lambda t: ["info", "transcodr:demo"], "Did you mean 'transcoder:demo'?"),
+    Case("typo of a stored result", lambda t: ["info", _stored_result(t)], "Did you mean 'transcoder:org/my-saes'?"),
     Case("YAML alias bomb", lambda t: ["info", _bomb_run(t)], "alias bomb"),
     Case("pretrained_model_class pipeline", lambda t: ["topology", "demo", "--json"] if False else ["eval", "fidelity", _pipeline_run(t), "--n-tokens", "64"], "not a transformers model class"),
 ]  # fmt: skip

@@ -187,6 +187,9 @@ class PdAdapter:
             seq_len=data.max_seq_len if data else None,
             extra={
                 "format": "param-decomp",
+                # its LM data loader never prepends BOS (experiments/lm/data.py:
+                # _tokenize_and_concatenate(..., add_bos_token=False))
+                "prepend_bos": False,
                 "run_dir": str(self.files.run_dir),
                 "config": self.files.config_path.name,
                 "checkpoint": str(self.files.item_dir.relative_to(self.files.run_dir)),

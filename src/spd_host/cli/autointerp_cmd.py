@@ -37,7 +37,12 @@ def autointerp(
             "default: first with a key set, else offline"
         ),
     ] = None,
-    model: Annotated[str | None, typer.Option(help="default: the provider's default model")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "--label-model", help="the labelling model (default: the provider's)"
+        ),
+    ] = None,
     strategy: Annotated[
         str, typer.Option(help="compact_skeptical | dual_view | rich_examples | canon | a plugin's")
     ] = "compact_skeptical",
@@ -92,7 +97,8 @@ def autointerp(
     examples: Annotated[
         str | None,
         typer.Option(
-            help="example rendering: delimited | single_line | xml (default: the strategy's)"
+            "--example-format",
+            help="example rendering: delimited | single_line | xml (default: the strategy's)",
         ),
     ] = None,
     annotate: Annotated[

@@ -30,6 +30,17 @@ BaseModelOpt = Annotated[
 ]
 
 
+PrependBosOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--prepend-bos/--no-prepend-bos",
+        help="Start each sequence with BOS (then seq_len - 1 dataset tokens); default: what "
+        "the decomposition recorded, else what its tokenizer does.",
+    ),
+]
+"""The one dataset option for BOS, on every command that builds token sequences."""
+
+
 def use_base_model(value: str | None) -> None:
     """``--base-model``: checked now (a missing directory is an error before any work), then
     used for every base-model load of this process."""
@@ -84,13 +95,8 @@ def user_errors() -> Iterator[None]:
 
         _report(option_error(err))
         raise SystemExit(1) from None
-    except (OSError, sqlite3.OperationalError) as err:
-        full = (
-            "disk is full" in str(err)
-            if isinstance(err, sqlite3.OperationalError)
-            else err.errno in (errno.ENOSPC, errno.EDQUOT)
-        )
-        if not full or os.environ.get("SPD_HOST_DEBUG"):
+    except Exception as err:
+        if not disk_full(err) or os.environ.get("SPD_HOST_DEBUG"):
             raise
         filename = getattr(err, "filename", None)
         where = f" writing {filename}" if filename else ""
@@ -102,6 +108,38 @@ def user_errors() -> Iterator[None]:
             )
         )
         raise SystemExit(1) from None
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = (
+    "database or disk is full",  # sqlite3 (SQLITE_FULL)
+    "no space left on device",  # strerror(ENOSPC), as Rust's io::Error (safetensors) words it
+    "disk quota exceeded",  # strerror(EDQUOT)
+    *(f"os error {n})" for n in _DISK_FULL_ERRNOS),
+)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is a full disk or an exhausted quota.
+
+    Writers report it differently: Python's ``OSError`` carries ``errno`` ENOSPC/EDQUOT;
+    ``sqlite3`` raises ``OperationalError('database or disk is full')``; safetensors' Rust
+    writer raises ``SafetensorError('... No space left on device (os error 28)')``, which is
+    no ``OSError`` at all."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if isinstance(current, (sqlite3.Error, OSError)) or type(current).__name__ in (
+            "SafetensorError",
+        ):
+            text = str(current).lower()
+            if any(t in text for t in _DISK_FULL_TEXT):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _report(err: SpdHostError) -> None:

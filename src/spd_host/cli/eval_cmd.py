@@ -18,6 +18,7 @@ from rich.table import Table
 
 from spd_host.cli.common import (
     BaseModelOpt,
+    PrependBosOpt,
     console,
     err_console,
     handles_errors,
@@ -198,13 +199,7 @@ def fidelity(
             "--convention", help="Definitions: spd-host, saelens or goodfire (docs/evals.md)."
         ),
     ] = "spd-host",
-    prepend_bos: Annotated[
-        bool | None,
-        typer.Option(
-            "--prepend-bos/--no-prepend-bos",
-            help="Start each sequence with BOS (default: as recorded / the tokenizer does).",
-        ),
-    ] = None,
+    prepend_bos: PrependBosOpt = None,
     rounding_threshold: Annotated[
         float | None,
         typer.Option("--rounding-threshold", help="goodfire: rounded_ci threshold (run's)."),
@@ -316,7 +311,30 @@ NoCostCap = Annotated[bool, typer.Option("--no-cost-cap", help="Remove the cap (
 Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds per request.")]
 MaxAttempts = Annotated[int | None, typer.Option("--max-attempts", help="Attempts per trial.")]
 LabelModel = Annotated[
-    str | None, typer.Option("--label-model", help="Score labels of this autointerp model only.")
+    str | None,
+    typer.Option(
+        "--label-model", help="Score labels of this autointerp model only (detection, fuzzing)."
+    ),
+]
+ApiKeyEnv = Annotated[
+    str | None, typer.Option("--api-key-env", help="Read the API key from this variable.")
+]
+Rpm = Annotated[float | None, typer.Option("--rpm", help="Request starts per minute.")]
+InputPrice = Annotated[
+    float | None, typer.Option("--input-price", help="USD per million input tokens.")
+]
+OutputPrice = Annotated[
+    float | None, typer.Option("--output-price", help="USD per million output tokens.")
+]
+PricePerMtok = Annotated[
+    str | None, typer.Option("--price-per-mtok", help="IN,OUT: USD per million tokens.")
+]
+MaxOutputTokens = Annotated[
+    int | None, typer.Option("--max-output-tokens", help="Output tokens per call.")
+]
+MaxRetryAfter = Annotated[
+    float | None,
+    typer.Option("--max-retry-after", help="Longest Retry-After (s) waited for."),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Judge again trials already judged.")]
 NComponents = Annotated[int | None, typer.Option("--n-components", help="Components sampled.")]
@@ -385,6 +403,13 @@ def _judge_command(kind: str) -> Any:
         no_cost_cap: NoCostCap = False,
         timeout: Timeout = None,
         max_attempts: MaxAttempts = None,
+        api_key_env: ApiKeyEnv = None,
+        rpm: Rpm = None,
+        input_price: InputPrice = None,
+        output_price: OutputPrice = None,
+        price_per_mtok: PricePerMtok = None,
+        max_output_tokens: MaxOutputTokens = None,
+        max_retry_after: MaxRetryAfter = None,
         n_components: NComponents = None,
         n_trials: NTrials = None,
         harvest_run: HarvestRun = None,
@@ -411,8 +436,25 @@ def _judge_command(kind: str) -> Any:
         wandb_entity: WandbEntity = None,
     ) -> None:
         use_base_model(base_model)
+        if label_model is not None and kind == "intruder":
+            from spd_host.errors import ConfigError
+
+            raise ConfigError(
+                "--label-model does not apply to intruder (it judges examples, not labels)",
+                hint="use it with eval detection or eval fuzzing",
+            )
+        if price_per_mtok is not None:
+            from spd_host.autointerp.pricing import parse_price_pair
+
+            input_price, output_price = parse_price_pair(price_per_mtok)
         options = {
             "provider": provider,
+            "api_key_env": api_key_env,
+            "rpm": rpm,
+            "input_price_per_mtok": input_price,
+            "output_price_per_mtok": output_price,
+            "max_output_tokens": max_output_tokens,
+            "max_retry_after_s": max_retry_after,
             "model": model,
             "base_url": base_url,
             "max_concurrent": max_concurrent,
@@ -423,7 +465,7 @@ def _judge_command(kind: str) -> Any:
             "n_components": n_components,
             "n_trials": n_trials,
             "harvest_run": harvest_run,
-            "label_model": label_model if kind != "intruder" else None,
+            "label_model": label_model,
             "positives": positives,
             "n_quantiles": n_quantiles,
             "negatives": negatives,
@@ -469,6 +511,7 @@ def run(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     text_column: TextColumn = None,
+    prepend_bos: PrependBosOpt = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -486,6 +529,7 @@ def run(
         "seq_len": seq_len,
         "dataset": dataset,
         "text_column": text_column,
+        "prepend_bos": prepend_bos,
     }
     run_many(
         [suite],
@@ -507,6 +551,7 @@ def run_all(
     seq_len: SeqLen = None,
     dataset: Dataset = None,
     text_column: TextColumn = None,
+    prepend_bos: PrependBosOpt = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
     wandb: Wandb = False,
@@ -526,6 +571,7 @@ def run_all(
         "seq_len": seq_len,
         "dataset": dataset,
         "text_column": text_column,
+        "prepend_bos": prepend_bos,
     }
     run_many(
         list(eval_suites()),

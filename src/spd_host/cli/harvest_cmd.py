@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from spd_host.cli.common import (
     BaseModelOpt,
+    PrependBosOpt,
     console,
     err_console,
     handles_errors,
@@ -98,6 +99,7 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Recompute even if this harvest is finished")
     ] = False,
+    prepend_bos: PrependBosOpt = None,
     base_model: BaseModelOpt = None,
 ) -> None:
     """Harvest a decomposition: statistics, examples, token stats and co-occurrence per component."""
@@ -114,6 +116,7 @@ def run(
             dataset=dataset,
             dataset_column=text_column,
             seq_len=seq_len,
+            prepend_bos=prepend_bos,
             n_tokens=n_tokens,
             batch_size=batch_size,
             examples_per_component=examples_per_component,

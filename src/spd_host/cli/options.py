@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,7 +89,11 @@ def writable_dir(raw: Path | None, flag: str = "--out") -> Path | None:
     """``raw`` as a directory this process can create or write into, checked up front.
 
     Refused: an existing file (``/dev/null`` included), a directory without write
-    permission, a path whose nearest existing parent is not a writable directory.
+    permission, a path whose nearest existing parent is not a writable directory. Permission
+    bits are not the whole story: root passes every ``os.access`` check, yet cannot create a
+    directory under ``/proc`` (ENOENT) or ``/sys`` (EPERM), nor on a read-only mount (EROFS).
+    So the nearest existing directory is also probed by creating (and removing) an empty
+    directory in it: what the run would do first, done before any work.
     """
     if raw is None:
         return None
@@ -104,11 +109,20 @@ def writable_dir(raw: Path | None, flag: str = "--out") -> Path | None:
         if probe.parent == probe:
             break
         probe = probe.parent
+    hint = f"choose a {flag} under a directory you can write to"
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(
             f"{flag} {shown} cannot be written ({printable(str(probe))} is not a writable directory)",
-            hint=f"choose a {flag} under a directory you can write to",
+            hint=hint,
         )
+    try:
+        Path(tempfile.mkdtemp(prefix=".spd-host-write-probe-", dir=probe)).rmdir()
+    except OSError as err:
+        raise ConfigError(
+            f"{flag} {shown} cannot be written (creating a directory in {printable(str(probe))} "
+            f"failed: {err.strerror or err})",
+            hint=hint,
+        ) from None
     return path
 
 

@@ -91,6 +91,15 @@ def serve(
         viewer.close()
 
 
+def _out_dir(out: Path) -> Path:
+    """``--out`` checked before any work (a file, ``/proc``, a read-only place: refused)."""
+    from spd_host.cli.options import writable_dir
+
+    checked = writable_dir(out)
+    assert checked is not None
+    return checked
+
+
 @handles_errors
 def dashboard(
     decomposition_id: Annotated[str, typer.Argument(help="e.g. transcoder:demo")],
@@ -101,6 +110,7 @@ def dashboard(
     harvest_run: HarvestRun = None,
 ) -> None:
     """Write a static, self-contained dashboard (opens from file://, no server, no network)."""
+    out = _out_dir(out)
     _need_viewer()
     from spd_host.viewer.source import DecompositionSource
     from spd_host.viewer.static_site import write_dashboard
@@ -131,6 +141,7 @@ def neuronpedia(
     harvest_run: HarvestRun = None,
 ) -> None:
     """Neuronpedia feature JSON (activations, quantile bins, logits, histogram, explanations)."""
+    out = _out_dir(out)
     _need_viewer()
     from spd_host.viewer.exports import export_neuronpedia
     from spd_host.viewer.index import ComponentIndex
@@ -154,6 +165,7 @@ def circuit_tracer(
     harvest_run: HarvestRun = None,
 ) -> None:
     """circuit-tracer feature files: features/index.json.gz + one .bin per layer."""
+    out = _out_dir(out)
     from spd_host.viewer.exports import export_circuit_tracer
     from spd_host.viewer.source import DecompositionSource
 

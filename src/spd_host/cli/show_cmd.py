@@ -26,7 +26,12 @@ def show(
         str | None, typer.Argument(help="component key '<site>:<index>' (omit with --failed)")
     ] = None,
     strategy: Annotated[str | None, typer.Option(help="only labels of this strategy")] = None,
-    model: Annotated[str | None, typer.Option(help="only labels of this model")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "--label-model", help="only labels of this model")
+    ] = None,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="only labels of this provider")
+    ] = None,
     harvest_run: Annotated[
         str | None,
         typer.Option("--run", "--harvest-run", help="harvest sub-run (default: latest)"),
@@ -45,7 +50,7 @@ def show(
 
     db = labels_db_path(decomposition_id)
     if failed:
-        _show_failed(decomposition_id, db, strategy, model, json_out)
+        _show_failed(decomposition_id, db, strategy, model, json_out, provider)
         return
     if component is None:
         raise ResultsNotFoundError(
@@ -57,6 +62,7 @@ def show(
     if db.exists():
         with LabelStore(db) as store:
             records = store.records(component_key=component, strategy=strategy, model=model)
+        records = [r for r in records if provider is None or r.provider == provider]
     evidence: Any = None
     evidence_error = None
     try:
@@ -133,7 +139,12 @@ def show(
 
 
 def _show_failed(
-    decomposition_id: str, db: Any, strategy: str | None, model: str | None, json_out: bool
+    decomposition_id: str,
+    db: Any,
+    strategy: str | None,
+    model: str | None,
+    json_out: bool,
+    provider: str | None = None,
 ) -> None:
     """Every failed component of the store with its stored error (newest first)."""
     from spd_host.autointerp.store import LabelStore
@@ -145,6 +156,7 @@ def _show_failed(
         )
     with LabelStore(db) as store:
         rows = store.records(strategy=strategy, model=model, status="failed")
+    rows = [r for r in rows if provider is None or r.provider == provider]
     if json_out:
         print_json(
             [

@@ -53,6 +53,7 @@ from spd_host.evals.configs import FidelityConfig, FidelitySettings, _Frozen
 from spd_host.evals.hooks import capture_targets, keep_original_at, zero_targets
 from spd_host.evals.metrics import (
     DENSITY_BIN_EDGES,
+    CleanRows,
     MeanAccumulator,
     ReconAccumulator,
     SparsityAccumulator,
@@ -268,20 +269,10 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer itself starts an encoded text with its BOS token."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    try:
-        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # a tokenizer that cannot encode a letter adds nothing
-        return False
-    return bool(ids) and ids[0] == bos
-
-
 def with_bos(batches: Iterable[torch.Tensor], bos: int) -> Iterator[torch.Tensor]:
-    """Each sequence becomes BOS + its first ``seq_len - 1`` tokens (the length is kept)."""
+    """Each sequence of already-cut batches becomes BOS + its first ``seq_len - 1`` tokens
+    (for callers of :func:`fidelity_on_batches` holding batches without BOS; ``run_fidelity``
+    builds BOS sequences in ``spd_host.data`` instead, dropping no stream token)."""
     for b in batches:
         col = torch.full((b.shape[0], 1), bos, dtype=b.dtype, device=b.device)
         yield torch.cat([col, b[:, :-1]], dim=1)
@@ -468,7 +459,7 @@ def fidelity_on_batches(
         return pair[0] / pair[1] if pair[1] else float("nan")
 
     with (
-        torch.no_grad(),
+        torch.no_grad(),  # (not inference_mode: adapters key caches on tensor versions)
         _cpu_threads(model, device, config.cpu_threads),
         _fused_gelu(model, config.fused_gelu),
     ):
@@ -484,7 +475,7 @@ def fidelity_on_batches(
                 n_excluded += int((~keep).sum())
             with capture_targets(model, topo, all_targets) as acts:
                 logits_clean = forward(tokens)
-                clean = {t: acts[t].detach().clone() for t in all_targets}
+                clean = {t: CleanRows.of(acts[t], keep) for t in all_targets}
             logp_clean = F.log_softmax(logits_clean.float(), dim=-1)
             p_clean = logp_clean.exp()
             pair = next_token_ce_sum(logits_clean, tokens, keep)
@@ -492,14 +483,28 @@ def fidelity_on_batches(
             c_b = mean_of(pair)
             w_clean.add(c_b, weight)
             for scope, scope_sites, targets in scopes:
+                # goodfire: the baseline is a splice variant that is often also measured
+                # (zero_mask); without an exclusion mask it is the same forward: run it once
+                reuse = (
+                    baseline_variant is not None
+                    and keep is None
+                    and baseline_variant in scope_variants(scope)
+                )
+                baseline_acts: dict[str, torch.Tensor] = {}
                 if baseline_variant is not None:
                     # the ablation is a splice, so SAELens' exclusion does not apply to it
-                    with do_splice(scope_sites, baseline_variant, targets, None):
+                    with ExitStack() as stack:
+                        stack.enter_context(do_splice(scope_sites, baseline_variant, targets, None))
+                        if reuse:
+                            acts = stack.enter_context(capture_targets(model, topo, targets))
                         logits = forward(tokens)
+                        if reuse:
+                            baseline_acts = {t: acts[t].detach().clone() for t in targets}
                 else:
                     with zero_targets(model, topo, targets):
                         logits = forward(tokens)
                 pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
+                baseline_pairs = (pair, kpair)
                 ce_abl[scope].add(pair)
                 kl_abl[scope].add(kpair)
                 a_b = mean_of(pair)
@@ -507,13 +512,17 @@ def fidelity_on_batches(
                 w_kl_abl[scope].add(mean_of(kpair), weight)
                 for v in scope_variants(scope):
                     key = (scope, vname[v])
-                    with (
-                        do_splice(scope_sites, v, targets, keep),
-                        capture_targets(model, topo, targets) as acts,
-                    ):
-                        logits = forward(tokens)
-                        spliced = {t: acts[t].detach().clone() for t in targets}
-                    pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
+                    if reuse and v == baseline_variant:
+                        spliced = baseline_acts
+                        pair, kpair = baseline_pairs
+                    else:
+                        with (
+                            do_splice(scope_sites, v, targets, keep),
+                            capture_targets(model, topo, targets) as acts,
+                        ):
+                            logits = forward(tokens)
+                            spliced = {t: acts[t].detach().clone() for t in targets}
+                        pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
                     ce_spl[key].add(pair)
                     kl_spl[key].add(kpair)
                     s_b = mean_of(pair)
@@ -675,7 +684,12 @@ def harvest_run_name(repo: Any) -> str:
 
 def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> FidelityResult:
     """The suite entry point: held-out tokens from the configured dataset, then measure."""
-    from spd_host.data import TokenDatasetSpec, available_tokens, iter_token_batches
+    from spd_host.data import (
+        TokenDatasetSpec,
+        available_tokens,
+        bos_token_for,
+        iter_token_batches,
+    )
 
     check_splice(adapter)
     defaults = adapter.defaults
@@ -690,22 +704,15 @@ def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> Fidel
     column = config.text_column or defaults.dataset_column
     if column:
         spec_kwargs["text_column"] = column
-    spec = TokenDatasetSpec(**spec_kwargs)
     tokenizer = adapter.load_tokenizer()
+    prepend_bos = resolve_prepend_bos(config, defaults.extra, tokenizer)
+    spec = TokenDatasetSpec(**spec_kwargs, prepend_bos=prepend_bos)
+    bos_token_for(spec, tokenizer)  # no BOS to prepend: refused before the model loads
     # a small held-out split is used whole rather than refused
     n_tokens = min(config.n_tokens, available_tokens(spec, tokenizer))
     batches: Iterable[torch.Tensor] = iter_token_batches(
         spec, tokenizer, batch_size=config.batch_size, n_tokens=n_tokens
     )
-    prepend_bos = resolve_prepend_bos(config, defaults.extra, tokenizer)
-    if prepend_bos:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if bos is None:
-            raise ConfigError(
-                f"--prepend-bos was asked for, but the tokenizer of {adapter.decomposition_id!r} has no BOS token",
-                hint="omit --prepend-bos (or pass --no-prepend-bos)",
-            )
-        batches = with_bos(batches, int(bos))
     special = special_token_ids(tokenizer) if config.convention == "saelens" else None
     hint = -(-n_tokens // (config.batch_size * seq_len))
     result = fidelity_on_batches(
@@ -728,10 +735,8 @@ def run_fidelity(adapter: DecompositionAdapter, config: FidelityConfig) -> Fidel
 
 def resolve_prepend_bos(config: FidelityConfig, recorded: dict[str, Any], tokenizer: Any) -> bool:
     """``--prepend-bos`` if given, else what the decomposition recorded (``prepend_bos`` in its
-    defaults' extra, e.g. a SAELens config), else whether the tokenizer adds BOS itself."""
-    if config.prepend_bos is not None:
-        return config.prepend_bos
-    value = recorded.get("prepend_bos")
-    if isinstance(value, bool):
-        return value
-    return tokenizer_adds_bos(tokenizer)
+    defaults' extra, e.g. a SAELens config), else whether the tokenizer adds BOS itself: the
+    one rule of ``spd_host.data.resolve_prepend_bos``, shared with the harvest."""
+    from spd_host.data import resolve_prepend_bos as resolve
+
+    return resolve(config.prepend_bos, recorded, tokenizer)

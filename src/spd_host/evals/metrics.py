@@ -113,6 +113,26 @@ def _rows(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class CleanRows:
+    """The clean side of a reconstruction comparison, in float64 rows, with the statistics
+    every splice of one batch compares against (mean, sum of squared deviations, norms):
+    computed once, not once per scope and variant."""
+
+    x: torch.Tensor
+    mean: torch.Tensor
+    m2: float
+    norm: torch.Tensor
+
+    @classmethod
+    def of(cls, target: torch.Tensor, keep: torch.Tensor | None = None) -> CleanRows:
+        x = _rows(target, keep)
+        if x.shape[0] == 0:
+            return cls(x, x.new_zeros(x.shape[1]), 0.0, x.new_zeros(0))
+        mean = x.mean(0)
+        return cls(x, mean, float(((x - mean) ** 2).sum()), x.norm(dim=-1))
+
+
 @dataclass
 class ReconAccumulator:
     """Explained variance, MSE and cosine similarity of ``recon`` against ``target``."""
@@ -129,14 +149,19 @@ class ReconAccumulator:
     rrb: list[float] = field(default_factory=list)  # one value per batch, as SAELens has it
 
     def add(
-        self, target: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor | None = None
+        self,
+        target: torch.Tensor | CleanRows,
+        recon: torch.Tensor,
+        keep: torch.Tensor | None = None,
     ) -> None:
-        x, y = _rows(target, keep), _rows(recon, keep)
+        """``target``: the clean activations, or their :class:`CleanRows` (computed once per
+        batch and target when several splices are compared against the same clean rows)."""
+        clean = target if isinstance(target, CleanRows) else CleanRows.of(target, keep)
+        x, y = clean.x, _rows(recon, keep)
         nb = x.shape[0]
         if nb == 0:
             return
-        mean_b = x.mean(0)
-        m2_b = float(((x - mean_b) ** 2).sum())
+        mean_b, m2_b = clean.mean, clean.m2
         if self.mean is None:
             self.mean, self.m2, self.n, self.d = mean_b, m2_b, nb, x.shape[1]
         else:
@@ -147,7 +172,7 @@ class ReconAccumulator:
             self.n = n
         self.sse += float(((x - y) ** 2).sum())
         self.cos_sum += float(F.cosine_similarity(x, y, dim=-1, eps=1e-12).sum())
-        norm_in, norm_out = x.norm(dim=-1), y.norm(dim=-1)
+        norm_in, norm_out = clean.norm, y.norm(dim=-1)
         self.norm_in_sum += float(norm_in.sum())
         self.norm_out_sum += float(norm_out.sum())
         # SAELens: a near-zero input norm divides by 1 instead

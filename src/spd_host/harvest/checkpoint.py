@@ -23,9 +23,13 @@ STATE_JSON = "state.json"
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
+    try:
+        tmp.write_text(text)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 
@@ -35,7 +39,11 @@ def save_checkpoint(directory: Path, acc: HarvestAccumulator, extra: dict[str, A
     tensors, meta = acc.state()
     name = f"state-{acc.n_batches:09d}.safetensors"
     tmp = directory / f".{name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
+    try:
+        save_file(tensors, str(tmp))
+    except BaseException:  # a full disk: the partial file must not keep holding the space
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(directory / name)
     meta = {**meta, **extra, "tensors": name}
     atomic_write_text(directory / STATE_JSON, json.dumps(meta, indent=1))

@@ -19,6 +19,11 @@ class HarvestConfig(BaseModel):
     dataset: str | None = Field(default=None, description="'demo', a file/dir, or a Hub dataset")
     dataset_column: str | None = None
     seq_len: int | None = Field(default=None, gt=1)
+    prepend_bos: bool | None = Field(
+        default=None,
+        description="Each sequence is BOS + seq_len - 1 dataset tokens (spd_host.data); None: "
+        "what the decomposition recorded, else what its tokenizer does (resolved before the run)",
+    )
     n_tokens: int = Field(
         default=200_000, gt=0, description="Tokens to harvest (all ranks together)"
     )
@@ -97,8 +102,12 @@ class HarvestConfig(BaseModel):
         return self
 
     def identity(self) -> dict[str, object]:
-        """The fields that determine the result (everything but ``device``)."""
-        return self.model_dump(mode="json", exclude={"device"})
+        """The fields that determine the result (everything but ``device``).
+
+        ``prepend_bos`` counts only when BOS is prepended: a run without it has the key it had
+        before the option existed (its sequences are the same), so those harvests stay valid."""
+        exclude = {"device"} if self.prepend_bos else {"device", "prepend_bos"}
+        return self.model_dump(mode="json", exclude=exclude)
 
     @property
     def window(self) -> int:

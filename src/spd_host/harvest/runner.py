@@ -133,10 +133,29 @@ def resolve_config(adapter: Any, config: HarvestConfig) -> HarvestConfig:
     )
 
 
+def resolve_bos(adapter: Any, config: HarvestConfig) -> HarvestConfig:
+    """``prepend_bos`` as a bool (the option, else the decomposition's record, else its
+    tokenizer's habit), so the sub-run key and ``harvest.json`` say what was done."""
+    from spd_host.data import resolve_prepend_bos
+
+    given = config.prepend_bos
+    recorded = adapter.defaults.extra
+    if given is None and not isinstance(recorded.get("prepend_bos"), bool):
+        value = resolve_prepend_bos(None, recorded, adapter.load_tokenizer())
+    else:
+        value = resolve_prepend_bos(given, recorded, None)
+    return config.model_copy(update={"prepend_bos": value})
+
+
 def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
     """Token batches from ``spd_host.data`` for the resolved config."""
     try:
-        from spd_host.data import TokenDatasetSpec, available_tokens, iter_token_batches
+        from spd_host.data import (
+            TokenDatasetSpec,
+            available_tokens,
+            bos_token_for,
+            iter_token_batches,
+        )
     except ImportError as err:
         raise ConfigError(
             "spd_host.data is not available in this installation",
@@ -147,8 +166,10 @@ def dataset_batches(adapter: Any, config: HarvestConfig) -> BatchSource:
         text_column=str(config.dataset_column),
         seq_len=int(config.seq_len or 128),
         seed=config.seed,
+        prepend_bos=bool(config.prepend_bos),
     )
     tokenizer = adapter.load_tokenizer()
+    bos_token_for(spec, tokenizer)  # asked for BOS and the tokenizer has none: refused now
     # Fail before the progress bar and the model load, not at the first batch.
     available = available_tokens(spec, tokenizer)
     if config.n_tokens > available:
@@ -201,6 +222,8 @@ def run_harvest(
     adapter = host.load_adapter(decomposition_id)
     did = adapter.decomposition_id
     config = resolve_config(adapter, config)
+    if batches is None:  # tokens from spd_host.data: whether they start with BOS is settled now
+        config = resolve_bos(adapter, config)
     check_against_model(adapter, config)
     if out is None:
         out = harvest_root(did) / run_dir_name(did, config, input_fingerprints(adapter, config))
@@ -334,7 +357,9 @@ def _run_locked(
     if batches is None:  # tokens came from spd_host.data: record how (BOS/EOS per family)
         from spd_host.data import tokenization_record
 
-        meta["tokenization"] = tokenization_record(adapter.load_tokenizer())
+        meta["tokenization"] = tokenization_record(
+            adapter.load_tokenizer(), prepend_bos=bool(config.prepend_bos)
+        )
     if world_size == 1:
         write_results(out, acc, meta)
         # the finished files hold everything; the checkpoint only served the resume

@@ -145,7 +145,7 @@ def _labels(decomposition_id: str, model: str | None) -> tuple[dict[str, str], b
     out: dict[str, str] = {}
     baseline = False
     for r in sorted(records, key=lambda r: r.finished_at):
-        if r.label:
+        if r.label and r.label.strip():  # a blank label says nothing to judge
             out[r.component_key] = r.label
             baseline = baseline or r.is_baseline
     return out, baseline

@@ -29,7 +29,7 @@ from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig  # noqa: E4
 
 from spd_host.adapter import HarvestOptions  # noqa: E402
 from spd_host.demo import demo_model_dir  # noqa: E402
-from spd_host.errors import ConfigError, FormatError, SpdHostError  # noqa: E402
+from spd_host.errors import ConfigError, FormatError  # noqa: E402
 from spd_host.plugins import get_host  # noqa: E402
 from tests.spd import pd_reference as ref  # noqa: E402
 
@@ -512,7 +512,7 @@ def test_ci_and_component_acts_match_reference(moe_run: tuple[Path, Any, dict]) 
     assert batch.next_token_logits is not None and batch.next_token_logits.shape[:2] == (2, 7)
 
 
-def test_sites_metadata_and_splice_refusal(moe_run: tuple[Path, Any, dict]) -> None:
+def test_sites_metadata_and_splice_variants(moe_run: tuple[Path, Any, dict]) -> None:
     run_dir, _, _ = moe_run
     adapter = _load(run_dir)
     names = adapter.defaults.extra["module_paths"]
@@ -520,9 +520,9 @@ def test_sites_metadata_and_splice_refusal(moe_run: tuple[Path, Any, dict]) -> N
     assert sorted(names.values()) == sorted(want)
     assert sum(s.n_components for s in adapter.sites) == sum(CS[k] for _, k in sites())
     assert adapter.non_causal and adapter.defaults.extra["ci_fn_type"] == CI["type"]
-    assert list(adapter.splice_variants) == []
-    with pytest.raises(ConfigError, match="splicing is not supported for qwen36_moe"):
-        adapter.splice(adapter.load_base_model())
+    assert "ci_masked" in adapter.splice_variants  # splice: test_param_decomp_moe_splice.py
+    with pytest.raises(ConfigError, match="unknown sites"):
+        adapter.splice(adapter.load_base_model(), sites=["layers.0.nope"])
 
 
 def test_backbone_wrapped_ci_fn_loads_the_same(tmp_path: Path, moe_run: tuple) -> None:
@@ -612,7 +612,7 @@ def test_hub_snapshot_layout_composite_config(tmp_path: Path) -> None:
         )
 
 
-def test_info_harvest_autointerp_end_to_end_and_fidelity_fails_clearly(
+def test_info_harvest_autointerp_fidelity_end_to_end(
     tmp_path: Path, moe_run: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
@@ -643,10 +643,11 @@ def test_info_harvest_autointerp_end_to_end_and_fidelity_fails_clearly(
     out = CliRunner().invoke(app, ["autointerp", did, "--no-progress"])
     assert out.exit_code == 0, out.output
     assert {r.component_key for r in load_labels(did)} == {c.key for c in fired}
-    # fidelity needs a splice (refused for qwen36_moe); today the host stops one step earlier,
-    # at the topology map it builds for the spliced model, with a clear one-line error
-    with pytest.raises(SpdHostError, match="Qwen3_5MoeForCausalLM"):
-        run_suite("fidelity", did, dataset="demo", n_tokens=64, seq_len=16, batch_size=4)
+    result = run_suite("fidelity", did, dataset="demo", n_tokens=64, seq_len=16, batch_size=4)
+    assert sorted(result.variants) == ["all_ones", "ci_masked", "rounded_ci", "zero_mask"]
+    for v in result.variants:
+        row = result.loss_row(variant=v)
+        assert np.isfinite(row.ce_spliced) and np.isfinite(row.kl_spliced)
 
 
 def test_gqa_causal_learned_norms_all_block_resids(tmp_path: Path, moe_run: tuple) -> None:

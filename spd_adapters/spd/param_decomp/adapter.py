@@ -29,6 +29,7 @@ from spd_adapters.spd.param_decomp.launch_config import (
 )
 from spd_adapters.spd.param_decomp.model import PdModel
 from spd_adapters.spd.param_decomp.moe_model import PdMoeModel
+from spd_adapters.spd.param_decomp.moe_splice import moe_splice
 from spd_adapters.spd.param_decomp.moe_tree import MoeDecomposition, build_moe_decomposition
 from spd_adapters.spd.param_decomp.orbax_reader import read_item, read_item_shapes
 from spd_adapters.spd.param_decomp.run_files import discover_pd_run
@@ -37,6 +38,7 @@ from spd_adapters.spd.splice import (
     DETERMINISTIC_VARIANTS,
     GOODFIRE_NAMES,
     SPLICE_VARIANTS,
+    CiCache,
     splice,
 )
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
@@ -67,6 +69,7 @@ class PdAdapter:
         self._model: nn.Module | None = None
         self._pd: PdModel | PdMoeModel | None = None
         self._tokenizer: Any = None
+        self._ci_cache = CiCache()  # the clean pass (CI + pinned routing) shared per batch
         # Every key and shape checked now, from orbax's metadata (no array data is read).
         self._decomposition(self._skeleton, read_item_shapes(self.files.item_dir), meta=True)
 
@@ -150,7 +153,10 @@ class PdAdapter:
         for path, name in self.site_names_by_path().items():
             info = by_name[path.removeprefix(prefix)]
             address = self._addresses.get(path)
-            reads, writes = _site_io(address) if address else (path, (path,))
+            if self.is_moe and self._addresses:
+                reads, writes = qwen36_moe.site_io(info.layer, info.kind, address, path)
+            else:
+                reads, writes = _site_io(address) if address else (path, (path,))
             note = f" {NON_CAUSAL_NOTE}" if self.non_causal else ""
             out.append(
                 Site(
@@ -277,7 +283,7 @@ class PdAdapter:
     # -- splice --------------------------------------------------------------------------------
     @property
     def splice_variants(self) -> Sequence[str]:
-        return () if self.is_moe else SPLICE_VARIANTS
+        return SPLICE_VARIANTS
 
     def fidelity_settings(self, convention: str, config: Any) -> Any:
         """As for torch-era SPD runs: the deterministic mask variants by default; under the
@@ -302,14 +308,7 @@ class PdAdapter:
         sites: Sequence[str] | None = None,
         variant: str | None = None,
     ) -> AbstractContextManager[None]:
-        if self.is_moe:
-            raise ConfigError(
-                f"{self.decomposition_id}: splicing is not supported for qwen36_moe runs (the "
-                "fused expert sites are not torch modules whose outputs a splice can replace)",
-                hint="harvest and autointerp work on this run; eval fidelity needs a splice",
-            )
         pd = self.pd_model()
-        assert isinstance(pd, PdModel)
         by_name = {n: p for p, n in self.site_names_by_path().items()}
         if sites is None:
             paths = pd.site_paths
@@ -321,4 +320,6 @@ class PdAdapter:
                     hint=f"sites: {', '.join(by_name)}",
                 )
             paths = [by_name[s] for s in sites]
+        if isinstance(pd, PdMoeModel):
+            return moe_splice(model, pd, paths, variant or "ci_masked", ci_cache=self._ci_cache)
         return splice(model, pd, paths, variant or "ci_masked")

@@ -90,7 +90,11 @@ class PdAdapter:
     # -- structure -----------------------------------------------------------------------------
     @cached_property
     def _skeleton(self) -> nn.Module:
-        return self._model if self._model is not None else tgt.build_skeleton(self.config)
+        return (
+            self._model
+            if self._model is not None
+            else tgt.build_skeleton(self.config, self.files.run_dir)
+        )
 
     @cached_property
     def layout(self) -> tgt.TargetLayout:
@@ -215,7 +219,9 @@ class PdAdapter:
         if self._model is None:
             pretrained = self.config.target.spec.get("kind") == "pretrained"
             # a pretrained target's skeleton already is the loaded model
-            self._model = self._skeleton if pretrained else tgt.load_target(self.config)
+            self._model = (
+                self._skeleton if pretrained else tgt.load_target(self.config, self.files.run_dir)
+            )
         return self._model
 
     def _decomposition(
@@ -277,7 +283,7 @@ class PdAdapter:
 
     def load_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = tgt.load_target_tokenizer(self.config)
+            self._tokenizer = tgt.load_target_tokenizer(self.config, self.files.run_dir)
         return self._tokenizer
 
     # -- splice --------------------------------------------------------------------------------

@@ -34,6 +34,18 @@ CASES = {
         },
         stack_pad=1,
     ),
+    "chunkwise-mha-gelu-all_site_inputs": RunSpec(  # the older per-site chunk tap
+        cs={"q": 3, "k": 2, "o": 2, "gate": 4, "down": 5},
+        ci={
+            "type": "chunkwise_transformer",
+            "blocks_per_chunk": 1,
+            "input_tap": "all_site_inputs",
+            "d_model": 8,
+            "n_blocks": 1,
+            "attention": ATTN_MHA,
+            "ffn": {"kind": "gelu", "hidden": 12},
+        },
+    ),
     "chunkwise-gqa-causal-swiglu-norms-all_resids": RunSpec(
         cs={"o": 3, "up": 4},
         ci={

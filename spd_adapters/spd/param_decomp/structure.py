@@ -101,7 +101,14 @@ class Structure:
         return [s for s in self.sites if s.group == group]
 
 
-def _taps(tap_sel: object, layers: tuple[int, ...], n_layer: int) -> tuple[str, ...]:
+def _taps(
+    tap_sel: object, layers: tuple[int, ...], n_layer: int, kinds: tuple[str, ...] = ()
+) -> tuple[str, ...]:
+    if tap_sel == "all_site_inputs":
+        # older chunk tap (param-decomp ``_chunk_input_taps``): one tap per decomposed site of
+        # the group, block by block in kind order, each the site's own input (q/k/v repeat
+        # attn_in); normed and concatenated like every other tap
+        return tuple(f"{_INPUT_TAP[k]}.{b}" for b in layers for k in kinds)
     if tap_sel == "first_block_resid":
         return (f"resid.{layers[0]}",)
     if tap_sel == "all_block_resids":
@@ -146,7 +153,7 @@ def _resolve_qwen36(cfg: LaunchConfig, n_layer: int, full_attention: frozenset[i
         )
     nets = tuple(
         NetRouting(
-            _taps(ci.input_tap, layers[i : i + per], n_layer),
+            _taps(ci.input_tap, layers[i : i + per], n_layer, kinds),
             tuple(s.name for s in sites if s.layer in layers[i : i + per]),
             layers[i : i + per],
         )
@@ -180,11 +187,13 @@ def resolve_structure(
             )
         nets = tuple(
             NetRouting(
-                _taps(ci.input_tap, layers[i : i + per], n_layer),
+                _taps(ci.input_tap, layers[i : i + per], n_layer, kinds),
                 tuple(name_of(b, k) for b in layers[i : i + per] for k in kinds),
             )
             for i in range(0, len(layers), per)
         )
     else:
-        nets = (NetRouting(_taps(ci.input_tap, layers, n_layer), tuple(s.name for s in sites)),)
+        nets = (
+            NetRouting(_taps(ci.input_tap, layers, n_layer, kinds), tuple(s.name for s in sites)),
+        )
     return Structure(spec.kind, sites, layers, kinds, nets)

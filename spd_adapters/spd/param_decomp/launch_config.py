@@ -292,13 +292,6 @@ def load_launch_config(path: Path) -> LaunchConfig:
         cfg.decomposition.sites.kinds()
     except ValueError as err:
         raise FormatError(f"{path}: decomposition.sites: {err}") from err
-    if isinstance(cfg.decomposition.ci, MoeTransformerCi) and (
-        cfg.decomposition.ci.input_tap == "all_block_taps"
-    ):
-        raise FormatError(
-            f"{path}: qwen36_moe serves residual-stream taps only (input_tap=all_block_taps)",
-            hint="use input_tap: first_block_resid or all_block_resids",
-        )
     if cfg.decomposition.sites.kind == "qwen36_moe" and not isinstance(
         cfg.decomposition.sites.layers, AllLayers
     ):

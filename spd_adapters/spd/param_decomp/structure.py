@@ -102,7 +102,11 @@ class Structure:
 
 
 def _taps(
-    tap_sel: object, layers: tuple[int, ...], n_layer: int, kinds: tuple[str, ...] = ()
+    tap_sel: object,
+    layers: tuple[int, ...],
+    n_layer: int,
+    kinds: tuple[str, ...] = (),
+    block_taps: tuple[str, ...] = SITE_INPUT_TAPS,
 ) -> tuple[str, ...]:
     if tap_sel == "all_site_inputs":
         # older chunk tap (param-decomp ``_chunk_input_taps``): one tap per decomposed site of
@@ -114,7 +118,7 @@ def _taps(
     if tap_sel == "all_block_resids":
         return tuple(f"resid.{b}" for b in layers)
     if tap_sel == "all_block_taps":
-        return tuple(f"{name}.{b}" for b in layers for name in SITE_INPUT_TAPS)
+        return tuple(f"{name}.{b}" for b in layers for name in block_taps)
     if isinstance(tap_sel, ResidualBoundaries):
         start, span = layers[0], layers[-1] + 1 - layers[0]
         if tap_sel.offsets != sorted(set(tap_sel.offsets)) or tap_sel.offsets[-1] > span:
@@ -153,7 +157,8 @@ def _resolve_qwen36(cfg: LaunchConfig, n_layer: int, full_attention: frozenset[i
         )
     nets = tuple(
         NetRouting(
-            _taps(ci.input_tap, layers[i : i + per], n_layer, kinds),
+            # qwen36_moe has no dense MLP hidden: its block taps are the other three
+            _taps(ci.input_tap, layers[i : i + per], n_layer, block_taps=SITE_INPUT_TAPS[:3]),
             tuple(s.name for s in sites if s.layer in layers[i : i + per]),
             layers[i : i + per],
         )

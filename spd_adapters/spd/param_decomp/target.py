@@ -45,6 +45,14 @@ _TAP_MODULE = {
     "qwen36_moe": {},
 }
 # (block container, final norm) names, per site family.
+# qwen36_moe: the module a tap enters, on (gated-DeltaNet, full-attention) layers; the MoE
+# block's input is its normed input (there is no dense MLP hidden, param-decomp's grammar).
+_QWEN36_TAP_MODULE = {
+    "attn_in": ("linear_attn.in_proj_qkv", "self_attn.q_proj"),
+    "attn_out": ("linear_attn.out_proj", "self_attn.o_proj"),
+    "mlp_in": ("mlp", "mlp"),
+}
+
 _DECODER = {
     "glu_transformer": ("layers", "norm"),
     "simple_mlp": ("h", "ln_f"),
@@ -222,6 +230,7 @@ class TargetLayout:
     norm_path: str
     family: str = "glu_transformer"
     container: str = "layers"
+    full_attention: frozenset[int] = frozenset()  # qwen36_moe: the self_attn layers
 
     def site_path(self, site: str) -> str:
         return f"{self.prefix}{site}"
@@ -235,6 +244,11 @@ class TargetLayout:
             if not 0 <= b <= self.n_layer:
                 raise FormatError(f"CI input tap {tap!r} outside 0..{self.n_layer}")
             return self.norm_path if b == self.n_layer else f"{self.prefix}{self.container}.{b}"
+        if self.family == "qwen36_moe":
+            pair = _QWEN36_TAP_MODULE.get(name)
+            if pair is None or not 0 <= b < self.n_layer:
+                raise FormatError(f"unknown qwen36_moe CI input tap {tap!r}")
+            return f"{self.prefix}{self.container}.{b}.{pair[b in self.full_attention]}"
         modules = _TAP_MODULE[self.family]
         if name not in modules or not 0 <= b < self.n_layer:
             raise FormatError(f"unknown CI input tap {tap!r}")
@@ -250,7 +264,10 @@ def layout_of(model: nn.Module, family: str = "glu_transformer") -> TargetLayout
             prefix = path[: -len(container)]
             norm = f"{prefix}{norm_name}"
             if norm in names:
-                return TargetLayout(prefix, len(module), norm, family, container)
+                full = frozenset(
+                    i for i in range(len(module)) if f"{prefix}{container}.{i}.self_attn" in names
+                )
+                return TargetLayout(prefix, len(module), norm, family, container, full)
     raise FormatError(
         f"{type(model).__name__}: no decoder `{container}` ModuleList with a final "
         f"`{norm_name}` — not a {family} target"

@@ -197,6 +197,10 @@ def migrate_experiment_config(raw: dict[str, Any]) -> dict[str, Any]:
 def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """Rewrite old key names to the current schema (returns a new dict)."""
     d = dict(migrate_experiment_config(raw))
+    # spd before the gate -> ci_fn rename (Oct 2025): gate_type / gate_hidden_dims
+    for old, new in (("gate_type", "ci_fn_type"), ("gate_hidden_dims", "ci_fn_hidden_dims")):
+        if old in d and new not in d:
+            d[new] = d.pop(old)
     if "module_info" not in d and "target_module_patterns" in d:
         C = d.pop("C", None)
         d["module_info"] = [{"module_pattern": p, "C": C} for p in d.pop("target_module_patterns")]

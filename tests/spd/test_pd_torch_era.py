@@ -101,3 +101,48 @@ def test_field_mapping_and_errors(tmp_path: Path) -> None:
     (run / "experiment_config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(FormatError, match=r"experiment_config.yaml.*global_reverse_residual_v9"):
         get_host().load_adapter(f"spd:{run}")
+
+
+@pytest.mark.slow
+def test_harvest_fidelity_autointerp_end_to_end(tmp_path: Path) -> None:
+    """A torch-era param-decomp run over the bundled demo GPT-2 through harvest, eval fidelity
+    (every splice variant) and offline autointerp."""
+    import torch
+    from typer.testing import CliRunner
+
+    from spd_host.autointerp.api import load_labels
+    from spd_host.cli.app import app
+    from spd_host.evals import run_suite
+    from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
+    from spd_host.models import load_base_model
+    from tests.spd.run_writer import config_dict, expand, make_state_dict
+
+    patterns = {"transformer.h.0.mlp.c_fc": 8, "transformer.h.1.mlp.c_proj": 6}
+    model = load_base_model("demo")
+    sd = make_state_dict(model, expand(model, patterns), "vector_mlp", [4])
+    final = config_dict(
+        base_dir=tmp_path,
+        model_class="transformers.GPT2LMHeadModel",
+        patterns=patterns,
+        fn_type="vector_mlp",
+        hidden=[4],
+    )
+    final.update(pretrained_model_name="demo", tokenizer_name="demo")
+    final["task_config"].update(dataset_name="demo", max_seq_len=32)
+    run = tmp_path / "p-torch01"
+    run.mkdir()
+    (run / "experiment_config.yaml").write_text(yaml.safe_dump(to_experiment_config(final)))
+    torch.save(sd, run / "model_200.pth")
+    did = f"spd:{run}"
+    run_harvest(did, HarvestConfig(dataset="demo", n_tokens=128, batch_size=4, seq_len=16))
+    summary = HarvestRepo.open(did).summary()
+    assert len(summary) == 8 + 6
+    variants = ("ci_masked", "all_ones", "rounded_ci", "zero_mask", "stochastic", "random")
+    result = run_suite(
+        "fidelity", did, dataset="demo", n_tokens=64, seq_len=16, batch_size=4, variants=variants
+    )
+    assert sorted(result.variants) == sorted(variants)
+    out = CliRunner().invoke(app, ["autointerp", did, "--no-progress"])
+    assert out.exit_code == 0, out.output
+    fired = {c.key for c in summary if c.firing_count > 0}
+    assert fired and {r.component_key for r in load_labels(did)} == fired

@@ -82,6 +82,15 @@ def test_pretrained_qwen35_moe_target_loads_and_matches(tmp_path: Path) -> None:
     model, params = moe.tiny_target(seed=3), moe.make_params(seed=10)
     write_pretrain_entry(tmp_path, model)
     run_dir = _write(tmp_path, model, params, "p-7e7e7e7e")
+    import json
+
+    from typer.testing import CliRunner
+
+    from spd_host.cli.app import app
+
+    out = CliRunner().invoke(app, ["info", f"spd:{run_dir}", "--json"])
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.stdout)["sites"]) == len(moe.sites())
     adapter = moe._load(run_dir)
     assert adapter.base_model_name == RUN_PATH
     assert len(adapter.sites) == len(moe.sites())

@@ -105,8 +105,10 @@ def test_field_mapping_and_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_harvest_fidelity_autointerp_end_to_end(tmp_path: Path) -> None:
-    """A torch-era param-decomp run over the bundled demo GPT-2 through harvest, eval fidelity
-    (every splice variant) and offline autointerp."""
+    """A torch-era param-decomp run over the bundled demo GPT-2 through info, harvest, eval
+    fidelity (every splice variant) and offline autointerp."""
+    import json
+
     import torch
     from typer.testing import CliRunner
 
@@ -134,6 +136,9 @@ def test_harvest_fidelity_autointerp_end_to_end(tmp_path: Path) -> None:
     (run / "experiment_config.yaml").write_text(yaml.safe_dump(to_experiment_config(final)))
     torch.save(sd, run / "model_200.pth")
     did = f"spd:{run}"
+    info = CliRunner().invoke(app, ["info", did, "--json"])
+    assert info.exit_code == 0, info.output
+    assert {s["name"] for s in json.loads(info.stdout)["sites"]} == {"0.mlp.up", "1.mlp.down"}
     run_harvest(did, HarvestConfig(dataset="demo", n_tokens=128, batch_size=4, seq_len=16))
     summary = HarvestRepo.open(did).summary()
     assert len(summary) == 8 + 6

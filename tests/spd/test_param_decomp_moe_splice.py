@@ -236,6 +236,7 @@ def test_fidelity_all_variants_equals_reference_ce(run: tuple) -> None:
         assert result.loss_row(variant=v).ce_spliced == pytest.approx(s / n, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_fidelity_cli_end_to_end(
     tmp_path: Path, run: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:

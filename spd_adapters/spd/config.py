@@ -139,9 +139,68 @@ class SpdRunConfig(_Tolerant):
         return out
 
 
+def _output_attr(extract: Any) -> str | None:
+    """torch-era param-decomp's ``target.output_extract`` (``"logits"``, an int index into a
+    tuple output, or None) in SPD's ``pretrained_model_output_attr`` spelling (``idx_<n>``)."""
+    if isinstance(extract, bool) or extract is None:
+        return None
+    if isinstance(extract, int):
+        return f"idx_{extract}"
+    return str(extract)
+
+
+def _section(d: dict[str, Any], key: str) -> dict[str, Any]:
+    value = d.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def migrate_experiment_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """torch-era param-decomp's ``experiment_config.yaml`` (``param_decomp_lab``:
+    ``target.spec {kind: hf | pretrained, model_class, model_name | run_path}``,
+    ``target.output_extract`` (default ``logits``), ``data`` (``LMDataConfig``: ``dataset_name``,
+    ``tokenizer_name``, ``column_name``, ``max_seq_len`` 512, ``is_tokenized``) and ``pd``
+    (``PDConfig``: ``ci_config``, ``decomposition_targets``, ``identity_decomposition_targets``,
+    ``sigmoid_type`` default ``leaky_hard``, ``sampling`` default ``continuous``, ``seed``)) as
+    the flat SPD schema; the checkpoint (``model_<step>.pth``) is the same ComponentModel
+    state dict. Other documents are returned unchanged."""
+    pd = raw.get("pd")
+    if "module_info" in raw or not isinstance(pd, dict) or "decomposition_targets" not in pd:
+        return raw
+    target = _section(raw, "target")
+    spec = _section(target, "spec")
+    data = _section(raw, "data")
+    d: dict[str, Any] = {
+        "module_info": pd["decomposition_targets"],
+        "identity_module_info": pd.get("identity_decomposition_targets"),
+        "ci_config": pd.get("ci_config"),
+        "sigmoid_type": pd.get("sigmoid_type", "leaky_hard"),
+        "sampling": pd.get("sampling", "continuous"),
+        "seed": pd.get("seed", 0),
+        "pretrained_model_class": spec.get("model_class"),
+        "pretrained_model_name": spec.get("model_name") or spec.get("run_path"),
+        "pretrained_model_output_attr": _output_attr(target.get("output_extract", "logits")),
+        "tokenizer_name": data.get("tokenizer_name"),
+        "task_config": {
+            "task_name": "lm",
+            "max_seq_len": data.get("max_seq_len", 512),
+            "dataset_name": data.get("dataset_name"),
+            "column_name": data.get("column_name", "text"),
+            "is_tokenized": data.get("is_tokenized", False),
+        },
+    }
+    for key in ("eval_metric_configs", "ci_alive_threshold"):
+        if key in raw:
+            d[key] = raw[key]
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """Rewrite old key names to the current schema (returns a new dict)."""
-    d = dict(raw)
+    d = dict(migrate_experiment_config(raw))
+    # spd before the gate -> ci_fn rename (Oct 2025): gate_type / gate_hidden_dims
+    for old, new in (("gate_type", "ci_fn_type"), ("gate_hidden_dims", "ci_fn_hidden_dims")):
+        if old in d and new not in d:
+            d[new] = d.pop(old)
     if "module_info" not in d and "target_module_patterns" in d:
         C = d.pop("C", None)
         d["module_info"] = [{"module_pattern": p, "C": C} for p in d.pop("target_module_patterns")]

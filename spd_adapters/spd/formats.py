@@ -53,6 +53,8 @@ from spd_adapters.spd.model import (
 from spd_host.errors import FormatError, SourceNotFoundError
 
 CONFIG_FILENAME = "final_config.yaml"
+#: torch-era param-decomp (``param_decomp_lab``) runs: the same checkpoint, another config
+EXPERIMENT_CONFIG_FILENAME = "experiment_config.yaml"
 _CKPT_RE = re.compile(r"^model(?:_(\d+))?\.pth$")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(W|b)$")
 
@@ -80,10 +82,13 @@ def discover_run(path: Path) -> RunFiles:
         run_dir = path
         ckpts = [p for p in path.iterdir() if _CKPT_RE.match(p.name)]
     config_path = run_dir / CONFIG_FILENAME
+    if not config_path.is_file() and (run_dir / EXPERIMENT_CONFIG_FILENAME).is_file():
+        config_path = run_dir / EXPERIMENT_CONFIG_FILENAME  # torch-era param-decomp
     if not config_path.is_file():
         raise FormatError(
             f"{run_dir}: no {CONFIG_FILENAME} (the SPD run's config)",
-            hint="an SPD run directory holds final_config.yaml next to model_<step>.pth",
+            hint="an SPD run directory holds final_config.yaml (torch-era param-decomp: "
+            "experiment_config.yaml) next to model_<step>.pth",
         )
     if not ckpts:
         others = sorted(p.name for p in run_dir.iterdir())

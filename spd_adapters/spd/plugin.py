@@ -70,8 +70,10 @@ def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> Harves
 
 @hookimpl
 def register_architectures(register: Callable[[Any], None]) -> None:
-    """Goodfire's own target models (LlamaSimple, LlamaSimpleMLP, GPT2Simple; see targets/)."""
+    """Goodfire's own target models (LlamaSimple, LlamaSimpleMLP, GPT2Simple; see targets/) and
+    transformers' Qwen3.5-MoE (param-decomp's qwen36_moe target)."""
+    from spd_adapters.spd.param_decomp.topology_spec import QWEN3_5_MOE
     from spd_adapters.spd.targets.specs import SPECS
 
-    for spec in SPECS:
+    for spec in (*SPECS, QWEN3_5_MOE):
         register(spec)

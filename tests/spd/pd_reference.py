@@ -174,7 +174,9 @@ def reference_ci(
     fam = spec.family
     pre: dict[str, np.ndarray] = {}
     if ci["type"] == "global_mlp":
-        x = np.concatenate([taps[t] for t in input_taps(ci, list(spec.layers))], -1)  # raw
+        x = np.concatenate(
+            [taps[t] for t in input_taps(ci, list(spec.layers), spec.kinds)], -1
+        )  # raw
         weights, biases = p["mlp"]
         for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
             x = x @ w + b
@@ -186,7 +188,7 @@ def reference_ci(
             start += spec.cs[k]
     elif ci["type"] == "chunkwise_transformer":
         for c, group in enumerate(p["groups"]):
-            x = np.concatenate([_rms(taps[t]) for t in input_taps(ci, group)], -1)
+            x = np.concatenate([_rms(taps[t]) for t in input_taps(ci, group, spec.kinds)], -1)
             x = x @ p["in_w"][c] + p["in_b"][c]
             blocks = [
                 {
@@ -204,7 +206,9 @@ def reference_ci(
             for j, (layer, k) in enumerate(slots):
                 pre[site_name(layer, k, fam)] = x @ p["out_ws"][j][c] + p["out_bs"][j][c]
     else:
-        x = np.concatenate([_rms(taps[t]) for t in input_taps(ci, list(spec.layers))], -1)
+        x = np.concatenate(
+            [_rms(taps[t]) for t in input_taps(ci, list(spec.layers), spec.kinds)], -1
+        )
         x = x @ p["in_w"] + p["in_b"]
         n = ci["n_blocks"]
         b = p["blocks"]

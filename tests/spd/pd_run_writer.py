@@ -191,8 +191,17 @@ def tap_width(tap: str, model: Any) -> int:
     return attn.q_proj.in_features
 
 
-def input_taps(ci: dict[str, Any], blocks: list[int]) -> list[str]:
+# what each matrix kind reads (older runs' chunk tap ``all_site_inputs``: one tap per site)
+SITE_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out"}
+SITE_INPUT |= {"gate": "mlp_in", "up": "mlp_in", "down": "mlp_hidden"}
+SITE_INPUT |= {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in"}
+SITE_INPUT |= {"o_proj": "attn_out", "c_fc": "mlp_in", "down_proj": "mlp_hidden"}
+
+
+def input_taps(ci: dict[str, Any], blocks: list[int], kinds: Any = ()) -> list[str]:
     sel = ci.get("input_tap", "first_block_resid")
+    if sel == "all_site_inputs":  # each decomposed site's input, block by block, kind order
+        return [f"{SITE_INPUT[k]}.{b}" for b in blocks for k in kinds]
     if sel == "first_block_resid":
         return [f"resid.{blocks[0]}"]
     if sel == "all_block_resids":
@@ -226,7 +235,7 @@ def make_params(spec: RunSpec, model: Any, seed: int = 5) -> dict[str, Any]:
         per = ci["blocks_per_chunk"]
         groups = [list(spec.layers[i : i + per]) for i in range(0, len(spec.layers), per)]
         n = len(groups) + spec.stack_pad
-        in_dim = sum(tap_width(t, model) for t in input_taps(ci, groups[0]))
+        in_dim = sum(tap_width(t, model) for t in input_taps(ci, groups[0], spec.kinds))
         slots = [(li, k) for li in range(per) for k in spec.kinds]
         p["groups"] = groups
         p["in_w"] = _rng_arrays(rng, (n, in_dim, d), 0.5)
@@ -238,7 +247,7 @@ def make_params(spec: RunSpec, model: Any, seed: int = 5) -> dict[str, Any]:
             for arr in [p["in_w"], p["in_b"], *p["out_ws"], *p["out_bs"]]:
                 arr[len(groups) :] = 0
     else:
-        in_dim = sum(tap_width(t, model) for t in input_taps(ci, list(spec.layers)))
+        in_dim = sum(tap_width(t, model) for t in input_taps(ci, list(spec.layers), spec.kinds))
         p["in_w"] = _rng_arrays(rng, (in_dim, d), 0.5)
         p["in_b"] = _rng_arrays(rng, (d,), 0.2)
         p["blocks"] = _block(rng, (ci["n_blocks"],), d, kv, h, ci)
@@ -282,7 +291,7 @@ def _vu(spec: RunSpec, model: LlamaForCausalLM, rng: np.random.Generator) -> dic
 def _mlp_params(spec: RunSpec, model: Any, rng: np.random.Generator) -> dict:
     ci = spec.ci
     VU = _vu(spec, model, rng)
-    in_dim = sum(tap_width(t, model) for t in input_taps(ci, list(spec.layers)))
+    in_dim = sum(tap_width(t, model) for t in input_taps(ci, list(spec.layers), spec.kinds))
     total_c = sum(spec.cs[k] for _, k in sites_of(spec))
     dims = [in_dim, *ci["hidden_dims"], total_c]
     weights = [_rng_arrays(rng, (a, b), 1.2 / a**0.5) for a, b in itertools.pairwise(dims)]

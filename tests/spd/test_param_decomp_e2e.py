@@ -205,8 +205,9 @@ def test_deliverable_record_takes_precedence(tmp_path: Path) -> None:
 
 
 def test_older_config_shapes_are_reported(tmp_path: Path) -> None:
-    """A config without decomposition.ci (the older pd.ci_config form) and the older chunk
-    input tap `all_site_inputs` are refused naming the config file."""
+    """A launch config without decomposition.ci (a ``pd.ci_config`` section: the torch-era
+    schema, whose runs are ``experiment_config.yaml`` + ``model_<step>.pth``, see
+    test_pd_torch_era.py) next to orbax checkpoints is refused naming the config file."""
     run_dir, _ = _run(tmp_path)
 
     def older(c: dict) -> None:
@@ -216,7 +217,3 @@ def test_older_config_shapes_are_reported(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match=r"launch_config.yaml: no decomposition.ci") as err:
         _load(f"spd:{run_dir}")
     assert "pd.ci_config" in str(err.value)
-    run_dir, _ = _run(tmp_path, name="p-5f5f5f5f")
-    _edit_config(run_dir, lambda c: c["decomposition"]["ci"].update(input_tap="all_site_inputs"))
-    with pytest.raises(FormatError, match=r"launch_config.yaml: .*all_site_inputs"):
-        _load(f"spd:{run_dir}")

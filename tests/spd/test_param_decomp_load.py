@@ -34,6 +34,18 @@ CASES = {
         },
         stack_pad=1,
     ),
+    "chunkwise-mha-gelu-all_site_inputs": RunSpec(  # the older per-site chunk tap
+        cs={"q": 3, "k": 2, "o": 2, "gate": 4, "down": 5},
+        ci={
+            "type": "chunkwise_transformer",
+            "blocks_per_chunk": 1,
+            "input_tap": "all_site_inputs",
+            "d_model": 8,
+            "n_blocks": 1,
+            "attention": ATTN_MHA,
+            "ffn": {"kind": "gelu", "hidden": 12},
+        },
+    ),
     "chunkwise-gqa-causal-swiglu-norms-all_resids": RunSpec(
         cs={"o": 3, "up": 4},
         ci={
@@ -249,3 +261,25 @@ def test_checkpoint_saved_from_a_device_mesh(tmp_path: Path) -> None:
     params = make_params(CASES[case], model, seed=100)  # the writer's params for step 100
     adapter = get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
     _check(adapter, CASES[case], params, model)
+
+
+def test_hf_weights_in_vendored_target(tmp_path: Path) -> None:
+    """``target.spec.kind: hf_weights_in_vendored`` (param-decomp's vendored ``VendoredLlama``
+    with HF weights): the HF Llama architecture and weights of ``model_name``."""
+    import dataclasses
+
+    run_dir = tmp_path / "runs" / "p-4f4f4f4f"
+    base = CASES["global-mha-swiglu-norms-all_block_taps"]
+    spec = dataclasses.replace(
+        base,
+        target_spec={
+            "kind": "hf_weights_in_vendored",
+            "model_class": "param_decomp.experiments.lm.vendored.llama_3_1.model.VendoredLlama",
+            "model_name": str(run_dir.parent / f"{run_dir.name}-target"),
+        },
+    )
+    model = tiny_llama()
+    params = write_pd_run(run_dir, spec, model, steps=(100,))
+    adapter = get_host().load_adapter(get_host().parse_id(f"spd:{run_dir}"))
+    assert type(adapter.load_base_model()).__name__ == "LlamaForCausalLM"
+    _check(adapter, spec, params, model)

@@ -29,7 +29,7 @@ from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig  # noqa: E4
 
 from spd_host.adapter import HarvestOptions  # noqa: E402
 from spd_host.demo import demo_model_dir  # noqa: E402
-from spd_host.errors import ConfigError, FormatError, SpdHostError  # noqa: E402
+from spd_host.errors import ConfigError, FormatError  # noqa: E402
 from spd_host.plugins import get_host  # noqa: E402
 from tests.spd import pd_reference as ref  # noqa: E402
 
@@ -193,8 +193,11 @@ def make_params(seed: int = 5, pad: int = 1, ci: dict[str, Any] = CI) -> dict[st
         stacks[kind] = (Vs, Us)
     dm, f, s = ci["d_model"], ci["expert_ffn_hidden"], ci["shared_ffn_hidden"]
     n = N_LAYER // INTERVAL
-    n_taps = INTERVAL if ci["input_tap"] == "all_block_resids" else 1
-    in_dim = n_taps * D + INTERVAL * E
+    if ci["input_tap"] == "all_block_taps":  # attn_in, attn_out (mixer core), mlp_in per layer
+        in_dim = sum(D + (2 * 8 if is_full(b) else 2 * 4) + D for b in range(INTERVAL))
+    else:
+        in_dim = (INTERVAL if ci["input_tap"] == "all_block_resids" else 1) * D
+    in_dim += INTERVAL * E
     att = ci["attention"]
     kv = dm // att["n_heads"] * att.get("n_kv_heads", att["n_heads"])
     blocks = [
@@ -338,7 +341,10 @@ def capture(model: Any, tokens: torch.Tensor) -> dict[str, np.ndarray]:
         if is_full(b):
             mods |= {"attn_in": layers[b].self_attn.q_proj, "attn_o": layers[b].self_attn.o_proj}
         else:
-            mods |= {"gdn_in": layers[b].linear_attn.in_proj_qkv}
+            mods |= {
+                "gdn_in": layers[b].linear_attn.in_proj_qkv,
+                "gdn_out": layers[b].linear_attn.out_proj,
+            }
         for k, m in mods.items():
             handles.append(m.register_forward_pre_hook(pre(f"{k}.{b}")))
         handles.append(layers[b].mlp.gate.register_forward_hook(router_out(f"hf_ids.{b}")))
@@ -416,8 +422,16 @@ def reference(model: Any, p: dict[str, Any], got: dict[str, np.ndarray]) -> tupl
     causal = ci_cfg["attention"].get("mask") == "causal"
     for c, start in enumerate(range(0, N_LAYER, INTERVAL)):
         stage = list(range(start, start + INTERVAL))
-        tap_layers = stage if ci_cfg["input_tap"] == "all_block_resids" else [start]
-        parts = [ref._rms(got[f"resid.{b}"]) for b in tap_layers] + [tables[b] * K for b in stage]
+        if ci_cfg["input_tap"] == "all_block_taps":
+            names = [
+                (f"attn_in.{b}", f"attn_o.{b}") if is_full(b) else (f"gdn_in.{b}", f"gdn_out.{b}")
+                for b in stage
+            ]
+            taps = [t for b, (i, o) in zip(stage, names, strict=True) for t in (i, o, f"mlp.{b}")]
+        else:
+            tap_layers = stage if ci_cfg["input_tap"] == "all_block_resids" else [start]
+            taps = [f"resid.{b}" for b in tap_layers]
+        parts = [ref._rms(got[t]) for t in taps] + [tables[b] * K for b in stage]
         x = np.concatenate(parts, -1) @ f64(p["in_proj_w"][c]) + f64(p["in_proj_b"][c])
         B, T, dm = x.shape
         hd = dm // nh
@@ -512,7 +526,7 @@ def test_ci_and_component_acts_match_reference(moe_run: tuple[Path, Any, dict]) 
     assert batch.next_token_logits is not None and batch.next_token_logits.shape[:2] == (2, 7)
 
 
-def test_sites_metadata_and_splice_refusal(moe_run: tuple[Path, Any, dict]) -> None:
+def test_sites_metadata_and_splice_variants(moe_run: tuple[Path, Any, dict]) -> None:
     run_dir, _, _ = moe_run
     adapter = _load(run_dir)
     names = adapter.defaults.extra["module_paths"]
@@ -520,9 +534,9 @@ def test_sites_metadata_and_splice_refusal(moe_run: tuple[Path, Any, dict]) -> N
     assert sorted(names.values()) == sorted(want)
     assert sum(s.n_components for s in adapter.sites) == sum(CS[k] for _, k in sites())
     assert adapter.non_causal and adapter.defaults.extra["ci_fn_type"] == CI["type"]
-    assert list(adapter.splice_variants) == []
-    with pytest.raises(ConfigError, match="splicing is not supported for qwen36_moe"):
-        adapter.splice(adapter.load_base_model())
+    assert "ci_masked" in adapter.splice_variants  # splice: test_param_decomp_moe_splice.py
+    with pytest.raises(ConfigError, match="unknown sites"):
+        adapter.splice(adapter.load_base_model(), sites=["layers.0.nope"])
 
 
 def test_backbone_wrapped_ci_fn_loads_the_same(tmp_path: Path, moe_run: tuple) -> None:
@@ -565,7 +579,7 @@ def test_bad_runs_name_the_real_cause(tmp_path: Path, moe_run: tuple) -> None:
     _edit(
         run_dir, lambda c: c["decomposition"]["ci"].update(n_blocks=2, input_tap="all_block_taps")
     )
-    with pytest.raises(FormatError, match=r"launch_config.yaml: qwen36_moe serves residual"):
+    with pytest.raises(FormatError, match=r"in_proj_w has shape"):  # the checkpoint's width
         _load(run_dir)
     _edit(run_dir, lambda c: c["decomposition"]["ci"].update(input_tap="first_block_resid"))
     _edit(
@@ -612,7 +626,7 @@ def test_hub_snapshot_layout_composite_config(tmp_path: Path) -> None:
         )
 
 
-def test_info_harvest_autointerp_end_to_end_and_fidelity_fails_clearly(
+def test_info_harvest_autointerp_fidelity_end_to_end(
     tmp_path: Path, moe_run: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
@@ -643,10 +657,11 @@ def test_info_harvest_autointerp_end_to_end_and_fidelity_fails_clearly(
     out = CliRunner().invoke(app, ["autointerp", did, "--no-progress"])
     assert out.exit_code == 0, out.output
     assert {r.component_key for r in load_labels(did)} == {c.key for c in fired}
-    # fidelity needs a splice (refused for qwen36_moe); today the host stops one step earlier,
-    # at the topology map it builds for the spliced model, with a clear one-line error
-    with pytest.raises(SpdHostError, match="Qwen3_5MoeForCausalLM"):
-        run_suite("fidelity", did, dataset="demo", n_tokens=64, seq_len=16, batch_size=4)
+    result = run_suite("fidelity", did, dataset="demo", n_tokens=64, seq_len=16, batch_size=4)
+    assert sorted(result.variants) == ["all_ones", "ci_masked", "rounded_ci", "zero_mask"]
+    for v in result.variants:
+        row = result.loss_row(variant=v)
+        assert np.isfinite(row.ce_spliced) and np.isfinite(row.kl_spliced)
 
 
 def test_gqa_causal_learned_norms_all_block_resids(tmp_path: Path, moe_run: tuple) -> None:
@@ -666,5 +681,28 @@ def test_gqa_causal_learned_norms_all_block_resids(tmp_path: Path, moe_run: tupl
         np.testing.assert_allclose(
             ci, want_ci[paths[site].removeprefix("model.")], atol=1e-5, rtol=0
         )
+        n_mid += int(((ci > 0.01) & (ci < 0.99)).sum())
+    assert n_mid > 0
+
+
+def test_all_block_taps(tmp_path: Path, moe_run: tuple) -> None:
+    """``input_tap: all_block_taps`` on qwen36_moe: per layer the mixer input, the mixer core
+    its out/o projection reads (DeltaNet value_dim or attention n_head*head_dim wide) and the
+    MoE input; no dense MLP hidden (param-decomp's tap grammar)."""
+    _, model, _ = moe_run
+    params = make_params(seed=15, ci={**CI, "input_tap": "all_block_taps"})
+    run_dir = tmp_path / "runs" / "p-6f6f6f6f"
+    write_run(run_dir, model, params)
+    adapter = _load(run_dir)
+    assert adapter.defaults.extra["ci_input_taps"][:3] == ["attn_in.0", "attn_out.0", "mlp_in.0"]
+    tokens = _tokens(seed=16)
+    want_ci, _ = reference(model, params, capture(model, tokens))
+    batch = get_host().harvest_fn(adapter, HarvestOptions())(tokens)
+    paths = adapter.defaults.extra["module_paths"]
+    n_mid = 0
+    for site, acts in batch.activations.items():
+        ci = acts["causal_importance"].numpy()
+        want = want_ci[paths[site].removeprefix("model.")]
+        np.testing.assert_allclose(ci, want, atol=1e-5, rtol=0)
         n_mid += int(((ci > 0.01) & (ci < 0.99)).sum())
     assert n_mid > 0

@@ -176,6 +176,24 @@ def test_legacy_prefixed_run(tmp_path: Path, arch: str, fn_type: str) -> None:
     _check(tmp_path / "run", model, sd, patterns, fn_type, "leaky_hard")
 
 
+def test_gate_era_config_keys(tmp_path: Path) -> None:
+    """spd before the gate -> ci_fn rename: ``gate_type`` / ``gate_hidden_dims`` (and the
+    ``_gates.`` state-dict prefix of that era)."""
+    import yaml
+
+    model, cls, _ = _setup("gpt2", "vector_mlp")
+    patterns = {"transformer.h.*.mlp.c_fc": 4}
+    run = tmp_path / "run"
+    sd = write_run(
+        run, model, model_class=cls, patterns=patterns, fn_type="mlp", hidden=[3], legacy=True
+    )
+    cfg_path = run / "final_config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["gate_type"], cfg["gate_hidden_dims"] = cfg.pop("ci_fn_type"), cfg.pop("ci_fn_hidden_dims")
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _check(run, model, sd, patterns, "mlp", "leaky_hard")
+
+
 def test_latest_checkpoint_wins(tmp_path: Path) -> None:
     model, cls, patterns = _setup("llama", "shared_mlp")
     run = tmp_path / "run"

@@ -29,6 +29,7 @@ from spd_adapters.spd.param_decomp.launch_config import (
 )
 from spd_adapters.spd.param_decomp.model import PdModel
 from spd_adapters.spd.param_decomp.moe_model import PdMoeModel
+from spd_adapters.spd.param_decomp.moe_splice import moe_splice
 from spd_adapters.spd.param_decomp.moe_tree import MoeDecomposition, build_moe_decomposition
 from spd_adapters.spd.param_decomp.orbax_reader import read_item, read_item_shapes
 from spd_adapters.spd.param_decomp.run_files import discover_pd_run
@@ -37,6 +38,7 @@ from spd_adapters.spd.splice import (
     DETERMINISTIC_VARIANTS,
     GOODFIRE_NAMES,
     SPLICE_VARIANTS,
+    CiCache,
     splice,
 )
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
@@ -67,6 +69,7 @@ class PdAdapter:
         self._model: nn.Module | None = None
         self._pd: PdModel | PdMoeModel | None = None
         self._tokenizer: Any = None
+        self._ci_cache = CiCache()  # the clean pass (CI + pinned routing) shared per batch
         # Every key and shape checked now, from orbax's metadata (no array data is read).
         self._decomposition(self._skeleton, read_item_shapes(self.files.item_dir), meta=True)
 
@@ -87,7 +90,11 @@ class PdAdapter:
     # -- structure -----------------------------------------------------------------------------
     @cached_property
     def _skeleton(self) -> nn.Module:
-        return self._model if self._model is not None else tgt.build_skeleton(self.config)
+        return (
+            self._model
+            if self._model is not None
+            else tgt.build_skeleton(self.config, self.files.run_dir)
+        )
 
     @cached_property
     def layout(self) -> tgt.TargetLayout:
@@ -150,7 +157,10 @@ class PdAdapter:
         for path, name in self.site_names_by_path().items():
             info = by_name[path.removeprefix(prefix)]
             address = self._addresses.get(path)
-            reads, writes = _site_io(address) if address else (path, (path,))
+            if self.is_moe and self._addresses:
+                reads, writes = qwen36_moe.site_io(info.layer, info.kind, address, path)
+            else:
+                reads, writes = _site_io(address) if address else (path, (path,))
             note = f" {NON_CAUSAL_NOTE}" if self.non_causal else ""
             out.append(
                 Site(
@@ -212,7 +222,9 @@ class PdAdapter:
         if self._model is None:
             pretrained = self.config.target.spec.get("kind") == "pretrained"
             # a pretrained target's skeleton already is the loaded model
-            self._model = self._skeleton if pretrained else tgt.load_target(self.config)
+            self._model = (
+                self._skeleton if pretrained else tgt.load_target(self.config, self.files.run_dir)
+            )
         return self._model
 
     def _decomposition(
@@ -274,13 +286,13 @@ class PdAdapter:
 
     def load_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = tgt.load_target_tokenizer(self.config)
+            self._tokenizer = tgt.load_target_tokenizer(self.config, self.files.run_dir)
         return self._tokenizer
 
     # -- splice --------------------------------------------------------------------------------
     @property
     def splice_variants(self) -> Sequence[str]:
-        return () if self.is_moe else SPLICE_VARIANTS
+        return SPLICE_VARIANTS
 
     def fidelity_settings(self, convention: str, config: Any) -> Any:
         """As for torch-era SPD runs: the deterministic mask variants by default; under the
@@ -305,14 +317,7 @@ class PdAdapter:
         sites: Sequence[str] | None = None,
         variant: str | None = None,
     ) -> AbstractContextManager[None]:
-        if self.is_moe:
-            raise ConfigError(
-                f"{self.decomposition_id}: splicing is not supported for qwen36_moe runs (the "
-                "fused expert sites are not torch modules whose outputs a splice can replace)",
-                hint="harvest and autointerp work on this run; eval fidelity needs a splice",
-            )
         pd = self.pd_model()
-        assert isinstance(pd, PdModel)
         by_name = {n: p for p, n in self.site_names_by_path().items()}
         if sites is None:
             paths = pd.site_paths
@@ -324,4 +329,6 @@ class PdAdapter:
                     hint=f"sites: {', '.join(by_name)}",
                 )
             paths = [by_name[s] for s in sites]
+        if isinstance(pd, PdMoeModel):
+            return moe_splice(model, pd, paths, variant or "ci_masked", ci_cache=self._ci_cache)
         return splice(model, pd, paths, variant or "ci_masked")

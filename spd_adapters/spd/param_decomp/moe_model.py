@@ -8,7 +8,7 @@ captured MoE input with the target's own router (the clean forward's routing, bi
 arithmetic of HF's ``Qwen3_5MoeTopKRouter``); the CI function never routes for itself.
 
 The fused expert sites are not modules, so the SPD splice (which replaces module outputs)
-does not extend to them; ``PdAdapter.splice`` refuses qwen36_moe runs.
+does not extend to them; ``moe_splice`` splices these runs (routing pinned, expert blocks).
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ class PdMoeModel:
             layout.site_path(s.name): s for s in structure.sites
         }
         self.tap_paths = {t: layout.tap_path(t) for t in dec.ci_fn.input_taps}
-        moe_layers = {
-            s.layer for s in structure.sites if s.kind.startswith(("experts_", "shared_"))
-        }
-        self.routed_layers = sorted(moe_layers | set(dec.ci_fn.routing_layers))
+        # Every layer has an MoE; all are routed (the CI's routing vectors, the MoE sites' inputs,
+        # and the splice, which pins every layer's routing to the clean forward's).
+        self.routed_layers = list(range(layout.n_layer))
         self._mlp = {
             layer: model.get_submodule(layout.site_path(f"layers.{layer}.mlp"))
             for layer in self.routed_layers
@@ -54,6 +53,14 @@ class PdMoeModel:
 
     def _mlp_path(self, layer: int) -> str:
         return self.layout.site_path(f"layers.{layer}.mlp")
+
+    def mlp_path(self, layer: int) -> str:
+        """torch path of layer ``layer``'s MoE block."""
+        return self._mlp_path(layer)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.routed_layers
 
     @property
     def paths(self) -> list[str]:

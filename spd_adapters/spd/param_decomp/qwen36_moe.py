@@ -66,6 +66,26 @@ _INPUT_MODULE = {
 }
 
 
+_MIXER_IN = frozenset({"gdn_q", "gdn_k", "gdn_v", "gdn_z", "gdn_b", "gdn_a"})
+
+
+def site_io(layer: int, kind: str, address: str | None, path: str) -> tuple[str, tuple[str, ...]]:
+    """Where a qwen36_moe site reads from / writes to (hook points of the registered
+    ``qwen3_5_moe`` topology). Sites with a canonical address (full attention's ``q/k/v/o``, the
+    DeltaNet ``out_proj`` = ``attn_fused.o``) follow the SPD rule; a site that is not a whole
+    module with an address (the DeltaNet ``q/k/v`` row blocks, ``z/b/a``, the fused expert
+    matrices, the shared expert) writes the output of the sublayer it feeds (``{i}.attn_out``
+    or ``{i}.mlp_out``) and reads the sublayer's input where that is its input."""
+    if address is not None:
+        from spd_adapters.spd.adapter import _site_io
+
+        return _site_io(address)
+    if kind in _MIXER_IN:
+        return f"{layer}.attn_in", (f"{layer}.attn_out",)
+    reads = path if kind in ("experts_down", "shared_down") else f"{layer}.mlp_in"
+    return reads, (f"{layer}.mlp_out",)
+
+
 def site_name(layer: int, kind: str) -> str:
     return f"layers.{layer}.{SUFFIX[kind]}"
 

@@ -101,13 +101,24 @@ class Structure:
         return [s for s in self.sites if s.group == group]
 
 
-def _taps(tap_sel: object, layers: tuple[int, ...], n_layer: int) -> tuple[str, ...]:
+def _taps(
+    tap_sel: object,
+    layers: tuple[int, ...],
+    n_layer: int,
+    kinds: tuple[str, ...] = (),
+    block_taps: tuple[str, ...] = SITE_INPUT_TAPS,
+) -> tuple[str, ...]:
+    if tap_sel == "all_site_inputs":
+        # older chunk tap (param-decomp ``_chunk_input_taps``): one tap per decomposed site of
+        # the group, block by block in kind order, each the site's own input (q/k/v repeat
+        # attn_in); normed and concatenated like every other tap
+        return tuple(f"{_INPUT_TAP[k]}.{b}" for b in layers for k in kinds)
     if tap_sel == "first_block_resid":
         return (f"resid.{layers[0]}",)
     if tap_sel == "all_block_resids":
         return tuple(f"resid.{b}" for b in layers)
     if tap_sel == "all_block_taps":
-        return tuple(f"{name}.{b}" for b in layers for name in SITE_INPUT_TAPS)
+        return tuple(f"{name}.{b}" for b in layers for name in block_taps)
     if isinstance(tap_sel, ResidualBoundaries):
         start, span = layers[0], layers[-1] + 1 - layers[0]
         if tap_sel.offsets != sorted(set(tap_sel.offsets)) or tap_sel.offsets[-1] > span:
@@ -146,7 +157,8 @@ def _resolve_qwen36(cfg: LaunchConfig, n_layer: int, full_attention: frozenset[i
         )
     nets = tuple(
         NetRouting(
-            _taps(ci.input_tap, layers[i : i + per], n_layer),
+            # qwen36_moe has no dense MLP hidden: its block taps are the other three
+            _taps(ci.input_tap, layers[i : i + per], n_layer, block_taps=SITE_INPUT_TAPS[:3]),
             tuple(s.name for s in sites if s.layer in layers[i : i + per]),
             layers[i : i + per],
         )
@@ -180,11 +192,13 @@ def resolve_structure(
             )
         nets = tuple(
             NetRouting(
-                _taps(ci.input_tap, layers[i : i + per], n_layer),
+                _taps(ci.input_tap, layers[i : i + per], n_layer, kinds),
                 tuple(name_of(b, k) for b in layers[i : i + per] for k in kinds),
             )
             for i in range(0, len(layers), per)
         )
     else:
-        nets = (NetRouting(_taps(ci.input_tap, layers, n_layer), tuple(s.name for s in sites)),)
+        nets = (
+            NetRouting(_taps(ci.input_tap, layers, n_layer, kinds), tuple(s.name for s in sites)),
+        )
     return Structure(spec.kind, sites, layers, kinds, nets)

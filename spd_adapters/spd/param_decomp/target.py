@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,14 @@ _TAP_MODULE = {
     "qwen36_moe": {},
 }
 # (block container, final norm) names, per site family.
+# qwen36_moe: the module a tap enters, on (gated-DeltaNet, full-attention) layers; the MoE
+# block's input is its normed input (there is no dense MLP hidden, param-decomp's grammar).
+_QWEN36_TAP_MODULE = {
+    "attn_in": ("linear_attn.in_proj_qkv", "self_attn.q_proj"),
+    "attn_out": ("linear_attn.out_proj", "self_attn.o_proj"),
+    "mlp_in": ("mlp", "mlp"),
+}
+
 _DECODER = {
     "glu_transformer": ("layers", "norm"),
     "simple_mlp": ("h", "ln_f"),
@@ -52,6 +61,10 @@ _DECODER = {
 
 PretrainedLoader = Callable[[dict[str, Any]], nn.Module]
 _PRETRAINED_LOADER: list[PretrainedLoader] = []
+
+
+#: ``target.spec.kind`` values of param-decomp's LM schema (``LMTargetSpec``), all loaded here
+TARGET_KINDS = ("hf", "hf_weights_in_vendored", "pretrained", "pretrained_qwen35_moe")
 
 
 def set_pretrained_target_loader(loader: PretrainedLoader | None) -> None:
@@ -74,8 +87,8 @@ def _hf_spec(cfg: LaunchConfig) -> tuple[str, str]:
     kind = spec.get("kind")
     if kind not in ("hf", "hf_weights_in_vendored"):
         raise FormatError(
-            f"target.spec.kind={kind!r} is not loadable yet: spd-host builds param-decomp "
-            "targets from Hugging Face models (kind: hf)",
+            f"target.spec.kind={kind!r} is not a target kind spd-host loads",
+            hint="param-decomp's target kinds, all loadable: " + ", ".join(TARGET_KINDS),
         )
     name, cls = spec.get("model_name"), spec.get("model_class")
     if not isinstance(name, str) or not isinstance(cls, str):
@@ -114,6 +127,18 @@ def _is_pretrained(cfg: LaunchConfig) -> bool:
     return cfg.target.spec.get("kind") == "pretrained"
 
 
+def _qwen35_entry(cfg: LaunchConfig, run_dir: Path | None) -> Path | None:
+    """The pretrain-cache entry of a ``pretrained_qwen35_moe`` target (None for other kinds)."""
+    if cfg.target.spec.get("kind") != "pretrained_qwen35_moe":
+        return None
+    from spd_adapters.spd.param_decomp import qwen35_pretrained
+
+    run_path = cfg.target.spec.get("run_path")
+    if not isinstance(run_path, str):
+        raise FormatError("target.spec (kind: pretrained_qwen35_moe) needs run_path")
+    return qwen35_pretrained.locate_entry(run_path, run_dir)
+
+
 def _load_pretrained(cfg: LaunchConfig) -> nn.Module:
     """A registered loader if any, else Goodfire's target models of ``spd_adapters.spd.targets``
     (``model_class``'s last part is the model type, ``run_path`` the pretrain run)."""
@@ -134,11 +159,16 @@ def _load_pretrained(cfg: LaunchConfig) -> nn.Module:
     return load_pretrained(model_class.rsplit(".", 1)[-1], run_path)
 
 
-def build_skeleton(cfg: LaunchConfig) -> nn.Module:
+def build_skeleton(cfg: LaunchConfig, run_dir: Path | None = None) -> nn.Module:
     """The target's structure (HF: on the meta device, no weights; a pretrained target comes
-    from its loader)."""
+    from its loader). ``run_dir``: where a ``pretrained_qwen35_moe`` entry is looked for."""
     if _is_pretrained(cfg):
         return _load_pretrained(cfg)
+    entry = _qwen35_entry(cfg, run_dir)
+    if entry is not None:
+        from spd_adapters.spd.param_decomp import qwen35_pretrained
+
+        return qwen35_pretrained.build(entry, weights=False)
     _, cls_name = _hf_spec(cfg)
     cls = _hf_class(cls_name)
     config = hf_config(cfg)
@@ -152,12 +182,17 @@ def build_skeleton(cfg: LaunchConfig) -> nn.Module:
         return cls(config)  # type: ignore[no-any-return]
 
 
-def load_target_tokenizer(cfg: LaunchConfig) -> Any:
+def load_target_tokenizer(cfg: LaunchConfig, run_dir: Path | None = None) -> Any:
     """``data.tokenizer_name`` (older configs) or the target's own: the HF model's tokenizer, or
     a pretrained target's pretrain-run tokenizer (``spd_adapters.spd.targets.tokenizer``)."""
     from spd_host.models import load_tokenizer
 
     name = cfg.data.tokenizer_name if cfg.data else None
+    entry = _qwen35_entry(cfg, run_dir)
+    if entry is not None:
+        from spd_adapters.spd.param_decomp import qwen35_pretrained
+
+        return qwen35_pretrained.load_tokenizer(entry, name)
     if _is_pretrained(cfg) and not _PRETRAINED_LOADER:
         run_path = cfg.target.spec.get("run_path")
         try:
@@ -171,12 +206,17 @@ def load_target_tokenizer(cfg: LaunchConfig) -> Any:
     return load_tokenizer(name or target_name(cfg))
 
 
-def load_target(cfg: LaunchConfig) -> nn.Module:
+def load_target(cfg: LaunchConfig, run_dir: Path | None = None) -> nn.Module:
     """The frozen target model (eval mode, fp32, no grads) named by ``target.spec``."""
     from spd_host.models import load_base_model
 
     if _is_pretrained(cfg):
         return _load_pretrained(cfg)
+    entry = _qwen35_entry(cfg, run_dir)
+    if entry is not None:
+        from spd_adapters.spd.param_decomp import qwen35_pretrained
+
+        return qwen35_pretrained.build(entry, weights=True)
     name, _ = _hf_spec(cfg)
     return load_base_model(name)
 
@@ -190,6 +230,7 @@ class TargetLayout:
     norm_path: str
     family: str = "glu_transformer"
     container: str = "layers"
+    full_attention: frozenset[int] = frozenset()  # qwen36_moe: the self_attn layers
 
     def site_path(self, site: str) -> str:
         return f"{self.prefix}{site}"
@@ -203,6 +244,11 @@ class TargetLayout:
             if not 0 <= b <= self.n_layer:
                 raise FormatError(f"CI input tap {tap!r} outside 0..{self.n_layer}")
             return self.norm_path if b == self.n_layer else f"{self.prefix}{self.container}.{b}"
+        if self.family == "qwen36_moe":
+            pair = _QWEN36_TAP_MODULE.get(name)
+            if pair is None or not 0 <= b < self.n_layer:
+                raise FormatError(f"unknown qwen36_moe CI input tap {tap!r}")
+            return f"{self.prefix}{self.container}.{b}.{pair[b in self.full_attention]}"
         modules = _TAP_MODULE[self.family]
         if name not in modules or not 0 <= b < self.n_layer:
             raise FormatError(f"unknown CI input tap {tap!r}")
@@ -218,7 +264,10 @@ def layout_of(model: nn.Module, family: str = "glu_transformer") -> TargetLayout
             prefix = path[: -len(container)]
             norm = f"{prefix}{norm_name}"
             if norm in names:
-                return TargetLayout(prefix, len(module), norm, family, container)
+                full = frozenset(
+                    i for i in range(len(module)) if f"{prefix}{container}.{i}.self_attn" in names
+                )
+                return TargetLayout(prefix, len(module), norm, family, container, full)
     raise FormatError(
         f"{type(model).__name__}: no decoder `{container}` ModuleList with a final "
         f"`{norm_name}` — not a {family} target"

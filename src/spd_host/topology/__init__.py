@@ -19,7 +19,7 @@ from spd_host.topology.grammar import (
 )
 from spd_host.topology.hooks import Site
 from spd_host.topology.names import hook_point_from_module_path, hook_point_from_transformerlens
-from spd_host.topology.spec import BUILTIN_SPECS, ArchitectureSpec
+from spd_host.topology.spec import BUILTIN_SPECS, ArchitectureSpec, MixerVariant
 from spd_host.topology.topology import TransformerTopology, topology_of
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "ArchitectureSpec",
     "HookPoint",
     "Layout",
+    "MixerVariant",
     "Site",
     "TransformerTopology",
     "detect",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spd_host.errors import TopologyError
-from spd_host.topology.spec import BUILTIN_SPECS, ArchitectureSpec
+from spd_host.topology.spec import BUILTIN_SPECS, ArchitectureSpec, MixerVariant
 
 
 @dataclass
@@ -29,6 +29,11 @@ class Layout:
     final_norm: str | None
     parallel: bool
     reasons: list[str] = field(default_factory=list)
+    #: per block, the token mixer it has (always the spec's own ``attn`` unless it is hybrid)
+    mixers: list[MixerVariant] = field(default_factory=list)
+
+    def mixer(self, i: int) -> MixerVariant:
+        return self.mixers[i] if self.mixers else self.spec.mixers[0]
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -69,17 +74,35 @@ def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
     return None
 
 
+def _mixer_problem(block: nn.Module, mixer: MixerVariant) -> str | None:
+    attn = _get(block, mixer.attn)
+    if attn is None:
+        return f"no attention module {mixer.attn!r}"
+    for role, rel in mixer.attn_proj.items():
+        if not _has_2d_weight(_get(attn, rel)):
+            return f"no attention projection {mixer.attn}.{rel} ({role}) with a 2-D weight"
+    return None
+
+
+def block_mixer(block: nn.Module, spec: ArchitectureSpec) -> MixerVariant | str:
+    """The first of the spec's token mixers that ``block`` has, or why none fits."""
+    problems = []
+    for mixer in spec.mixers:
+        problem = _mixer_problem(block, mixer)
+        if problem is None:
+            return mixer
+        problems.append(problem)
+    return "; ".join(problems)
+
+
 def _block_problem(block: nn.Module, spec: ArchitectureSpec) -> str | None:
     """Why ``block`` does not fit ``spec`` (None when it fits)."""
-    attn = _get(block, spec.attn)
+    mixer = block_mixer(block, spec)
+    if isinstance(mixer, str):
+        return mixer
     mlp = _get(block, spec.mlp)
-    if attn is None:
-        return f"no attention module {spec.attn!r}"
     if mlp is None:
         return f"no MLP module {spec.mlp!r}"
-    for role, rel in spec.attn_proj.items():
-        if not _has_2d_weight(_get(attn, rel)):
-            return f"no attention projection {spec.attn}.{rel} ({role}) with a 2-D weight"
     for role, rel in spec.mlp_proj.items():
         if not _has_2d_weight(_get(mlp, rel)):
             return f"no MLP projection {spec.mlp}.{rel} ({role}) with a 2-D weight"
@@ -121,6 +144,7 @@ def match_spec(model: nn.Module, spec: ArchitectureSpec) -> Layout | str:
         output = None
     if spec.matches is not None and not spec.matches(model):
         return "the spec's own structural test (matches) rejected the model"
+    mixers = [block_mixer(block, spec) for block in blocks]
     return Layout(
         spec=spec,
         blocks=blocks_path,
@@ -129,6 +153,7 @@ def match_spec(model: nn.Module, spec: ArchitectureSpec) -> Layout | str:
         output=output,
         final_norm=_first(model, spec.final_norm),
         parallel=spec.is_parallel(getattr(model, "config", None)),
+        mixers=[m for m in mixers if isinstance(m, MixerVariant)],
     )
 
 

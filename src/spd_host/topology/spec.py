@@ -19,6 +19,38 @@ import torch
 
 from spd_host.errors import TopologyError
 
+_ATTN_ROLE_SETS = ({"q", "k", "v", "o"}, {"qkv", "o"})
+
+
+def _check_attn_roles(name: str, attn_proj: Mapping[str, str]) -> None:
+    if set(attn_proj) not in _ATTN_ROLE_SETS:
+        raise TopologyError(
+            f"architecture spec {name!r}: attn_proj roles {sorted(attn_proj)} are not q,k,v,o or qkv,o"
+        )
+
+
+def attn_kind_of(attn_proj: Mapping[str, str]) -> str:
+    """The address kind of one token mixer's projections: ``attn_fused`` or ``attn``."""
+    return "attn_fused" if "qkv" in attn_proj else "attn"
+
+
+@dataclass(frozen=True)
+class MixerVariant:
+    """An alternative token mixer, for hybrid architectures whose blocks do not all share one
+    attention module (Qwen3.5's gated-DeltaNet layers between full-attention layers).
+
+    A block without the spec's own ``attn`` module (or whose projections do not fit it) uses
+    the first variant it has; its hook points ``attn_in``/``attn_out`` are that module's input and
+    output, and its addresses follow the variant's roles (``attn`` or ``attn_fused``).
+    """
+
+    attn: str
+    attn_proj: Mapping[str, str]
+
+    @property
+    def attn_kind(self) -> str:
+        return attn_kind_of(self.attn_proj)
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -28,7 +60,10 @@ class ArchitectureSpec:
     ``attn`` / ``mlp``: the attention and MLP modules, relative to a block.
     ``attn_proj``: role -> path relative to ``attn``; roles ``q,k,v,o`` or ``qkv,o`` (fused).
     ``mlp_proj``: role -> path relative to ``mlp``; roles ``up,down`` (plain), ``gate,up,down``
-    (GLU) or ``gate_up,down`` (fused GLU).
+    (GLU) or ``gate_up,down`` (fused GLU); empty for a mixture-of-experts MLP whose experts are
+    not single projections (no MLP addresses and no ``mlp_hidden`` hook point then).
+    ``attn_variants``: alternative token mixers of hybrid architectures (see
+    :class:`MixerVariant`); a block uses ``attn`` when it has it, else the first variant.
     ``norms``: role -> path relative to the block; roles ``attn_pre`` (norm feeding attention),
     ``attn_post`` (norm applied to the attention output before the residual add), ``mlp_pre``,
     ``mlp_post``. A missing role means the architecture has no such norm.
@@ -57,17 +92,16 @@ class ArchitectureSpec:
     forbidden: tuple[str, ...] = ()
     matches: Callable[[torch.nn.Module], bool] | None = None
     description: str = ""
+    attn_variants: tuple[MixerVariant, ...] = ()
 
     def __post_init__(self) -> None:
-        attn_roles = set(self.attn_proj)
-        if attn_roles not in ({"q", "k", "v", "o"}, {"qkv", "o"}):
-            raise TopologyError(
-                f"architecture spec {self.name!r}: attn_proj roles {sorted(attn_roles)} are not q,k,v,o or qkv,o"
-            )
+        _check_attn_roles(self.name, self.attn_proj)
+        for variant in self.attn_variants:
+            _check_attn_roles(self.name, variant.attn_proj)
         mlp_roles = set(self.mlp_proj)
-        if mlp_roles not in ({"up", "down"}, {"gate", "up", "down"}, {"gate_up", "down"}):
+        if mlp_roles not in (set(), {"up", "down"}, {"gate", "up", "down"}, {"gate_up", "down"}):
             raise TopologyError(
-                f"architecture spec {self.name!r}: mlp_proj roles {sorted(mlp_roles)} are not up,down / gate,up,down / gate_up,down"
+                f"architecture spec {self.name!r}: mlp_proj roles {sorted(mlp_roles)} are not up,down / gate,up,down / gate_up,down (or none, for an MoE)"
             )
         bad = set(self.norms) - {"attn_pre", "attn_post", "mlp_pre", "mlp_post"}
         if bad:
@@ -77,10 +111,18 @@ class ArchitectureSpec:
 
     @property
     def attn_kind(self) -> str:
-        return "attn_fused" if "qkv" in self.attn_proj else "attn"
+        return attn_kind_of(self.attn_proj)
 
     @property
-    def mlp_kind(self) -> str:
+    def mixers(self) -> tuple[MixerVariant, ...]:
+        """The token mixers a block may have, in the order they are tried."""
+        return (MixerVariant(self.attn, self.attn_proj), *self.attn_variants)
+
+    @property
+    def mlp_kind(self) -> str | None:
+        """``mlp`` / ``glu`` / ``glu_fused``; None for an MoE without canonical projections."""
+        if not self.mlp_proj:
+            return None
         if "gate_up" in self.mlp_proj:
             return "glu_fused"
         return "glu" if "gate" in self.mlp_proj else "mlp"

@@ -70,17 +70,20 @@ class TransformerTopology:
         self._sites["embed"] = Site(lay.embed, "output")
         for i in range(self.n_layers):
             block = f"{lay.blocks}.{i}"
-            attn, mlp = f"{block}.{spec.attn}", f"{block}.{spec.mlp}"
-            for role in BLOCK_ADDRESS_ROLES[spec.attn_kind]:
-                self._paths[f"{i}.{spec.attn_kind}.{role}"] = f"{attn}.{spec.attn_proj[role]}"
-            for role in BLOCK_ADDRESS_ROLES[spec.mlp_kind]:
-                self._paths[f"{i}.{spec.mlp_kind}.{role}"] = f"{mlp}.{spec.mlp_proj[role]}"
+            mixer = lay.mixer(i)
+            attn, mlp = f"{block}.{mixer.attn}", f"{block}.{spec.mlp}"
+            for role in BLOCK_ADDRESS_ROLES[mixer.attn_kind]:
+                self._paths[f"{i}.{mixer.attn_kind}.{role}"] = f"{attn}.{mixer.attn_proj[role]}"
+            mlp_kind = spec.mlp_kind
+            if mlp_kind is not None:
+                for role in BLOCK_ADDRESS_ROLES[mlp_kind]:
+                    self._paths[f"{i}.{mlp_kind}.{role}"] = f"{mlp}.{spec.mlp_proj[role]}"
             for role in BLOCK_ADDRESS_ROLES["norm"]:
                 if role in spec.norms:
                     self._norm_paths[f"{i}.norm.{role}"] = f"{block}.{spec.norms[role]}"
             attn_post = spec.norms.get("attn_post")
             mlp_post = spec.norms.get("mlp_post")
-            attn_branch = spec.attn_residual or attn_post or spec.attn
+            attn_branch = spec.attn_residual or attn_post or mixer.attn
             self._sites[f"{i}.resid_pre"] = Site(block, "input")
             self._sites[f"{i}.attn_in"] = Site(attn, "input")
             self._sites[f"{i}.attn_out"] = Site(attn, "output")
@@ -91,7 +94,8 @@ class TransformerTopology:
                     f"{block}.{attn_branch}", "output", resid_block=block
                 )
             self._sites[f"{i}.mlp_in"] = Site(mlp, "input")
-            self._sites[f"{i}.mlp_hidden"] = Site(f"{mlp}.{spec.mlp_proj['down']}", "input")
+            if "down" in spec.mlp_proj:
+                self._sites[f"{i}.mlp_hidden"] = Site(f"{mlp}.{spec.mlp_proj['down']}", "input")
             self._sites[f"{i}.mlp_out"] = Site(mlp, "output")
             if mlp_post is not None:
                 self._sites[f"{i}.mlp_out_normed"] = Site(f"{block}.{mlp_post}", "output")
@@ -177,6 +181,8 @@ class TransformerTopology:
             return "the architecture has no norm on that branch's output (attn_out/mlp_out is what is added to the residual)"
         if hook.name == "unembed_in":
             return "the model has no LM head"
+        if hook.name == "mlp_hidden" and self.spec.mlp_kind is None:
+            return "its MLP is a mixture of experts with no single down-projection"
         return "not provided by this architecture"
 
     def hook_point_of_module(self, module_path: str, role: Literal["input", "output"]) -> str:

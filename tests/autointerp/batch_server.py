@@ -39,6 +39,9 @@ class BatchPlan:
     create_hold: float = 0.0  # accept the batch, then hold the create response this long
 
 
+# batch_plan(n): n counts create calls (refused ones too), 0-based
+
+
 @dataclass
 class _Batch:
     id: str
@@ -85,6 +88,7 @@ class BatchServer(LLMServer):
         self.files: dict[str, bytes] = {}
         self.calls: list[tuple[str, str]] = []
         self.creates: list[str] = []  # batch ids in creation order
+        self.create_calls = 0  # create calls, refused ones included (batch_plan's argument)
 
     # -- routing ---------------------------------------------------------------------------
     def _post(self, h: BaseHTTPRequestHandler, raw: bytes) -> None:
@@ -155,8 +159,9 @@ class BatchServer(LLMServer):
 
     def _create(self, h: BaseHTTPRequestHandler, api: str, body: dict[str, Any]) -> None:
         with self._lock:
+            plan = self.batch_plan(self.create_calls)
+            self.create_calls += 1
             n = len(self.creates)
-            plan = self.batch_plan(n)
         if plan.create_status >= 400:
             return self._send(h, plan.create_status, _error(api, f"status {plan.create_status}"))
         if api == "anthropic":

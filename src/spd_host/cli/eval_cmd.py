@@ -326,6 +326,14 @@ HarvestRun = Annotated[
 ]
 
 
+Batch = Annotated[
+    bool, typer.Option("--batch", help="Judge through the provider's batch API (half price).")
+]
+PollInterval = Annotated[
+    float | None, typer.Option("--poll-interval", help="Seconds between batch polls (30).")
+]
+
+
 def _judge_command(kind: str) -> Any:
     def command(
         ids: IdsArg,
@@ -342,6 +350,8 @@ def _judge_command(kind: str) -> Any:
         harvest_run: HarvestRun = None,
         label_model: LabelModel = None,
         force: Force = False,
+        batch: Batch = False,
+        poll_interval: PollInterval = None,
         json_out: JsonOut = False,
         base_model: BaseModelOpt = None,
         wandb: Wandb = False,
@@ -366,6 +376,8 @@ def _judge_command(kind: str) -> Any:
             "harvest_run": harvest_run,
             "label_model": label_model if kind != "intruder" else None,
             "force": force,
+            "batch": batch or None,
+            "poll_interval_s": poll_interval,
         }
         run_many(
             [kind],

@@ -156,6 +156,12 @@ class JudgeSuiteConfig(_Frozen):
     force: bool = Field(
         default=False, description="Judge again the trials a previous run already judged."
     )
+    batch: bool = Field(
+        default=False, description="Judge through the provider's batch API (half price, <= 24 h)."
+    )
+    poll_interval_s: float = Field(
+        default=30.0, gt=0, allow_inf_nan=False, description="Seconds between batch polls."
+    )
 
     def llm(self) -> Any:
         from spd_host.autointerp.config import AutointerpConfig
@@ -175,4 +181,6 @@ class JudgeSuiteConfig(_Frozen):
             max_output_tokens=self.max_output_tokens,
             input_price_per_mtok=self.input_price_per_mtok,
             output_price_per_mtok=self.output_price_per_mtok,
+            batch=self.batch,
+            poll_interval_s=self.poll_interval_s,
         )

@@ -17,12 +17,12 @@ import random
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from spd_host.autointerp.answer import ANSWER_SCHEMA, MalformedAnswerError
-from spd_host.autointerp.calls import Gates, call_with_retries
+from spd_host.autointerp.calls import Gates, Outcome, call_with_retries
 from spd_host.autointerp.config import AutointerpConfig
 from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.ledger import SpendLedger
@@ -155,14 +155,21 @@ async def _ajudge(
     evidence_for: Callable[[str], ComponentEvidence],
     on_record: Callable[[TrialRecord], None],
     ledger: SpendLedger | None = None,
+    batch_scope: str = "",
 ) -> tuple[float, bool]:
     """Judge ``trials`` with a network provider; returns (spent USD, stopped by the cost cap).
 
     The calls go through the same gates as autointerp's (worst-case reservation against the
-    ledger's recorded spend, Retry-After ceiling, fail fast on 400/401/403/404).
+    ledger's recorded spend, Retry-After ceiling, fail fast on 400/401/403/404); with
+    ``config.batch`` through the provider's batch API (:mod:`spd_host.autointerp.batch`),
+    resumable by ``batch_scope``.
     """
     provider = get_provider(config.provider)
     model = config.model or provider.default_model
+    if config.batch:
+        return await _ajudge_batch(
+            trials, config, decode, evidence_for, on_record, ledger, batch_scope
+        )
     pricing = resolve_pricing(provider, model, config)
     client = provider.make_client(
         ClientOptions(
@@ -208,34 +215,7 @@ async def _ajudge(
             trial.trial_id,
             accept=lambda c: parse_indices(c.answer.label, n, trial.kind),
         )
-        if not out.sent:
-            return  # never sent: neither scored nor failed; a re-run picks it up
-        if out.ok:
-            predicted = out.value
-            on_record(
-                TrialRecord(
-                    trial_id=trial.trial_id,
-                    component_key=trial.key,
-                    status="ok",
-                    truth=sorted(trial.truth),
-                    predicted=sorted(predicted),
-                    score=trial_score(trial.kind, trial.truth, predicted, n),
-                    cost_usd=out.cost,
-                    attempts=out.attempts,
-                )
-            )
-            return
-        on_record(
-            TrialRecord(
-                trial_id=trial.trial_id,
-                component_key=trial.key,
-                status="failed",
-                truth=sorted(trial.truth),
-                error=out.error or "no attempt completed",
-                cost_usd=out.cost,
-                attempts=out.attempts,
-            )
-        )
+        _record_outcome(trial, out, on_record)
 
     async def worker() -> None:
         while not gates.stop:
@@ -253,6 +233,82 @@ async def _ajudge(
     return gates.budget.spent, gates.budget.exhausted
 
 
+def _record_outcome(trial: Trial, out: Outcome, on_record: Callable[[TrialRecord], None]) -> None:
+    """A trial's record from its calls' outcome (the same for the sync and batch paths)."""
+    if not out.sent:
+        return  # never sent: neither scored nor failed; a re-run picks it up
+    if out.ok:
+        predicted = out.value
+        on_record(
+            TrialRecord(
+                trial_id=trial.trial_id,
+                component_key=trial.key,
+                status="ok",
+                truth=sorted(trial.truth),
+                predicted=sorted(predicted),
+                score=trial_score(trial.kind, trial.truth, predicted, len(trial.items)),
+                cost_usd=out.cost,
+                attempts=out.attempts,
+            )
+        )
+        return
+    on_record(
+        TrialRecord(
+            trial_id=trial.trial_id,
+            component_key=trial.key,
+            status="failed",
+            truth=sorted(trial.truth),
+            error=out.error or "no attempt completed",
+            cost_usd=out.cost,
+            attempts=out.attempts,
+        )
+    )
+
+
+async def _ajudge_batch(
+    trials: Sequence[Trial],
+    config: AutointerpConfig,
+    decode: Callable[[list[int]], str],
+    evidence_for: Callable[[str], ComponentEvidence],
+    on_record: Callable[[TrialRecord], None],
+    ledger: SpendLedger | None,
+    batch_scope: str,
+) -> tuple[float, bool]:
+    """The batch seam: the same requests and records, sent through the provider's batch API."""
+    from spd_host.autointerp.batch.calls import call_in_batches
+
+    provider = get_provider(config.provider)
+    model = config.model or provider.default_model
+    by_id = {t.trial_id: t for t in trials}
+    items = [
+        (
+            t.trial_id,
+            CompletionRequest(
+                system=SYSTEM,
+                prompt=prompt_for(t, decode),
+                schema=ANSWER_SCHEMA,
+                max_output_tokens=config.max_output_tokens,
+                evidence=evidence_for(t.key),
+            ),
+        )
+        for t in trials
+    ]
+
+    def accept(tid: str, c: Any) -> frozenset[int] | None:
+        t = by_id.get(tid)
+        return parse_indices(c.answer.label, len(t.items), t.kind) if t else None
+
+    def on_done(tid: str, out: Outcome) -> None:
+        if tid in by_id:  # a trial of an earlier run's batch that this run no longer has
+            _record_outcome(by_id[tid], out, on_record)
+
+    spent, capped, _fatal = await call_in_batches(
+        f"judge|{provider.name}|{model}|{batch_scope}", provider, model, config, ledger, items,
+        on_done, accept=accept, secrets=known_secrets(None, config.api_key_env),
+    )  # fmt: skip
+    return spent, capped
+
+
 def judge_trials(
     trials: Sequence[Trial],
     config: AutointerpConfig,
@@ -262,6 +318,7 @@ def judge_trials(
     top_tokens: Callable[[str], set[int]],
     on_record: Callable[[TrialRecord], None],
     ledger: SpendLedger | None = None,
+    batch_scope: str = "",
 ) -> tuple[float, bool, bool, str]:
     """Judge every trial; returns (spent USD, stopped by cap, baseline?, judge name)."""
     provider = get_provider(config.provider)
@@ -288,5 +345,7 @@ def judge_trials(
             on_record(rec)
             advance()
 
-        spent, capped = asyncio.run(_ajudge(trials, config, decode, evidence_for, record, ledger))
+        spent, capped = asyncio.run(
+            _ajudge(trials, config, decode, evidence_for, record, ledger, batch_scope)
+        )
     return spent, capped, False, f"{provider.name}/{model}"

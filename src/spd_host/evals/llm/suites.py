@@ -322,6 +322,7 @@ def _judge_into(
         top_tokens=top_tokens,
         on_record=on_record,
         ledger=ledger,
+        batch_scope=run_key,
     )
 
 

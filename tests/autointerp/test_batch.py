@@ -97,7 +97,9 @@ def test_large_jobs_are_chunked_and_progress_is_reported(provider: str, tmp_path
             )
         )  # fmt: skip
     assert report.n_labelled == 7 and report.batches_submitted == 3
-    per_batch = [sum(1 for r in server.requests if r.index in _indices(server, b)) for b in server.creates]
+    per_batch = [
+        sum(1 for r in server.requests if r.index in _indices(server, b)) for b in server.creates
+    ]
     assert per_batch == [3, 3, 1]
     assert seen[-1] == (7, 7, 3) and seen[0][1] == 0
     assert {r.label for r in rows(tmp_path / "l.db")} == {f"thing {n * 7 % 5}" for n in range(7)}
@@ -211,7 +213,9 @@ def test_cancel_through_the_sdk_cancels_the_unfinished_requests(provider: str) -
     async def go(server: BatchServer) -> tuple[list[str], str, list[str]]:
         p = get_provider(provider)
         assert p.make_batch_client is not None
-        client = p.make_batch_client(ClientOptions(model=MODELS[provider], base_url=_url(server, provider)))
+        client = p.make_batch_client(
+            ClientOptions(model=MODELS[provider], base_url=_url(server, provider))
+        )
         req = CompletionRequest("sys", "MARK9", ANSWER_SCHEMA, 50, make_evidence(9))
         bid = await client.submit("local1", [client.line("c0", req), client.line("c1", req)])
         before = (await client.status(bid)).provider_status
@@ -226,3 +230,27 @@ def test_cancel_through_the_sdk_cancels_the_unfinished_requests(provider: str) -
     assert before[0] in ("in_progress", "validating")
     assert after == ("ended" if provider == "anthropic" else "cancelled")
     assert outcomes == ["canceled", "canceled"] if provider == "anthropic" else ["canceled"]
+
+
+def test_cli_batch_flag_labels_a_real_harvest_and_refuses_a_provider_without_batches(
+    toy_harvest: object,
+) -> None:
+    from typer.testing import CliRunner
+
+    from spd_host.autointerp.api import load_labels
+    from spd_host.cli.app import app
+    from spd_host.plugins import temporary_plugins
+    from tests.harvest import toy_plugin
+
+    runner = CliRunner()
+    with temporary_plugins(("toy", toy_plugin), entry_points=False), BatchServer() as server:
+        args = ["autointerp", "toy:demo", "--provider", "openai", "--base-url", server.openai_url]
+        result = runner.invoke(app, [*args, "--batch", "--poll-interval", "0.05", "--limit", "4"])
+        assert result.exit_code == 0, result.output
+        assert "batch requests" in result.output and "succeeded 4" in result.output
+        assert len(load_labels("toy:demo")) == 4 and len(server.creates) == 1
+        refused = runner.invoke(
+            app, ["autointerp", "toy:demo", "--provider", "openai-compatible", "--base-url",
+                  server.openai_url, "--batch", "--no-progress"],
+        )  # fmt: skip
+    assert refused.exit_code != 0 and "has no batch API" in refused.output

@@ -85,7 +85,9 @@ def test_expired_judge_requests_are_failed_trials_retried_on_rerun(
 
         def plan(req: Request) -> Reply:
             tid = TRIAL.search(req.prompt).group(1)  # type: ignore[union-attr]
-            return Reply(answer={"label": str(min(truth[tid])), "confidence": "high", "reasoning": "j"})
+            return Reply(
+                answer={"label": str(min(truth[tid])), "confidence": "high", "reasoning": "j"}
+            )
 
         server.plan = plan
         first = run_suite("intruder", harvested, config)

@@ -511,7 +511,18 @@ def report_table(report: RunReport) -> Table:
         ("labelled now", f"[green]{report.n_labelled}[/]"),
         ("failed", f"[red]{report.n_failed}[/]" if report.n_failed else "0"),
         ("not sent", not_sent),
-        ("calls", str(report.calls)),
+        ("calls", str(report.calls) + ("  (batch requests)" if report.batch else "")),
+        *(
+            [
+                (
+                    "batches",
+                    f"{report.batches_submitted} submitted, {report.batches_resumed} resumed; "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(report.batch_outcomes.items())),
+                )
+            ]
+            if report.batch
+            else []
+        ),
         ("spent", spent),
         *(
             [

@@ -9,6 +9,8 @@ request would get (bad key, unknown model, bad URL) stopped the run.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -110,6 +112,17 @@ def autointerp(
     force: Annotated[
         bool, typer.Option("--force", help="label again components already labelled")
     ] = False,
+    batch: Annotated[
+        bool,
+        typer.Option(
+            "--batch",
+            help="send through the provider's batch API (anthropic, openai): half price, "
+            "results within 24 h; a killed run resumes by polling",
+        ),
+    ] = False,
+    poll_interval: Annotated[
+        float, typer.Option(help="seconds between batch status polls (--batch)")
+    ] = 30.0,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
     base_model: BaseModelOpt = None,
@@ -154,16 +167,21 @@ def autointerp(
             output_price_per_mtok=output_price,
             limit=limit,
             min_firing_count=min_firing_count,
+            batch=batch,
+            poll_interval_s=poll_interval,
         ),
     )
-    report = run_autointerp(
-        decomposition_id,
-        config,
-        harvest_run=harvest_run,
-        progress=not (no_progress or json_out),
-        console=err_console,
-        force=force,
-    )
+    show = not (no_progress or json_out)
+    with _batch_bar(show and batch) as on_batch:
+        report = run_autointerp(
+            decomposition_id,
+            config,
+            harvest_run=harvest_run,
+            progress=show and not batch,
+            console=err_console,
+            force=force,
+            batch_progress=on_batch,
+        )
     if json_out:
         print_json(report.model_dump(mode="json"))
     else:
@@ -185,6 +203,44 @@ def autointerp(
         raise SystemExit(1)
     if report.n_failed and not report.n_labelled:
         raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def _batch_bar(show: bool) -> Iterator[Callable[[Any], None] | None]:
+    """The batch run's progress bar (the engine reports a BatchProgress after each poll)."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]batch"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "submitted {task.fields[submitted]} running {task.fields[running]} "
+            "[green]ok {task.fields[succeeded]}[/] [red]errored {task.fields[errored]}[/] "
+            "[yellow]expired {task.fields[expired]}[/] batches {task.fields[batches]} "
+            "${task.fields[spent]:.4f}"
+        ),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+    task = bar.add_task(
+        "batch", total=None, submitted=0, running=0, succeeded=0, errored=0, expired=0,
+        batches=0, spent=0.0,
+    )  # fmt: skip
+
+    def update(p: Any) -> None:
+        done = p.succeeded + p.errored + p.expired + p.canceled
+        bar.update(
+            task, total=p.total, completed=done, submitted=p.submitted, running=p.running,
+            succeeded=p.succeeded, errored=p.errored, expired=p.expired + p.canceled,
+            batches=p.batches, spent=p.spent_usd,
+        )  # fmt: skip
+
+    with bar:
+        yield update
 
 
 def _strategy_options(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from spd_host.autointerp.answer import MalformedAnswerError
 from spd_host.autointerp.batch.base import BatchCounts, BatchStatus, ItemResult
@@ -30,7 +30,7 @@ from spd_host.autointerp.providers.base import ClientOptions, Provider, read_api
 from spd_host.autointerp.providers.openai_provider import chat_body, parse_chat
 from spd_host.autointerp.providers.sdk_errors import translate
 
-ENDPOINT = "/v1/chat/completions"
+ENDPOINT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 META_KEY = "spd_host_batch"
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 

@@ -59,7 +59,9 @@ def child(args: argparse.Namespace) -> None:
     print(report.model_dump_json())
 
 
-def run_child(mode: str, provider: str, url: str, db: Path, a: argparse.Namespace) -> dict[str, Any]:
+def run_child(
+    mode: str, provider: str, url: str, db: Path, a: argparse.Namespace
+) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     env.setdefault("ANTHROPIC_API_KEY", "sk-bench")
     env.setdefault("OPENAI_API_KEY", "sk-bench")
@@ -78,7 +80,12 @@ def run_child(mode: str, provider: str, url: str, db: Path, a: argparse.Namespac
         report = json.loads(out.read().decode().strip().splitlines()[-1])
     with sqlite3.connect(db) as conn:
         (n_ok,) = conn.execute("SELECT COUNT(*) FROM labels WHERE status='ok'").fetchone()
-    return {"report": report, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "labels": n_ok}
+    return {
+        "report": report,
+        "wall_s": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "labels": n_ok,
+    }
 
 
 def main() -> None:
@@ -125,7 +132,9 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=1) + "\n")
     print()
-    print("| provider / model | mode | components | HTTP calls | batches | wall (s) | peak RSS (MiB) | billed (USD) | labels |")
+    print(
+        "| provider / model | mode | components | HTTP calls | batches | wall (s) | peak RSS (MiB) | billed (USD) | labels |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['provider']} / `{r['model']}` | {r['mode']} | {r['n']:,} | {r['http_calls']:,} | "

@@ -254,3 +254,26 @@ def test_cli_batch_flag_labels_a_real_harvest_and_refuses_a_provider_without_bat
                   server.openai_url, "--batch", "--no-progress"],
         )  # fmt: skip
     assert refused.exit_code != 0 and "has no batch API" in refused.output
+
+
+def test_a_version_1_store_gains_the_batch_tables_and_keeps_its_labels(tmp_path: Path) -> None:
+    """A store written before the batch tables (schema 1: labels + meta + spend) opens, is
+    migrated in place to schema 2, and its labels, spend and a batch run on top all work."""
+    import sqlite3
+
+    from spd_host.autointerp.ledger import LEDGER_DDL
+    from spd_host.autointerp.store import _DDL
+
+    db = tmp_path / "labels.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(_DDL + LEDGER_DDL)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    with BatchServer() as server:
+        run(server, "openai", make_many(2), db)  # sync labels in the old store
+        report = run(server, "openai", make_many(4), db, **FAST)
+    assert report.n_already_labelled == 2 and report.n_labelled == 2
+    with sqlite3.connect(db) as conn:
+        (version,) = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert version == "2" and {"labels", "spend", "batches", "batch_items"} <= tables
+    assert len(rows(db)) == 4

@@ -111,15 +111,14 @@ async def label_in_batches(
     """Label ``todo`` through the batch API; returns the run report's batch fields."""
     scope = f"autointerp|{provider.name}|{model}|{strategy.name}|{harvest_id}"
     job = make_job(scope, provider, model, config, store.batches, store.ledger, secrets, seed)
-    prompts: dict[str, Any] = {}
 
     def prompt_of(key: str) -> Any:
-        if key not in prompts:
-            try:
-                prompts[key] = strategy.prompt(evidence_for(key), options)
-            except KeyError:  # a component an earlier run submitted, not in this run's list
-                prompts[key] = None
-        return prompts[key]
+        """Rendered again where needed rather than kept: 0.1 ms a prompt against holding
+        every in-flight prompt in memory for hours."""
+        try:
+            return strategy.prompt(evidence_for(key), options)
+        except KeyError:  # a component an earlier run submitted, not in this run's list
+            return None
 
     def request_for(key: str) -> CompletionRequest:
         prompt = prompt_of(key)
@@ -143,7 +142,7 @@ async def label_in_batches(
         nonlocal labelled, failed, cache_read, cache_saved
         from spd_host.autointerp.runner import failure_reason
 
-        prompt = prompts.pop(key, None) or prompt_of(key)
+        prompt = prompt_of(key)
         completion = result.completion
         common: dict[str, Any] = {
             "harvest_id": harvest_id,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
 from spd_host.autointerp.answer import MalformedAnswerError
@@ -111,11 +111,12 @@ class OpenAIBatchClient:
         )
         return BatchStatus(ended=ended, provider_status=str(b.status), counts=counts)
 
-    async def _lines(self, file_id: str | None) -> list[dict[str, Any]]:
+    async def _lines(self, file_id: str | None) -> Iterator[dict[str, Any]]:
+        """A result file's lines, parsed one at a time (a file holds up to 50,000)."""
         if not file_id:
-            return []
+            return iter(())
         content = await self._call(self._client.files.content(file_id))
-        return [json.loads(x) for x in content.text.splitlines() if x.strip()]
+        return (json.loads(x) for x in content.text.splitlines() if x.strip())
 
     async def results(self, batch_id: str) -> AsyncIterator[ItemResult]:
         b = await self._call(self._client.batches.retrieve(batch_id))

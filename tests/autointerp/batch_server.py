@@ -37,6 +37,7 @@ class BatchPlan:
     failed: bool = False  # OpenAI: the input file is rejected (status "failed")
     create_status: int = 200  # >= 400: the create call is refused with this status
     create_hold: float = 0.0  # accept the batch, then hold the create response this long
+    gone: bool = False  # once ended, the batch is unknown to the server (404): deleted
 
 
 # batch_plan(n): n counts create calls (refused ones too), 0-based
@@ -121,7 +122,7 @@ class BatchServer(LLMServer):
             return self._send_bytes(h, 200, data, "application/octet-stream")
         if path.startswith(("/v1/messages/batches/", "/v1/batches/")):
             batch = self.batches.get(parts[-1])
-            if batch is None:
+            if batch is None or (batch.plan.gone and batch.ended):
                 return self._send(h, 404, _error(batch_api(path), "no such batch"))
             return self._send(h, 200, self._doc(batch))
         h.send_error(404)

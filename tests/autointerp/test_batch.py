@@ -277,3 +277,20 @@ def test_a_version_1_store_gains_the_batch_tables_and_keeps_its_labels(tmp_path:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert version == "2" and {"labels", "spend", "batches", "batch_items"} <= tables
     assert len(rows(db)) == 4
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_batch_the_provider_lost_is_failure_rows_and_its_reservation_counts(
+    provider: str, tmp_path: Path
+) -> None:
+    """A 404 on poll (the batch was deleted): its components are failure rows a re-run
+    retries, and what it may have billed stays counted at its worst case ($100 x 2)."""
+    db = tmp_path / "l.db"
+    with BatchServer(batch_plan=lambda n: BatchPlan(gone=True)) as server:
+        report = run(server, provider, make_many(2), db, cost_cap_usd=1000, **PRICES, **FAST)
+    assert (report.n_labelled, report.n_failed) == (0, 2)
+    assert all("404" in (r.error or "") for r in rows(db))
+    assert report.store_spent_usd == pytest.approx(200.0)
+    with BatchServer() as server:
+        again = run(server, provider, make_many(2), db, cost_cap_usd=1000, **PRICES, **FAST)
+    assert again.n_labelled == 2 and again.store_spent_usd == pytest.approx(280.0)

@@ -67,8 +67,10 @@ class AnthropicBatchClient:
     ) -> str | None:
         candidates = []
         page = await self._call(self._client.messages.batches.list(limit=100))
-        async for b in page:
-            if b.id in known or b.created_at < since - CLOCK_SKEW:
+        async for b in page:  # newest first
+            if b.created_at < since - CLOCK_SKEW:
+                break
+            if b.id in known:
                 continue
             c = b.request_counts
             total = c.processing + c.succeeded + c.errored + c.canceled + c.expired

@@ -300,19 +300,38 @@ async def run_batches(
         running.pop(row.local_id, None)
         last_counts.pop(row.local_id, None)
 
+    def give_up(row: BatchRow, message: str) -> None:
+        """A batch the provider no longer knows (404, deleted, results gone): its pending
+        items become failure rows, retried by a later run, and its reservation stays spent
+        (what it billed cannot be known)."""
+        with job.table.transaction():
+            for cid, key in job.table.items(row.local_id, pending_only=True).items():
+                on_result(key, ItemResult(cid, "errored", error=message), 0.0)
+                job.table.mark_done(row.local_id, cid, "errored", 0.0)
+                progress.errored += 1
+                summary.outcomes["errored"] = summary.outcomes.get("errored", 0) + 1
+        if row.spend_id is not None:
+            job.ledger.settle(row.spend_id, row.reserved_usd)
+        job.table.close(row.local_id, "failed", message)
+        running.pop(row.local_id, None)
+        last_counts.pop(row.local_id, None)
+
     async def poll_all() -> None:
         for local_id, row in list(running.items()):
             assert row.provider_batch_id is not None
             try:
                 status = await job.client.status(row.provider_batch_id)
+                job.table.set_status(local_id, status.provider_status, status.counts, status.ended)
+                last_counts[local_id] = status.counts
+                if status.ended:
+                    await collect(row)
             except ProviderCallError as err:
                 if err.retryable:
-                    continue  # a dropped poll is asked again next round
+                    continue  # a dropped poll or download is tried again next round
+                if err.status in (404, 410):
+                    give_up(row, redact(err.message, job.secrets))
+                    continue
                 raise
-            job.table.set_status(local_id, status.provider_status, status.counts, status.ended)
-            last_counts[local_id] = status.counts
-            if status.ended:
-                await collect(row)
         report()
 
     try:

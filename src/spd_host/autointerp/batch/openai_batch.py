@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
@@ -70,12 +71,17 @@ class OpenAIBatchClient:
             raise (mapped or err) from err
 
     async def submit(self, local_id: str, lines: Sequence[dict[str, Any]]) -> str:
-        data = "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines).encode()
-        upload = await self._call(
-            self._client.files.create(
-                file=(f"spd-host-{local_id}.jsonl", data, "application/jsonl"), purpose="batch"
+        # spooled to a temporary file and streamed from it: up to 200 MB of JSONL is not
+        # copied into memory as a string, then bytes, then a multipart body
+        with tempfile.TemporaryFile() as fh:
+            for x in lines:
+                fh.write(json.dumps(x, separators=(",", ":")).encode() + b"\n")
+            fh.seek(0)
+            upload = await self._call(
+                self._client.files.create(
+                    file=(f"spd-host-{local_id}.jsonl", fh, "application/jsonl"), purpose="batch"
+                )
             )
-        )
         batch = await self._call(
             self._client.batches.create(
                 input_file_id=upload.id,

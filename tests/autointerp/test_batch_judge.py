@@ -97,3 +97,34 @@ def test_expired_judge_requests_are_failed_trials_retried_on_rerun(
     assert second.n_trials_ok == len(trials) and second.score == pytest.approx(1.0)
     assert len(server.creates) == 2
     assert len(server.batches[server.creates[1]].items) == len(trials) - 3
+
+
+def test_eval_cli_batch_flag_reaches_the_batch_api(harvested: str) -> None:  # noqa: F811
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from spd_host.cli.app import app
+
+    one = Reply(answer={"label": "1", "confidence": "low", "reasoning": "j"})
+    with BatchServer(plan=lambda req: one) as server:
+        out = CliRunner().invoke(
+            app,
+            ["eval", "intruder", harvested, "--provider", "openai", "--model", "gpt-4.1-mini",
+             "--base-url", server.openai_url, "--n-components", "3", "--n-trials", "1",
+             "--batch", "--poll-interval", "0.05", "--json"],
+        )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert len(server.creates) == 1 and ("POST", "/v1/files") in server.calls
+    (result,) = _json.loads(out.stdout)["results"]
+    assert result["n_trials_ok"] == len(server.batches[server.creates[0]].items)
+
+
+def test_a_failed_openai_batch_errors_every_request(harvested: str) -> None:  # noqa: F811
+    """status "failed" (the input file was rejected): every trial failed with the reason."""
+    with BatchServer(batch_plan=lambda n: BatchPlan(failed=True)) as server:
+        result = run_suite("intruder", harvested, _config(server, "openai", n_components=3))
+    assert result.n_trials_ok == 0 and result.n_trials_failed == len(result.trials) > 0
+    assert all(
+        "openai batch failed: invalid_request: bad file" in (t.error or "") for t in result.trials
+    )

@@ -9,8 +9,6 @@ request would get (bad key, unknown model, bad URL) stopped the run.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -172,7 +170,9 @@ def autointerp(
         ),
     )
     show = not (no_progress or json_out)
-    with _batch_bar(show and batch) as on_batch:
+    from spd_host.cli.batch_progress import batch_bar
+
+    with batch_bar(show and batch) as on_batch:
         report = run_autointerp(
             decomposition_id,
             config,
@@ -203,44 +203,6 @@ def autointerp(
         raise SystemExit(1)
     if report.n_failed and not report.n_labelled:
         raise SystemExit(1)
-
-
-@contextlib.contextmanager
-def _batch_bar(show: bool) -> Iterator[Callable[[Any], None] | None]:
-    """The batch run's progress bar (the engine reports a BatchProgress after each poll)."""
-    if not show:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("[bold]batch"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "submitted {task.fields[submitted]} running {task.fields[running]} "
-            "[green]ok {task.fields[succeeded]}[/] [red]errored {task.fields[errored]}[/] "
-            "[yellow]expired {task.fields[expired]}[/] batches {task.fields[batches]} "
-            "${task.fields[spent]:.4f}"
-        ),
-        TimeElapsedColumn(),
-        console=err_console,
-    )
-    task = bar.add_task(
-        "batch", total=None, submitted=0, running=0, succeeded=0, errored=0, expired=0,
-        batches=0, spent=0.0,
-    )  # fmt: skip
-
-    def update(p: Any) -> None:
-        done = p.succeeded + p.errored + p.expired + p.canceled
-        bar.update(
-            task, total=p.total, completed=done, submitted=p.submitted, running=p.running,
-            succeeded=p.succeeded, errored=p.errored, expired=p.expired + p.canceled,
-            batches=p.batches, spent=p.spent_usd,
-        )  # fmt: skip
-
-    with bar:
-        yield update
 
 
 def _strategy_options(

@@ -294,3 +294,15 @@ def test_a_batch_the_provider_lost_is_failure_rows_and_its_reservation_counts(
     with BatchServer() as server:
         again = run(server, provider, make_many(2), db, cost_cap_usd=1000, **PRICES, **FAST)
     assert again.n_labelled == 2 and again.store_spent_usd == pytest.approx(280.0)
+
+
+def test_a_reservation_without_its_batch_row_is_released(tmp_path: Path) -> None:
+    """Killed between the ledger reservation and the submitting row: no create call was made,
+    so the next batch run settles the reservation at zero instead of counting it forever."""
+    db = tmp_path / "l.db"
+    with LabelStore(db) as store:
+        store.ledger.begin("dead-run", "batch:0123456789abcdef", 250.0)
+        assert store.ledger.total() == 250.0
+    with BatchServer() as server:
+        report = run(server, "openai", make_many(2), db, cost_cap_usd=300, **PRICES, **FAST)
+    assert report.n_labelled == 2 and report.store_spent_usd == pytest.approx(80.0)

@@ -134,6 +134,8 @@ async def run_batches(
             on_progress(progress)
 
     # -- resume: what an earlier run of this scope left open --------------------------------
+    for spend_id in job.table.dangling_spend():
+        job.ledger.settle(spend_id, 0.0)
     for row in job.table.open_batches(job.scope):
         if row.provider_batch_id is None:
             since = dt.datetime.fromisoformat(row.created_at)

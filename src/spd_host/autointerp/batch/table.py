@@ -204,6 +204,15 @@ class BatchTable:
             (outcome, cost_usd, local_id, custom_id),
         )
 
+    def dangling_spend(self) -> list[int]:
+        """Spend-ledger rows of batches that never got a batch row (a kill between the
+        reservation and the ``submitting`` row: no create call was made, nothing billed)."""
+        rows = self._conn.execute(
+            "SELECT id FROM spend WHERE state='in_flight' AND item LIKE 'batch:%' "
+            "AND substr(item, 7) NOT IN (SELECT local_id FROM batches)"
+        )
+        return [int(r[0]) for r in rows]
+
     def billed(self, local_id: str) -> float:
         (v,) = self._conn.execute(
             "SELECT COALESCE(SUM(cost_usd), 0) FROM batch_items WHERE local_id=?", (local_id,)

@@ -155,17 +155,10 @@ class LLMServer:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path.endswith("/messages"):
-                    api = "anthropic"
-                elif self.path.endswith("/chat/completions"):
-                    api = "openai"
-                elif self.path.split("?")[0].endswith(":generateContent"):
-                    api = "gemini"
-                else:
-                    self.send_error(404)
-                    return
-                server._handle(self, api, body)
+                server._post(self, self.rfile.read(length))
+
+            def do_GET(self) -> None:
+                server._get(self)
 
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
@@ -194,6 +187,23 @@ class LLMServer:
 
     def markers(self) -> list[str | None]:
         return [r.marker for r in self.requests]
+
+    # -- routing (the batch server adds its routes) -------------------------------------------
+    def _post(self, h: BaseHTTPRequestHandler, raw: bytes) -> None:
+        body = json.loads(raw or b"{}")
+        if h.path.endswith("/messages"):
+            api = "anthropic"
+        elif h.path.endswith("/chat/completions"):
+            api = "openai"
+        elif h.path.split("?")[0].endswith(":generateContent"):
+            api = "gemini"
+        else:
+            h.send_error(404)
+            return
+        self._handle(h, api, body)
+
+    def _get(self, h: BaseHTTPRequestHandler) -> None:
+        h.send_error(404)
 
     # -- one request -------------------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler, api: str, body: dict[str, Any]) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -30,11 +32,14 @@ def run_autointerp(
     progress: bool = True,
     console: Console | None = None,
     force: bool = False,
+    batch_progress: Callable[[Any], None] | None = None,
 ) -> RunReport:
     """Label every component of the decomposition's harvest (latest sub-run by default) that
     is not yet labelled for this strategy and model, and fired at least ``min_firing_count``
     times. ``force``: label again the components already labelled (the new label replaces
-    the old; the spend still counts against the store's cap)."""
+    the old; the spend still counts against the store's cap). With ``config.batch`` the
+    provider's batch API is used; ``batch_progress`` gets a
+    :class:`~spd_host.autointerp.batch.engine.BatchProgress` after every poll."""
     from spd_host.harvest import HarvestRepo
 
     config = config or AutointerpConfig()
@@ -53,6 +58,7 @@ def run_autointerp(
                 progress=progress,
                 console=console,
                 force=force,
+                batch_progress=batch_progress,
             )
         )
 

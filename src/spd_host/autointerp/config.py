@@ -50,3 +50,15 @@ class AutointerpConfig(BaseModel):
     min_firing_count: int = Field(
         default=1, ge=0, description="skip components that fired fewer times in the harvest"
     )
+    batch: bool = Field(
+        default=False,
+        description="send through the provider's batch API (half price, results within 24 h)",
+    )
+    poll_interval_s: float = Field(
+        default=30.0, gt=0, allow_inf_nan=False, description="seconds between batch status polls"
+    )
+    batch_max_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="requests per batch (default and ceiling: the provider's own limit)",
+    )

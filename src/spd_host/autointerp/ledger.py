@@ -54,10 +54,21 @@ class SpendLedger:
                 (what, amount_usd, amount_usd, now_iso(), now_iso()),
             )
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The database the ledger lives in (the batch table shares it)."""
+        return self._conn
+
     def close_orphans(self) -> int:
-        """Calls left in flight by a dead run count at their worst case. Call with the lock held."""
+        """Calls left in flight by a dead run count at their worst case. Call with the lock held.
+
+        Batches (items ``batch:<id>``) are not orphaned: a provider batch outlives the process
+        that submitted it, and the next run polls it and settles its row with the billed cost
+        (until then it counts at its worst case, as every in-flight row does)."""
         cur = self._conn.execute(
-            "UPDATE spend SET state='orphaned', finished_at=? WHERE state='in_flight'", (now_iso(),)
+            "UPDATE spend SET state='orphaned', finished_at=? "
+            "WHERE state='in_flight' AND item NOT LIKE 'batch:%'",
+            (now_iso(),),
         )
         return int(cur.rowcount)
 

@@ -94,6 +94,13 @@ class RunReport(BaseModel):
     cache_saved_usd: float = 0.0
     """What prompt caching saved on this run's labels against the uncached price (negative
     while cache writes, dearer than plain input, outweigh the reads)."""
+    batch: bool = False
+    """Sent through the provider's batch API (``calls`` then counts batch requests)."""
+    batches_submitted: int = 0
+    batches_resumed: int = 0
+    """Batches an earlier, interrupted run left running that this run polled and collected."""
+    batch_outcomes: dict[str, int] = {}
+    """Batch requests by outcome: succeeded, malformed, errored, expired, canceled."""
 
 
 @dataclass
@@ -156,9 +163,11 @@ async def alabel_components(
     progress: bool = False,
     seed: int | None = None,
     force: bool = False,
+    batch_progress: Callable[[Any], None] | None = None,
 ) -> RunReport:
     """Label ``keys`` (those not yet labelled for this harvest/strategy/model; every key
-    with ``force``)."""
+    with ``force``). With ``config.batch`` through the provider's batch API, reporting to
+    ``batch_progress`` (a :class:`~spd_host.autointerp.batch.engine.BatchProgress`)."""
     with store.run_lock(f"autointerp run on {store.path}"):
         return await _alabel_locked(
             keys,
@@ -172,6 +181,7 @@ async def alabel_components(
             progress=progress,
             seed=seed,
             force=force,
+            batch_progress=batch_progress,
         )
 
 
@@ -188,11 +198,19 @@ async def _alabel_locked(
     progress: bool,
     seed: int | None,
     force: bool = False,
+    batch_progress: Callable[[Any], None] | None = None,
 ) -> RunReport:
     provider = get_provider(config.provider, host)
     strategy = get_strategy(config.strategy, host)
     options = strategy.options(config.strategy_options)
     model = config.model or provider.default_model
+    if config.batch:
+        return await _alabel_batch(
+            keys, evidence_for, config, store=store, provider=provider, strategy=strategy,
+            options=options, model=model, harvest_id=harvest_id,
+            decomposition_id=decomposition_id, host=host, seed=seed, force=force,
+            on_progress=batch_progress,
+        )  # fmt: skip
     pricing = resolve_pricing(provider, model, config)
     client: LLMClient = provider.make_client(
         ClientOptions(
@@ -386,6 +404,57 @@ async def _alabel_locked(
     )
 
 
+async def _alabel_batch(
+    keys: Sequence[str],
+    evidence_for: Callable[[str], ComponentEvidence],
+    config: AutointerpConfig,
+    *,
+    store: LabelStore,
+    provider: Provider,
+    strategy: Any,
+    options: Any,
+    model: str,
+    harvest_id: str,
+    decomposition_id: str,
+    host: PluginHost | None,
+    seed: int | None,
+    force: bool,
+    on_progress: Callable[[Any], None] | None,
+) -> RunReport:
+    """The batch path (:mod:`spd_host.autointerp.batch`), reported like the synchronous one."""
+    from spd_host.autointerp.batch.labels import label_in_batches
+
+    orphaned_before = store.ledger.total_orphaned()
+    store.ledger.close_orphans()
+    orphaned = store.ledger.total_orphaned() - orphaned_before
+    done_keys = set() if force else store.labelled_keys(harvest_id, strategy.name, model)
+    todo = [k for k in keys if k not in done_keys]
+    if config.limit is not None:
+        todo = todo[: config.limit]
+    fields = await label_in_batches(
+        todo, evidence_for, config, store=store, provider=provider, strategy=strategy,
+        options=options, model=model, harvest_id=harvest_id, decomposition_id=decomposition_id,
+        secrets=known_secrets(host, config.api_key_env), force=force, seed=seed,
+        on_progress=on_progress,
+    )  # fmt: skip
+    return RunReport(
+        decomposition_id=decomposition_id,
+        harvest_id=harvest_id,
+        provider=provider.name,
+        model=model,
+        strategy=strategy.name,
+        baseline=provider.baseline,
+        db_path=str(store.path),
+        n_components=len(keys),
+        n_already_labelled=len(done_keys & set(keys)),
+        cost_cap_usd=config.cost_cap_usd,
+        store_spent_usd=store.ledger.total(),
+        orphaned_usd=orphaned,
+        batch=True,
+        **fields,
+    )
+
+
 def label_components(
     evidence: Sequence[ComponentEvidence],
     config: AutointerpConfig,
@@ -442,7 +511,18 @@ def report_table(report: RunReport) -> Table:
         ("labelled now", f"[green]{report.n_labelled}[/]"),
         ("failed", f"[red]{report.n_failed}[/]" if report.n_failed else "0"),
         ("not sent", not_sent),
-        ("calls", str(report.calls)),
+        ("calls", str(report.calls) + ("  (batch requests)" if report.batch else "")),
+        *(
+            [
+                (
+                    "batches",
+                    f"{report.batches_submitted} submitted, {report.batches_resumed} resumed; "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(report.batch_outcomes.items())),
+                )
+            ]
+            if report.batch
+            else []
+        ),
         ("spent", spent),
         *(
             [

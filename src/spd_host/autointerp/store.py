@@ -7,7 +7,8 @@ answered, its raw response). Each row is committed the moment its call finishes,
 loses at most the calls in flight. A failure never overwrites a label; a later success
 replaces a failure. API keys never reach this file: every text field is redacted before writing.
 
-The same database holds the spend ledger (:mod:`spd_host.autointerp.ledger`): the cost cap is
+The same database holds the batch tables (``batches``, ``batch_items``: every provider batch's
+id, custom ids and state, committed before anything waits on it) and the spend ledger (:mod:`spd_host.autointerp.ledger`): the cost cap is
 the store's, across resumes, and a run holds ``labels.db.lock`` so two runs never share it.
 """
 
@@ -20,11 +21,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from spd_host.autointerp.batch.table import BatchTable
 from spd_host.autointerp.ledger import SpendLedger, now_iso
 from spd_host.locking import RunLock
 from spd_host.paths import results_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: labels, meta, spend ledger. 2: + the batch tables (:mod:`spd_host.autointerp.batch.table`),
+added in place to a version-1 store (new tables only; nothing existing changes)."""
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS labels (
@@ -109,7 +113,12 @@ class LabelStore:
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        self._conn.execute(
+            "UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
+            (str(SCHEMA_VERSION), SCHEMA_VERSION),
+        )
         self.ledger = SpendLedger(self._conn)
+        self.batches = BatchTable(self._conn)
         (before,) = self._conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM labels").fetchone()
         self.ledger.carry_in(float(before), "labels written before the spend ledger existed")
 

@@ -116,6 +116,17 @@ def autointerp(
     force: Annotated[
         bool, typer.Option("--force", help="label again components already labelled")
     ] = False,
+    batch: Annotated[
+        bool,
+        typer.Option(
+            "--batch",
+            help="send through the provider's batch API (anthropic, openai): half price, "
+            "results within 24 h; a killed run resumes by polling",
+        ),
+    ] = False,
+    poll_interval: Annotated[
+        float, typer.Option(help="seconds between batch status polls (--batch)")
+    ] = 30.0,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
     base_model: BaseModelOpt = None,
@@ -160,16 +171,23 @@ def autointerp(
             output_price_per_mtok=output_price,
             limit=limit,
             min_firing_count=min_firing_count,
+            batch=batch,
+            poll_interval_s=poll_interval,
         ),
     )
-    report = run_autointerp(
-        decomposition_id,
-        config,
-        harvest_run=harvest_run,
-        progress=not (no_progress or json_out),
-        console=err_console,
-        force=force,
-    )
+    show = not (no_progress or json_out)
+    from spd_host.cli.batch_progress import batch_bar
+
+    with batch_bar(show and batch) as on_batch:
+        report = run_autointerp(
+            decomposition_id,
+            config,
+            harvest_run=harvest_run,
+            progress=show and not batch,
+            console=err_console,
+            force=force,
+            batch_progress=on_batch,
+        )
     if json_out:
         print_json(report.model_dump(mode="json"))
     else:

@@ -392,6 +392,14 @@ MarkRuleOpt = Annotated[
 ]
 
 
+Batch = Annotated[
+    bool, typer.Option("--batch", help="Judge through the provider's batch API (half price).")
+]
+PollInterval = Annotated[
+    float | None, typer.Option("--poll-interval", help="Seconds between batch polls (30).")
+]
+
+
 def _judge_command(kind: str) -> Any:
     def command(
         ids: IdsArg,
@@ -426,6 +434,8 @@ def _judge_command(kind: str) -> Any:
         logprobs: Logprobs = None,
         fuzz_type: FuzzTypeOpt = None,
         mark_rule: MarkRuleOpt = None,
+        batch: Batch = False,
+        poll_interval: PollInterval = None,
         json_out: JsonOut = False,
         base_model: BaseModelOpt = None,
         wandb: Wandb = False,
@@ -478,6 +488,8 @@ def _judge_command(kind: str) -> Any:
             "logprobs": logprobs,
             "fuzz_type": fuzz_type if kind == "fuzzing" else None,
             "mark_rule": mark_rule if kind == "fuzzing" else None,
+            "batch": batch or None,
+            "poll_interval_s": poll_interval,
         }
         run_many(
             [kind],

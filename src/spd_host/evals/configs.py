@@ -189,6 +189,12 @@ class JudgeSuiteConfig(_Frozen):
     force: bool = Field(
         default=False, description="Judge again the trials a previous run already judged."
     )
+    batch: bool = Field(
+        default=False, description="Judge through the provider's batch API (half price, <= 24 h)."
+    )
+    poll_interval_s: float = Field(
+        default=30.0, gt=0, allow_inf_nan=False, description="Seconds between batch polls."
+    )
     convention: JudgeConvention = Field(
         default="spd-host",
         description="Detection/fuzzing: whose definitions (docs/evals.md); sets the defaults "
@@ -254,4 +260,6 @@ class JudgeSuiteConfig(_Frozen):
             max_output_tokens=self.max_output_tokens,
             input_price_per_mtok=self.input_price_per_mtok,
             output_price_per_mtok=self.output_price_per_mtok,
+            batch=self.batch,
+            poll_interval_s=self.poll_interval_s,
         )

@@ -47,20 +47,9 @@ class AnthropicClient:
         )
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        tool: Any = {
-            "name": TOOL_NAME,
-            "description": "Record the label for the neural-network component.",
-            "input_schema": dict(request.schema),
-        }
+        params = message_params(self._model, request)
         try:
-            message = await self._client.messages.create(
-                model=self._model,
-                max_tokens=request.max_output_tokens,
-                system=_cached_system(request.system) or self._sdk.omit,
-                messages=[{"role": "user", "content": request.prompt}],
-                tools=[tool],
-                tool_choice={"type": "tool", "name": TOOL_NAME},
-            )
+            message = await self._client.messages.create(**params)
         except self._sdk.APIError as err:
             mapped = translate(err, self._sdk, self._provider)
             raise (mapped or err) from err
@@ -68,43 +57,66 @@ class AnthropicClient:
             raise TransientError(
                 f"{self._provider}: the server answered without a message: {str(message)[:200]!r}"
             )
-        usage = getattr(message, "usage", None)
-        # Anthropic's input_tokens excludes the cached part; ours counts every input token
-        n_read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
-        n_write = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
-        n_in = int(getattr(usage, "input_tokens", 0) or 0) + n_read + n_write
-        n_out = int(getattr(usage, "output_tokens", 0) or 0)
-        raw = _raw_json(message)
-        truncated = getattr(message, "stop_reason", None) == "max_tokens"
-        payload: Any = None
-        for block in getattr(message, "content", None) or []:
-            if (
-                getattr(block, "type", None) == "tool_use"
-                and getattr(block, "name", None) == TOOL_NAME
-            ):
-                payload = block.input
-                break
-        if payload is None:  # no tool call: accept a JSON object written as text
-            blocks = message.content or []
-            texts = [
-                str(getattr(b, "text", "")) for b in blocks if getattr(b, "type", None) == "text"
-            ]
-            payload = "".join(texts)
-        try:
-            answer = parse_answer(payload, truncated=truncated)
-        except MalformedAnswerError as err:
-            raise err.with_response(raw, n_in, n_out) from None
-        return Completion(
-            answer=answer,
-            raw=raw,
-            input_tokens=n_in,
-            output_tokens=n_out,
-            cache_read_tokens=n_read,
-            cache_write_tokens=n_write,
-        )
+        return parse_message(message)
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def message_params(model: str, request: CompletionRequest) -> dict[str, Any]:
+    """The Messages API parameters of one labelling call: the same for a synchronous call and
+    for one request of a Message Batch (whose ``params`` they are), so both are cached alike."""
+    params: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.max_output_tokens,
+        "messages": [{"role": "user", "content": request.prompt}],
+        "tools": [
+            {
+                "name": TOOL_NAME,
+                "description": "Record the label for the neural-network component.",
+                "input_schema": dict(request.schema),
+            }
+        ],
+        "tool_choice": {"type": "tool", "name": TOOL_NAME},
+    }
+    system = _cached_system(request.system)
+    if system:
+        params["system"] = system
+    return params
+
+
+def parse_message(message: Any) -> Completion:
+    """A completion from a Messages API ``Message`` (a synchronous answer or a batch result);
+    raises ``MalformedAnswerError`` carrying the raw message and its billed usage."""
+    usage = getattr(message, "usage", None)
+    # Anthropic's input_tokens excludes the cached part; ours counts every input token
+    n_read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
+    n_write = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
+    n_in = int(getattr(usage, "input_tokens", 0) or 0) + n_read + n_write
+    n_out = int(getattr(usage, "output_tokens", 0) or 0)
+    raw = _raw_json(message)
+    truncated = getattr(message, "stop_reason", None) == "max_tokens"
+    payload: Any = None
+    for block in getattr(message, "content", None) or []:
+        if getattr(block, "type", None) == "tool_use" and getattr(block, "name", None) == TOOL_NAME:
+            payload = block.input
+            break
+    if payload is None:  # no tool call: accept a JSON object written as text
+        blocks = getattr(message, "content", None) or []
+        texts = [str(getattr(b, "text", "")) for b in blocks if getattr(b, "type", None) == "text"]
+        payload = "".join(texts)
+    try:
+        answer = parse_answer(payload, truncated=truncated)
+    except MalformedAnswerError as err:
+        raise err.with_response(raw, n_in, n_out) from None
+    return Completion(
+        answer=answer,
+        raw=raw,
+        input_tokens=n_in,
+        output_tokens=n_out,
+        cache_read_tokens=n_read,
+        cache_write_tokens=n_write,
+    )
 
 
 def _cached_system(system: str) -> Any:
@@ -136,7 +148,14 @@ def make_provider() -> Provider:
         default_model="claude-haiku-4-5",
         api_key_env="ANTHROPIC_API_KEY",
         pricing=PRICING,
+        make_batch_client=_batch_client,
     )
+
+
+def _batch_client(options: ClientOptions) -> Any:
+    from spd_host.autointerp.batch.anthropic_batch import AnthropicBatchClient
+
+    return AnthropicBatchClient(PROVIDER, options)
 
 
 PROVIDER = make_provider()

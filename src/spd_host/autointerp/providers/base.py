@@ -206,6 +206,9 @@ class Provider:
     default_pricing: Pricing | None = None  # used for models not in ``pricing``
     baseline: bool = False  # a non-LLM explainer; labels are marked as a baseline
     default_base_url: str | None = None
+    make_batch_client: Callable[[ClientOptions], Any] | None = None
+    """Factory of the provider's batch-API client (a
+    :class:`spd_host.autointerp.batch.base.BatchClient`); None: no batch API."""
 
     def pricing_for(self, model: str) -> Pricing | None:
         return self.pricing.get(model, self.default_pricing)

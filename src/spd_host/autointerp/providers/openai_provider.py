@@ -59,30 +59,9 @@ class OpenAIChatClient:
         )
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        response_format: Any = {
-            "type": "json_schema",
-            "json_schema": {
-                "name": "component_label",
-                "schema": dict(request.schema),
-                "strict": True,
-            },
-        }
         try:
             response = await self._client.chat.completions.create(
-                model=self._model,
-                messages=[
-                    {"role": "system", "content": request.system},
-                    {"role": "user", "content": request.prompt},
-                ],
-                response_format=response_format,
-                max_completion_tokens=request.max_output_tokens
-                if self._new_limit
-                else self._sdk.omit,
-                max_tokens=self._sdk.omit if self._new_limit else request.max_output_tokens,
-                logprobs=True if request.top_logprobs is not None else self._sdk.omit,
-                top_logprobs=request.top_logprobs
-                if request.top_logprobs is not None
-                else self._sdk.omit,
+                **chat_body(self._model, request, new_limit=self._new_limit)
             )
         except self._sdk.APIError as err:
             mapped = translate(err, self._sdk, self._provider)
@@ -91,26 +70,7 @@ class OpenAIChatClient:
             raise TransientError(
                 f"{self._provider}: the server answered without choices: {str(response)[:200]!r}"
             )
-        usage = getattr(response, "usage", None)
-        n_in = int(getattr(usage, "prompt_tokens", 0) or 0)  # cached tokens included
-        n_out = int(getattr(usage, "completion_tokens", 0) or 0)
-        details = getattr(usage, "prompt_tokens_details", None)
-        n_cached = min(n_in, int(getattr(details, "cached_tokens", 0) or 0))
-        raw = response.model_dump_json()
-        choice = response.choices[0]
-        content = choice.message.content or ""
-        try:
-            answer = parse_answer(content, truncated=choice.finish_reason == "length")
-        except MalformedAnswerError as err:
-            raise err.with_response(raw, n_in, n_out) from None
-        return Completion(
-            answer=answer,
-            raw=raw,
-            input_tokens=n_in,
-            output_tokens=n_out,
-            cache_read_tokens=n_cached,
-            logprobs=_logprobs(choice) if request.top_logprobs is not None else None,
-        )
+        return parse_chat(response)
 
     @property
     def _new_limit(self) -> bool:
@@ -137,6 +97,64 @@ def _logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
     )
 
 
+def chat_body(model: str, request: CompletionRequest, *, new_limit: bool) -> dict[str, Any]:
+    """The Chat Completions body of one labelling call: the same for a synchronous call and
+    for one line of a Batch API input file (whose ``body`` it is)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": request.system},
+            {"role": "user", "content": request.prompt},
+        ],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "component_label",
+                "schema": dict(request.schema),
+                "strict": True,
+            },
+        },
+    }
+    body["max_completion_tokens" if new_limit else "max_tokens"] = request.max_output_tokens
+    if request.top_logprobs is not None:  # the judge's P(1) (delphi convention)
+        body["logprobs"] = True
+        body["top_logprobs"] = request.top_logprobs
+    return body
+
+
+def parse_chat(response: Any) -> Completion:
+    """A completion from a ``ChatCompletion`` (a synchronous answer or a batch output line's
+    body); raises ``MalformedAnswerError`` carrying the raw response and its billed usage."""
+    usage = getattr(response, "usage", None)
+    n_in = int(getattr(usage, "prompt_tokens", 0) or 0)  # cached tokens included
+    n_out = int(getattr(usage, "completion_tokens", 0) or 0)
+    details = getattr(usage, "prompt_tokens_details", None)
+    n_cached = min(n_in, int(getattr(details, "cached_tokens", 0) or 0))
+    raw = response.model_dump_json()
+    if not getattr(response, "choices", None):
+        raise MalformedAnswerError("the response has no choices").with_response(raw, n_in, n_out)
+    choice = response.choices[0]
+    content = choice.message.content or ""
+    try:
+        answer = parse_answer(content, truncated=choice.finish_reason == "length")
+    except MalformedAnswerError as err:
+        raise err.with_response(raw, n_in, n_out) from None
+    return Completion(
+        answer=answer,
+        raw=raw,
+        input_tokens=n_in,
+        output_tokens=n_out,
+        cache_read_tokens=n_cached,
+        logprobs=_logprobs(choice),  # None where the server sent none
+    )
+
+
+def _batch_client(provider: Provider, options: ClientOptions) -> Any:
+    from spd_host.autointerp.batch.openai_batch import OpenAIBatchClient
+
+    return OpenAIBatchClient(provider, options)
+
+
 def _openai_like(
     name: str,
     description: str,
@@ -147,6 +165,7 @@ def _openai_like(
     pricing: dict[str, Pricing] | None = None,
     default_pricing: Pricing | None = None,
     default_base_url: str | None = None,
+    batch: bool = False,
 ) -> Provider:
     holder: list[Provider] = []
     provider = Provider(
@@ -159,6 +178,7 @@ def _openai_like(
         pricing=pricing or {},
         default_pricing=default_pricing,
         default_base_url=default_base_url,
+        make_batch_client=(lambda options: _batch_client(holder[0], options)) if batch else None,
     )
     holder.append(provider)
     return provider
@@ -170,6 +190,7 @@ OPENAI = _openai_like(
     "gpt-4.1-mini",
     "OPENAI_API_KEY",
     pricing=OPENAI_PRICING,
+    batch=True,
 )
 OPENROUTER = _openai_like(
     "openrouter",

@@ -24,12 +24,12 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from spd_host.autointerp.answer import ANSWER_SCHEMA, MalformedAnswerError
-from spd_host.autointerp.calls import Gates, call_with_retries
+from spd_host.autointerp.calls import Gates, Outcome, call_with_retries
 from spd_host.autointerp.config import AutointerpConfig
 from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.ledger import SpendLedger
@@ -216,14 +216,22 @@ async def _ajudge(
     on_record: Callable[[TrialRecord], None],
     ledger: SpendLedger | None = None,
     style: PromptStyle | None = None,
+    batch_scope: str = "",
 ) -> tuple[float, bool]:
     """Judge ``trials`` with a network provider; returns (spent USD, stopped by the cost cap).
 
     The calls go through the same gates as autointerp's (worst-case reservation against the
-    ledger's recorded spend, Retry-After ceiling, fail fast on 400/401/403/404).
+    ledger's recorded spend, Retry-After ceiling, fail fast on 400/401/403/404); with
+    ``config.batch`` through the provider's batch API (:mod:`spd_host.autointerp.batch`),
+    resumable by ``batch_scope``.
     """
+    style = style or PromptStyle()
     provider = get_provider(config.provider)
     model = config.model or provider.default_model
+    if config.batch:
+        return await _ajudge_batch(
+            trials, config, decode, evidence_for, on_record, ledger, style, batch_scope
+        )
     pricing = resolve_pricing(provider, model, config)
     client = provider.make_client(
         ClientOptions(
@@ -252,63 +260,17 @@ async def _ajudge(
     for t in trials:
         queue.put_nowait(t)
 
-    style = style or PromptStyle()
-    binary = style.binary
-
-    def accept(c: Completion, n: int, kind: str) -> tuple[frozenset[int], list[float] | None]:
-        if binary:
-            return parse_binary(c.answer.label, n), p_one(c.logprobs, n)
-        return parse_indices(c.answer.label, n, kind), None
-
     async def one(trial: Trial) -> None:
-        prompt = prompt_for(trial, decode, style)
-        request = CompletionRequest(
-            system=SYSTEM_BINARY if binary else SYSTEM,
-            prompt=prompt,
-            schema=ANSWER_SCHEMA,
-            max_output_tokens=config.max_output_tokens,
-            evidence=evidence_for(trial.key),
-            top_logprobs=style.top_logprobs if binary else None,
-        )
+        request = _request_for(trial, config, decode, evidence_for, style)
         n = len(trial.items)
         out = await call_with_retries(
             gates,
             client,
             request,
             trial.trial_id,
-            accept=lambda c: accept(c, n, trial.kind),
+            accept=lambda c: _accept(c, n, trial.kind, style),
         )
-        if not out.sent:
-            return  # never sent: neither scored nor failed; a re-run picks it up
-        if out.ok:
-            predicted, probabilities = out.value
-            on_record(
-                TrialRecord(
-                    trial_id=trial.trial_id,
-                    component_key=trial.key,
-                    status="ok",
-                    truth=sorted(trial.truth),
-                    predicted=sorted(predicted),
-                    score=trial_score(trial.kind, trial.truth, predicted, n),
-                    cost_usd=out.cost,
-                    attempts=out.attempts,
-                    n_items=n,
-                    probabilities=probabilities,
-                )
-            )
-            return
-        on_record(
-            TrialRecord(
-                trial_id=trial.trial_id,
-                component_key=trial.key,
-                status="failed",
-                truth=sorted(trial.truth),
-                error=out.error or "no attempt completed",
-                cost_usd=out.cost,
-                attempts=out.attempts,
-                n_items=n,
-            )
-        )
+        _record_outcome(trial, out, on_record)
 
     async def worker() -> None:
         while not gates.stop:
@@ -326,6 +288,102 @@ async def _ajudge(
     return gates.budget.spent, gates.budget.exhausted
 
 
+def _request_for(
+    trial: Trial,
+    config: AutointerpConfig,
+    decode: Callable[[list[int]], str],
+    evidence_for: Callable[[str], ComponentEvidence],
+    style: PromptStyle,
+) -> CompletionRequest:
+    """One trial's judge request: the same bytes on the sync and the batch path."""
+    return CompletionRequest(
+        system=SYSTEM_BINARY if style.binary else SYSTEM,
+        prompt=prompt_for(trial, decode, style),
+        schema=ANSWER_SCHEMA,
+        max_output_tokens=config.max_output_tokens,
+        evidence=evidence_for(trial.key),
+        top_logprobs=style.top_logprobs if style.binary else None,
+    )
+
+
+def _accept(
+    c: Completion, n: int, kind: str, style: PromptStyle
+) -> tuple[frozenset[int], list[float] | None]:
+    """The judge's picks (and, in the binary form, P(1) per item) from one answer."""
+    if style.binary:
+        return parse_binary(c.answer.label, n), p_one(c.logprobs, n)
+    return parse_indices(c.answer.label, n, kind), None
+
+
+def _record_outcome(trial: Trial, out: Outcome, on_record: Callable[[TrialRecord], None]) -> None:
+    """A trial's record from its calls' outcome (the same for the sync and batch paths)."""
+    if not out.sent:
+        return  # never sent: neither scored nor failed; a re-run picks it up
+    n = len(trial.items)
+    if out.ok:
+        predicted, probabilities = out.value
+        on_record(
+            TrialRecord(
+                trial_id=trial.trial_id,
+                component_key=trial.key,
+                status="ok",
+                truth=sorted(trial.truth),
+                predicted=sorted(predicted),
+                score=trial_score(trial.kind, trial.truth, predicted, n),
+                cost_usd=out.cost,
+                attempts=out.attempts,
+                n_items=n,
+                probabilities=probabilities,
+            )
+        )
+        return
+    on_record(
+        TrialRecord(
+            trial_id=trial.trial_id,
+            component_key=trial.key,
+            status="failed",
+            truth=sorted(trial.truth),
+            error=out.error or "no attempt completed",
+            cost_usd=out.cost,
+            attempts=out.attempts,
+            n_items=n,
+        )
+    )
+
+
+async def _ajudge_batch(
+    trials: Sequence[Trial],
+    config: AutointerpConfig,
+    decode: Callable[[list[int]], str],
+    evidence_for: Callable[[str], ComponentEvidence],
+    on_record: Callable[[TrialRecord], None],
+    ledger: SpendLedger | None,
+    style: PromptStyle,
+    batch_scope: str,
+) -> tuple[float, bool]:
+    """The batch seam: the same requests and records, sent through the provider's batch API."""
+    from spd_host.autointerp.batch.calls import call_in_batches
+
+    provider = get_provider(config.provider)
+    model = config.model or provider.default_model
+    by_id = {t.trial_id: t for t in trials}
+    items = [(t.trial_id, _request_for(t, config, decode, evidence_for, style)) for t in trials]
+
+    def accept(tid: str, c: Any) -> tuple[frozenset[int], list[float] | None] | None:
+        t = by_id.get(tid)
+        return _accept(c, len(t.items), t.kind, style) if t else None
+
+    def on_done(tid: str, out: Outcome) -> None:
+        if tid in by_id:  # a trial of an earlier run's batch that this run no longer has
+            _record_outcome(by_id[tid], out, on_record)
+
+    spent, capped, _fatal = await call_in_batches(
+        f"judge|{provider.name}|{model}|{batch_scope}", provider, model, config, ledger, items,
+        on_done, accept=accept, secrets=known_secrets(None, config.api_key_env),
+    )  # fmt: skip
+    return spent, capped
+
+
 def judge_trials(
     trials: Sequence[Trial],
     config: AutointerpConfig,
@@ -336,6 +394,7 @@ def judge_trials(
     on_record: Callable[[TrialRecord], None],
     ledger: SpendLedger | None = None,
     style: PromptStyle | None = None,
+    batch_scope: str = "",
 ) -> tuple[float, bool, bool, str]:
     """Judge every trial; returns (spent USD, stopped by cap, baseline?, judge name)."""
     provider = get_provider(config.provider)
@@ -364,6 +423,6 @@ def judge_trials(
             advance()
 
         spent, capped = asyncio.run(
-            _ajudge(trials, config, decode, evidence_for, record, ledger, style)
+            _ajudge(trials, config, decode, evidence_for, record, ledger, style, batch_scope)
         )
     return spent, capped, False, f"{provider.name}/{model}"

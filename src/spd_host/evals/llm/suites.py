@@ -495,6 +495,7 @@ def _judge_into(
         on_record=on_record,
         ledger=ledger,
         style=style,
+        batch_scope=run_key,
     )
 
 

@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from spd_host.errors import FormatError
 from spd_host.harvest.accumulator import HarvestAccumulator
+from spd_host.harvest.tensor_file import save_tensors
 
 STATE_JSON = "state.json"
 
@@ -35,7 +36,7 @@ def save_checkpoint(directory: Path, acc: HarvestAccumulator, extra: dict[str, A
     tensors, meta = acc.state()
     name = f"state-{acc.n_batches:09d}.safetensors"
     tmp = directory / f".{name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
+    save_tensors(tensors, tmp)
     tmp.replace(directory / name)
     meta = {**meta, **extra, "tensors": name}
     atomic_write_text(directory / STATE_JSON, json.dumps(meta, indent=1))

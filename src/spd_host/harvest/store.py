@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from spd_host.harvest.accumulator import HarvestAccumulator
 from spd_host.harvest.checkpoint import atomic_write_text
 from spd_host.harvest.config import SCHEMA_VERSION
 from spd_host.harvest.exact import PROB_FRAC_BITS
 from spd_host.harvest.examples import ExampleBank
+from spd_host.harvest.tensor_file import Entry, Lazy, save_tensors
 
 RESULT_JSON = "harvest.json"
 STATS_FILE = "stats.safetensors"
@@ -127,14 +127,14 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
     acc.cooc.consolidate()
     t.update(cooc_tables(acc.cooc.keys, acc.cooc.values, C))
     tmp = path / f".{STATS_FILE}.tmp"
-    save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
+    save_tensors(t, tmp)
     tmp.replace(path / STATS_FILE)
-    ex: dict[str, torch.Tensor] = {}
+    ex: dict[str, Entry] = {}
     for kind, bank in zip(EXAMPLE_KINDS, (acc.top, acc.reservoir), strict=True):
         for k, v in example_arrays(bank, C, ordered_by_pos=kind == "reservoir").items():
             ex[f"{kind}_{k}"] = v
     tmp = path / f".{EXAMPLES_FILE}.tmp"
-    save_file(ex, str(tmp))
+    save_tensors(ex, tmp)
     tmp.replace(path / EXAMPLES_FILE)
     _write_db(path / DB_FILE, acc)
     doc = {
@@ -186,7 +186,9 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     """A bank's filled entries as CSR arrays by component (vectorised: no per-example Python).
 
     Within a component entries keep slot order (top: best first) or, with ``ordered_by_pos``,
-    are sorted by position (reservoir: data order).
+    are sorted by position (reservoir: data order). The per-example arrays are ``Lazy``: each
+    is gathered when the writer reaches it and dropped after, so the write never holds a
+    second copy of the bank.
     """
     k = bank.k
     n = bank.n_rows
@@ -204,11 +206,9 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     counts[bank.component[rows]] = filled
     indptr = torch.zeros(n_components + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=indptr[1:])
-    return {
-        "indptr": indptr,
-        "score": bank.score[r, sl].contiguous(),
-        "pos": bank.pos[r, sl].contiguous(),
-        "tokens": bank.tokens[r, sl].contiguous(),
-        "acts": bank.acts[r, sl].contiguous(),
-        "fired": bank.fired[r, sl].contiguous(),
-    }
+    out: dict[str, Any] = {"indptr": indptr}
+    E = int(r.shape[0])
+    for f in ("score", "pos", "tokens", "acts", "fired"):
+        src = getattr(bank, f)
+        out[f] = Lazy(src.dtype, (E, *src.shape[2:]), lambda src=src: src[r, sl])
+    return out

@@ -367,7 +367,7 @@ class HarvestAccumulator:
 
     def _update_reservoir(self, tokens, e, b, s, cl, g, primary, pos, gen) -> None:  # type: ignore[no-untyped-def]
         bank = self.reservoir
-        ev, slot = reservoir_plan(g, self.firing_count[g], bank.k, gen)
+        ev, slot = reservoir_plan(g, self.firing_count[g], bank.k, gen, e.by_component()[1])
         if ev.numel() == 0:
             return
         bank.rows_for(torch.unique(g[ev]))  # allocate rows for components firing first now

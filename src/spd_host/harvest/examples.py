@@ -136,20 +136,26 @@ class ExampleBank:
 
 
 def reservoir_plan(
-    comps: torch.Tensor, before: torch.Tensor, k: int, gen: torch.Generator
+    comps: torch.Tensor,
+    before: torch.Tensor,
+    k: int,
+    gen: torch.Generator,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which events enter the reservoir, and in which slot.
 
     ``comps``: component of each event, events in data order. ``before``: firings of each
     event's component before this batch. Returns ``(event_index, slot)`` of the events that
     end up in the reservoir after the batch (at most one per (component, slot)).
+    ``order``: the events' stable sort by component, when the caller has it already.
     """
     n = comps.shape[0]
     dev = comps.device
     if n == 0:
         empty = torch.empty(0, dtype=torch.int64, device=dev)
         return empty, empty
-    order = torch.sort(comps, stable=True).indices  # group by component, data order within
+    if order is None:  # group by component, data order within
+        order = torch.sort(comps, stable=True).indices
     sc = comps[order]
     starts = torch.ones(n, dtype=torch.bool, device=dev)
     starts[1:] = sc[1:] != sc[:-1]

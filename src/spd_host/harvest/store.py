@@ -159,6 +159,9 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
     for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
         p.unlink(missing_ok=True)
     con = sqlite3.connect(tmp)
+    # a temporary file renamed into place when complete: no journal or syncs while building
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
     con.executescript(_SCHEMA)
     N = max(acc.n_tokens, 1)
     # one row per component that fired: dead components cost nothing here (their count, 0,

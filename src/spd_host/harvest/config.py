@@ -63,7 +63,8 @@ class HarvestConfig(BaseModel):
         description="Stop counting co-occurrence (exactly, on the tokens seen so far) once this "
         "many distinct pairs are stored; the token count it covers is recorded. The default "
         "(2**26 pairs: 1 GiB of keys and counts, ~1.6 GiB while a merge runs) keeps a sparse "
-        "table inside a harvest's memory budget (a dense table within the default dense_table_bytes holds fewer pairs than that)",
+        "table inside a harvest's memory budget (a dense table within the default "
+        "dense_table_bytes holds fewer pairs than that)",
     )
     min_token_support: int = Field(
         default=5,

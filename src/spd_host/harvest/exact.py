@@ -132,9 +132,7 @@ def split_fixed(x: torch.Tensor, frac_bits: int) -> tuple[torch.Tensor, torch.Te
     return c.to(torch.int64), fine.to(torch.int64)
 
 
-def split_fixed_bounded(
-    x: torch.Tensor, frac_bits: int
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def split_fixed_bounded(x: torch.Tensor, frac_bits: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``split_fixed`` plus whether every ``|floor(x * 2**frac)| < 2**40`` (from the same
     range check, so no extra pass): such contributions fit ``ExactSum``'s ``lo`` limb whole."""
     y = x.to(torch.float64) * 2.0**frac_bits

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,12 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     out: dict[str, Any] = {"indptr": indptr}
     E = int(r.shape[0])
     for f in ("score", "pos", "tokens", "acts", "fired"):
-        src = getattr(bank, f)
-        out[f] = Lazy(src.dtype, (E, *src.shape[2:]), lambda src=src: src[r, sl])
+        src: torch.Tensor = getattr(bank, f)
+        out[f] = Lazy(src.dtype, (E, *src.shape[2:]), _gather(src, r, sl))
     return out
+
+
+def _gather(
+    src: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    return lambda: src[rows, slots]

@@ -75,7 +75,7 @@ def save_tensors(tensors: Mapping[str, Entry], path: Path | str) -> None:
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
+    with Path(path).open("wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for name, t in tensors.items():
@@ -88,5 +88,5 @@ def save_tensors(tensors: Mapping[str, Entry], path: Path | str) -> None:
                 )
             if nbytes:
                 x = x.detach().to("cpu").contiguous().reshape(-1)
-                fh.write(memoryview(x.view(torch.uint8).numpy()))
+                fh.write(x.view(torch.uint8).numpy().data)
             del x

@@ -77,6 +77,30 @@ def csr(
     }
 
 
+def _lazy_csr(
+    name: str, keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int, scale: float
+) -> dict[str, Entry]:
+    """``csr`` of a token table whose column and value arrays are built only when written
+    (one at a time: the write never holds the whole CSR copy beside the table). ``scale``
+    1.0 keeps int64 counts; otherwise values become float64 times ``scale``."""
+    indptr = torch.searchsorted(keys // n_cols, torch.arange(n_rows + 1, dtype=torch.int64))
+    E = int(keys.shape[0])
+    col_dtype = torch.int32 if n_cols < 2**31 else torch.int64
+
+    def cols() -> torch.Tensor:
+        return _narrow_index(keys % n_cols, n_cols).contiguous()
+
+    def vals() -> torch.Tensor:
+        return values.contiguous() if scale == 1.0 else values.to(torch.float64) * scale
+
+    val_dtype = values.dtype if scale == 1.0 else torch.float64
+    return {
+        f"{name}_indptr": indptr,
+        f"{name}_cols": Lazy(col_dtype, (E,), cols),
+        f"{name}_values": Lazy(val_dtype, (E,), vals),
+    }
+
+
 def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
     """Upper-triangle CSR (``cooc_*``: row ``i``, columns ``j > i``) and its transpose
     (``cooc_t_*``: row ``j``, columns ``i < j``) from sorted keys ``i * n + j``.
@@ -108,7 +132,7 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         acc = HarvestAccumulator.from_state(*acc.state(), device="cpu")
     C = acc.layout.total
     unit = 2.0**-PROB_FRAC_BITS
-    t: dict[str, torch.Tensor] = {
+    t: dict[str, Entry] = {
         "firing_count": acc.firing_count,
         "sum_all": acc.sum_all.value(),
         "sum_firing": acc.sum_firing.value(),
@@ -122,9 +146,11 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
     }
     for name, counter in (("input", acc.input_pairs), ("output", acc.output_pairs)):
         counter.consolidate()
-        values = counter.values if name == "input" else counter.values.to(torch.float64) * unit
-        for k, v in csr(counter.keys, values, C, acc.V).items():
-            t[f"{name}_{k}"] = v
+        t.update(
+            _lazy_csr(
+                name, counter.keys, counter.values, C, acc.V, 1.0 if name == "input" else unit
+            )
+        )
     acc.cooc.consolidate()
     t.update(cooc_tables(acc.cooc.keys, acc.cooc.values, C))
     tmp = path / f".{STATS_FILE}.tmp"

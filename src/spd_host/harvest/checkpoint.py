@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from spd_host.errors import FormatError
 from spd_host.harvest.accumulator import HarvestAccumulator
+from spd_host.harvest.tensor_file import save_tensors
 
 STATE_JSON = "state.json"
 
@@ -40,7 +41,7 @@ def save_checkpoint(directory: Path, acc: HarvestAccumulator, extra: dict[str, A
     name = f"state-{acc.n_batches:09d}.safetensors"
     tmp = directory / f".{name}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, str(tmp))
+        save_tensors(tensors, tmp)
     except BaseException:  # a full disk: the partial file must not keep holding the space
         tmp.unlink(missing_ok=True)
         raise

@@ -63,10 +63,13 @@ class HarvestConfig(BaseModel):
         "Co-occurrence costs L^2/2 per position for L firing components; 1.0 counts every position",
     )
     cooccurrence_max_pairs: int = Field(
-        default=300_000_000,
+        default=1 << 26,
         gt=0,
         description="Stop counting co-occurrence (exactly, on the tokens seen so far) once this "
-        "many distinct pairs are stored; the token count it covers is recorded",
+        "many distinct pairs are stored; the token count it covers is recorded. The default "
+        "(2**26 pairs: 1 GiB of keys and counts, ~1.6 GiB while a merge runs) keeps a sparse "
+        "table inside a harvest's memory budget (a dense table within the default "
+        "dense_table_bytes holds fewer pairs than that)",
     )
     min_token_support: int = Field(
         default=5,

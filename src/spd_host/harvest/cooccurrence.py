@@ -70,15 +70,29 @@ def _by_product(
 
 
 def _by_pairs(counter: PairCounter, g: torch.Tensor, counts: torch.Tensor, C: int) -> None:
+    """Every pair ``(a, b)``, ``a`` before ``b`` within a position's run of ``g``, as keys.
+
+    Vectorised over all positions at once: entry ``e`` pairs with the ``later[e]`` entries
+    after it in its run, so ``repeat_interleave`` lists each pair's first entry and an offset
+    within that entry's block gives the second (no loop over run lengths). Chunked so that
+    at most about ``_MAX_PAIRS_PER_CHUNK`` keys exist at once.
+    """
     dev = g.device
-    ev_start = torch.cumsum(counts, 0) - counts
-    # positions with the same number L of firing components share one triangle pattern:
-    # their pairs are a gather of a [positions, L] matrix at triu_indices(L, L, 1)
-    for L in torch.unique(counts[counts >= 2]).tolist():
-        toks = (counts == L).nonzero().flatten()
-        iu = torch.triu_indices(L, L, 1, device=dev)
-        ar = torch.arange(L, device=dev)
-        step = max(1, _MAX_PAIRS_PER_CHUNK // (L * (L - 1) // 2))
-        for s0 in range(0, toks.shape[0], step):
-            G = g[ev_start[toks[s0 : s0 + step]][:, None] + ar]
-            counter.add_keys((G[:, iu[0]] * C + G[:, iu[1]]).reshape(-1))
+    ends = torch.cumsum(counts, 0)
+    end_of = torch.repeat_interleave(ends, counts)  # one past the run's last entry
+    later = end_of - torch.arange(g.shape[0], device=dev) - 1
+    block_end = torch.cumsum(later, 0)
+    e0 = 0
+    while e0 < g.shape[0]:
+        base = int(block_end[e0 - 1]) if e0 else 0
+        # entries e0..e1 whose pairs fit the chunk (at least one entry)
+        e1 = int(torch.searchsorted(block_end, base + _MAX_PAIRS_PER_CHUNK, right=True))
+        e1 = max(e1, e0 + 1)
+        rep = later[e0:e1]
+        first = torch.repeat_interleave(torch.arange(e0, e1, device=dev), rep)
+        if first.numel():
+            start = block_end[e0:e1] - rep  # block start of each entry, in pair numbering
+            k = torch.arange(base, base + first.shape[0], device=dev)
+            second = first + 1 + (k - start.index_select(0, first - e0))
+            counter.add_keys(g.index_select(0, first) * C + g.index_select(0, second))
+        e0 = e1

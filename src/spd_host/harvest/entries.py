@@ -32,7 +32,7 @@ class SiteEntries:
     dense_fired: torch.Tensor | None = None  # [N, C] bool when the site came dense
     dense_acts: tuple[torch.Tensor, ...] | None = None  # per type [N, C]
     keys: torch.Tensor | None = None  # sorted n * C + c (sparse sites, for lookups)
-    n_pos: int = 0  # positions in the batch (sparse sites)
+    n_pos: int = 0  # positions in the batch
     _by_comp: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted c * n_pos + n, order)
 
     @classmethod
@@ -53,7 +53,7 @@ class SiteEntries:
             values = torch.stack([a[n, c].to(torch.float32) for a in acts])
         else:
             values = torch.zeros(0, n.shape[0], dtype=torch.float32, device=dev)
-        return cls(n, c, values, C, dense_fired=f, dense_acts=acts)
+        return cls(n, c, values, C, dense_fired=f, dense_acts=acts, n_pos=int(f.shape[0]))
 
     @property
     def is_dense(self) -> bool:
@@ -90,6 +90,14 @@ class SiteEntries:
         acts = torch.where(found[:, None], vals, torch.zeros_like(vals))
         return found.view(shape), acts.view(*shape, T)
 
+    def by_component(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sorted c * n_pos + n, order)``: the entries grouped by component, in data order
+        within each (computed once per batch and shared by the example plans and lookups)."""
+        if self._by_comp is None:
+            ck, order = torch.sort(self.c * max(self.n_pos, 1) + self.n)
+            self._by_comp = (ck, order)
+        return self._by_comp
+
     def _window_lookup(
         self, rows: torch.Tensor, comps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -101,10 +109,7 @@ class SiteEntries:
         candidate, kept where it is the same component at exactly the slot's position (which
         also rules out the neighbouring sequence). None when a centre is not a firing.
         """
-        if self._by_comp is None:
-            ck, order = torch.sort(self.c * self.n_pos + self.n)
-            self._by_comp = (ck, order)
-        ck, order = self._by_comp
+        ck, order = self.by_component()
         E = ck.shape[0]
         n, width = rows.shape
         W = width // 2
@@ -149,12 +154,17 @@ def site_entries(
     n = sp.position.to(device, torch.int64)
     c = sp.component.to(device, torch.int64)
     keys = n * C + c
-    keys, order = torch.sort(keys)
-    if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
-        raise HarvestBatchError(
-            f"the sparse activity of site {site!r} lists a (position, component) entry twice",
-            hint="this is a bug in the plugin's harvest_fn: each firing is one entry",
-        )
-    values = torch.stack([sp.values[t].to(device, torch.float32)[order] for t in act_types])
+    # entries from ``nonzero()`` (the usual plugin path) come sorted: one pass proves it (and
+    # that no entry repeats); otherwise sort, then look for repeats
+    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        keys, order = torch.sort(keys)
+        if bool((keys[1:] == keys[:-1]).any()):
+            raise HarvestBatchError(
+                f"the sparse activity of site {site!r} lists a (position, component) entry twice",
+                hint="this is a bug in the plugin's harvest_fn: each firing is one entry",
+            )
+        values = torch.stack([sp.values[t].to(device, torch.float32)[order] for t in act_types])
+    else:
+        values = torch.stack([sp.values[t].to(device, torch.float32) for t in act_types])
     n = torch.div(keys, C, rounding_mode="floor")
     return SiteEntries(n, keys % C, values, C, keys=keys, n_pos=N)

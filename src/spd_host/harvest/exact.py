@@ -54,21 +54,26 @@ class ExactSum:
         q: torch.Tensor,
         max_per_entry: int,
         fine: torch.Tensor | None = None,
+        small: bool = False,
     ) -> None:
         """Add int64 contributions ``q`` (units ``2**-frac_bits``; ``fine``: units ``2**-64``,
         each in ``[0, 2**(64 - frac_bits)]``) at flat indices ``index`` (atomic-safe).
 
         ``max_per_entry`` bounds how many contributions one entry can get in this call (e.g.
         the positions in the batch); it keeps the limbs from overflowing between
-        normalisations.
+        normalisations. ``small``: the caller knows every ``|q| < 2**40``, so ``q`` goes to
+        the ``lo`` limb whole (one scatter instead of two; the same number once normalised).
         """
         if index.numel() == 0:
             return
         if self._load + max_per_entry > _LO_HEADROOM:
             self.normalize()
-        hi = torch.div(q, 1 << _LIMB, rounding_mode="floor")
-        self.lo.view(-1).index_add_(0, index, q - hi * (1 << _LIMB))
-        self.hi.view(-1).index_add_(0, index, hi)
+        if small:  # |q| < 2**40: all of it fits the lo limb (normalisation carries later)
+            self.lo.view(-1).index_add_(0, index, q)
+        else:
+            hi = torch.div(q, 1 << _LIMB, rounding_mode="floor")
+            self.lo.view(-1).index_add_(0, index, q - hi * (1 << _LIMB))
+            self.hi.view(-1).index_add_(0, index, hi)
         if fine is not None:
             self.fine.view(-1).index_add_(0, index, fine)
         self._load += max_per_entry
@@ -125,6 +130,18 @@ def split_fixed(x: torch.Tensor, frac_bits: int) -> tuple[torch.Tensor, torch.Te
         raise OverflowError(f"value too large for exact accumulation at 2**-{frac_bits} resolution")
     fine = torch.round((y - c) * 2.0 ** (64 - frac_bits))
     return c.to(torch.int64), fine.to(torch.int64)
+
+
+def split_fixed_bounded(x: torch.Tensor, frac_bits: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``split_fixed`` plus whether every ``|floor(x * 2**frac)| < 2**40`` (from the same
+    range check, so no extra pass): such contributions fit ``ExactSum``'s ``lo`` limb whole."""
+    y = x.to(torch.float64) * 2.0**frac_bits
+    c = torch.floor(y)
+    top = float(c.abs().max()) if c.numel() else 0.0
+    if top >= 2.0**62:
+        raise OverflowError(f"value too large for exact accumulation at 2**-{frac_bits} resolution")
+    fine = torch.round((y - c) * 2.0 ** (64 - frac_bits))
+    return c.to(torch.int64), fine.to(torch.int64), top < 2.0**_LIMB
 
 
 def quantize(x: torch.Tensor, frac_bits: int, *, check: bool = True) -> torch.Tensor:

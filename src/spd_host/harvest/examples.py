@@ -22,7 +22,17 @@ from spd_host.harvest.windows import Windows
 
 
 class ExampleBank:
-    """K example windows per component, stored in lazily allocated rows."""
+    """K example windows per component, stored in lazily allocated rows.
+
+    Why rows are reserved rather than regrown on the CPU: a row is assigned the first time its
+    component fires, and growing the arrays by copying (the old and the new buffers alive at
+    once, the new one initialised in full) made the peak about three times what the alive
+    rows need. On the CPU the arrays are reserved for every component with ``torch.empty``
+    (address space only: the operating system commits a page when it is first written) and a
+    row is initialised when it is assigned, so resident memory is what the alive rows use and
+    nothing is ever copied. On other devices (where memory is committed at allocation) the
+    arrays grow geometrically, again initialising only assigned rows.
+    """
 
     def __init__(
         self,
@@ -39,16 +49,28 @@ class ExampleBank:
         self.device = torch.device(device)
         self.row_of = torch.full((n_components,), -1, dtype=torch.int64, device=self.device)
         self.component = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._alloc(0)
+        self._alloc(self._reserve())
+
+    def _reserve(self) -> int:
+        return self.n_components if self.device.type == "cpu" else 0
 
     def _alloc(self, cap: int) -> None:
+        """Uninitialised arrays of ``cap`` rows (rows are initialised by ``_init_rows``)."""
         k, w, t, dev = self.k, self.width, self.n_types, self.device
-        self.filled = torch.zeros(cap, dtype=torch.int64, device=dev)
-        self.score = torch.full((cap, k), float("-inf"), dtype=torch.float32, device=dev)
-        self.pos = torch.full((cap, k), -1, dtype=torch.int64, device=dev)
-        self.tokens = torch.full((cap, k, w), -1, dtype=torch.int32, device=dev)
-        self.acts = torch.zeros((cap, k, w, t), dtype=torch.float32, device=dev)
-        self.fired = torch.zeros((cap, k, w), dtype=torch.bool, device=dev)
+        self.filled = torch.empty(cap, dtype=torch.int64, device=dev)
+        self.score = torch.empty((cap, k), dtype=torch.float32, device=dev)
+        self.pos = torch.empty((cap, k), dtype=torch.int64, device=dev)
+        self.tokens = torch.empty((cap, k, w), dtype=torch.int32, device=dev)
+        self.acts = torch.empty((cap, k, w, t), dtype=torch.float32, device=dev)
+        self.fired = torch.empty((cap, k, w), dtype=torch.bool, device=dev)
+
+    def _init_rows(self, start: int, end: int) -> None:
+        self.filled[start:end] = 0
+        self.score[start:end] = float("-inf")
+        self.pos[start:end] = -1
+        self.tokens[start:end] = -1
+        self.acts[start:end] = 0
+        self.fired[start:end] = False
 
     FIELDS = ("filled", "score", "pos", "tokens", "acts", "fired")
 
@@ -65,7 +87,8 @@ class ExampleBank:
             need = start + new.numel()
             cap = self.filled.shape[0]
             if need > cap:
-                self._grow(max(need, cap * 2 + 64))
+                self._grow(min(self.n_components, max(need, cap * 2 + 64)))
+            self._init_rows(start, need)
             self.row_of[new] = torch.arange(start, need, device=self.device)
             self.component = torch.cat([self.component, new])
             rows = self.row_of[comps]
@@ -103,28 +126,36 @@ class ExampleBank:
     def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         dev = self.device
         comp = tensors[f"{prefix}.component"].to(dev, torch.int64)
+        n = int(comp.shape[0])
         self.row_of = torch.full((self.n_components,), -1, dtype=torch.int64, device=dev)
-        self.row_of[comp] = torch.arange(comp.shape[0], device=dev)
+        self.row_of[comp] = torch.arange(n, device=dev)
         self.component = comp.clone()
+        self._alloc(max(n, self._reserve()))
         for f in self.FIELDS:
-            setattr(self, f, tensors[f"{prefix}.{f}"].to(dev).clone())
+            getattr(self, f)[:n] = tensors[f"{prefix}.{f}"].to(dev)
 
 
 def reservoir_plan(
-    comps: torch.Tensor, before: torch.Tensor, k: int, gen: torch.Generator
+    comps: torch.Tensor,
+    before: torch.Tensor,
+    k: int,
+    gen: torch.Generator,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which events enter the reservoir, and in which slot.
 
     ``comps``: component of each event, events in data order. ``before``: firings of each
     event's component before this batch. Returns ``(event_index, slot)`` of the events that
     end up in the reservoir after the batch (at most one per (component, slot)).
+    ``order``: the events' stable sort by component, when the caller has it already.
     """
     n = comps.shape[0]
     dev = comps.device
     if n == 0:
         empty = torch.empty(0, dtype=torch.int64, device=dev)
         return empty, empty
-    order = torch.sort(comps, stable=True).indices  # group by component, data order within
+    if order is None:  # group by component, data order within
+        order = torch.sort(comps, stable=True).indices
     sc = comps[order]
     starts = torch.ones(n, dtype=torch.bool, device=dev)
     starts[1:] = sc[1:] != sc[:-1]

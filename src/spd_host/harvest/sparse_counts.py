@@ -47,6 +47,7 @@ class SparsePairCounter:
         self._buf_keys: list[torch.Tensor] = []
         self._buf_values: list[torch.Tensor | None] = []  # None: a weight of 1 per key
         self._buf_len = 0
+        self._values_shared = False  # self.values is also held outside: copy before adding
         self.buffer_limit = 1 << 24
 
     # -- updates ----------------------------------------------------------------------------------
@@ -87,7 +88,53 @@ class SparsePairCounter:
             )
             bk, bv = _sum_by_key(keys, values)
         self._buf_keys, self._buf_values, self._buf_len = [], [], 0
-        self.keys, self.values = _merge_sorted(self.keys, self.values, bk, bv)
+        del keys
+        self._merge_in(bk, bv)
+
+    def _merge_in(self, bk: torch.Tensor, bv: torch.Tensor) -> None:
+        """Merge distinct sorted keys ``bk`` (values ``bv``) into the table (linear, no sort).
+
+        Memory: existing keys are added to in place; the merged arrays are built one at a
+        time and each old array is released as soon as it is copied, so the peak is about
+        1.5 tables (keys, values and the merged keys), not the 2.5 of copying both at once.
+        """
+        if self.keys.numel() == 0:
+            self.keys, self.values, self._values_shared = bk, bv, False
+            return
+        if bk.numel() == 0:
+            return
+        ak = self.keys
+        idx = torch.searchsorted(ak, bk)
+        found = torch.zeros_like(bk, dtype=torch.bool)
+        inside = idx < ak.shape[0]
+        found[inside] = ak[idx[inside]] == bk[inside]
+        del inside
+        if bool(found.any()):
+            if self._values_shared:  # handed out by state() / taken from load_state()
+                self.values = self.values.clone()
+                self._values_shared = False
+            self.values.index_add_(0, idx[found], bv[found])
+            if bool(found.all()):
+                return
+        new = ~found
+        nk, nv, nidx = bk[new], bv[new], idx[new]
+        del idx, found, new
+        # new key j goes before old position nidx[j]; its final slot is nidx[j] + j
+        n = ak.shape[0] + nk.shape[0]
+        dev = ak.device
+        new_pos = nidx + torch.arange(nk.shape[0], device=dev)
+        del nidx
+        is_old = torch.ones(n, dtype=torch.bool, device=dev)
+        is_old[new_pos] = False
+        keys = torch.empty(n, dtype=ak.dtype, device=dev)
+        keys[is_old] = ak
+        keys[new_pos] = nk
+        del ak
+        self.keys = keys
+        values = torch.empty(n, dtype=self.values.dtype, device=dev)
+        values[is_old] = self.values
+        values[new_pos] = nv
+        self.values, self._values_shared = values, False
 
     def merge_(self, other: SparsePairCounter | DensePairCounter) -> None:
         """Add another counter's entries (used to combine shards; exact for int64)."""
@@ -112,7 +159,7 @@ class SparsePairCounter:
             return 0
         tau = int(torch.kthvalue(self.values.cpu(), n - keep).values)
         mask = self.values > tau
-        self.keys, self.values = self.keys[mask], self.values[mask]
+        self.keys, self.values, self._values_shared = self.keys[mask], self.values[mask], False
         return tau
 
     # -- queries ----------------------------------------------------------------------------------
@@ -144,12 +191,14 @@ class SparsePairCounter:
     # -- state ------------------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         self.consolidate()
+        self._values_shared = True
         return {f"{prefix}.keys": self.keys, f"{prefix}.values": self.values}
 
     def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         self._buf_keys, self._buf_values, self._buf_len = [], [], 0
         self.keys = tensors[f"{prefix}.keys"].to(self.device, torch.int64)
         self.values = tensors[f"{prefix}.values"].to(self.device, self.dtype)
+        self._values_shared = True
 
 
 class DensePairCounter:
@@ -260,35 +309,3 @@ def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     out = torch.zeros(n_out, dtype=values.dtype, device=keys.device)
     out.index_add_(0, gid, values[order])
     return sk[new], out
-
-
-def _merge_sorted(
-    ak: torch.Tensor, av: torch.Tensor, bk: torch.Tensor, bv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two tables of distinct sorted keys, adding values on equal keys (linear, no sort)."""
-    if ak.numel() == 0:
-        return bk, bv
-    if bk.numel() == 0:
-        return ak, av
-    idx = torch.searchsorted(ak, bk)
-    found = torch.zeros_like(bk, dtype=torch.bool)
-    inside = idx < ak.shape[0]
-    found[inside] = ak[idx[inside]] == bk[inside]
-    if bool(found.any()):
-        av = av.clone().index_add_(0, idx[found], bv[found])
-        if bool(found.all()):
-            return ak, av
-    nk, nv, nidx = bk[~found], bv[~found], idx[~found]
-    # new key j goes before old position nidx[j]; its final slot is nidx[j] + j
-    n = ak.shape[0] + nk.shape[0]
-    dev = ak.device
-    new_pos = nidx + torch.arange(nk.shape[0], device=dev)
-    is_old = torch.ones(n, dtype=torch.bool, device=dev)
-    is_old[new_pos] = False
-    keys = torch.empty(n, dtype=ak.dtype, device=dev)
-    values = torch.empty(n, dtype=av.dtype, device=dev)
-    keys[is_old] = ak
-    values[is_old] = av
-    keys[new_pos] = nk
-    values[new_pos] = nv
-    return keys, values

@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from spd_host.harvest.accumulator import HarvestAccumulator
 from spd_host.harvest.checkpoint import atomic_write_text
 from spd_host.harvest.config import SCHEMA_VERSION
 from spd_host.harvest.exact import PROB_FRAC_BITS
 from spd_host.harvest.examples import ExampleBank
+from spd_host.harvest.tensor_file import Entry, Lazy, save_tensors
 
 RESULT_JSON = "harvest.json"
 STATS_FILE = "stats.safetensors"
@@ -73,6 +74,30 @@ def csr(
         "indptr": indptr,
         "cols": _narrow_index(keys % n_cols, n_cols).contiguous(),
         "values": values.contiguous(),
+    }
+
+
+def _lazy_csr(
+    name: str, keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int, scale: float
+) -> dict[str, Entry]:
+    """``csr`` of a token table whose column and value arrays are built only when written
+    (one at a time: the write never holds the whole CSR copy beside the table). ``scale``
+    1.0 keeps int64 counts; otherwise values become float64 times ``scale``."""
+    indptr = torch.searchsorted(keys // n_cols, torch.arange(n_rows + 1, dtype=torch.int64))
+    E = int(keys.shape[0])
+    col_dtype = torch.int32 if n_cols < 2**31 else torch.int64
+
+    def cols() -> torch.Tensor:
+        return _narrow_index(keys % n_cols, n_cols).contiguous()
+
+    def vals() -> torch.Tensor:
+        return values.contiguous() if scale == 1.0 else values.to(torch.float64) * scale
+
+    val_dtype = values.dtype if scale == 1.0 else torch.float64
+    return {
+        f"{name}_indptr": indptr,
+        f"{name}_cols": Lazy(col_dtype, (E,), cols),
+        f"{name}_values": Lazy(val_dtype, (E,), vals),
     }
 
 
@@ -107,7 +132,7 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         acc = HarvestAccumulator.from_state(*acc.state(), device="cpu")
     C = acc.layout.total
     unit = 2.0**-PROB_FRAC_BITS
-    t: dict[str, torch.Tensor] = {
+    t: dict[str, Entry] = {
         "firing_count": acc.firing_count,
         "sum_all": acc.sum_all.value(),
         "sum_firing": acc.sum_firing.value(),
@@ -121,20 +146,22 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
     }
     for name, counter in (("input", acc.input_pairs), ("output", acc.output_pairs)):
         counter.consolidate()
-        values = counter.values if name == "input" else counter.values.to(torch.float64) * unit
-        for k, v in csr(counter.keys, values, C, acc.V).items():
-            t[f"{name}_{k}"] = v
+        t.update(
+            _lazy_csr(
+                name, counter.keys, counter.values, C, acc.V, 1.0 if name == "input" else unit
+            )
+        )
     acc.cooc.consolidate()
     t.update(cooc_tables(acc.cooc.keys, acc.cooc.values, C))
     tmp = path / f".{STATS_FILE}.tmp"
-    save_file({k: v.contiguous() for k, v in t.items()}, str(tmp))
+    save_tensors(t, tmp)
     tmp.replace(path / STATS_FILE)
-    ex: dict[str, torch.Tensor] = {}
+    ex: dict[str, Entry] = {}
     for kind, bank in zip(EXAMPLE_KINDS, (acc.top, acc.reservoir), strict=True):
         for k, v in example_arrays(bank, C, ordered_by_pos=kind == "reservoir").items():
             ex[f"{kind}_{k}"] = v
     tmp = path / f".{EXAMPLES_FILE}.tmp"
-    save_file(ex, str(tmp))
+    save_tensors(ex, tmp)
     tmp.replace(path / EXAMPLES_FILE)
     _write_db(path / DB_FILE, acc)
     doc = {
@@ -159,6 +186,9 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
     for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
         p.unlink(missing_ok=True)
     con = sqlite3.connect(tmp)
+    # a temporary file renamed into place when complete: no journal or syncs while building
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
     con.executescript(_SCHEMA)
     N = max(acc.n_tokens, 1)
     # one row per component that fired: dead components cost nothing here (their count, 0,
@@ -186,7 +216,9 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     """A bank's filled entries as CSR arrays by component (vectorised: no per-example Python).
 
     Within a component entries keep slot order (top: best first) or, with ``ordered_by_pos``,
-    are sorted by position (reservoir: data order).
+    are sorted by position (reservoir: data order). The per-example arrays are ``Lazy``: each
+    is gathered when the writer reaches it and dropped after, so the write never holds a
+    second copy of the bank.
     """
     k = bank.k
     n = bank.n_rows
@@ -204,11 +236,15 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     counts[bank.component[rows]] = filled
     indptr = torch.zeros(n_components + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=indptr[1:])
-    return {
-        "indptr": indptr,
-        "score": bank.score[r, sl].contiguous(),
-        "pos": bank.pos[r, sl].contiguous(),
-        "tokens": bank.tokens[r, sl].contiguous(),
-        "acts": bank.acts[r, sl].contiguous(),
-        "fired": bank.fired[r, sl].contiguous(),
-    }
+    out: dict[str, Any] = {"indptr": indptr}
+    E = int(r.shape[0])
+    for f in ("score", "pos", "tokens", "acts", "fired"):
+        src: torch.Tensor = getattr(bank, f)
+        out[f] = Lazy(src.dtype, (E, *src.shape[2:]), _gather(src, r, sl))
+    return out
+
+
+def _gather(
+    src: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    return lambda: src[rows, slots]

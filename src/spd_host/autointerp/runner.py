@@ -222,9 +222,7 @@ async def _alabel_locked(
     )
     state = _State()
     secrets = known_secrets(host, config.api_key_env)
-    orphaned_before = store.ledger.total_orphaned()
-    store.ledger.close_orphans()
-    orphaned = store.ledger.total_orphaned() - orphaned_before
+    orphaned = _close_orphans(store)
     gates = Gates(
         config=config,
         pricing=pricing,
@@ -379,15 +377,9 @@ async def _alabel_locked(
             bar.stop()
     state.not_sent += queue.qsize()
     return RunReport(
-        decomposition_id=decomposition_id,
-        harvest_id=harvest_id,
-        provider=provider.name,
-        model=model,
-        strategy=strategy.name,
-        baseline=provider.baseline,
-        db_path=str(store.path),
-        n_components=len(keys),
-        n_already_labelled=len(done_keys & set(keys)),
+        **_report_basis(
+            decomposition_id, harvest_id, provider, model, strategy, store, keys, done_keys
+        ),
         n_labelled=state.labelled,
         n_failed=state.failed,
         n_not_sent=state.not_sent,
@@ -395,13 +387,45 @@ async def _alabel_locked(
         cost_cap_usd=config.cost_cap_usd,
         stopped_by_cost_cap=gates.budget.exhausted,
         calls=gates.calls,
-        store_spent_usd=store.ledger.total(),
         orphaned_usd=orphaned,
         stopped_by_error=gates.fatal,
         failure_reasons=dict(state.reasons.most_common()),
         cache_read_tokens=state.cache_read_tokens,
         cache_saved_usd=state.cache_saved,
     )
+
+
+def _close_orphans(store: LabelStore) -> float:
+    """Close the spend rows a killed run left open; returns the USD they newly account for."""
+    before = store.ledger.total_orphaned()
+    store.ledger.close_orphans()
+    return store.ledger.total_orphaned() - before
+
+
+def _report_basis(
+    decomposition_id: str,
+    harvest_id: str,
+    provider: Provider,
+    model: str,
+    strategy: Any,
+    store: LabelStore,
+    keys: Sequence[str],
+    done_keys: set[str],
+) -> dict[str, Any]:
+    """The report fields the synchronous and the batch path share (what was asked, where the
+    store is, and what it already held or has spent in all)."""
+    return {
+        "decomposition_id": decomposition_id,
+        "harvest_id": harvest_id,
+        "provider": provider.name,
+        "model": model,
+        "strategy": strategy.name,
+        "baseline": provider.baseline,
+        "db_path": str(store.path),
+        "n_components": len(keys),
+        "n_already_labelled": len(done_keys & set(keys)),
+        "store_spent_usd": store.ledger.total(),
+    }
 
 
 async def _alabel_batch(
@@ -424,9 +448,7 @@ async def _alabel_batch(
     """The batch path (:mod:`spd_host.autointerp.batch`), reported like the synchronous one."""
     from spd_host.autointerp.batch.labels import label_in_batches
 
-    orphaned_before = store.ledger.total_orphaned()
-    store.ledger.close_orphans()
-    orphaned = store.ledger.total_orphaned() - orphaned_before
+    orphaned = _close_orphans(store)
     done_keys = set() if force else store.labelled_keys(harvest_id, strategy.name, model)
     todo = [k for k in keys if k not in done_keys]
     if config.limit is not None:
@@ -438,17 +460,10 @@ async def _alabel_batch(
         on_progress=on_progress,
     )  # fmt: skip
     return RunReport(
-        decomposition_id=decomposition_id,
-        harvest_id=harvest_id,
-        provider=provider.name,
-        model=model,
-        strategy=strategy.name,
-        baseline=provider.baseline,
-        db_path=str(store.path),
-        n_components=len(keys),
-        n_already_labelled=len(done_keys & set(keys)),
+        **_report_basis(
+            decomposition_id, harvest_id, provider, model, strategy, store, keys, done_keys
+        ),
         cost_cap_usd=config.cost_cap_usd,
-        store_spent_usd=store.ledger.total(),
         orphaned_usd=orphaned,
         batch=True,
         **fields,

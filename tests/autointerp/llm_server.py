@@ -82,6 +82,8 @@ class Reply:
     cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic only)
     thinking_tokens: int = 0  # of output_tokens, spent thinking (Gemini only)
     error_details: list[dict[str, Any]] = field(default_factory=list)  # Gemini error details
+    # OpenAI ``choices[0].logprobs.content``: [{"token", "logprob", "top_logprobs": [...]}]
+    logprobs: list[dict[str, Any]] | None = None
 
 
 def valid_answer(marker: str | None) -> dict[str, Any]:
@@ -291,6 +293,9 @@ class LLMServer:
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
                         "finish_reason": "length" if reply.truncated else "stop",
+                        "logprobs": None
+                        if reply.logprobs is None
+                        else {"content": reply.logprobs, "refusal": None},
                     }
                 ],
                 "usage": {

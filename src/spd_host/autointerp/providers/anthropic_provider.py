@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.answer import MalformedAnswerError, parse_reply
 from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
@@ -91,11 +91,14 @@ class AnthropicClient:
             ]
             payload = "".join(texts)
         try:
-            answer = parse_answer(payload, truncated=truncated)
+            answer, data = parse_reply(
+                payload, truncated=truncated, answer_format=request.answer_format
+            )
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
         return Completion(
             answer=answer,
+            data=data,
             raw=raw,
             input_tokens=n_in,
             output_tokens=n_out,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -144,6 +144,21 @@ class CompletionRequest:
     schema: Mapping[str, Any]
     max_output_tokens: int
     evidence: ComponentEvidence
+    #: "label": the answer is a :class:`LabelAnswer`; "object": any JSON object matching
+    #: ``schema``, returned decoded in ``Completion.data`` (eval judges with their own schema)
+    answer_format: Literal["label", "object"] = "label"
+    #: ask for the log-probabilities of each output token and of its ``top_logprobs`` most
+    #: likely alternatives (OpenAI-compatible servers); other providers ignore it
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability and the most likely alternatives there."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,12 @@ class Completion:
     output_tokens: int
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    #: the decoded JSON answer of an ``answer_format="object"`` request (``answer`` is then
+    #: :data:`~spd_host.autointerp.answer.OBJECT_ANSWER`)
+    data: dict[str, Any] | None = None
+    #: the answer text exactly as generated, and its per-token log-probabilities when asked for
+    content: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class LLMClient(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.answer import MalformedAnswerError, parse_reply
 from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
@@ -20,6 +20,7 @@ from spd_host.autointerp.providers.base import (
     CompletionRequest,
     Pricing,
     Provider,
+    TokenLogprob,
     TransientError,
     read_api_key,
 )
@@ -73,6 +74,8 @@ class OpenAIChatClient:
                 if self._new_limit
                 else self._sdk.omit,
                 max_tokens=self._sdk.omit if self._new_limit else request.max_output_tokens,
+                logprobs=True if request.top_logprobs else self._sdk.omit,
+                top_logprobs=request.top_logprobs or self._sdk.omit,
             )
         except self._sdk.APIError as err:
             mapped = translate(err, self._sdk, self._provider)
@@ -90,7 +93,11 @@ class OpenAIChatClient:
         choice = response.choices[0]
         content = choice.message.content or ""
         try:
-            answer = parse_answer(content, truncated=choice.finish_reason == "length")
+            answer, data = parse_reply(
+                content,
+                truncated=choice.finish_reason == "length",
+                answer_format=request.answer_format,
+            )
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
         return Completion(
@@ -99,6 +106,9 @@ class OpenAIChatClient:
             input_tokens=n_in,
             output_tokens=n_out,
             cache_read_tokens=n_cached,
+            data=data,
+            content=content,
+            logprobs=_logprobs(choice) if request.top_logprobs else None,
         )
 
     @property
@@ -109,6 +119,21 @@ class OpenAIChatClient:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
+    """``choices[0].logprobs.content`` as plain tuples; ``None`` when the server sent none."""
+    items = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not items:
+        return None
+    return tuple(
+        TokenLogprob(
+            token=str(it.token),
+            logprob=float(it.logprob),
+            top=tuple((str(t.token), float(t.logprob)) for t in (it.top_logprobs or ())),
+        )
+        for it in items
+    )
 
 
 def _openai_like(

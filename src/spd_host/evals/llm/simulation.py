@@ -102,6 +102,7 @@ class SimulationRecord(BaseModel):
 
     trial_id: str
     component_key: str
+    label: str
     status: Literal["ok", "failed"]
     windows: list[WindowRecord]
     error: str | None = None
@@ -313,6 +314,7 @@ def _record(
     return SimulationRecord(
         trial_id=trial.trial_id,
         component_key=trial.key,
+        label=trial.label,
         status="ok",
         windows=rows,
         cost_usd=out.cost if out else 0.0,
@@ -384,7 +386,10 @@ def run_simulation(adapter: DecompositionAdapter, config: SimulationConfig) -> S
     lock = RunLock(log.lock_path, f"{SUITE} eval of {adapter.decomposition_id}")
     spent, capped = 0.0, False
     with lock, open_ledger_at(log.ledger_path) as ledger:
-        records: dict[str, SimulationRecord] = {} if config.force else log.done()
+        done = {} if config.force else log.done()
+        labels = {t.trial_id: t.label for t in trials}
+        # a record is reused only for the label it scored (a relabelled component is redone)
+        records = {k: r for k, r in done.items() if r.label == labels.get(k)}
         todo = [t for t in trials if t.trial_id not in records]
         with log.sink() as write:
 
@@ -450,6 +455,7 @@ def _judge(
             SimulationRecord(
                 trial_id=t.trial_id,
                 component_key=t.key,
+                label=t.label,
                 status="failed",
                 windows=[
                     WindowRecord(kind=w.kind, quantile=w.quantile, truth=truth)

@@ -101,6 +101,14 @@ def test_embedding_with_a_local_sentence_transformer(harvested: str, tmp_path: P
             want = float(torch.dot(q, d) / (q.norm() * d.norm()))
             assert w.score == pytest.approx(want, abs=1e-5)
 
+    # the plain-transformers fallback (no sentence-transformers) embeds the same
+    from spd_host.evals.llm.embedding import _hf_encoder
+
+    sample = [w.text for w in result.components[0].windows]
+    fallback = _hf_encoder(model_dir, 3, "cpu")(sample).double()
+    manual = torch.stack([embed(t) for t in sample])
+    assert torch.allclose(fallback, manual, atol=1e-5)
+
     # resume: a second run scores nothing again and reports the same
     key = get_host().parse_id(harvested).storage_key
     from spd_host.evals.results import evals_dir

@@ -10,6 +10,7 @@ number of requests in flight, which is how tests prove concurrency without timin
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -82,8 +83,48 @@ class Reply:
     cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic only)
     thinking_tokens: int = 0  # of output_tokens, spent thinking (Gemini only)
     error_details: list[dict[str, Any]] = field(default_factory=list)  # Gemini error details
-    # OpenAI ``choices[0].logprobs.content``: [{"token", "logprob", "top_logprobs": [...]}]
+    # OpenAI ``choices[0].logprobs.content`` sent when the request asked for logprobs; None:
+    # every token of the answer with logprob 0 (certain); ``no_logprobs``: ignore the request
     logprobs: list[dict[str, Any]] | None = None
+    no_logprobs: bool = False
+
+
+_TOKEN = re.compile(r"\d|\w+|\s+|[^\w\s]")
+
+
+def _entry(token: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:
+    return {
+        "token": token,
+        "logprob": logprob,
+        "bytes": list(token.encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
+    }
+
+
+def certain_logprobs(text: str) -> list[dict[str, Any]]:
+    """Every token of ``text`` (a toy tokenisation: digits alone) with probability 1."""
+    return [_entry(t, 0.0, [(t, 0.0)]) for t in _TOKEN.findall(text)]
+
+
+def digit_logprobs(text: str, p_one: list[float], noise: str | None = None) -> list[dict[str, Any]]:
+    """``text`` tokenised with each digit a token; the k-th ``0``/``1`` digit gets the top
+    alternatives ``1`` with probability ``p_one[k]`` and ``0`` with the rest (and, when
+    ``noise`` is given, a third alternative ``noise`` of probability 1e-3 taken from both)."""
+    out = []
+    k = 0
+    for t in _TOKEN.findall(text):
+        if t in ("0", "1") and k < len(p_one):
+            p = p_one[k]
+            k += 1
+            top = [("1", p), ("0", 1 - p)]
+            if noise is not None:
+                top = [(tok, q * (1 - 1e-3)) for tok, q in top] + [(noise, 1e-3)]
+            top = [(tok, math.log(q) if q > 0 else -9999.0) for tok, q in top]
+            chosen = dict(top)[t]
+            out.append(_entry(t, chosen, sorted(top, key=lambda x: -x[1])))
+        else:
+            out.append(_entry(t, 0.0, [(t, 0.0)]))
+    return out
 
 
 def valid_answer(marker: str | None) -> dict[str, Any]:
@@ -294,8 +335,13 @@ class LLMServer:
                         "message": {"role": "assistant", "content": text},
                         "finish_reason": "length" if reply.truncated else "stop",
                         "logprobs": None
-                        if reply.logprobs is None
-                        else {"content": reply.logprobs, "refusal": None},
+                        if reply.no_logprobs or not req.body.get("logprobs")
+                        else {
+                            "content": reply.logprobs
+                            if reply.logprobs is not None
+                            else certain_logprobs(text),
+                            "refusal": None,
+                        },
                     }
                 ],
                 "usage": {

@@ -168,6 +168,8 @@ def test_surprisal_with_a_local_causal_lm(harvested: str, tmp_path: Path) -> Non
     def loss(prefix: str, text: str) -> float:
         p = tok(prefix, add_special_tokens=False)["input_ids"]
         w = tok(text, add_special_tokens=False)["input_ids"]
+        if len(w) < 2:  # no token after the first: the scorer counts 0
+            return 0.0
         with torch.no_grad():
             logits = model(torch.tensor([p + w])).logits[0].double()
         # window tokens 1..n-1, each predicted from everything before it

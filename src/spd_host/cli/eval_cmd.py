@@ -321,8 +321,56 @@ LabelModel = Annotated[
 Force = Annotated[bool, typer.Option("--force", help="Judge again trials already judged.")]
 NComponents = Annotated[int | None, typer.Option("--n-components", help="Components sampled.")]
 NTrials = Annotated[int | None, typer.Option("--n-trials", help="Trials per component.")]
+Positives = Annotated[
+    str | None,
+    typer.Option(
+        "--positives",
+        help="Detection/fuzzing positives: quantiles (default, delphi) or top_and_reservoir.",
+    ),
+]
+NQuantiles = Annotated[
+    int | None, typer.Option("--n-quantiles", help="Activation quantile bins (default 10).")
+]
+Negatives = Annotated[
+    str | None,
+    typer.Option("--negatives", help="Detection negatives: random (default) or similar_density."),
+]
+Window = Annotated[
+    str | None,
+    typer.Option(
+        "--window",
+        help="Positives whose window alone does not fire: as_recorded, prefer_alone or widen.",
+    ),
+]
+MaxWiden = Annotated[
+    int | None, typer.Option("--max-widen-tokens", help="--window widen: left-context bound.")
+]
 HarvestRun = Annotated[
     str | None, typer.Option("--run", "--harvest-run", help="Harvest sub-run (latest).")
+]
+JudgeConventionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--convention",
+        help="Detection/fuzzing definitions: spd-host or delphi (docs/evals.md).",
+    ),
+]
+PromptForm = Annotated[
+    str | None,
+    typer.Option("--prompt-form", help="select (name the positives) or binary (0/1 each)."),
+]
+NExamplesShown = Annotated[
+    int | None, typer.Option("--n-examples-shown", help="Examples per prompt (delphi: 5).")
+]
+Logprobs = Annotated[
+    bool | None,
+    typer.Option("--logprobs/--no-logprobs", help="Binary form: ask for logprobs (AUROC)."),
+]
+FuzzTypeOpt = Annotated[
+    str | None, typer.Option("--fuzz-type", help="Fuzzing: spd-host, default or active.")
+]
+MarkRuleOpt = Annotated[
+    str | None, typer.Option("--mark-rule", help="Fuzzing marks: firing or delphi (>= 0.3 max).")
 ]
 
 
@@ -341,7 +389,18 @@ def _judge_command(kind: str) -> Any:
         n_trials: NTrials = None,
         harvest_run: HarvestRun = None,
         label_model: LabelModel = None,
+        positives: Positives = None,
+        n_quantiles: NQuantiles = None,
+        negatives: Negatives = None,
+        window: Window = None,
+        max_widen_tokens: MaxWiden = None,
         force: Force = False,
+        convention: JudgeConventionOpt = None,
+        prompt_form: PromptForm = None,
+        n_examples_shown: NExamplesShown = None,
+        logprobs: Logprobs = None,
+        fuzz_type: FuzzTypeOpt = None,
+        mark_rule: MarkRuleOpt = None,
         json_out: JsonOut = False,
         base_model: BaseModelOpt = None,
         wandb: Wandb = False,
@@ -365,7 +424,18 @@ def _judge_command(kind: str) -> Any:
             "n_trials": n_trials,
             "harvest_run": harvest_run,
             "label_model": label_model if kind != "intruder" else None,
+            "positives": positives,
+            "n_quantiles": n_quantiles,
+            "negatives": negatives,
+            "window": window,
+            "max_widen_tokens": max_widen_tokens,
             "force": force,
+            "convention": convention,
+            "prompt_form": prompt_form,
+            "n_examples_shown": n_examples_shown,
+            "logprobs": logprobs,
+            "fuzz_type": fuzz_type if kind == "fuzzing" else None,
+            "mark_rule": mark_rule if kind == "fuzzing" else None,
         }
         run_many(
             [kind],

@@ -18,6 +18,16 @@ CONVENTIONS: dict[str, str] = {
 }
 
 
+JudgeConvention = Literal["spd-host", "delphi"]
+JUDGE_CONVENTIONS: dict[str, str] = {
+    "spd-host": "mean over components of per-trial balanced accuracy; multi-select prompt; "
+    "fuzzing marks at recorded firings",
+    "delphi": "delphi's result analysis: one confusion matrix over all examples (micro) with "
+    "F1, precision, recall, class-balanced accuracy, frequency-weighted F1 and AUROC from "
+    "logprobs; one 0/1 per example, 5 per prompt; fuzzing `default` with marks at >= 0.3 x max",
+}
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -150,12 +160,81 @@ class JudgeSuiteConfig(_Frozen):
     n_positive: int = Field(default=5, ge=1, description="Detection: activating examples.")
     n_negative: int = Field(default=5, ge=1, description="Detection: non-activating examples.")
     n_fuzz_examples: int = Field(default=6, ge=2, description="Fuzzing: examples per trial.")
+    positives: Literal["quantiles", "top_and_reservoir"] = Field(
+        default="quantiles",
+        description="Detection/fuzzing positives: 'quantiles' bins the reservoir (uniform over "
+        "all firings) into n_quantiles bins, top-K only in the top bin (delphi); "
+        "'top_and_reservoir' spreads over the pooled top-K and reservoir (before #15).",
+    )
+    n_quantiles: int = Field(
+        default=10, ge=1, description="Activation quantile bins of positives (delphi's default)."
+    )
+    negatives: Literal["random", "similar_density"] = Field(
+        default="random",
+        description="Detection negatives: 'random' windows of any component's reservoir, "
+        "weighted by firing count (delphi's default); 'similar_density' windows of components "
+        "within density_tolerance of the target's density. Both checked not to fire.",
+    )
+    window: Literal["as_recorded", "prefer_alone", "widen"] = Field(
+        default="as_recorded",
+        description="Positives whose firing the window alone does not reproduce: show as "
+        "recorded, prefer others in the same bin, or widen the left context (bounded).",
+    )
+    max_widen_tokens: int = Field(
+        default=64, ge=1, description="window='widen': at most this many tokens of left context."
+    )
     label_model: str | None = Field(
         default=None, description="Detection/fuzzing: use labels by this autointerp model only."
     )
     force: bool = Field(
         default=False, description="Judge again the trials a previous run already judged."
     )
+    convention: JudgeConvention = Field(
+        default="spd-host",
+        description="Detection/fuzzing: whose definitions (docs/evals.md); sets the defaults "
+        "of the five options below.",
+    )
+    prompt_form: Literal["select", "binary"] | None = Field(
+        default=None,
+        description="select: name every positive example; binary: one 0/1 per example "
+        "(delphi). Default: binary under delphi, else select.",
+    )
+    n_examples_shown: int | None = Field(
+        default=None,
+        ge=1,
+        description="Ask each component's examples, pooled over its trials and shuffled, this "
+        "many per prompt (delphi's n_examples_shown); None: one prompt per trial. Default: 5 "
+        "under delphi.",
+    )
+    logprobs: bool | None = Field(
+        default=None,
+        description="Binary form: ask the provider for logprobs for P(1) and AUROC. Default: "
+        "on under delphi.",
+    )
+    top_logprobs: int = Field(default=5, ge=1, le=20, description="Alternatives per token.")
+    fuzz_type: Literal["spd-host", "default", "active"] | None = Field(
+        default=None,
+        description="Fuzzing: spd-host (half of the activating examples mis-marked), delphi's "
+        "default (non-activating windows with random marks) or active (activating examples "
+        "shown twice, once mis-marked). Default: default under delphi.",
+    )
+    mark_rule: Literal["firing", "delphi"] | None = Field(
+        default=None,
+        description="Fuzzing marks: firing (the recorded firings) or delphi (activation >= "
+        "mark_fraction x the example's max). Default: delphi under delphi.",
+    )
+    mark_fraction: float = Field(default=0.3, gt=0, le=1, description="delphi mark rule.")
+
+    def judge_style(self) -> dict[str, Any]:
+        """The five convention-dependent options with their defaults filled in."""
+        delphi = self.convention == "delphi"
+        return {
+            "prompt_form": self.prompt_form or ("binary" if delphi else "select"),
+            "n_examples_shown": self.n_examples_shown or (5 if delphi else None),
+            "logprobs": delphi if self.logprobs is None else self.logprobs,
+            "fuzz_type": self.fuzz_type or ("default" if delphi else "spd-host"),
+            "mark_rule": self.mark_rule or ("delphi" if delphi else "firing"),
+        }
 
     def llm(self) -> Any:
         from spd_host.autointerp.config import AutointerpConfig

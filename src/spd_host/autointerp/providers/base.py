@@ -147,14 +147,15 @@ class CompletionRequest:
     #: "label": the answer is a :class:`LabelAnswer`; "object": any JSON object matching
     #: ``schema``, returned decoded in ``Completion.data`` (eval judges with their own schema)
     answer_format: Literal["label", "object"] = "label"
-    #: ask for the log-probabilities of each output token and of its ``top_logprobs`` most
-    #: likely alternatives (OpenAI-compatible servers); other providers ignore it
+    # ask for per-token log-probabilities with this many alternatives per token (OpenAI
+    # ``logprobs``/``top_logprobs``); None: not asked. Providers without them ignore it.
     top_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token, its log-probability and the most likely alternatives there."""
+    """One generated token's log-probability and its most likely alternatives (the
+    OpenAI-compatible ``choices[0].logprobs.content[i]``), the generated token included."""
 
     token: str
     logprob: float
@@ -178,6 +179,7 @@ class Completion:
     data: dict[str, Any] | None = None
     #: the answer text exactly as generated, and its per-token log-probabilities when asked for
     content: str | None = None
+    # per generated token, when the request asked for them and the provider returned them
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 

@@ -6,6 +6,11 @@ prefixes of 1,024+ tokens by itself (the system message comes first, so the shar
 strategy's prompt is the prefix); the cached part is read from
 ``usage.prompt_tokens_details.cached_tokens`` and priced at the cached rate. The SDK's own retries are
 disabled; the runner retries (see :mod:`spd_host.autointerp.providers.anthropic_provider`).
+
+A request with ``top_logprobs`` set also asks for ``logprobs=True, top_logprobs=N`` (vLLM and
+most compatible servers accept the same); what comes back in ``choices[0].logprobs.content``
+is passed on as :class:`~spd_host.autointerp.providers.base.TokenLogprob` s, and a server that
+ignores the request simply yields ``Completion.logprobs = None``.
 """
 
 from __future__ import annotations
@@ -74,8 +79,10 @@ class OpenAIChatClient:
                 if self._new_limit
                 else self._sdk.omit,
                 max_tokens=self._sdk.omit if self._new_limit else request.max_output_tokens,
-                logprobs=True if request.top_logprobs else self._sdk.omit,
-                top_logprobs=request.top_logprobs or self._sdk.omit,
+                logprobs=True if request.top_logprobs is not None else self._sdk.omit,
+                top_logprobs=request.top_logprobs
+                if request.top_logprobs is not None
+                else self._sdk.omit,
             )
         except self._sdk.APIError as err:
             mapped = translate(err, self._sdk, self._provider)
@@ -108,7 +115,7 @@ class OpenAIChatClient:
             cache_read_tokens=n_cached,
             data=data,
             content=content,
-            logprobs=_logprobs(choice) if request.top_logprobs else None,
+            logprobs=_logprobs(choice) if request.top_logprobs is not None else None,
         )
 
     @property
@@ -122,17 +129,17 @@ class OpenAIChatClient:
 
 
 def _logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
-    """``choices[0].logprobs.content`` as plain tuples; ``None`` when the server sent none."""
-    items = getattr(getattr(choice, "logprobs", None), "content", None)
-    if not items:
+    """The content tokens' log-probabilities, or None where the server sent none."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
         return None
     return tuple(
         TokenLogprob(
-            token=str(it.token),
-            logprob=float(it.logprob),
-            top=tuple((str(t.token), float(t.logprob)) for t in (it.top_logprobs or ())),
+            token=str(t.token),
+            logprob=float(t.logprob),
+            top=tuple((str(a.token), float(a.logprob)) for a in (t.top_logprobs or [])),
         )
-        for it in items
+        for t in content
     )
 
 

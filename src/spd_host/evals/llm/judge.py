@@ -8,6 +8,12 @@ calls all fail is recorded as *failed*, with the error, and never scored.
 
 With the ``offline`` provider no call is made: a deterministic baseline judge answers from
 token overlap and the component's top tokens, and every result says it is a baseline.
+
+Detection and fuzzing can also be asked in delphi's form (:class:`PromptStyle`
+``form="binary"``): one 0/1 per example as a list in ``label`` (examples numbered from 0, as
+delphi numbers them, marks grouped into one ``<<span>>`` per run of marked tokens), with the
+judge's ``P(1)`` per example read from the provider's log-probabilities when asked and given
+(:mod:`spd_host.evals.llm.binary`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import random
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -27,9 +34,10 @@ from spd_host.autointerp.config import AutointerpConfig
 from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.ledger import SpendLedger
 from spd_host.autointerp.limits import CostBudget, RateLimiter, SharedPause
-from spd_host.autointerp.providers.base import ClientOptions, CompletionRequest
+from spd_host.autointerp.providers.base import ClientOptions, Completion, CompletionRequest
 from spd_host.autointerp.registry import get_provider
 from spd_host.autointerp.runner import known_secrets, resolve_pricing
+from spd_host.evals.llm.binary import p_one, parse_binary
 from spd_host.evals.llm.trials import Shown, Trial
 
 SYSTEM = (
@@ -55,19 +63,69 @@ QUESTIONS = {
     ),
 }
 
+SYSTEM_BINARY = (
+    "You are a careful judge in an interpretability experiment. You read short text excerpts "
+    "and decide, for each example in turn, 1 (yes) or 0 (no). Put ONLY a list with one 0 or 1 "
+    "per example, in the order shown, in the 'label' field, e.g. [1, 0, 1], and your brief "
+    "reasoning in 'reasoning'."
+)
 
-def render(shown: Shown, decode: Callable[[list[int]], str]) -> str:
+QUESTIONS_BINARY = {
+    "detection": (
+        'A component has been described as: "{label}". For each example, would this '
+        "component fire somewhere in it? Answer 1 if it would, 0 if not."
+    ),
+    "fuzzing": (
+        'A component has been described as: "{label}". In each example some tokens are marked '
+        "<<like this>>. For each example, are all the marked tokens ones where such a "
+        "component fires? Answer 1 if every mark is right, 0 if any is wrong."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a trial is asked: today's multi-select question (``select``) or delphi's one 0/1
+    per example (``binary``); ``top_logprobs``: ask the provider for that many alternatives
+    per generated token (binary form only, for ``P(1)``)."""
+
+    form: Literal["select", "binary"] = "select"
+    top_logprobs: int | None = None
+
+    @property
+    def binary(self) -> bool:
+        return self.form == "binary"
+
+
+def render(shown: Shown, decode: Callable[[list[int]], str], *, group: bool = False) -> str:
+    """The example's text with marked tokens in ``<<...>>``: each token alone, or (``group``,
+    delphi's ``_highlight``) one span per run of consecutive marked tokens."""
     parts = []
+    prev = False
     for tok, mark in zip(shown.tokens, shown.marks, strict=True):
         text = decode([tok])
-        parts.append(f"<<{text}>>" if mark else text)
+        if not group:
+            parts.append(f"<<{text}>>" if mark else text)
+            continue
+        if mark and not prev:
+            parts.append("<<")
+        if prev and not mark:
+            parts.append(">>")
+        parts.append(text)
+        prev = mark
+    if group and prev:
+        parts.append(">>")
     return "".join(parts).replace("\n", "\\n")
 
 
-def prompt_for(trial: Trial, decode: Callable[[list[int]], str]) -> str:
-    lines = [f"Trial {trial.trial_id}", QUESTIONS[trial.kind].format(label=trial.label or ""), ""]
-    for i, item in enumerate(trial.items, 1):
-        lines.append(f"Example {i}: {render(item, decode)}")
+def prompt_for(
+    trial: Trial, decode: Callable[[list[int]], str], style: PromptStyle | None = None
+) -> str:
+    binary = style is not None and style.binary
+    question = (QUESTIONS_BINARY if binary else QUESTIONS)[trial.kind]
+    lines = [f"Trial {trial.trial_id}", question.format(label=trial.label or ""), ""]
+    for i, item in enumerate(trial.items, 0 if binary else 1):
+        lines.append(f"Example {i}: {render(item, decode, group=binary)}")
     return "\n".join(lines)
 
 
@@ -121,6 +179,8 @@ class TrialRecord(BaseModel):
     error: str | None = None
     cost_usd: float = 0.0
     attempts: int = 0
+    n_items: int | None = None  # examples shown (so the negatives' outcomes can be counted)
+    probabilities: list[float] | None = None  # the judge's P(1) per item, from logprobs
 
 
 def baseline_answer(trial: Trial, top_tokens: set[int]) -> frozenset[int]:
@@ -155,6 +215,7 @@ async def _ajudge(
     evidence_for: Callable[[str], ComponentEvidence],
     on_record: Callable[[TrialRecord], None],
     ledger: SpendLedger | None = None,
+    style: PromptStyle | None = None,
 ) -> tuple[float, bool]:
     """Judge ``trials`` with a network provider; returns (spent USD, stopped by the cost cap).
 
@@ -191,14 +252,23 @@ async def _ajudge(
     for t in trials:
         queue.put_nowait(t)
 
+    style = style or PromptStyle()
+    binary = style.binary
+
+    def accept(c: Completion, n: int, kind: str) -> tuple[frozenset[int], list[float] | None]:
+        if binary:
+            return parse_binary(c.answer.label, n), p_one(c.logprobs, n)
+        return parse_indices(c.answer.label, n, kind), None
+
     async def one(trial: Trial) -> None:
-        prompt = prompt_for(trial, decode)
+        prompt = prompt_for(trial, decode, style)
         request = CompletionRequest(
-            system=SYSTEM,
+            system=SYSTEM_BINARY if binary else SYSTEM,
             prompt=prompt,
             schema=ANSWER_SCHEMA,
             max_output_tokens=config.max_output_tokens,
             evidence=evidence_for(trial.key),
+            top_logprobs=style.top_logprobs if binary else None,
         )
         n = len(trial.items)
         out = await call_with_retries(
@@ -206,12 +276,12 @@ async def _ajudge(
             client,
             request,
             trial.trial_id,
-            accept=lambda c: parse_indices(c.answer.label, n, trial.kind),
+            accept=lambda c: accept(c, n, trial.kind),
         )
         if not out.sent:
             return  # never sent: neither scored nor failed; a re-run picks it up
         if out.ok:
-            predicted = out.value
+            predicted, probabilities = out.value
             on_record(
                 TrialRecord(
                     trial_id=trial.trial_id,
@@ -222,6 +292,8 @@ async def _ajudge(
                     score=trial_score(trial.kind, trial.truth, predicted, n),
                     cost_usd=out.cost,
                     attempts=out.attempts,
+                    n_items=n,
+                    probabilities=probabilities,
                 )
             )
             return
@@ -234,6 +306,7 @@ async def _ajudge(
                 error=out.error or "no attempt completed",
                 cost_usd=out.cost,
                 attempts=out.attempts,
+                n_items=n,
             )
         )
 
@@ -262,6 +335,7 @@ def judge_trials(
     top_tokens: Callable[[str], set[int]],
     on_record: Callable[[TrialRecord], None],
     ledger: SpendLedger | None = None,
+    style: PromptStyle | None = None,
 ) -> tuple[float, bool, bool, str]:
     """Judge every trial; returns (spent USD, stopped by cap, baseline?, judge name)."""
     provider = get_provider(config.provider)
@@ -277,6 +351,7 @@ def judge_trials(
                     truth=sorted(t.truth),
                     predicted=sorted(predicted),
                     score=trial_score(t.kind, t.truth, predicted, len(t.items)),
+                    n_items=len(t.items),
                 )
             )
         return 0.0, False, True, f"{provider.name}/baseline-judge"
@@ -288,5 +363,7 @@ def judge_trials(
             on_record(rec)
             advance()
 
-        spent, capped = asyncio.run(_ajudge(trials, config, decode, evidence_for, record, ledger))
+        spent, capped = asyncio.run(
+            _ajudge(trials, config, decode, evidence_for, record, ledger, style)
+        )
     return spent, capped, False, f"{provider.name}/{model}"

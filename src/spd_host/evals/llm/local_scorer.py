@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from spd_host.adapter import DecompositionAdapter
 from spd_host.evals.llm.stats import auroc, mean_or_none
-from spd_host.evals.llm.windows import Setup, Window, draw_windows, prepare
+from spd_host.evals.llm.windows import Setup, Window, draw_windows, populations_of, prepare
 from spd_host.evals.results import EvalResult, package_version
 
 ScoreTexts = Callable[[str, Sequence[str]], list[float]]  # (label, window texts) -> scores
@@ -33,6 +33,7 @@ class WindowScore(BaseModel):
 
     kind: Literal["top", "quantile", "non-activating"]
     quantile: int
+    fires_alone: bool | None = None
     text: str
     score: float
 
@@ -93,6 +94,7 @@ def build_windows(
         max_tokens=config.max_example_tokens,
         n_components=config.n_components,
         seed=config.seed,
+        populations=populations_of(config),
     )
     out: dict[str, list[Window]] = {}
     skipped: dict[str, str] = {}
@@ -126,7 +128,9 @@ def component_record(
         auroc=auroc(pos, neg),
         difference=None if mp is None or mn is None else mp - mn,
         windows=[
-            WindowScore(kind=w.kind, quantile=w.quantile, text=t, score=s)
+            WindowScore(
+                kind=w.kind, quantile=w.quantile, fires_alone=w.fires_alone, text=t, score=s
+            )
             for w, t, s in zip(windows, texts, scores, strict=True)
         ],
     )
@@ -152,7 +156,7 @@ def run_local_scorer(
     windows, skipped, setup = build_windows(adapter, suite, config)
     harvest_run = str(setup.repo.run)
     fields = config.model_dump(
-        include={"n_components", "seed", "max_example_tokens", "n_activating", "n_nonactivating", "label_model"}
+        include={"n_components", "seed", "max_example_tokens", "n_activating", "n_nonactivating", "label_model", "positives", "n_quantiles", "negatives"}
     )  # fmt: skip
     blob = json.dumps([suite, model_name, harvest_run, fields, settings], sort_keys=True)
     run_key = hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -46,12 +46,6 @@ def expected_value(distribution: dict[int, float]) -> float | None:
     return math.fsum(v * p for v, p in distribution.items()) if distribution else None
 
 
-def binary_probability(alternatives: Sequence[tuple[str, float]], prefix: str = "") -> float | None:
-    """``P(1) / (P(0) + P(1))`` from one token's alternatives (delphi's detection AUROC score)."""
-    d = value_distribution(alternatives, 0, 1, prefix)
-    return d.get(1, 0.0) if d else None
-
-
 def token_offsets(tokens: Sequence[TokenLogprob], content: str) -> list[int] | None:
     """Character offset of each generated token in ``content``; ``None`` if the tokens do not
     spell ``content`` (then nothing can be aligned)."""

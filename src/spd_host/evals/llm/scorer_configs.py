@@ -27,7 +27,7 @@ class SimulationConfig(JudgeSuiteConfig):
     top_logprobs: int = Field(default=10, ge=2, le=20, description="logprobs mode: alternatives.")
     n_top: int = Field(default=2, ge=0, description="Windows from the top-activating examples.")
     n_quantile: int = Field(
-        default=4, ge=0, description="Activating windows, one per activation quantile bin."
+        default=4, ge=0, description="Activating windows drawn by activation quantile."
     )
     n_nonactivating: int = Field(
         default=2, ge=0, description="Windows on which the component does not fire (truth 0)."
@@ -50,11 +50,19 @@ class _Local(BaseModel):
     )
     max_example_tokens: int = Field(default=32, ge=4)
     n_activating: int = Field(
-        default=10, ge=1, description="Activating windows, one per activation quantile bin."
+        default=10, ge=1, description="Activating windows, drawn by activation quantile."
     )
     n_nonactivating: int = Field(
         default=10, ge=1, description="Windows on which the component does not fire."
     )
+    positives: Literal["quantiles", "top_and_reservoir"] = Field(
+        default="quantiles", description="How activating windows are drawn (see populations)."
+    )
+    n_quantiles: int = Field(default=10, ge=1, description="Activation quantile bins (delphi's).")
+    negatives: Literal["random", "similar_density"] = Field(
+        default="random", description="Where non-activating windows come from."
+    )
+    density_tolerance: float = Field(default=0.5, gt=0)
     batch_size: int = Field(default=16, ge=1)
     device: str | None = Field(default=None, description="torch device; default cuda if present.")
     force: bool = Field(default=False, description="Score again components already scored.")

@@ -39,7 +39,15 @@ from spd_host.errors import ConfigError
 from spd_host.evals.llm.logprobs import values_at
 from spd_host.evals.llm.scorer_configs import SimulationConfig
 from spd_host.evals.llm.stats import mean_or_none, pearson
-from spd_host.evals.llm.windows import MAX_LEVEL, Setup, Window, draw_windows, levels, prepare
+from spd_host.evals.llm.windows import (
+    MAX_LEVEL,
+    Setup,
+    Window,
+    draw_windows,
+    levels,
+    populations_of,
+    prepare,
+)
 from spd_host.evals.results import EvalResult, package_version
 from spd_host.locking import RunLock
 
@@ -92,6 +100,7 @@ class WindowRecord(BaseModel):
 
     kind: Literal["top", "quantile", "non-activating"]
     quantile: int
+    fires_alone: bool | None = None  # the component fires somewhere in the window run alone
     truth: list[int]
     predicted: list[float] | None = None
     correlation: float | None = None
@@ -176,6 +185,7 @@ def build_trials(
         max_tokens=config.max_example_tokens,
         n_components=config.n_components,
         seed=config.seed,
+        populations=populations_of(config),
     )
     trials: list[SimTrial] = []
     skipped: dict[str, str] = {}
@@ -305,6 +315,7 @@ def _record(
         WindowRecord(
             kind=w.kind,
             quantile=w.quantile,
+            fires_alone=w.fires_alone,
             truth=truth,
             predicted=pred,
             correlation=pearson([float(x) for x in truth], pred),
@@ -353,7 +364,8 @@ def _run_key(judge: str, harvest_run: str, config: SimulationConfig) -> str:
     fields = config.model_dump(
         include={
             "n_components", "n_trials", "seed", "max_example_tokens", "n_top", "n_quantile",
-            "n_nonactivating", "label_model", "mode", "top_logprobs",
+            "n_nonactivating", "label_model", "mode", "top_logprobs", "positives", "n_quantiles",
+            "negatives", "density_tolerance",
         }
     )  # fmt: skip
     blob = json.dumps([SUITE, judge, harvest_run, fields], sort_keys=True)
@@ -458,7 +470,9 @@ def _judge(
                 label=t.label,
                 status="failed",
                 windows=[
-                    WindowRecord(kind=w.kind, quantile=w.quantile, truth=truth)
+                    WindowRecord(
+                        kind=w.kind, quantile=w.quantile, fires_alone=w.fires_alone, truth=truth
+                    )
                     for w, truth in zip(t.windows, t.truth, strict=True)
                 ],
                 error=out.error or "no attempt completed",

@@ -1,4 +1,4 @@
-"""Score statistics shared by the judge suites: Pearson correlation and AUROC, in float64.
+"""Score statistics shared by the judge suites: Pearson correlation and AUROC.
 
 Both return ``None`` where the statistic is undefined (a constant series; one class empty),
 so a caller records "no score" instead of a NaN or a made-up zero.
@@ -29,24 +29,13 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
-    """Area under the ROC curve of a score separating ``positives`` from ``negatives``: the
-    probability that a random positive scores above a random negative, ties counting one half
-    (the Mann-Whitney U statistic over ``len(pos) * len(neg)``, as ``sklearn``'s
-    ``roc_auc_score``). ``None`` when either class is empty."""
-    if not positives or not negatives:
-        return None
-    ranked = sorted([(float(s), 1) for s in positives] + [(float(s), 0) for s in negatives])
-    rank_sum_pos = 0.0  # average 1-based ranks over tied scores
-    i = 0
-    while i < len(ranked):
-        j = i
-        while j + 1 < len(ranked) and ranked[j + 1][0] == ranked[i][0]:
-            j += 1
-        mean_rank = (i + j) / 2 + 1
-        rank_sum_pos += mean_rank * sum(lab for _, lab in ranked[i : j + 1])
-        i = j + 1
-    n_pos, n_neg = len(positives), len(negatives)
-    return (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    """AUROC of a score separating ``positives`` from ``negatives`` (ties count one half);
+    ``None`` when either class is empty. One implementation for every suite:
+    :func:`spd_host.evals.llm.scoring.auroc` (labels, scores)."""
+    from spd_host.evals.llm.scoring import auroc as auroc_of
+
+    labels = [True] * len(positives) + [False] * len(negatives)
+    return auroc_of(labels, [float(s) for s in [*positives, *negatives]])
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:

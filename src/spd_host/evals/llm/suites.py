@@ -5,6 +5,16 @@ a re-run with the same judge, harvest sub-run and trial settings reuses the tria
 judged and retries only the failed and unsent ones. A component's score is the mean over its
 successful trials; a component whose trials all failed has no score (it is counted as
 failed, never as zero).
+
+Detection and fuzzing records carry, per shown example, where it came from and whether its
+window alone reproduces the firing (``populations.ExampleOrigin``); the result reports the
+share of positives whose firing is visible and the ``ceiling`` a perfect judge answering from
+the windows as shown would reach, aggregated like ``score``.
+
+Under ``convention="delphi"`` detection and fuzzing are also scored as delphi's result analysis
+does (:mod:`spd_host.evals.llm.scoring`): the headline is the class-balanced accuracy of one
+confusion matrix pooled over every example of every component, next to F1, precision,
+recall, frequency-weighted F1 and AUROC from logprobs (``JudgeResult.delphi``).
 """
 
 from __future__ import annotations
@@ -13,18 +23,26 @@ import contextlib
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from spd_host.adapter import DecompositionAdapter, HarvestOptions, parse_component_key
 from spd_host.autointerp.ledger import SpendLedger, open_ledger
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import JudgeSuiteConfig
-from spd_host.evals.llm.judge import TrialRecord, judge_trials
+from spd_host.evals.llm.judge import PromptStyle, TrialRecord, judge_trials
+from spd_host.evals.llm.populations import (
+    ExampleOrigin,
+    PopulationOptions,
+    SequenceSource,
+    Visible,
+    trial_ceiling,
+)
+from spd_host.evals.llm.scoring import DelphiMetrics, ExampleOutcome, delphi_metrics
 from spd_host.evals.llm.trials import (
     Kind,
     Pool,
@@ -32,6 +50,7 @@ from spd_host.evals.llm.trials import (
     detection_trial,
     fuzzing_trial,
     intruder_trial,
+    rebatch,
 )
 from spd_host.evals.results import EvalResult, evals_dir, package_version
 from spd_host.locking import RunLock
@@ -44,6 +63,12 @@ class ComponentScore(BaseModel):
     score: float | None
     n_ok: int
     n_failed: int
+
+
+class SuiteTrialRecord(TrialRecord):
+    """A judged trial and, per shown example, its origin (empty for intruder trials)."""
+
+    examples: list[ExampleOrigin] = Field(default_factory=list)
 
 
 class JudgeResult(EvalResult):
@@ -61,14 +86,28 @@ class JudgeResult(EvalResult):
     spent_usd: float
     stopped_by_cost_cap: bool
     components: list[ComponentScore]
-    trials: list[TrialRecord]
+    positives_visible: float | None = None
+    """Share of shown positives whose firing the window alone shows (detection: anywhere in
+    the window; fuzzing: at the recorded firing token)."""
+    ceiling: float | None = None
+    """The score a perfect judge answering from the windows as shown would reach."""
+    trials: list[SuiteTrialRecord]
+    convention: str = "spd-host"
+    delphi: DelphiMetrics | None = None  # under convention="delphi"
 
     def table_rows(self) -> list[dict[str, Any]]:
+        extra: dict[str, Any] = {}
+        if self.delphi is not None:
+            p = self.delphi.pooled
+            extra = {"F1": p.f1_score, "weighted F1": self.delphi.weighted_f1, "AUROC": p.auc}
         return [
             {
                 "judge": self.judge + (" (BASELINE)" if self.baseline else ""),
+                "convention": self.convention,
                 "score": self.score,
+                **extra,
                 "chance": self.chance,
+                "ceiling": self.ceiling,
                 "scored": self.n_components_scored,
                 "failed trials": self.n_trials_failed,
                 "not sent": self.n_trials_not_sent,
@@ -134,6 +173,19 @@ def _firing_checker(adapter: DecompositionAdapter, threshold: float) -> Any:
     return fires
 
 
+def _sequence_source(adapter: DecompositionAdapter, repo: Any, batches: Any) -> Any:
+    """The harvest's token stream by position, or None when it is not on record."""
+    cfg = repo.config
+    if batches is None:
+        if "tokenization" not in repo.meta:  # tokens were passed in, not read by spd_host.data
+            return None
+        from spd_host.harvest.runner import dataset_batches, resolve_config
+
+        cfg = resolve_config(adapter, cfg)
+        batches = dataset_batches(adapter, cfg)
+    return SequenceSource(batches, cfg.batch_size, int(cfg.seq_len or 128))
+
+
 def _decoder(tokenizer: Any) -> Any:
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         return lambda ids: tokenizer.decode(ids)
@@ -149,16 +201,28 @@ def _run_key(suite: str, judge: str, harvest_run: str, config: JudgeSuiteConfig)
         include={
             "n_components", "n_trials", "seed", "max_example_tokens", "density_tolerance",
             "n_real", "n_positive", "n_negative", "n_fuzz_examples", "label_model",
+            "positives", "n_quantiles", "negatives", "window", "max_widen_tokens",
         }
     )  # fmt: skip
-    blob = json.dumps([suite, judge, harvest_run, trial_fields], sort_keys=True)
+    parts: list[Any] = [suite, judge, harvest_run, trial_fields]
+    style = config.judge_style()
+    if style != JudgeSuiteConfig().judge_style() or config.convention != "spd-host":
+        # keys of runs in today's defaults stay what they were (their resume keeps working)
+        parts.append([config.convention, style, config.top_logprobs, config.mark_fraction])
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_trials(
-    kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig
+    kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig, *, batches: Any = None
 ) -> tuple[list[Trial], dict[str, str], Any]:
-    """The trials a run would judge (deterministic for a seed), the skip reasons, the harvest."""
+    """The trials a run would judge (deterministic for a seed), the skip reasons, the harvest.
+
+    ``batches``: the harvest's token source (as ``run_harvest`` took it), for
+    ``window="widen"``; by default the harvest's own ``spd_host.data`` stream when it recorded
+    one.
+    """
+    style = _style_for(kind, config)
     repo = _open_harvest(adapter, config.harvest_run)
     summary = repo.summary()
     density = {c.key: c.density for c in summary}
@@ -184,6 +248,15 @@ def build_trials(
         act_type=adapter.activation_types[0],
         load_examples=load_examples,
         max_tokens=config.max_example_tokens,
+        populations=PopulationOptions(
+            positives=config.positives,
+            n_quantiles=config.n_quantiles,
+            negatives=config.negatives,
+            density_tolerance=config.density_tolerance,
+            window=config.window,
+            max_widen_tokens=config.max_widen_tokens,
+        ),
+        sequence=_sequence_source(adapter, repo, batches) if config.window == "widen" else None,
     )
     eligible = sorted(
         k for k, d in density.items() if d > 0 and (kind == "intruder" or k in labels)
@@ -212,13 +285,34 @@ def build_trials(
                 )
             else:
                 t = fuzzing_trial(
-                    pool, key, i, krng, n_examples=config.n_fuzz_examples, label=labels[key]
+                    pool,
+                    key,
+                    i,
+                    krng,
+                    n_examples=config.n_fuzz_examples,
+                    label=labels[key],
+                    fuzz_type=style["fuzz_type"],
+                    mark_rule=style["mark_rule"],
+                    mark_fraction=config.mark_fraction,
                 )
             if isinstance(t, str):
                 skipped[key] = t
                 break
             trials.append(t)
+    if kind != "intruder" and style["n_examples_shown"]:
+        trials = rebatch(trials, style["n_examples_shown"], f"{config.seed}:{kind}")
     return trials, skipped, repo
+
+
+def _style_for(kind: Kind, config: JudgeSuiteConfig) -> dict[str, Any]:
+    style = config.judge_style()
+    if kind == "intruder" and style != JudgeSuiteConfig().judge_style():
+        raise ConfigError(
+            "the intruder suite has one question and one score; --convention, --prompt-form, "
+            "--n-examples-shown, --fuzz-type and --mark-rule apply to detection and fuzzing",
+            hint="drop those options for intruder",
+        )
+    return style
 
 
 def run_judge_suite(
@@ -245,10 +339,75 @@ def run_judge_suite(
         records = dict(done)
         with path.open("a") as sink:
             spent, capped, baseline, judge = _judge_into(
-                sink, records, run_key, todo, llm, adapter, repo, ledger
+                sink, records, run_key, todo, llm, adapter, repo, ledger, _prompt_style(config)
             )
-    return _result(
+    result = _result(
         kind, adapter, config, trials, records, skipped, harvest_run, spent, capped, baseline, judge
+    )
+    if config.convention != "delphi" or kind == "intruder":
+        return result
+    return _with_delphi(result, config, {c.key: c for c in repo.summary()})
+
+
+def _prompt_style(config: JudgeSuiteConfig) -> PromptStyle:
+    style = config.judge_style()
+    binary = style["prompt_form"] == "binary"
+    return PromptStyle(
+        form=style["prompt_form"],
+        top_logprobs=config.top_logprobs if binary and style["logprobs"] else None,
+    )
+
+
+def _outcomes(records: Sequence[TrialRecord]) -> list[ExampleOutcome]:
+    """Every example of every judged trial (a failed trial's examples have no prediction)."""
+    out = []
+    for r in records:
+        if r.n_items is None:
+            raise ConfigError(
+                f"trial {r.trial_id} was stored without its example count (an older run)",
+                hint="re-run with --force to score it under the delphi convention",
+            )
+        ok = r.status == "ok" and r.predicted is not None
+        predicted = set(r.predicted or [])
+        for i in range(1, r.n_items + 1):
+            prob = r.probabilities[i - 1] if ok and r.probabilities else None
+            out.append(
+                ExampleOutcome(
+                    r.component_key, i in r.truth, (i in predicted) if ok else None, prob
+                )
+            )
+    return out
+
+
+def _with_delphi(
+    result: JudgeResult, config: JudgeSuiteConfig, summary: dict[str, Any]
+) -> JudgeResult:
+    """The result with delphi's pooled figures, its headline their class-balanced accuracy."""
+    metrics = delphi_metrics(
+        _outcomes(result.trials),
+        {k: c.site for k, c in summary.items()},
+        {k: int(c.firing_count) for k, c in summary.items()},
+    )
+    style = config.judge_style()
+    ok = [r for r in result.trials if r.status == "ok"]
+    with_p = sum(1 for r in ok if r.probabilities is not None)
+    notes = list(result.notes)
+    if style["prompt_form"] != "binary":
+        notes.append("AUROC not computed: it needs one 0/1 per example (--prompt-form binary)")
+    elif not style["logprobs"]:
+        notes.append("AUROC not computed: logprobs were not requested (--logprobs)")
+    elif ok and with_p == 0:
+        notes.append("AUROC not computed: the judge returned no usable logprobs")
+    elif with_p < len(ok):
+        notes.append(f"AUROC over the {with_p} of {len(ok)} judged prompts that had logprobs")
+    pooled = metrics.pooled
+    return result.model_copy(
+        update={
+            "convention": "delphi",
+            "delphi": metrics,
+            "notes": notes,
+            "score": pooled.accuracy if pooled.total_examples else None,
+        }
     )
 
 
@@ -261,9 +420,9 @@ def _ledger(path: Path) -> Iterator[SpendLedger]:
         conn.close()
 
 
-def _done_trials(path: Path, run_key: str) -> dict[str, TrialRecord]:
+def _done_trials(path: Path, run_key: str) -> dict[str, SuiteTrialRecord]:
     """Trials of this run key already judged ok (a line cut short by a kill is skipped)."""
-    done: dict[str, TrialRecord] = {}
+    done: dict[str, SuiteTrialRecord] = {}
     if not path.is_file():
         return done
     for line in path.read_text().splitlines():
@@ -272,7 +431,7 @@ def _done_trials(path: Path, run_key: str) -> dict[str, TrialRecord]:
         except json.JSONDecodeError:
             continue
         if row.get("run_key") == run_key:
-            rec = TrialRecord.model_validate(row["record"])
+            rec = SuiteTrialRecord.model_validate(row["record"])
             if rec.status == "ok" or rec.trial_id not in done:
                 done[rec.trial_id] = rec
     return {k: v for k, v in done.items() if v.status == "ok"}
@@ -280,17 +439,21 @@ def _done_trials(path: Path, run_key: str) -> dict[str, TrialRecord]:
 
 def _judge_into(
     sink: Any,
-    records: dict[str, TrialRecord],
+    records: dict[str, SuiteTrialRecord],
     run_key: str,
     todo: list[Trial],
     llm: Any,
     adapter: DecompositionAdapter,
     repo: Any,
     ledger: SpendLedger,
+    style: PromptStyle | None = None,
 ) -> tuple[float, bool, bool, str]:
     from spd_host.autointerp.evidence import ComponentEvidence
 
-    def on_record(rec: TrialRecord) -> None:
+    origins = {t.trial_id: t.extras.get("examples", []) for t in todo}
+
+    def on_record(plain: TrialRecord) -> None:
+        rec = SuiteTrialRecord(**plain.model_dump(), examples=origins.get(plain.trial_id, []))
         records[rec.trial_id] = rec
         sink.write(json.dumps({"run_key": run_key, "record": rec.model_dump(mode="json")}) + "\n")
         sink.flush()
@@ -322,7 +485,36 @@ def _judge_into(
         top_tokens=top_tokens,
         on_record=on_record,
         ledger=ledger,
+        style=style,
     )
+
+
+def _ceiling(
+    kind: Kind, trials: list[Trial], scored: set[str]
+) -> tuple[float | None, float | None]:
+    """Share of shown positives whose firing is visible, and the perfect-judge score,
+    aggregated like ``score`` (trial -> component mean -> mean over scored components)."""
+    if kind == "intruder":
+        return None, None
+    visible: Visible = "any" if kind == "detection" else "centre"
+    per_key: dict[str, list[float]] = {}
+    seen: list[bool] = []
+    for t in trials:
+        if t.key not in scored:
+            continue
+        origins = t.extras.get("examples", [])
+        c = trial_ceiling(origins, visible)
+        if c is not None:
+            per_key.setdefault(t.key, []).append(c)
+        seen += [
+            bool(o.fires_alone if visible == "any" else o.centre_fires_alone)
+            for o in origins
+            if o.role == "positive"
+        ]
+    if not per_key:
+        return None, None
+    means = [sum(v) / len(v) for v in per_key.values()]
+    return sum(seen) / len(seen), sum(means) / len(means)
 
 
 def _result(
@@ -330,7 +522,7 @@ def _result(
     adapter: DecompositionAdapter,
     config: JudgeSuiteConfig,
     trials: list[Trial],
-    records: dict[str, TrialRecord],
+    records: dict[str, SuiteTrialRecord],
     skipped: dict[str, str],
     harvest_run: str,
     spent: float,
@@ -355,6 +547,7 @@ def _result(
             )
         )
     scored = [c.score for c in comps if c.score is not None]
+    visible_share, ceiling = _ceiling(kind, trials, {c.key for c in comps if c.score is not None})
     notes = []
     if baseline:
         notes.append("offline BASELINE judge (token overlap / top tokens), not an LLM")
@@ -383,5 +576,7 @@ def _result(
         spent_usd=spent,
         stopped_by_cost_cap=capped,
         components=comps,
+        positives_visible=visible_share,
+        ceiling=ceiling,
         trials=final,
     )

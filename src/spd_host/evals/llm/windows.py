@@ -1,10 +1,10 @@
 """The windows the simulation, embedding and surprisal scorers show: which, and their truth.
 
 Per component (delphi's populations): windows from the top-activating examples, activating
-windows drawn one per activation-quantile bin from all recorded examples, and windows on
-which the component does not fire at all (checked by running the method's HarvestFn on the
-window as shown; their true activation is 0 everywhere, as delphi's). Windows are cut around
-the recorded firing centre.
+windows drawn by activation quantile and windows on which the component does not fire at all
+(checked by running the method's HarvestFn on the window as shown; their true activation is 0
+everywhere, as delphi's), both through :mod:`spd_host.evals.llm.populations`. Windows are
+cut around the recorded firing centre.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from spd_host.adapter import DecompositionAdapter
 from spd_host.errors import ResultsNotFoundError
-from spd_host.evals.llm.trials import Pool, spread
+from spd_host.evals.llm.populations import PopulationOptions
+from spd_host.evals.llm.trials import Pool
 
 WindowKind = Literal["top", "quantile", "non-activating"]
 MAX_LEVEL = 10
@@ -28,7 +29,8 @@ class Window:
     tokens: tuple[int, ...]
     activations: tuple[float, ...]  # raw, of the adapter's first activation type; 0 for negatives
     kind: WindowKind
-    quantile: int  # activating: its bin (0 = lowest; top windows: n_quantile); else -1
+    quantile: int  # activating: its bin (0 = lowest; top windows: n_quantiles); else -1
+    fires_alone: bool | None = None  # the target fires somewhere in the window run alone
 
     @property
     def activating(self) -> bool:
@@ -66,31 +68,33 @@ def draw_windows(
     n_nonactivating: int,
     top_examples: Sequence[Any],
 ) -> list[Window] | str:
-    """The windows of one trial of ``key``, or why none can be drawn."""
-    examples = pool.examples[key]
-    if not examples:
+    """The windows of one trial of ``key``, or why none can be drawn: ``n_top`` top-activating
+    examples, ``n_quantile`` positives and ``n_nonactivating`` negatives drawn as the pool's
+    population options say (:func:`spd_host.evals.llm.populations.draw_positives` /
+    ``draw_negatives``: positives by activation quantile of the reservoir, negatives that
+    never fire), shuffled."""
+    from spd_host.evals.llm.populations import draw_negatives, draw_positives
+
+    if not pool.examples[key]:
         return "no examples"
     act = pool.act_type
     out: list[Window] = []
     seen: set[tuple[int, ...]] = set()
     for ex in rng.sample(list(top_examples), min(n_top, len(top_examples))):
-        w = cut_window(ex, pool.max_tokens, act, "top", n_quantile)
+        w = cut_window(ex, pool.max_tokens, act, "top", pool.populations.n_quantiles)
         if w.tokens not in seen:
             seen.add(w.tokens)
             out.append(w)
-    # spread returns one example per equal bin of increasing peak activation, in bin order
-    for q, ex in enumerate(spread(examples, n_quantile, rng, act)):
-        w = cut_window(ex, pool.max_tokens, act, "quantile", q)
-        if w.tokens not in seen:
-            seen.add(w.tokens)
-            out.append(w)
-    negatives = 0
-    for _ in range(n_nonactivating):
-        shown = pool.negative(key, pool.others(key), rng)
-        if shown is not None and shown.tokens not in seen:
-            seen.add(shown.tokens)
-            out.append(Window(shown.tokens, (0.0,) * len(shown.tokens), "non-activating", -1))
-            negatives += 1
+    for d in draw_positives(pool, key, n_quantile, rng) if n_quantile else []:
+        if d.shown.tokens in seen:
+            continue
+        seen.add(d.shown.tokens)
+        b = -1 if d.origin.bin is None else d.origin.bin
+        out.append(Window(d.shown.tokens, d.acts, "quantile", b, d.origin.fires_alone))
+    negatives = draw_negatives(pool, key, n_nonactivating, rng) if n_nonactivating else []
+    for d in negatives:
+        zeros = (0.0,) * len(d.shown.tokens)
+        out.append(Window(d.shown.tokens, zeros, "non-activating", -1, False))
     if n_nonactivating and not negatives:
         return "no window found on which it does not fire"
     rng.shuffle(out)
@@ -115,6 +119,7 @@ def prepare(
     adapter: DecompositionAdapter,
     suite: str,
     *,
+    populations: Any = None,
     harvest_run: str | None,
     label_model: str | None,
     max_tokens: int,
@@ -147,6 +152,7 @@ def prepare(
         act_type=act_type,
         load_examples=lambda k: [*detail(k).top_examples, *detail(k).reservoir_examples],
         max_tokens=max_tokens,
+        populations=populations or PopulationOptions(),
     )
     eligible = sorted(c.key for c in summary if c.density > 0 and c.key in labels)
     random.Random(seed).shuffle(eligible)
@@ -162,3 +168,9 @@ def prepare(
         max_activation=lambda k: max_activation(pool.examples[k], act_type),
         top_examples=lambda k: list(detail(k).top_examples),
     )
+
+
+def populations_of(config: Any) -> PopulationOptions:
+    """The population options a scorer config carries (defaults for the fields it lacks)."""
+    fields = ("positives", "n_quantiles", "negatives", "density_tolerance")
+    return PopulationOptions(**{f: getattr(config, f) for f in fields if hasattr(config, f)})

@@ -248,3 +248,47 @@ def test_logprobs_mode_needs_a_provider_with_logprobs(harvested: str) -> None:
     _write_labels(harvested)
     with pytest.raises(ConfigError, match="logprobs"):
         run_suite("simulation", harvested, SimulationConfig(provider="anthropic", mode="logprobs"))
+
+
+def test_expected_values_from_tokens_with_a_prefix_and_split_numbers() -> None:
+    """A number inside a token (":3") is read against alternatives with the same prefix; a
+    number split over two tokens ("1" "0") is not read (None); alternatives outside 0-10 and
+    non-numbers are ignored and the rest renormalised."""
+    from spd_host.autointerp.providers.base import TokenLogprob
+    from spd_host.evals.llm.logprobs import values_at
+    from spd_host.evals.llm.simulation import number_spans
+
+    content = '{"activations":[3,1' + "0]}"
+    lp = math.log
+    tokens = [
+        TokenLogprob('{"activations', 0.0),
+        TokenLogprob('":[', 0.0),
+        TokenLogprob(
+            "3", lp(0.5), (("3", lp(0.5)), ("4", lp(0.25)), ("12", lp(0.1)), ("x", lp(0.15)))
+        ),
+        TokenLogprob(",1", lp(0.6), ((",1", lp(0.6)), (",2", lp(0.2)), ("1", lp(0.2)))),
+        TokenLogprob("0", 0.0),
+        TokenLogprob("]}", 0.0),
+    ]
+    spans = number_spans(content)
+    assert spans == [[(16, 17), (18, 20)]]
+    got = values_at(tokens, content, spans[0], 0, 10)
+    assert got[0] == pytest.approx((3 * 0.5 + 4 * 0.25) / 0.75, abs=1e-12)
+    assert got[1] is None  # "10" spans ",1" + "0"
+    one = values_at(
+        [*tokens[:4], TokenLogprob("]}", 0.0)], '{"activations":[3,1]}', [(18, 19)], 0, 10
+    )
+    assert one[0] == pytest.approx((1 * 0.6 + 2 * 0.2) / 0.8, abs=1e-12)  # prefix "," kept
+
+
+def test_a_relabelled_component_is_simulated_again(harvested: str) -> None:
+    from tests.evals.test_local_scorers import _write
+
+    _write_labels(harvested)
+    config = SimulationConfig(provider="offline", n_components=3)
+    first = run_suite("simulation", harvested, config)
+    _write(harvested, {first.components[0].key: "a new label"})
+    second = run_suite("simulation", harvested, config)
+    relabelled = [t for t in second.trials if t.component_key == first.components[0].key]
+    assert relabelled and all(t.label == "a new label" for t in relabelled)
+    assert all(t.label != "a new label" for t in second.trials if t not in relabelled)

@@ -23,8 +23,11 @@ from spd_host.cli.eval_cmd import (
     MaxConcurrent,
     Model,
     NComponents,
+    Negatives,
     NoCostCap,
+    NQuantiles,
     NTrials,
+    Positives,
     Provider,
     Timeout,
     eval_app,
@@ -71,6 +74,9 @@ def simulation(
     n_trials: NTrials = None,
     n_nonactivating: NNon = None,
     max_example_tokens: MaxTokens = None,
+    positives: Positives = None,
+    n_quantiles: NQuantiles = None,
+    negatives: Negatives = None,
     harvest_run: HarvestRun = None,
     label_model: LabelModel = None,
     force: Force = False,
@@ -85,7 +91,8 @@ def simulation(
         "no_cost_cap": no_cost_cap, "timeout_s": timeout, "max_attempts": max_attempts,
         "n_components": n_components, "n_trials": n_trials, "n_nonactivating": n_nonactivating,
         "max_example_tokens": max_example_tokens, "harvest_run": harvest_run,
-        "label_model": label_model, "force": force,
+        "label_model": label_model, "force": force, "positives": positives,
+        "n_quantiles": n_quantiles, "negatives": negatives,
     }  # fmt: skip
     run_many(["simulation"], ids, options, json_out=json_out, wandb=False, wandb_project="")
 
@@ -98,6 +105,9 @@ def _local_command(suite: str, doc: str) -> None:
         n_activating: NActivating = None,
         n_nonactivating: NNon = None,
         max_example_tokens: MaxTokens = None,
+        positives: Positives = None,
+        n_quantiles: NQuantiles = None,
+        negatives: Negatives = None,
         batch_size: LocalBatch = None,
         device: Device = None,
         harvest_run: HarvestRun = None,
@@ -111,7 +121,8 @@ def _local_command(suite: str, doc: str) -> None:
             "model": model, "n_components": n_components, "n_activating": n_activating,
             "n_nonactivating": n_nonactivating, "max_example_tokens": max_example_tokens,
             "batch_size": batch_size, "device": device, "harvest_run": harvest_run,
-            "label_model": label_model, "force": force,
+            "label_model": label_model, "force": force, "positives": positives,
+            "n_quantiles": n_quantiles, "negatives": negatives,
         }  # fmt: skip
         run_many([suite], ids, options, json_out=json_out, wandb=False, wandb_project="")
 

@@ -82,11 +82,8 @@ def window_text(w: Window, decode: Callable[[list[int]], str]) -> str:
     return "".join(decode([t]) for t in w.tokens)
 
 
-def build_windows(
-    adapter: DecompositionAdapter, suite: str, config: Any
-) -> tuple[dict[str, list[Window]], dict[str, str], Setup]:
-    """Each component's windows (deterministic for a seed), skip reasons, the setup."""
-    setup = prepare(
+def scorer_setup(adapter: DecompositionAdapter, suite: str, config: Any) -> Setup:
+    return prepare(
         adapter,
         suite,
         harvest_run=config.harvest_run,
@@ -96,18 +93,30 @@ def build_windows(
         seed=config.seed,
         populations=populations_of(config),
     )
+
+
+def draw_for(setup: Setup, suite: str, key: str, config: Any) -> list[Window] | str:
+    """One component's windows (deterministic for a seed and key), or why none."""
+    return draw_windows(
+        setup.pool,
+        key,
+        random.Random(f"{config.seed}:{suite}:{key}"),
+        n_top=0,
+        n_quantile=config.n_activating,
+        n_nonactivating=config.n_nonactivating,
+        top_examples=[],
+    )
+
+
+def build_windows(
+    adapter: DecompositionAdapter, suite: str, config: Any
+) -> tuple[dict[str, list[Window]], dict[str, str], Setup]:
+    """Every chosen component's windows, the skip reasons, the setup (what a run would score)."""
+    setup = scorer_setup(adapter, suite, config)
     out: dict[str, list[Window]] = {}
     skipped: dict[str, str] = {}
     for key in setup.chosen:
-        drawn = draw_windows(
-            setup.pool,
-            key,
-            random.Random(f"{config.seed}:{suite}:{key}"),
-            n_top=0,
-            n_quantile=config.n_activating,
-            n_nonactivating=config.n_nonactivating,
-            top_examples=[],
-        )
+        drawn = draw_for(setup, suite, key, config)
         if isinstance(drawn, str):
             skipped[key] = drawn
         else:
@@ -153,7 +162,7 @@ def run_local_scorer(
     from spd_host.locking import RunLock
     from spd_host.plugins import get_host
 
-    windows, skipped, setup = build_windows(adapter, suite, config)
+    setup = scorer_setup(adapter, suite, config)
     harvest_run = str(setup.repo.run)
     fields = config.model_dump(
         include={"n_components", "seed", "max_example_tokens", "n_activating", "n_nonactivating", "label_model", "positives", "n_quantiles", "negatives"}
@@ -162,23 +171,27 @@ def run_local_scorer(
     run_key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     storage_key = get_host().parse_id(adapter.decomposition_id).storage_key
     log = TrialLog(storage_key, suite, run_key, ComponentRecord)
+    skipped: dict[str, str] = {}
     with RunLock(log.lock_path, f"{suite} eval of {adapter.decomposition_id}"):
         # a record is reused only for the label it scored (a relabelled component is redone)
         done = {} if config.force else log.done()
         records = {k: r for k, r in done.items() if r.label == setup.labels.get(k)}
-        todo = [k for k in windows if k not in records]
+        todo = [k for k in setup.chosen if k not in records]
         if todo:
             score_texts = make_scorer()
             with log.sink() as write:
+                # windows are drawn per component as it is scored: a killed run keeps its work
                 for key in todo:
+                    drawn = draw_for(setup, suite, key, config)
+                    if isinstance(drawn, str):
+                        skipped[key] = drawn
+                        continue
                     label = setup.labels[key]
-                    texts = [window_text(w, setup.decode) for w in windows[key]]
-                    rec = component_record(
-                        key, label, windows[key], texts, score_texts(label, texts)
-                    )
+                    texts = [window_text(w, setup.decode) for w in drawn]
+                    rec = component_record(key, label, drawn, texts, score_texts(label, texts))
                     records[key] = rec
                     write(rec)
-    comps = [records[k] for k in windows if k in records]
+    comps = [records[k] for k in setup.chosen if k in records]
     all_notes = list(notes)
     if setup.baseline_labels:
         all_notes.append("scored labels include offline BASELINE labels, not an LLM's")
@@ -194,7 +207,7 @@ def run_local_scorer(
         baseline=baseline,
         score=mean_or_none([c.auroc for c in comps]),
         mean_difference=mean_or_none([c.difference for c in comps]),
-        n_components=len(windows) + len(skipped),
+        n_components=len(setup.chosen),
         n_components_scored=sum(c.auroc is not None for c in comps),
         skipped=skipped,
         components=comps,

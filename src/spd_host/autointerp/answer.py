@@ -102,3 +102,41 @@ def _strip_fences(text: str) -> str:
         if t.rstrip().endswith("```"):
             t = t.rstrip()[:-3]
     return t.strip()
+
+
+#: the ``LabelAnswer`` placed in a completion whose request asked for any JSON object
+#: (``answer_format="object"``): the answer itself is in ``Completion.data``
+OBJECT_ANSWER = LabelAnswer(
+    label="(a JSON object: see Completion.data)", confidence="low", reasoning=""
+)
+
+
+def parse_object(payload: str | dict[str, Any], *, truncated: bool = False) -> dict[str, Any]:
+    """Any JSON object (a string or already decoded), strictly: truncated, non-JSON or
+    non-object answers raise :class:`MalformedAnswerError`; the caller validates its fields."""
+    if truncated:
+        raise MalformedAnswerError(
+            "the answer was cut off at the output-token limit",
+            hint="raise --max-output-tokens",
+        )
+    obj: Any = payload
+    if isinstance(payload, str):
+        try:
+            obj = json.loads(_strip_fences(payload))
+        except json.JSONDecodeError as err:
+            raise MalformedAnswerError(
+                f"the answer is not JSON ({err.msg} at char {err.pos}): {payload[:120]!r}"
+            ) from None
+    if not isinstance(obj, dict):
+        raise MalformedAnswerError(f"the answer is JSON but not an object: {str(obj)[:120]!r}")
+    return obj
+
+
+def parse_reply(
+    payload: str | dict[str, Any], *, truncated: bool, answer_format: str
+) -> tuple[LabelAnswer, dict[str, Any] | None]:
+    """What a client returns for a request of ``answer_format``: ``(label answer, None)`` for
+    the label schema, ``(OBJECT_ANSWER, the decoded object)`` for ``"object"``."""
+    if answer_format == "object":
+        return OBJECT_ANSWER, parse_object(payload, truncated=truncated)
+    return parse_answer(payload, truncated=truncated), None

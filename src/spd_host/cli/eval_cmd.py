@@ -594,3 +594,7 @@ def run_all(
         wandb_project=wandb_project,
         wandb_run=wandb_run_fields(wandb_name, wandb_group, wandb_tags, wandb_entity),
     )
+
+
+# the delphi scorers register their commands on eval_app
+from spd_host.cli import scorer_cmds as _scorer_cmds  # noqa: E402, F401

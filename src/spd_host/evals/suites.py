@@ -73,4 +73,6 @@ FUZZING = EvalSuite(
 
 
 def builtin_suites() -> list[EvalSuite]:
-    return [FIDELITY, INTRUDER, DETECTION, FUZZING]
+    from spd_host.evals.llm.scorer_suites import SCORER_SUITES
+
+    return [FIDELITY, INTRUDER, DETECTION, FUZZING, *SCORER_SUITES]

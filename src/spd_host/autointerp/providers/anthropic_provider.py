@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.answer import MalformedAnswerError, parse_reply
 from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
@@ -57,7 +57,7 @@ class AnthropicClient:
             raise TransientError(
                 f"{self._provider}: the server answered without a message: {str(message)[:200]!r}"
             )
-        return parse_message(message)
+        return parse_message(message, answer_format=request.answer_format)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -85,7 +85,7 @@ def message_params(model: str, request: CompletionRequest) -> dict[str, Any]:
     return params
 
 
-def parse_message(message: Any) -> Completion:
+def parse_message(message: Any, *, answer_format: str = "label") -> Completion:
     """A completion from a Messages API ``Message`` (a synchronous answer or a batch result);
     raises ``MalformedAnswerError`` carrying the raw message and its billed usage."""
     usage = getattr(message, "usage", None)
@@ -106,11 +106,12 @@ def parse_message(message: Any) -> Completion:
         texts = [str(getattr(b, "text", "")) for b in blocks if getattr(b, "type", None) == "text"]
         payload = "".join(texts)
     try:
-        answer = parse_answer(payload, truncated=truncated)
+        answer, data = parse_reply(payload, truncated=truncated, answer_format=answer_format)
     except MalformedAnswerError as err:
         raise err.with_response(raw, n_in, n_out) from None
     return Completion(
         answer=answer,
+        data=data,
         raw=raw,
         input_tokens=n_in,
         output_tokens=n_out,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -144,6 +144,9 @@ class CompletionRequest:
     schema: Mapping[str, Any]
     max_output_tokens: int
     evidence: ComponentEvidence
+    #: "label": the answer is a :class:`LabelAnswer`; "object": any JSON object matching
+    #: ``schema``, returned decoded in ``Completion.data`` (eval judges with their own schema)
+    answer_format: Literal["label", "object"] = "label"
     # ask for per-token log-probabilities with this many alternatives per token (OpenAI
     # ``logprobs``/``top_logprobs``); None: not asked. Providers without them ignore it.
     top_logprobs: int | None = None
@@ -171,6 +174,11 @@ class Completion:
     output_tokens: int
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    #: the decoded JSON answer of an ``answer_format="object"`` request (``answer`` is then
+    #: :data:`~spd_host.autointerp.answer.OBJECT_ANSWER`)
+    data: dict[str, Any] | None = None
+    #: the answer text exactly as generated, and its per-token log-probabilities when asked for
+    content: str | None = None
     # per generated token, when the request asked for them and the provider returned them
     logprobs: tuple[TokenLogprob, ...] | None = None
 

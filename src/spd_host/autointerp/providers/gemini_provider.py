@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.answer import MalformedAnswerError, parse_reply
 from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
@@ -88,11 +88,16 @@ class GeminiClient:
             ).with_response(raw, n_in, n_out)
         finish = str(getattr(candidates[0], "finish_reason", "") or "")
         try:
-            answer = parse_answer(response.text or "", truncated=finish.endswith("MAX_TOKENS"))
+            answer, data = parse_reply(
+                response.text or "",
+                truncated=finish.endswith("MAX_TOKENS"),
+                answer_format=request.answer_format,
+            )
         except MalformedAnswerError as err:
             raise err.with_response(raw, n_in, n_out) from None
         return Completion(
             answer=answer,
+            data=data,
             raw=raw,
             input_tokens=n_in,
             output_tokens=n_out,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spd_host.autointerp.answer import MalformedAnswerError, parse_answer
+from spd_host.autointerp.answer import MalformedAnswerError, parse_reply
 from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
@@ -70,7 +70,7 @@ class OpenAIChatClient:
             raise TransientError(
                 f"{self._provider}: the server answered without choices: {str(response)[:200]!r}"
             )
-        return parse_chat(response)
+        return parse_chat(response, answer_format=request.answer_format)
 
     @property
     def _new_limit(self) -> bool:
@@ -122,7 +122,7 @@ def chat_body(model: str, request: CompletionRequest, *, new_limit: bool) -> dic
     return body
 
 
-def parse_chat(response: Any) -> Completion:
+def parse_chat(response: Any, *, answer_format: str = "label") -> Completion:
     """A completion from a ``ChatCompletion`` (a synchronous answer or a batch output line's
     body); raises ``MalformedAnswerError`` carrying the raw response and its billed usage."""
     usage = getattr(response, "usage", None)
@@ -136,7 +136,9 @@ def parse_chat(response: Any) -> Completion:
     choice = response.choices[0]
     content = choice.message.content or ""
     try:
-        answer = parse_answer(content, truncated=choice.finish_reason == "length")
+        answer, data = parse_reply(
+            content, truncated=choice.finish_reason == "length", answer_format=answer_format
+        )
     except MalformedAnswerError as err:
         raise err.with_response(raw, n_in, n_out) from None
     return Completion(
@@ -145,6 +147,8 @@ def parse_chat(response: Any) -> Completion:
         input_tokens=n_in,
         output_tokens=n_out,
         cache_read_tokens=n_cached,
+        data=data,
+        content=content,
         logprobs=_logprobs(choice),  # None where the server sent none
     )
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,13 +17,17 @@ import torch
 WORDS = ["the", "a", "cat", "dog", "label", "of", "mlp", "description", "text", "baseline"]
 
 
-def build_embedder(path: Path, *, hidden: int = 16, seed: int = 0) -> Path:
+def build_embedder(
+    path: Path, *, hidden: int = 16, seed: int = 0, words: Sequence[str] = WORDS
+) -> Path:
+    """``words`` are whole-word entries of the WordPiece vocabulary (besides single characters)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,:;'\"!?-_()[]/")
-    vocab = {t: i for i, t in enumerate(specials + WORDS + chars + [f"##{c}" for c in chars])}
+    entries = dict.fromkeys([*specials, *words, *chars, *(f"##{c}" for c in chars)])
+    vocab = {t: i for i, t in enumerate(entries)}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

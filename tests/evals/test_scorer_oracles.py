@@ -345,10 +345,13 @@ def _embedding_reference(label: str, text: str) -> float:
     return counts[TOPIC_NAMES.index(label)] / norm if norm else 0.0
 
 
+@pytest.mark.slow  # sentence-transformers' import and five model loads
 def test_embedding_oracle_labels_score_one_random_labels_chance(
     topics_harvest: str, tmp_path: Path
 ) -> None:
-    pytest.importorskip("sentence_transformers")
+    from spd_host.evals.llm.embedding import _hf_encoder
+
+    # through sentence-transformers when installed (the dev extra), else plain transformers
     emb_dir = build_topic_embedder(tmp_path / "topic-embedder")
     assert {"modules.json", "1_Pooling", "model.safetensors", "tokenizer.json"} <= {
         p.name for p in emb_dir.iterdir()
@@ -369,6 +372,13 @@ def test_embedding_oracle_labels_score_one_random_labels_chance(
         for w in c.windows:
             assert w.score == pytest.approx(_embedding_reference(c.label, w.text), abs=1e-5)
     assert oracle.score > 0.95 and all(c.auroc > 0.9 for c in oracle.components)
+    # the plain-transformers path (mean pooling over the mask) embeds the same
+    c = oracle.components[0]
+    emb = _hf_encoder(emb_dir, 4, "cpu")(
+        [EmbeddingConfig().query_prefix + c.label, *(w.text for w in c.windows)]
+    )
+    sims = torch.nn.functional.cosine_similarity(emb[:1].double(), emb[1:].double(), dim=-1)
+    assert sims.tolist() == pytest.approx([w.score for w in c.windows], abs=1e-5)
 
     rand = []
     for seed in (1, 2, 3):

@@ -394,7 +394,8 @@ def run_simulation(adapter: DecompositionAdapter, config: SimulationConfig) -> S
     trials, skipped, setup = build_trials(adapter, config)
     harvest_run = str(setup.repo.run)
     storage_key = get_host().parse_id(adapter.decomposition_id).storage_key
-    log = TrialLog(storage_key, SUITE, _run_key(judge, harvest_run, config), SimulationRecord)
+    run_key = _run_key(judge, harvest_run, config)
+    log = TrialLog(storage_key, SUITE, run_key, SimulationRecord)
     lock = RunLock(log.lock_path, f"{SUITE} eval of {adapter.decomposition_id}")
     spent, capped = 0.0, False
     with lock, open_ledger_at(log.ledger_path) as ledger:
@@ -414,7 +415,7 @@ def run_simulation(adapter: DecompositionAdapter, config: SimulationConfig) -> S
                     top = {s.token for s in setup.repo.token_stats(t.key, "input", top=10).top_pmi}
                     keep(_record(t, baseline_prediction(t, top), None))
             else:
-                spent, capped = _judge(todo, config, setup, adapter, keep, ledger)
+                spent, capped = _judge(todo, config, setup, adapter, keep, ledger, run_key)
     return _result(adapter, config, trials, records, skipped, harvest_run, judge, provider.baseline, setup, spent, capped)  # fmt: skip
 
 
@@ -425,8 +426,11 @@ def _judge(
     adapter: DecompositionAdapter,
     keep: Any,
     ledger: Any,
+    run_key: str,
 ) -> tuple[float, bool]:
-    from spd_host.evals.llm.requests import send_all
+    """Judge ``todo`` through the shared request loop (synchronous, or ``--batch`` through
+    the provider's batch API, resumable under the suite's run key)."""
+    from spd_host.evals.llm.requests import scope_of, send_all
 
     summary = {c.key: c for c in setup.repo.summary()}
     sites = {s.name: s for s in adapter.sites}
@@ -489,6 +493,7 @@ def _judge(
         accept=accept,
         on_outcome=on_outcome,
         ledger=ledger,
+        batch_scope=scope_of(SUITE, config.llm(), run_key),
     )
 
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError
-from spd_host.autointerp.batch.base import BatchCounts, BatchStatus, ItemResult
+from spd_host.autointerp.batch.base import AnswerFormat, BatchCounts, BatchStatus, ItemResult
 from spd_host.autointerp.providers.anthropic_provider import message_params, parse_message
 from spd_host.autointerp.providers.base import ClientOptions, Provider, read_api_key
 from spd_host.autointerp.providers.sdk_errors import translate
@@ -99,10 +99,12 @@ class AnthropicBatchClient:
             ),
         )
 
-    async def results(self, batch_id: str) -> AsyncIterator[ItemResult]:
+    async def results(
+        self, batch_id: str, answer_format: AnswerFormat = "label"
+    ) -> AsyncIterator[ItemResult]:
         stream = await self._call(self._client.messages.batches.results(batch_id))
         async for entry in stream:
-            yield _result(entry)
+            yield _result(entry, answer_format)
 
     async def cancel(self, batch_id: str) -> None:
         await self._call(self._client.messages.batches.cancel(batch_id))
@@ -111,13 +113,17 @@ class AnthropicBatchClient:
         await self._client.close()
 
 
-def _result(entry: Any) -> ItemResult:
+def _result(entry: Any, answer_format: AnswerFormat = "label") -> ItemResult:
     cid = str(entry.custom_id)
     result = entry.result
     kind = getattr(result, "type", None)
     if kind == "succeeded":
         try:
-            return ItemResult(cid, "succeeded", completion=parse_message(result.message))
+            return ItemResult(
+                cid,
+                "succeeded",
+                completion=parse_message(result.message, answer_format=answer_format),
+            )
         except MalformedAnswerError as err:
             return ItemResult(
                 cid,

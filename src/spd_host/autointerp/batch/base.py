@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from spd_host.autointerp.providers.base import Completion, CompletionRequest
 
+AnswerFormat = Literal["label", "object"]
+
 Outcome = Literal["succeeded", "malformed", "errored", "expired", "canceled"]
 """One request's end: ``succeeded`` (a valid answer), ``malformed`` (answered, and billed,
 but not with a valid label), ``errored`` (the provider refused or failed it), ``expired`` (the
@@ -88,8 +90,11 @@ class BatchClient(Protocol):
 
     async def status(self, batch_id: str) -> BatchStatus: ...
 
-    def results(self, batch_id: str) -> AsyncIterator[ItemResult]:
-        """Every result of an ended batch (in any order)."""
+    def results(
+        self, batch_id: str, answer_format: AnswerFormat = "label"
+    ) -> AsyncIterator[ItemResult]:
+        """Every result of an ended batch (in any order), answers parsed as ``answer_format``
+        (the label schema, or a suite's own JSON object) as the synchronous client would."""
         ...
 
     async def cancel(self, batch_id: str) -> None: ...

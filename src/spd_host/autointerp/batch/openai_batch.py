@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
 from spd_host.autointerp.answer import MalformedAnswerError
-from spd_host.autointerp.batch.base import BatchCounts, BatchStatus, ItemResult
+from spd_host.autointerp.batch.base import AnswerFormat, BatchCounts, BatchStatus, ItemResult
 from spd_host.autointerp.providers.base import ClientOptions, Provider, read_api_key
 from spd_host.autointerp.providers.openai_provider import chat_body, parse_chat
 from spd_host.autointerp.providers.sdk_errors import translate
@@ -124,7 +124,9 @@ class OpenAIBatchClient:
         content = await self._call(self._client.files.content(file_id))
         return (json.loads(x) for x in content.text.splitlines() if x.strip())
 
-    async def results(self, batch_id: str) -> AsyncIterator[ItemResult]:
+    async def results(
+        self, batch_id: str, answer_format: AnswerFormat = "label"
+    ) -> AsyncIterator[ItemResult]:
         b = await self._call(self._client.batches.retrieve(batch_id))
         if b.status == "failed":
             errs = [f"{e.code}: {e.message}" for e in ((b.errors and b.errors.data) or [])]
@@ -133,9 +135,9 @@ class OpenAIBatchClient:
             )
             return
         for line in await self._lines(b.output_file_id):
-            yield _result(line)
+            yield _result(line, answer_format)
         for line in await self._lines(b.error_file_id):
-            yield _result(line)
+            yield _result(line, answer_format)
         if b.status in ("expired", "cancelled"):
             yield ItemResult(
                 "*",
@@ -150,7 +152,7 @@ class OpenAIBatchClient:
         await self._client.close()
 
 
-def _result(line: dict[str, Any]) -> ItemResult:
+def _result(line: dict[str, Any], answer_format: AnswerFormat = "label") -> ItemResult:
     """One output- or error-file line."""
     from openai.types.chat import ChatCompletion
 
@@ -171,7 +173,7 @@ def _result(line: dict[str, Any]) -> ItemResult:
         text = json.dumps(body)[:500] if body is not None else ""
         return ItemResult(cid, "errored", error=f"openai: HTTP {status}: {text}", raw=text or None)
     try:
-        completion = parse_chat(ChatCompletion.model_validate(body))
+        completion = parse_chat(ChatCompletion.model_validate(body), answer_format=answer_format)
     except MalformedAnswerError as err:
         return ItemResult(
             cid,

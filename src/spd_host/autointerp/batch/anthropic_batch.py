@@ -22,41 +22,28 @@ from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError
 from spd_host.autointerp.batch.base import AnswerFormat, BatchCounts, BatchStatus, ItemResult
-from spd_host.autointerp.providers.anthropic_provider import message_params, parse_message
-from spd_host.autointerp.providers.base import ClientOptions, Provider, read_api_key
-from spd_host.autointerp.providers.sdk_errors import translate
+from spd_host.autointerp.batch.sdk_client import SdkBatchClient
+from spd_host.autointerp.providers.anthropic_provider import (
+    async_client,
+    message_params,
+    parse_message,
+)
+from spd_host.autointerp.providers.base import ClientOptions, Provider
 from spd_host.errors import ConfigError
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
-class AnthropicBatchClient:
+class AnthropicBatchClient(SdkBatchClient):
     provider = "anthropic"
     max_requests = 100_000
     max_bytes = 256_000_000
 
     def __init__(self, provider: Provider, options: ClientOptions) -> None:
-        import anthropic
-
-        self._sdk = anthropic
-        self.provider = provider.name
-        self._model = options.model
-        self._client = anthropic.AsyncAnthropic(
-            api_key=read_api_key(provider, options),
-            base_url=options.base_url or provider.default_base_url,
-            timeout=options.timeout_s,
-            max_retries=0,
-        )
+        super().__init__(provider.name, options.model, *async_client(provider, options))
 
     def line(self, custom_id: str, request: Any) -> dict[str, Any]:
         return {"custom_id": custom_id, "params": message_params(self._model, request)}
-
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except self._sdk.APIError as err:
-            mapped = translate(err, self._sdk, self.provider)
-            raise (mapped or err) from err
 
     async def submit(self, local_id: str, lines: Sequence[dict[str, Any]]) -> str:
         batch = await self._call(self._client.messages.batches.create(requests=list(lines)))  # type: ignore[arg-type]
@@ -108,9 +95,6 @@ class AnthropicBatchClient:
 
     async def cancel(self, batch_id: str) -> None:
         await self._call(self._client.messages.batches.cancel(batch_id))
-
-    async def aclose(self) -> None:
-        await self._client.close()
 
 
 def _result(entry: Any, answer_format: AnswerFormat = "label") -> ItemResult:

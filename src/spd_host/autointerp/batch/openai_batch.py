@@ -27,32 +27,23 @@ from typing import Any, Literal
 
 from spd_host.autointerp.answer import MalformedAnswerError
 from spd_host.autointerp.batch.base import AnswerFormat, BatchCounts, BatchStatus, ItemResult
-from spd_host.autointerp.providers.base import ClientOptions, Provider, read_api_key
-from spd_host.autointerp.providers.openai_provider import chat_body, parse_chat
-from spd_host.autointerp.providers.sdk_errors import translate
+from spd_host.autointerp.batch.sdk_client import SdkBatchClient
+from spd_host.autointerp.providers.base import ClientOptions, Provider
+from spd_host.autointerp.providers.openai_provider import async_client, chat_body, parse_chat
 
 ENDPOINT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 META_KEY = "spd_host_batch"
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
-class OpenAIBatchClient:
+class OpenAIBatchClient(SdkBatchClient):
     provider = "openai"
     max_requests = 50_000
     max_bytes = 200_000_000
 
     def __init__(self, provider: Provider, options: ClientOptions) -> None:
-        import openai
-
-        self._sdk = openai
-        self.provider = provider.name
-        self._model = options.model
-        self._client = openai.AsyncOpenAI(
-            api_key=read_api_key(provider, options) or "not-needed",
-            base_url=options.base_url or provider.default_base_url,
-            timeout=options.timeout_s,
-            max_retries=0,
-        )
+        base_url = options.base_url or provider.default_base_url
+        super().__init__(provider.name, options.model, *async_client(provider, options, base_url))
         self._ids: dict[str, set[str]] = {}  # batch id -> its custom ids (for missing lines)
 
     def line(self, custom_id: str, request: Any) -> dict[str, Any]:
@@ -62,13 +53,6 @@ class OpenAIBatchClient:
             "url": ENDPOINT,
             "body": chat_body(self._model, request, new_limit=True),
         }
-
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except self._sdk.APIError as err:
-            mapped = translate(err, self._sdk, self.provider)
-            raise (mapped or err) from err
 
     async def submit(self, local_id: str, lines: Sequence[dict[str, Any]]) -> str:
         # spooled to a temporary file and streamed from it: up to 200 MB of JSONL is not
@@ -147,9 +131,6 @@ class OpenAIBatchClient:
 
     async def cancel(self, batch_id: str) -> None:
         await self._call(self._client.batches.cancel(batch_id))
-
-    async def aclose(self) -> None:
-        await self._client.close()
 
 
 def _result(line: dict[str, Any], answer_format: AnswerFormat = "label") -> ItemResult:

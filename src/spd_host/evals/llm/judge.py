@@ -34,7 +34,7 @@ from spd_host.autointerp.ledger import SpendLedger
 from spd_host.autointerp.providers.base import Completion, CompletionRequest
 from spd_host.autointerp.registry import get_provider
 from spd_host.evals.llm.binary import p_one, parse_binary
-from spd_host.evals.llm.requests import arun_requests, scope_of
+from spd_host.evals.llm.requests import Calls, arun_requests, scope_of
 from spd_host.evals.llm.trials import Shown, Trial
 
 SYSTEM = (
@@ -223,15 +223,14 @@ async def _ajudge(
     provider's batch API (:mod:`spd_host.autointerp.batch`), resumable by ``batch_scope``.
     """
     judge_style = style or PromptStyle()
-    return await arun_requests(
-        trials,
-        config,
+    calls: Calls[Trial] = Calls(
         item_id=lambda t: t.trial_id,
         make_request=lambda t: _request_for(t, config, decode, evidence_for, judge_style),
         accept=lambda t, c: _accept(c, len(t.items), t.kind, judge_style),
         on_outcome=lambda t, out: _record_outcome(t, out, on_record),
-        ledger=ledger,
-        batch_scope=scope_of("judge", config, batch_scope),
+    )
+    return await arun_requests(
+        trials, config, calls, ledger, scope_of("judge", config, batch_scope)
     )
 
 

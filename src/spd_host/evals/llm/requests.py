@@ -18,7 +18,8 @@ import asyncio
 import random
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from spd_host.autointerp.calls import Gates, Outcome, call_with_retries
 from spd_host.autointerp.config import AutointerpConfig
@@ -31,28 +32,33 @@ from spd_host.autointerp.runner import known_secrets, resolve_pricing
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Calls(Generic[T]):
+    """How a suite asks about its items: ``item_id`` (unique, the batch custom id),
+    ``make_request`` (the same bytes on the sync and the batch path), ``accept(item,
+    completion)`` (the answer as the item's value; raising ``MalformedAnswerError`` retries it,
+    or fails it on the batch path) and ``on_outcome`` (every sent item's outcome)."""
+
+    item_id: Callable[[T], str]
+    make_request: Callable[[T], CompletionRequest]
+    accept: Callable[[T, Completion], Any]
+    on_outcome: Callable[[T, Outcome], None]
+
+
 async def arun_requests(
     items: Sequence[T],
     config: AutointerpConfig,
-    *,
-    item_id: Callable[[T], str],
-    make_request: Callable[[T], CompletionRequest],
-    accept: Callable[[T, Completion], Any],
-    on_outcome: Callable[[T, Outcome], None],
+    calls: Calls[T],
     ledger: SpendLedger | None = None,
     batch_scope: str = "",
 ) -> tuple[float, bool]:
     """Judge every item; returns (spent USD, stopped by the cost cap).
 
-    ``accept(item, completion)`` turns an answer into the item's value (raising
-    ``MalformedAnswerError`` retries it, or fails it on the batch path); ``on_outcome``
-    receives every sent item's outcome. ``batch_scope`` names the batch state (suite, judge
-    and run key) that a resumed ``config.batch`` run polls instead of resubmitting.
+    ``batch_scope`` names the batch state (suite, judge and run key) that a resumed
+    ``config.batch`` run polls instead of resubmitting.
     """
     if config.batch:
-        return await _arun_batch(
-            items, config, item_id, make_request, accept, on_outcome, ledger, batch_scope
-        )
+        return await _arun_batch(items, config, calls, ledger, batch_scope)
     provider = get_provider(config.provider)
     model = config.model or provider.default_model
     pricing = resolve_pricing(provider, model, config)
@@ -92,12 +98,12 @@ async def arun_requests(
             out = await call_with_retries(
                 gates,
                 client,
-                make_request(item),
-                item_id(item),
-                accept=lambda c, item=item: accept(item, c),  # type: ignore[misc]
+                calls.make_request(item),
+                calls.item_id(item),
+                accept=lambda c, item=item: calls.accept(item, c),  # type: ignore[misc]
             )
             if out.sent:
-                on_outcome(item, out)
+                calls.on_outcome(item, out)
 
     try:
         n = min(config.max_concurrent, max(1, len(items)))
@@ -110,10 +116,7 @@ async def arun_requests(
 async def _arun_batch(
     items: Sequence[T],
     config: AutointerpConfig,
-    item_id: Callable[[T], str],
-    make_request: Callable[[T], CompletionRequest],
-    accept: Callable[[T, Completion], Any],
-    on_outcome: Callable[[T, Outcome], None],
+    calls: Calls[T],
     ledger: SpendLedger | None,
     batch_scope: str,
 ) -> tuple[float, bool]:
@@ -126,16 +129,16 @@ async def _arun_batch(
 
     provider = get_provider(config.provider)
     model = config.model or provider.default_model
-    by_id = {item_id(it): it for it in items}
-    requests = [(key, make_request(it)) for key, it in by_id.items()]
+    by_id = {calls.item_id(it): it for it in items}
+    requests = [(key, calls.make_request(it)) for key, it in by_id.items()]
 
     def accept_by_id(key: str, c: Completion) -> Any:
         it = by_id.get(key)
-        return accept(it, c) if it is not None else None
+        return calls.accept(it, c) if it is not None else None
 
     def on_done(key: str, out: Outcome) -> None:
         if key in by_id:
-            on_outcome(by_id[key], out)
+            calls.on_outcome(by_id[key], out)
 
     spent, capped, _fatal = await call_in_batches(
         batch_scope, provider, model, config, ledger, requests, on_done,
@@ -153,11 +156,7 @@ def scope_of(suite: str, config: AutointerpConfig, run_key: str) -> str:
 def send_all(
     items: Sequence[T],
     config: AutointerpConfig,
-    *,
-    item_id: Callable[[T], str],
-    make_request: Callable[[T], CompletionRequest],
-    accept: Callable[[T, Completion], Any],
-    on_outcome: Callable[[T, Outcome], None],
+    calls: Calls[T],
     ledger: SpendLedger | None = None,
     batch_scope: str = "",
 ) -> tuple[float, bool]:
@@ -169,12 +168,8 @@ def send_all(
     with progress_bar(f"judging with {provider.name}/{model}", total=len(items)) as advance:
 
         def record(item: T, out: Outcome) -> None:
-            on_outcome(item, out)
+            calls.on_outcome(item, out)
             advance()
 
-        return asyncio.run(
-            arun_requests(
-                items, config, item_id=item_id, make_request=make_request, accept=accept,
-                on_outcome=record, ledger=ledger, batch_scope=batch_scope,
-            )
-        )  # fmt: skip
+        counted = replace(calls, on_outcome=record)
+        return asyncio.run(arun_requests(items, config, counted, ledger, batch_scope))

@@ -37,6 +37,7 @@ from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.providers.base import Completion, CompletionRequest
 from spd_host.errors import ConfigError
 from spd_host.evals.llm.logprobs import values_at
+from spd_host.evals.llm.records import result_header
 from spd_host.evals.llm.scorer_configs import SimulationConfig
 from spd_host.evals.llm.stats import mean_or_none, pearson
 from spd_host.evals.llm.windows import (
@@ -48,7 +49,7 @@ from spd_host.evals.llm.windows import (
     populations_of,
     prepare,
 )
-from spd_host.evals.results import EvalResult, package_version
+from spd_host.evals.results import EvalResult
 from spd_host.locking import RunLock
 
 SUITE: Literal["simulation"] = "simulation"
@@ -430,7 +431,7 @@ def _judge(
 ) -> tuple[float, bool]:
     """Judge ``todo`` through the shared request loop (synchronous, or ``--batch`` through
     the provider's batch API, resumable under the suite's run key)."""
-    from spd_host.evals.llm.requests import scope_of, send_all
+    from spd_host.evals.llm.requests import Calls, scope_of, send_all
 
     summary = {c.key: c for c in setup.repo.summary()}
     sites = {s.name: s for s in adapter.sites}
@@ -485,16 +486,10 @@ def _judge(
             )
         )
 
-    return send_all(
-        todo,
-        config.llm(),
-        item_id=lambda t: t.trial_id,
-        make_request=request,
-        accept=accept,
-        on_outcome=on_outcome,
-        ledger=ledger,
-        batch_scope=scope_of(SUITE, config.llm(), run_key),
+    calls = Calls(
+        item_id=lambda t: t.trial_id, make_request=request, accept=accept, on_outcome=on_outcome
     )
+    return send_all(todo, config.llm(), calls, ledger, scope_of(SUITE, config.llm(), run_key))
 
 
 def _result(
@@ -527,12 +522,7 @@ def _result(
         notes.append(f"logprobs mode: {n_fallback} values read from the text (no logprobs there)")
     return SimulationResult(
         suite=SUITE,
-        decomposition_id=adapter.decomposition_id,
-        method=adapter.method.name,
-        package_version=package_version(),
-        config=config.model_dump(mode="json"),
-        harvest_run=harvest_run,
-        notes=notes,
+        **result_header(adapter, config, harvest_run, notes),
         judge=judge,
         baseline=baseline,
         mode=config.mode,

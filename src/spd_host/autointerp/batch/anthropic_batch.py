@@ -109,14 +109,7 @@ def _result(entry: Any, answer_format: AnswerFormat = "label") -> ItemResult:
                 completion=parse_message(result.message, answer_format=answer_format),
             )
         except MalformedAnswerError as err:
-            return ItemResult(
-                cid,
-                "malformed",
-                error=f"malformed answer: {err.message}",
-                raw=err.raw,
-                input_tokens=err.input_tokens,
-                output_tokens=err.output_tokens,
-            )
+            return ItemResult.malformed(cid, err)
     if kind == "errored":
         inner = getattr(getattr(result, "error", None), "error", None)
         what = f"{getattr(inner, 'type', 'error')}: {getattr(inner, 'message', '')}"

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from spd_host.autointerp.answer import MalformedAnswerError
 from spd_host.autointerp.providers.base import Completion, CompletionRequest
 
 AnswerFormat = Literal["label", "object"]
@@ -60,6 +61,18 @@ class ItemResult:
     raw: str | None = None
     input_tokens: int = 0  # billed usage of a malformed answer (a completion carries its own)
     output_tokens: int = 0
+
+    @classmethod
+    def malformed(cls, custom_id: str, err: MalformedAnswerError) -> ItemResult:
+        """An answer that came back (and was billed) but did not parse: its usage is kept."""
+        return cls(
+            custom_id,
+            "malformed",
+            error=f"malformed answer: {err.message}",
+            raw=err.raw,
+            input_tokens=err.input_tokens,
+            output_tokens=err.output_tokens,
+        )
 
 
 class BatchClient(Protocol):

@@ -156,14 +156,7 @@ def _result(line: dict[str, Any], answer_format: AnswerFormat = "label") -> Item
     try:
         completion = parse_chat(ChatCompletion.model_validate(body), answer_format=answer_format)
     except MalformedAnswerError as err:
-        return ItemResult(
-            cid,
-            "malformed",
-            error=f"malformed answer: {err.message}",
-            raw=err.raw,
-            input_tokens=err.input_tokens,
-            output_tokens=err.output_tokens,
-        )
+        return ItemResult.malformed(cid, err)
     except Exception as err:  # a body that is not a chat completion
         return ItemResult(
             cid, "malformed", error=f"malformed answer: {type(err).__name__}", raw=json.dumps(body)

@@ -13,6 +13,7 @@ import typer
 from spd_host.cli.common import BaseModelOpt, handles_errors, use_base_model
 from spd_host.cli.eval_cmd import (
     BaseUrl,
+    Batch,
     CostCap,
     Force,
     HarvestRun,
@@ -27,6 +28,7 @@ from spd_host.cli.eval_cmd import (
     NoCostCap,
     NQuantiles,
     NTrials,
+    PollInterval,
     Positives,
     Provider,
     Timeout,
@@ -80,6 +82,8 @@ def simulation(
     harvest_run: HarvestRun = None,
     label_model: LabelModel = None,
     force: Force = False,
+    batch: Batch = False,
+    poll_interval: PollInterval = None,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
 ) -> None:
@@ -92,7 +96,8 @@ def simulation(
         "n_components": n_components, "n_trials": n_trials, "n_nonactivating": n_nonactivating,
         "max_example_tokens": max_example_tokens, "harvest_run": harvest_run,
         "label_model": label_model, "force": force, "positives": positives,
-        "n_quantiles": n_quantiles, "negatives": negatives,
+        "n_quantiles": n_quantiles, "negatives": negatives, "batch": batch or None,
+        "poll_interval_s": poll_interval,
     }  # fmt: skip
     run_many(["simulation"], ids, options, json_out=json_out, wandb=False, wandb_project="")
 

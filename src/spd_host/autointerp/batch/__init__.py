@@ -5,6 +5,7 @@
 - :mod:`.table`: the batch state committed to the label store (or an eval suite's ledger file)
   before anything waits on a provider;
 - :mod:`.engine`: chunking, submission under the cost cap, polling, resume, collection;
-- :mod:`.labels`: autointerp labels through the engine; the LLM judges use it from
-  :mod:`spd_host.evals.llm.judge`.
+- :mod:`.labels`: autointerp labels through the engine; :mod:`.calls`: the eval suites'
+  requests through it, from the one request loop :mod:`spd_host.evals.llm.requests`;
+- :mod:`.sdk_client`: the SDK client and error mapping both wire-format clients share.
 """

@@ -21,42 +21,29 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError
-from spd_host.autointerp.batch.base import BatchCounts, BatchStatus, ItemResult
-from spd_host.autointerp.providers.anthropic_provider import message_params, parse_message
-from spd_host.autointerp.providers.base import ClientOptions, Provider, read_api_key
-from spd_host.autointerp.providers.sdk_errors import translate
+from spd_host.autointerp.batch.base import AnswerFormat, BatchCounts, BatchStatus, ItemResult
+from spd_host.autointerp.batch.sdk_client import SdkBatchClient
+from spd_host.autointerp.providers.anthropic_provider import (
+    async_client,
+    message_params,
+    parse_message,
+)
+from spd_host.autointerp.providers.base import ClientOptions, Provider
 from spd_host.errors import ConfigError
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
-class AnthropicBatchClient:
+class AnthropicBatchClient(SdkBatchClient):
     provider = "anthropic"
     max_requests = 100_000
     max_bytes = 256_000_000
 
     def __init__(self, provider: Provider, options: ClientOptions) -> None:
-        import anthropic
-
-        self._sdk = anthropic
-        self.provider = provider.name
-        self._model = options.model
-        self._client = anthropic.AsyncAnthropic(
-            api_key=read_api_key(provider, options),
-            base_url=options.base_url or provider.default_base_url,
-            timeout=options.timeout_s,
-            max_retries=0,
-        )
+        super().__init__(provider.name, options.model, *async_client(provider, options))
 
     def line(self, custom_id: str, request: Any) -> dict[str, Any]:
         return {"custom_id": custom_id, "params": message_params(self._model, request)}
-
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except self._sdk.APIError as err:
-            mapped = translate(err, self._sdk, self.provider)
-            raise (mapped or err) from err
 
     async def submit(self, local_id: str, lines: Sequence[dict[str, Any]]) -> str:
         batch = await self._call(self._client.messages.batches.create(requests=list(lines)))  # type: ignore[arg-type]
@@ -99,34 +86,30 @@ class AnthropicBatchClient:
             ),
         )
 
-    async def results(self, batch_id: str) -> AsyncIterator[ItemResult]:
+    async def results(
+        self, batch_id: str, answer_format: AnswerFormat = "label"
+    ) -> AsyncIterator[ItemResult]:
         stream = await self._call(self._client.messages.batches.results(batch_id))
         async for entry in stream:
-            yield _result(entry)
+            yield _result(entry, answer_format)
 
     async def cancel(self, batch_id: str) -> None:
         await self._call(self._client.messages.batches.cancel(batch_id))
 
-    async def aclose(self) -> None:
-        await self._client.close()
 
-
-def _result(entry: Any) -> ItemResult:
+def _result(entry: Any, answer_format: AnswerFormat = "label") -> ItemResult:
     cid = str(entry.custom_id)
     result = entry.result
     kind = getattr(result, "type", None)
     if kind == "succeeded":
         try:
-            return ItemResult(cid, "succeeded", completion=parse_message(result.message))
-        except MalformedAnswerError as err:
             return ItemResult(
                 cid,
-                "malformed",
-                error=f"malformed answer: {err.message}",
-                raw=err.raw,
-                input_tokens=err.input_tokens,
-                output_tokens=err.output_tokens,
+                "succeeded",
+                completion=parse_message(result.message, answer_format=answer_format),
             )
+        except MalformedAnswerError as err:
+            return ItemResult.malformed(cid, err)
     if kind == "errored":
         inner = getattr(getattr(result, "error", None), "error", None)
         what = f"{getattr(inner, 'type', 'error')}: {getattr(inner, 'message', '')}"

@@ -16,7 +16,10 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from spd_host.autointerp.answer import MalformedAnswerError
 from spd_host.autointerp.providers.base import Completion, CompletionRequest
+
+AnswerFormat = Literal["label", "object"]
 
 Outcome = Literal["succeeded", "malformed", "errored", "expired", "canceled"]
 """One request's end: ``succeeded`` (a valid answer), ``malformed`` (answered, and billed,
@@ -59,6 +62,18 @@ class ItemResult:
     input_tokens: int = 0  # billed usage of a malformed answer (a completion carries its own)
     output_tokens: int = 0
 
+    @classmethod
+    def malformed(cls, custom_id: str, err: MalformedAnswerError) -> ItemResult:
+        """An answer that came back (and was billed) but did not parse: its usage is kept."""
+        return cls(
+            custom_id,
+            "malformed",
+            error=f"malformed answer: {err.message}",
+            raw=err.raw,
+            input_tokens=err.input_tokens,
+            output_tokens=err.output_tokens,
+        )
+
 
 class BatchClient(Protocol):
     """One provider's batch API. Errors are the provider taxonomy
@@ -88,8 +103,11 @@ class BatchClient(Protocol):
 
     async def status(self, batch_id: str) -> BatchStatus: ...
 
-    def results(self, batch_id: str) -> AsyncIterator[ItemResult]:
-        """Every result of an ended batch (in any order)."""
+    def results(
+        self, batch_id: str, answer_format: AnswerFormat = "label"
+    ) -> AsyncIterator[ItemResult]:
+        """Every result of an ended batch (in any order), answers parsed as ``answer_format``
+        (the label schema, or a suite's own JSON object) as the synchronous client would."""
         ...
 
     async def cancel(self, batch_id: str) -> None: ...

@@ -44,9 +44,16 @@ async def call_in_batches(
             hint="run through `spd-host eval`, which keeps one per suite",
         )
     requests = dict(items)
+    formats = {r.answer_format for r in requests.values()}
+    if len(formats) > 1:
+        raise ConfigError(
+            f"one batch scope ({scope!r}) asks for answers in {sorted(formats)}",
+            hint="send each answer format under its own scope",
+        )
     job = make_job(
         scope, provider, model, config, BatchTable(ledger.connection), ledger, secrets or []
     )
+    job.answer_format = formats.pop() if formats else "label"
 
     def on_result(item: str, result: ItemResult, cost: float) -> None:
         out = Outcome(attempts=1, cost=cost, raw=result.raw, error=result.error or "")

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from spd_host.autointerp.batch.base import BatchClient, BatchCounts, ItemResult
+from spd_host.autointerp.batch.base import AnswerFormat, BatchClient, BatchCounts, ItemResult
 from spd_host.autointerp.batch.table import BatchRow, BatchTable
 from spd_host.autointerp.cost import estimate_cost, estimate_prompt_tokens
 from spd_host.autointerp.ledger import SpendLedger, now_iso
@@ -95,6 +95,8 @@ class BatchJob:
     backoff_max_s: float = 60.0
     secrets: list[str] = field(default_factory=list)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
+    answer_format: AnswerFormat = "label"
+    """How every answer of this scope is parsed (one scope, one request kind)."""
 
 
 ResultSink = Callable[[str, ItemResult, float], None]
@@ -279,7 +281,7 @@ async def run_batches(
                 progress.errored += 1
 
         wildcard: ItemResult | None = None
-        async for result in job.client.results(row.provider_batch_id):
+        async for result in job.client.results(row.provider_batch_id, job.answer_format):
             if result.custom_id == "*":
                 wildcard = result
                 continue

@@ -26,33 +26,24 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
 from spd_host.autointerp.answer import MalformedAnswerError
-from spd_host.autointerp.batch.base import BatchCounts, BatchStatus, ItemResult
-from spd_host.autointerp.providers.base import ClientOptions, Provider, read_api_key
-from spd_host.autointerp.providers.openai_provider import chat_body, parse_chat
-from spd_host.autointerp.providers.sdk_errors import translate
+from spd_host.autointerp.batch.base import AnswerFormat, BatchCounts, BatchStatus, ItemResult
+from spd_host.autointerp.batch.sdk_client import SdkBatchClient
+from spd_host.autointerp.providers.base import ClientOptions, Provider
+from spd_host.autointerp.providers.openai_provider import async_client, chat_body, parse_chat
 
 ENDPOINT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 META_KEY = "spd_host_batch"
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
-class OpenAIBatchClient:
+class OpenAIBatchClient(SdkBatchClient):
     provider = "openai"
     max_requests = 50_000
     max_bytes = 200_000_000
 
     def __init__(self, provider: Provider, options: ClientOptions) -> None:
-        import openai
-
-        self._sdk = openai
-        self.provider = provider.name
-        self._model = options.model
-        self._client = openai.AsyncOpenAI(
-            api_key=read_api_key(provider, options) or "not-needed",
-            base_url=options.base_url or provider.default_base_url,
-            timeout=options.timeout_s,
-            max_retries=0,
-        )
+        base_url = options.base_url or provider.default_base_url
+        super().__init__(provider.name, options.model, *async_client(provider, options, base_url))
         self._ids: dict[str, set[str]] = {}  # batch id -> its custom ids (for missing lines)
 
     def line(self, custom_id: str, request: Any) -> dict[str, Any]:
@@ -62,13 +53,6 @@ class OpenAIBatchClient:
             "url": ENDPOINT,
             "body": chat_body(self._model, request, new_limit=True),
         }
-
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except self._sdk.APIError as err:
-            mapped = translate(err, self._sdk, self.provider)
-            raise (mapped or err) from err
 
     async def submit(self, local_id: str, lines: Sequence[dict[str, Any]]) -> str:
         # spooled to a temporary file and streamed from it: up to 200 MB of JSONL is not
@@ -124,7 +108,9 @@ class OpenAIBatchClient:
         content = await self._call(self._client.files.content(file_id))
         return (json.loads(x) for x in content.text.splitlines() if x.strip())
 
-    async def results(self, batch_id: str) -> AsyncIterator[ItemResult]:
+    async def results(
+        self, batch_id: str, answer_format: AnswerFormat = "label"
+    ) -> AsyncIterator[ItemResult]:
         b = await self._call(self._client.batches.retrieve(batch_id))
         if b.status == "failed":
             errs = [f"{e.code}: {e.message}" for e in ((b.errors and b.errors.data) or [])]
@@ -133,9 +119,9 @@ class OpenAIBatchClient:
             )
             return
         for line in await self._lines(b.output_file_id):
-            yield _result(line)
+            yield _result(line, answer_format)
         for line in await self._lines(b.error_file_id):
-            yield _result(line)
+            yield _result(line, answer_format)
         if b.status in ("expired", "cancelled"):
             yield ItemResult(
                 "*",
@@ -146,11 +132,8 @@ class OpenAIBatchClient:
     async def cancel(self, batch_id: str) -> None:
         await self._call(self._client.batches.cancel(batch_id))
 
-    async def aclose(self) -> None:
-        await self._client.close()
 
-
-def _result(line: dict[str, Any]) -> ItemResult:
+def _result(line: dict[str, Any], answer_format: AnswerFormat = "label") -> ItemResult:
     """One output- or error-file line."""
     from openai.types.chat import ChatCompletion
 
@@ -171,16 +154,9 @@ def _result(line: dict[str, Any]) -> ItemResult:
         text = json.dumps(body)[:500] if body is not None else ""
         return ItemResult(cid, "errored", error=f"openai: HTTP {status}: {text}", raw=text or None)
     try:
-        completion = parse_chat(ChatCompletion.model_validate(body))
+        completion = parse_chat(ChatCompletion.model_validate(body), answer_format=answer_format)
     except MalformedAnswerError as err:
-        return ItemResult(
-            cid,
-            "malformed",
-            error=f"malformed answer: {err.message}",
-            raw=err.raw,
-            input_tokens=err.input_tokens,
-            output_tokens=err.output_tokens,
-        )
+        return ItemResult.malformed(cid, err)
     except Exception as err:  # a body that is not a chat completion
         return ItemResult(
             cid, "malformed", error=f"malformed answer: {type(err).__name__}", raw=json.dumps(body)

@@ -32,19 +32,25 @@ TOOL_NAME = "record_component_label"
 PRICING = provider_pricing("anthropic")
 
 
+def async_client(provider: Provider, options: ClientOptions) -> tuple[Any, Any]:
+    """The ``anthropic`` SDK module and an async client for ``options`` (no SDK retries: the
+    gates retry), shared by the synchronous and the batch client."""
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(
+        api_key=read_api_key(provider, options),
+        base_url=options.base_url or provider.default_base_url,
+        timeout=options.timeout_s,
+        max_retries=0,
+    )
+    return anthropic, client
+
+
 class AnthropicClient:
     def __init__(self, provider: Provider, options: ClientOptions) -> None:
-        import anthropic
-
-        self._sdk = anthropic
+        self._sdk, self._client = async_client(provider, options)
         self._provider = provider.name
         self._model = options.model
-        self._client = anthropic.AsyncAnthropic(
-            api_key=read_api_key(provider, options),
-            base_url=options.base_url or provider.default_base_url,
-            timeout=options.timeout_s,
-            max_retries=0,
-        )
 
     async def complete(self, request: CompletionRequest) -> Completion:
         params = message_params(self._model, request)

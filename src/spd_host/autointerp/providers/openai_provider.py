@@ -37,9 +37,25 @@ OPENAI_PRICING = provider_pricing("openai")
 OPENROUTER_PRICING = provider_pricing("openrouter")
 
 
+def async_client(
+    provider: Provider, options: ClientOptions, base_url: str | None
+) -> tuple[Any, Any]:
+    """The ``openai`` SDK module and an async client for ``options`` at ``base_url`` (no SDK
+    retries: the gates retry), shared by the chat and the batch client."""
+    import openai
+
+    client = openai.AsyncOpenAI(
+        # local servers accept any key; the SDK refuses an empty one
+        api_key=read_api_key(provider, options) or "not-needed",
+        base_url=base_url,
+        timeout=options.timeout_s,
+        max_retries=0,
+    )
+    return openai, client
+
+
 class OpenAIChatClient:
     def __init__(self, provider: Provider, options: ClientOptions) -> None:
-        import openai
 
         base_url = options.base_url or provider.default_base_url
         if provider.name == "openai-compatible" and not base_url:
@@ -47,16 +63,9 @@ class OpenAIChatClient:
                 "provider 'openai-compatible' needs --base-url",
                 hint="e.g. --base-url http://127.0.0.1:8000/v1 for a local vLLM server",
             )
-        self._sdk = openai
+        self._sdk, self._client = async_client(provider, options, base_url)
         self._provider = provider.name
         self._model = options.model
-        self._client = openai.AsyncOpenAI(
-            # local servers accept any key; the SDK refuses an empty one
-            api_key=read_api_key(provider, options) or "not-needed",
-            base_url=base_url,
-            timeout=options.timeout_s,
-            max_retries=0,
-        )
 
     async def complete(self, request: CompletionRequest) -> Completion:
         try:

@@ -19,25 +19,22 @@ judge's ``P(1)`` per example read from the provider's log-probabilities when ask
 from __future__ import annotations
 
 import asyncio
-import random
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from spd_host.autointerp.answer import ANSWER_SCHEMA, MalformedAnswerError
-from spd_host.autointerp.calls import Gates, Outcome, call_with_retries
+from spd_host.autointerp.calls import Outcome
 from spd_host.autointerp.config import AutointerpConfig
 from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.ledger import SpendLedger
-from spd_host.autointerp.limits import CostBudget, RateLimiter, SharedPause
-from spd_host.autointerp.providers.base import ClientOptions, Completion, CompletionRequest
+from spd_host.autointerp.providers.base import Completion, CompletionRequest
 from spd_host.autointerp.registry import get_provider
-from spd_host.autointerp.runner import known_secrets, resolve_pricing
 from spd_host.evals.llm.binary import p_one, parse_binary
+from spd_host.evals.llm.requests import Calls, arun_requests, scope_of
 from spd_host.evals.llm.trials import Shown, Trial
 
 SYSTEM = (
@@ -220,72 +217,21 @@ async def _ajudge(
 ) -> tuple[float, bool]:
     """Judge ``trials`` with a network provider; returns (spent USD, stopped by the cost cap).
 
-    The calls go through the same gates as autointerp's (worst-case reservation against the
-    ledger's recorded spend, Retry-After ceiling, fail fast on 400/401/403/404); with
-    ``config.batch`` through the provider's batch API (:mod:`spd_host.autointerp.batch`),
-    resumable by ``batch_scope``.
+    Through the shared request loop (:func:`spd_host.evals.llm.requests.arun_requests`): the
+    same gates as autointerp's (worst-case reservation against the ledger's recorded spend,
+    Retry-After ceiling, fail fast on 400/401/403/404), or with ``config.batch`` the
+    provider's batch API (:mod:`spd_host.autointerp.batch`), resumable by ``batch_scope``.
     """
-    style = style or PromptStyle()
-    provider = get_provider(config.provider)
-    model = config.model or provider.default_model
-    if config.batch:
-        return await _ajudge_batch(
-            trials, config, decode, evidence_for, on_record, ledger, style, batch_scope
-        )
-    pricing = resolve_pricing(provider, model, config)
-    client = provider.make_client(
-        ClientOptions(
-            model=model,
-            base_url=config.base_url,
-            timeout_s=config.timeout_s,
-            api_key_env=config.api_key_env,
-        )
+    judge_style = style or PromptStyle()
+    calls: Calls[Trial] = Calls(
+        item_id=lambda t: t.trial_id,
+        make_request=lambda t: _request_for(t, config, decode, evidence_for, judge_style),
+        accept=lambda t, c: _accept(c, len(t.items), t.kind, judge_style),
+        on_outcome=lambda t, out: _record_outcome(t, out, on_record),
     )
-    prior = 0.0
-    if ledger is not None:
-        ledger.close_orphans()
-        prior = ledger.total()
-    gates = Gates(
-        config=config,
-        pricing=pricing,
-        budget=CostBudget(config.cost_cap_usd, prior_usd=prior),
-        ledger=ledger,
-        run_id=uuid.uuid4().hex[:12],
-        secrets=known_secrets(None, config.api_key_env),
-        rate=RateLimiter(config.rpm),
-        pause=SharedPause(),
-        rng=random.Random(0),
+    return await arun_requests(
+        trials, config, calls, ledger, scope_of("judge", config, batch_scope)
     )
-    queue: asyncio.Queue[Trial] = asyncio.Queue()
-    for t in trials:
-        queue.put_nowait(t)
-
-    async def one(trial: Trial) -> None:
-        request = _request_for(trial, config, decode, evidence_for, style)
-        n = len(trial.items)
-        out = await call_with_retries(
-            gates,
-            client,
-            request,
-            trial.trial_id,
-            accept=lambda c: _accept(c, n, trial.kind, style),
-        )
-        _record_outcome(trial, out, on_record)
-
-    async def worker() -> None:
-        while not gates.stop:
-            try:
-                trial = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            await one(trial)
-
-    try:
-        n = min(config.max_concurrent, max(1, len(trials)))
-        await asyncio.gather(*(worker() for _ in range(n)))
-    finally:
-        await client.aclose()
-    return gates.budget.spent, gates.budget.exhausted
 
 
 def _request_for(
@@ -349,39 +295,6 @@ def _record_outcome(trial: Trial, out: Outcome, on_record: Callable[[TrialRecord
             n_items=n,
         )
     )
-
-
-async def _ajudge_batch(
-    trials: Sequence[Trial],
-    config: AutointerpConfig,
-    decode: Callable[[list[int]], str],
-    evidence_for: Callable[[str], ComponentEvidence],
-    on_record: Callable[[TrialRecord], None],
-    ledger: SpendLedger | None,
-    style: PromptStyle,
-    batch_scope: str,
-) -> tuple[float, bool]:
-    """The batch seam: the same requests and records, sent through the provider's batch API."""
-    from spd_host.autointerp.batch.calls import call_in_batches
-
-    provider = get_provider(config.provider)
-    model = config.model or provider.default_model
-    by_id = {t.trial_id: t for t in trials}
-    items = [(t.trial_id, _request_for(t, config, decode, evidence_for, style)) for t in trials]
-
-    def accept(tid: str, c: Any) -> tuple[frozenset[int], list[float] | None] | None:
-        t = by_id.get(tid)
-        return _accept(c, len(t.items), t.kind, style) if t else None
-
-    def on_done(tid: str, out: Outcome) -> None:
-        if tid in by_id:  # a trial of an earlier run's batch that this run no longer has
-            _record_outcome(by_id[tid], out, on_record)
-
-    spent, capped, _fatal = await call_in_batches(
-        f"judge|{provider.name}|{model}|{batch_scope}", provider, model, config, ledger, items,
-        on_done, accept=accept, secrets=known_secrets(None, config.api_key_env),
-    )  # fmt: skip
-    return spent, capped
 
 
 def judge_trials(

@@ -21,9 +21,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from spd_host.adapter import DecompositionAdapter
+from spd_host.evals.llm.records import result_header
 from spd_host.evals.llm.stats import auroc, mean_or_none
 from spd_host.evals.llm.windows import Setup, Window, draw_windows, populations_of, prepare
-from spd_host.evals.results import EvalResult, package_version
+from spd_host.evals.results import EvalResult
 
 ScoreTexts = Callable[[str, Sequence[str]], list[float]]  # (label, window texts) -> scores
 
@@ -197,12 +198,7 @@ def run_local_scorer(
         all_notes.append("scored labels include offline BASELINE labels, not an LLM's")
     return LocalScorerResult(
         suite=suite,
-        decomposition_id=adapter.decomposition_id,
-        method=adapter.method.name,
-        package_version=package_version(),
-        config=config.model_dump(mode="json"),
-        harvest_run=harvest_run,
-        notes=all_notes,
+        **result_header(adapter, config, harvest_run, all_notes),
         model=model_name,
         baseline=baseline,
         score=mean_or_none([c.auroc for c in comps]),

@@ -13,12 +13,15 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from spd_host.autointerp.ledger import SpendLedger, open_ledger
-from spd_host.evals.results import evals_dir
+from spd_host.evals.results import evals_dir, package_version
+
+if TYPE_CHECKING:
+    from spd_host.adapter import DecompositionAdapter
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -76,3 +79,18 @@ def open_ledger_at(path: Path) -> Iterator[SpendLedger]:
         yield ledger
     finally:
         conn.close()
+
+
+def result_header(
+    adapter: DecompositionAdapter, config: BaseModel, harvest_run: str, notes: list[str]
+) -> dict[str, Any]:
+    """The :class:`~spd_host.evals.results.EvalResult` fields a scorer's result shares with
+    every suite's: what was evaluated, with which package and settings, on which harvest."""
+    return {
+        "decomposition_id": adapter.decomposition_id,
+        "method": adapter.method.name,
+        "package_version": package_version(),
+        "config": config.model_dump(mode="json"),
+        "harvest_run": harvest_run,
+        "notes": notes,
+    }

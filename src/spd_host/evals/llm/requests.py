@@ -1,10 +1,15 @@
-"""Sending one request per item to an LLM judge under autointerp's gates.
+"""Sending one request per item to an LLM judge under autointerp's gates: the one request loop
+every network judge suite (intruder, detection, fuzzing, simulation) goes through.
 
-The loop every network judge shares: one client, concurrency workers, the cost cap with
-worst-case reservations against the suite's spend ledger (so a resume starts from what was
-already spent), Retry-After, retries and fail-fast (:func:`spd_host.autointerp.calls
-.call_with_retries`). An item whose calls were never sent (cap reached, fatal error) gets no
-outcome: a re-run picks it up.
+Synchronously: one client, concurrency workers, the cost cap with worst-case reservations
+against the suite's spend ledger (so a resume starts from what was already spent),
+Retry-After, retries and fail-fast (:func:`spd_host.autointerp.calls.call_with_retries`).
+With ``config.batch``: the same requests through the provider's batch API
+(:func:`spd_host.autointerp.batch.calls.call_in_batches`), its state kept beside the ledger
+under a scope, so a killed run resumes by polling and never resubmits what was accepted.
+Either way an item whose calls were never sent (cap reached, fatal error) gets no outcome: a
+re-run picks it up; every other item's :class:`~spd_host.autointerp.calls.Outcome` reaches
+``on_outcome`` in the same form, so a suite records both paths with one function.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import asyncio
 import random
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from spd_host.autointerp.calls import Gates, Outcome, call_with_retries
 from spd_host.autointerp.config import AutointerpConfig
@@ -26,15 +32,33 @@ from spd_host.autointerp.runner import known_secrets, resolve_pricing
 T = TypeVar("T")
 
 
-async def _arun(
+@dataclass(frozen=True)
+class Calls(Generic[T]):
+    """How a suite asks about its items: ``item_id`` (unique, the batch custom id),
+    ``make_request`` (the same bytes on the sync and the batch path), ``accept(item,
+    completion)`` (the answer as the item's value; raising ``MalformedAnswerError`` retries it,
+    or fails it on the batch path) and ``on_outcome`` (every sent item's outcome)."""
+
+    item_id: Callable[[T], str]
+    make_request: Callable[[T], CompletionRequest]
+    accept: Callable[[T, Completion], Any]
+    on_outcome: Callable[[T, Outcome], None]
+
+
+async def arun_requests(
     items: Sequence[T],
     config: AutointerpConfig,
-    item_id: Callable[[T], str],
-    make_request: Callable[[T], CompletionRequest],
-    accept: Callable[[T, Completion], Any],
-    on_outcome: Callable[[T, Outcome], None],
-    ledger: SpendLedger | None,
+    calls: Calls[T],
+    ledger: SpendLedger | None = None,
+    batch_scope: str = "",
 ) -> tuple[float, bool]:
+    """Judge every item; returns (spent USD, stopped by the cost cap).
+
+    ``batch_scope`` names the batch state (suite, judge and run key) that a resumed
+    ``config.batch`` run polls instead of resubmitting.
+    """
+    if config.batch:
+        return await _arun_batch(items, config, calls, ledger, batch_scope)
     provider = get_provider(config.provider)
     model = config.model or provider.default_model
     pricing = resolve_pricing(provider, model, config)
@@ -74,12 +98,12 @@ async def _arun(
             out = await call_with_retries(
                 gates,
                 client,
-                make_request(item),
-                item_id(item),
-                accept=lambda c, item=item: accept(item, c),  # type: ignore[misc]
+                calls.make_request(item),
+                calls.item_id(item),
+                accept=lambda c, item=item: calls.accept(item, c),  # type: ignore[misc]
             )
             if out.sent:
-                on_outcome(item, out)
+                calls.on_outcome(item, out)
 
     try:
         n = min(config.max_concurrent, max(1, len(items)))
@@ -89,21 +113,54 @@ async def _arun(
     return gates.budget.spent, gates.budget.exhausted
 
 
+async def _arun_batch(
+    items: Sequence[T],
+    config: AutointerpConfig,
+    calls: Calls[T],
+    ledger: SpendLedger | None,
+    batch_scope: str,
+) -> tuple[float, bool]:
+    """The batch seam: the same requests and outcomes, sent through the provider's batch API.
+
+    A result for an id this run does not have (an item of an earlier run's batch that is
+    done or no longer asked for) is dropped, neither accepted nor recorded.
+    """
+    from spd_host.autointerp.batch.calls import call_in_batches
+
+    provider = get_provider(config.provider)
+    model = config.model or provider.default_model
+    by_id = {calls.item_id(it): it for it in items}
+    requests = [(key, calls.make_request(it)) for key, it in by_id.items()]
+
+    def accept_by_id(key: str, c: Completion) -> Any:
+        it = by_id.get(key)
+        return calls.accept(it, c) if it is not None else None
+
+    def on_done(key: str, out: Outcome) -> None:
+        if key in by_id:
+            calls.on_outcome(by_id[key], out)
+
+    spent, capped, _fatal = await call_in_batches(
+        batch_scope, provider, model, config, ledger, requests, on_done,
+        accept=accept_by_id, secrets=known_secrets(None, config.api_key_env),
+    )  # fmt: skip
+    return spent, capped
+
+
+def scope_of(suite: str, config: AutointerpConfig, run_key: str) -> str:
+    """The batch table's scope of one suite run: ``suite|provider|model|run key``."""
+    provider = get_provider(config.provider)
+    return f"{suite}|{provider.name}|{config.model or provider.default_model}|{run_key}"
+
+
 def send_all(
     items: Sequence[T],
     config: AutointerpConfig,
-    *,
-    item_id: Callable[[T], str],
-    make_request: Callable[[T], CompletionRequest],
-    accept: Callable[[T, Completion], Any],
-    on_outcome: Callable[[T, Outcome], None],
+    calls: Calls[T],
     ledger: SpendLedger | None = None,
+    batch_scope: str = "",
 ) -> tuple[float, bool]:
-    """Judge every item; returns (spent USD, stopped by the cost cap).
-
-    ``accept(item, completion)`` turns an answer into the item's value (raising
-    ``MalformedAnswerError`` retries it); ``on_outcome`` receives every sent item's outcome.
-    """
+    """:func:`arun_requests` from synchronous code, with a progress bar over the items."""
     from spd_host.evals.progress import progress_bar
 
     provider = get_provider(config.provider)
@@ -111,7 +168,8 @@ def send_all(
     with progress_bar(f"judging with {provider.name}/{model}", total=len(items)) as advance:
 
         def record(item: T, out: Outcome) -> None:
-            on_outcome(item, out)
+            calls.on_outcome(item, out)
             advance()
 
-        return asyncio.run(_arun(items, config, item_id, make_request, accept, record, ledger))
+        counted = replace(calls, on_outcome=record)
+        return asyncio.run(arun_requests(items, config, counted, ledger, batch_scope))

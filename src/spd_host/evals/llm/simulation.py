@@ -37,6 +37,7 @@ from spd_host.autointerp.evidence import ComponentEvidence
 from spd_host.autointerp.providers.base import Completion, CompletionRequest
 from spd_host.errors import ConfigError
 from spd_host.evals.llm.logprobs import values_at
+from spd_host.evals.llm.records import result_header
 from spd_host.evals.llm.scorer_configs import SimulationConfig
 from spd_host.evals.llm.stats import mean_or_none, pearson
 from spd_host.evals.llm.windows import (
@@ -48,7 +49,7 @@ from spd_host.evals.llm.windows import (
     populations_of,
     prepare,
 )
-from spd_host.evals.results import EvalResult, package_version
+from spd_host.evals.results import EvalResult
 from spd_host.locking import RunLock
 
 SUITE: Literal["simulation"] = "simulation"
@@ -394,7 +395,8 @@ def run_simulation(adapter: DecompositionAdapter, config: SimulationConfig) -> S
     trials, skipped, setup = build_trials(adapter, config)
     harvest_run = str(setup.repo.run)
     storage_key = get_host().parse_id(adapter.decomposition_id).storage_key
-    log = TrialLog(storage_key, SUITE, _run_key(judge, harvest_run, config), SimulationRecord)
+    run_key = _run_key(judge, harvest_run, config)
+    log = TrialLog(storage_key, SUITE, run_key, SimulationRecord)
     lock = RunLock(log.lock_path, f"{SUITE} eval of {adapter.decomposition_id}")
     spent, capped = 0.0, False
     with lock, open_ledger_at(log.ledger_path) as ledger:
@@ -414,7 +416,7 @@ def run_simulation(adapter: DecompositionAdapter, config: SimulationConfig) -> S
                     top = {s.token for s in setup.repo.token_stats(t.key, "input", top=10).top_pmi}
                     keep(_record(t, baseline_prediction(t, top), None))
             else:
-                spent, capped = _judge(todo, config, setup, adapter, keep, ledger)
+                spent, capped = _judge(todo, config, setup, adapter, keep, ledger, run_key)
     return _result(adapter, config, trials, records, skipped, harvest_run, judge, provider.baseline, setup, spent, capped)  # fmt: skip
 
 
@@ -425,8 +427,11 @@ def _judge(
     adapter: DecompositionAdapter,
     keep: Any,
     ledger: Any,
+    run_key: str,
 ) -> tuple[float, bool]:
-    from spd_host.evals.llm.requests import send_all
+    """Judge ``todo`` through the shared request loop (synchronous, or ``--batch`` through
+    the provider's batch API, resumable under the suite's run key)."""
+    from spd_host.evals.llm.requests import Calls, scope_of, send_all
 
     summary = {c.key: c for c in setup.repo.summary()}
     sites = {s.name: s for s in adapter.sites}
@@ -481,15 +486,10 @@ def _judge(
             )
         )
 
-    return send_all(
-        todo,
-        config.llm(),
-        item_id=lambda t: t.trial_id,
-        make_request=request,
-        accept=accept,
-        on_outcome=on_outcome,
-        ledger=ledger,
+    calls = Calls(
+        item_id=lambda t: t.trial_id, make_request=request, accept=accept, on_outcome=on_outcome
     )
+    return send_all(todo, config.llm(), calls, ledger, scope_of(SUITE, config.llm(), run_key))
 
 
 def _result(
@@ -522,12 +522,7 @@ def _result(
         notes.append(f"logprobs mode: {n_fallback} values read from the text (no logprobs there)")
     return SimulationResult(
         suite=SUITE,
-        decomposition_id=adapter.decomposition_id,
-        method=adapter.method.name,
-        package_version=package_version(),
-        config=config.model_dump(mode="json"),
-        harvest_run=harvest_run,
-        notes=notes,
+        **result_header(adapter, config, harvest_run, notes),
         judge=judge,
         baseline=baseline,
         mode=config.mode,

@@ -19,11 +19,10 @@ the windows as shown would reach, aggregated like ``score``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from spd_host.adapter import DecompositionAdapter, HarvestOptions, parse_component_key
-from spd_host.autointerp.ledger import SpendLedger, open_ledger
+from spd_host.autointerp.ledger import SpendLedger
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import JudgeSuiteConfig
 from spd_host.evals.llm.judge import PromptStyle, TrialRecord, judge_trials
@@ -42,6 +41,7 @@ from spd_host.evals.llm.populations import (
     Visible,
     trial_ceiling,
 )
+from spd_host.evals.llm.records import open_ledger_at
 from spd_host.evals.llm.scoring import DelphiMetrics, ExampleOutcome, delphi_metrics
 from spd_host.evals.llm.trials import (
     Kind,
@@ -342,7 +342,7 @@ def run_judge_suite(
     lock = RunLock(
         path.with_name(path.name + ".lock"), f"{kind} eval of {adapter.decomposition_id}"
     )
-    with lock, _ledger(path.with_name(f"{kind}.spend.db")) as ledger:
+    with lock, open_ledger_at(path.with_name(f"{kind}.spend.db")) as ledger:
         done = {} if config.force else _done_trials(path, run_key)
         todo = [t for t in trials if t.trial_id not in done]
         records = dict(done)
@@ -418,15 +418,6 @@ def _with_delphi(
             "score": pooled.accuracy if pooled.total_examples else None,
         }
     )
-
-
-@contextlib.contextmanager
-def _ledger(path: Path) -> Iterator[SpendLedger]:
-    conn, ledger = open_ledger(str(path))
-    try:
-        yield ledger
-    finally:
-        conn.close()
 
 
 def _done_trials(path: Path, run_key: str) -> dict[str, SuiteTrialRecord]:

@@ -243,6 +243,11 @@ class HarvestAccumulator:
         all_g: list[torch.Tensor] = []
         all_v: list[torch.Tensor] = []
         all_m: list[torch.Tensor] = []  # [T, E]: the entry's value counts in the all-position sum
+        # the same entries grouped by component (data order within): the token tables'
+        # scatters then hit one table row at a time (cache-resident) instead of a random row
+        # per entry; integer sums, so the order changes no bit
+        by_n: list[torch.Tensor] = []
+        by_g: list[torch.Tensor] = []
         sites = [
             (off, site_entries(batch, site, C, N, self.layout.act_types, dev))
             for site, off, C in zip(
@@ -272,6 +277,9 @@ class HarvestAccumulator:
             all_g.append(g)
             all_v.append(e.values)
             all_m.append(from_firings[:, None].expand(-1, n.shape[0]))
+            order = e.by_component()[1]
+            by_n.append(n.index_select(0, order))
+            by_g.append(g.index_select(0, order))
         if all_n:
             self._update_per_component(
                 torch.cat(all_n),
@@ -281,6 +289,7 @@ class HarvestAccumulator:
                 flat_tok,
                 next_token,
                 N,
+                (torch.cat(by_n), torch.cat(by_g)),
             )
         if self.cooc_active:
             keep = self._cooc_positions(global_batch, N)
@@ -309,12 +318,15 @@ class HarvestAccumulator:
         flat_tok: torch.Tensor,
         next_token: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         N: int,
+        by_component: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         """Sums, maxima, histogram and token tables over every site's firing entries at once.
 
         ``in_all`` ``[T, E]``: entries whose value also goes into the all-position sum (types
         whose non-zeros all sit at firings; the others were summed densely per site).
         ``next_token``: ``(masses [N, k], token ids [N, k], kept mass [N])``.
+        ``by_component``: the same entries' ``(n, g)`` grouped by component, for the token
+        tables (the same integer sums in a cache-friendly order).
         """
         qv, pi, kept = next_token
         T, C_all = values.shape[0], self.layout.total
@@ -335,14 +347,18 @@ class HarvestAccumulator:
         self.max_firing.view(-1).scatter_reduce_(0, idx, values.reshape(-1), "amax")
         bins = torch.bucketize(values[0].abs(), self._edges_dev, right=True)
         self.hist.view(-1).index_add_(0, g * self.hist.shape[1] + bins, torch.ones_like(g))
-        self.input_pairs.add(g, flat_tok.index_select(0, n))
         self.output_kept_mass.index_add_(0, g, kept.index_select(0, n))
-        # output pairs: one row gather of the position's top-k per firing entry, one scatter
-        # (measured: cheaper than compacting the zero-weight slots first, as most are kept)
-        keys = (g[:, None] * self.V + pi.index_select(0, n)).reshape(-1)
+        n, g = by_component
+        self.input_pairs.add(g, flat_tok.index_select(0, n))
+        # output pairs: one row gather of the position's top-k per firing entry, keys made in
+        # place, one scatter (measured: cheaper than compacting the zero-weight slots first,
+        # as most are kept)
+        keys = pi.index_select(0, n)
+        keys += (g * self.V)[:, None]
         w = qv.index_select(0, n).reshape(-1)
+        keys = keys.reshape(-1)
         if isinstance(self.output_pairs, DensePairCounter):
-            self.output_pairs.table.index_add_(0, keys, w)  # zero weights add nothing
+            self.output_pairs.add_keys(keys, w)  # zero weights add nothing
         else:
             nz = w > 0
             self.output_pairs.add_keys(keys[nz], w[nz])
@@ -370,8 +386,9 @@ class HarvestAccumulator:
         ev, slot = reservoir_plan(g, self.firing_count[g], bank.k, gen, e.by_component()[1])
         if ev.numel() == 0:
             return
-        bank.rows_for(torch.unique(g[ev]))  # allocate rows for components firing first now
-        rows = bank.row_of[g[ev]]
+        rows = bank.row_of[g[ev]]  # assigned in update() for components firing first now
+        if bool((rows < 0).any()):  # not reached while both banks hold the same components
+            rows = bank.rows_for(torch.unique(g[ev]))[torch.unique(g[ev], return_inverse=True)[1]]
         w = extract_windows(tokens, e, b[ev], s[ev], cl[ev], self.config.context_tokens)
         bank.write(rows, slot, primary[ev], pos[ev], w)
         bank.filled.scatter_reduce_(0, rows, slot + 1, "amax")
@@ -381,18 +398,18 @@ class HarvestAccumulator:
         rows, slots, is_new, src, _score = topk_plan(g, primary, bank)
         if rows.numel() == 0:
             return
-        old = ~is_new
-        # gather the surviving old entries before anything is overwritten
-        o_rows, o_src = rows[old], src[old]
+        # surviving old entries that change slot (those ranked below a new entry), gathered
+        # before anything is overwritten; the others stay where they are
+        moved = ~is_new & (slots != src)
+        o_rows, o_src = rows[moved], src[moved]
         kept = {
-            f: getattr(bank, f)[o_rows, o_src].clone()
-            for f in ("score", "pos", "tokens", "acts", "fired")
+            f: getattr(bank, f)[o_rows, o_src] for f in ("score", "pos", "tokens", "acts", "fired")
         }
         ev = src[is_new]
         w = extract_windows(tokens, e, b[ev], s[ev], cl[ev], self.config.context_tokens)
         bank.write(rows[is_new], slots[is_new], primary[ev], pos[ev], w)
         for f, t in kept.items():
-            getattr(bank, f)[o_rows, slots[old]] = t
+            getattr(bank, f)[o_rows, slots[moved]] = t
         # rows come out grouped (sorted by row) with slots 0.. per row: filled = run length
         touched, n_kept = torch.unique_consecutive(rows, return_counts=True)
         bank.filled[touched] = n_kept

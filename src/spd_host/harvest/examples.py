@@ -190,10 +190,11 @@ def topk_plan(
     new ``filled`` count per touched row is implied by the entries.
     """
     k = bank.k
-    uc = torch.unique(comps)
-    bank.rows_for(uc)
-    # keep only events that can enter: better than the current K-th (or row not full)
     row_of_event = bank.row_of[comps]
+    if comps.numel() and bool((row_of_event < 0).any()):  # the harvest allocates rows first
+        bank.rows_for(torch.unique(comps))
+        row_of_event = bank.row_of[comps]
+    # keep only events that can enter: better than the current K-th (or row not full)
     kth = torch.where(
         bank.filled[row_of_event] >= k,
         bank.score[row_of_event, k - 1],

@@ -447,7 +447,8 @@ def fidelity_on_batches(
     start_splice = {
         sc: first_block(topo, site_names(sc_sites)) if local else 0 for sc, sc_sites, _ in scopes
     }
-    shortened = any(v > 0 for v in (*start_zero.values(), *start_splice.values()))
+    # the highest start: blocks below it are recorded in the clean forward
+    shortened = max((*start_zero.values(), *start_splice.values()))
     observe = getattr(splicer, "observe_clean_forward", None)
 
     def scope_variants(scope: str) -> list[str | None]:
@@ -499,7 +500,11 @@ def fidelity_on_batches(
                 n_excluded += int((~keep).sum())
             with ExitStack() as stack:
                 acts = stack.enter_context(capture_targets(model, topo, all_targets))
-                blocks = stack.enter_context(record_block_outputs(model, topo)) if shortened else []
+                blocks = (
+                    stack.enter_context(record_block_outputs(model, topo, shortened))
+                    if shortened
+                    else []
+                )
                 if observe is not None:
                     stack.enter_context(observe(model, tokens))
                 logits_clean = forward(tokens)

@@ -202,12 +202,16 @@ def _fresh(output: Any) -> Any:
 
 
 @contextmanager
-def record_block_outputs(model: nn.Module, topo: Any) -> Iterator[list[Any]]:
+def record_block_outputs(
+    model: nn.Module, topo: Any, upto: int | None = None
+) -> Iterator[list[Any]]:
     """Within the context, ``outputs[i]`` is what block ``i`` returned in the last forward
-    (a copy: the model's later in-place work cannot reach it)."""
+    (a copy: the model's later in-place work cannot reach it), for blocks below ``upto`` (all
+    when None; the rest stay None): one ``[B, S, d]`` tensor per block is held."""
     outputs: list[Any] = [None] * topo.n_layers
+    n = topo.n_layers if upto is None else min(upto, topo.n_layers)
     with ExitStack() as stack:
-        for i in range(topo.n_layers):
+        for i in range(n):
 
             def hook(_m: nn.Module, _a: Any, output: Any, i: int = i) -> None:
                 outputs[i] = _fresh(output)

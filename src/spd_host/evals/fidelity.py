@@ -11,6 +11,11 @@ For every batch of held-out token sequences, the base model runs
      capturing the write targets,
 3. through the method's HarvestFn, for firings (L0, components alive, density).
 
+A scope's forwards start at the lowest block the scope touches, the blocks below returning what
+they returned in the clean forward (exact: nothing below changes): always for the zero-ablation,
+for splices where the adapter declares ``splice_is_local`` (see ``SupportsSplice``). An adapter
+with ``observe_clean_forward`` records what its splice needs from the clean forward there.
+
 Reported per scope and variant: CE clean / spliced / ablated and
 ``ce_loss_score = (CE_abl - CE_splice) / (CE_abl - CE_clean)``; KL(clean || spliced),
 KL(clean || ablated) and ``kl_div_score = (KL_abl - KL_splice) / KL_abl``; explained variance,

@@ -6,6 +6,9 @@ A site's ``writes_to`` names canonical hook points (``3.mlp_out``) or module add
 module the topology maps them to. Captures are entered *inside* a splice context, so they are
 registered after the splice's own hooks and see the spliced values; when a forward runs more
 than once (a splice that needs a clean pre-pass), the last forward wins.
+
+``record_block_outputs`` / ``reuse_blocks_below`` let a forward start at a later block from
+the clean forward's block outputs (the caller decides where that is exact).
 """
 
 from __future__ import annotations

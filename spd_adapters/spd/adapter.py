@@ -27,6 +27,7 @@ from spd_adapters.spd.splice import (
     GOODFIRE_NAMES,
     SPLICE_VARIANTS,
     CiCache,
+    observe_clean_forward,
     splice,
 )
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
@@ -312,6 +313,20 @@ class SpdAdapter:
     @property
     def splice_variants(self) -> Sequence[str]:
         return SPLICE_VARIANTS
+
+    @property
+    def splice_is_local(self) -> bool:
+        """True: a splice replaces only the chosen modules' outputs, and its CI comes from the
+        clean forward of the batch (recorded by :meth:`observe_clean_forward`, else a clean
+        pre-pass of the whole model), never from the spliced forward below the sites."""
+        return True
+
+    def observe_clean_forward(
+        self, model: nn.Module, tokens: Tensor
+    ) -> AbstractContextManager[None]:
+        """Record the decomposed modules' inputs of the caller's clean forward of ``tokens``:
+        splices of the same tensor compute their CI from them (no pre-pass of their own)."""
+        return observe_clean_forward(model, self.spd_model(), tokens, self._ci_cache)
 
     def splice(
         self,

@@ -18,7 +18,9 @@ forward: the CI variants first run the model once without replacement (capturing
 decomposed module's input, which a global CI function needs), then run the spliced forward.
 That clean pass and its CI are cached per token batch (:class:`CiCache`), so the variants and
 per-site scopes of one eval batch share one CI, as the reference's eval computes it once per
-batch. ``positions`` ([B, S] bool) restricts the replacement to those positions (the module's
+batch. A caller that runs the clean forward itself (the fidelity engine) records the modules'
+inputs there with :func:`observe_clean_forward`, and the CI comes from that forward instead of
+a pre-pass of its own: the same inputs, so the same CI. ``positions`` ([B, S] bool) restricts the replacement to those positions (the module's
 own output elsewhere: SAELens' special-token exclusion).
 """
 
@@ -51,13 +53,36 @@ OPTION_KEYS = ("rounding_threshold", "ci_sampling")
 
 
 class CiCache:
-    """The CI of the last token batch, keyed by that tensor's identity and version."""
+    """The CI of the last token batch, keyed by that tensor's identity and version; and the
+    decomposed modules' inputs of a clean forward someone else ran on a batch
+    (:meth:`put_clean_inputs`), from which that batch's CI is computed without a pre-pass."""
 
     def __init__(self) -> None:
         self._ref: Any = None
         self._version = -1
         self._key: tuple[Any, ...] = ()
         self.ci: dict[str, Tensor] = {}
+        self._inputs_ref: Any = None
+        self._inputs_version = -1
+        self._inputs: dict[str, Tensor] = {}
+
+    def put_clean_inputs(self, tokens: Tensor, inputs: dict[str, Tensor]) -> None:
+        self._inputs_ref, self._inputs_version, self._inputs = (
+            weakref.ref(tokens),
+            tokens._version,
+            inputs,
+        )
+
+    def clean_inputs(self, tokens: Tensor, paths: Sequence[str]) -> dict[str, Tensor] | None:
+        """The recorded clean inputs of ``tokens``, when every path in ``paths`` has one."""
+        fresh = self._inputs_ref is not None and self._inputs_ref() is tokens
+        if (
+            fresh
+            and self._inputs_version == tokens._version
+            and all(p in self._inputs for p in paths)
+        ):
+            return self._inputs
+        return None
 
     def get(self, tokens: Tensor, key: tuple[Any, ...]) -> dict[str, Tensor] | None:
         fresh = self._ref is not None and self._ref() is tokens
@@ -72,6 +97,17 @@ class CiCache:
             key,
             ci,
         )
+
+
+@contextmanager
+def observe_clean_forward(
+    model: nn.Module, spd: SpdModel, tokens: Tensor, cache: CiCache
+) -> Iterator[None]:
+    """Around an unmodified forward of ``model`` on ``tokens``: record every decomposed module's
+    input into ``cache``, so that splices of the same ``tokens`` compute their CI from it."""
+    with capture_inputs(model, spd.paths) as inputs:
+        yield
+    cache.put_clean_inputs(tokens, {p: x.detach() for p, x in inputs.items()})
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -127,13 +163,18 @@ def splice(
         key = (ci_sampling,)
         ci = cache.get(tokens, key) if tokens is not None else None
         if ci is None:
-            state["clean"] = True  # the nested clean forward: no CI pass, no replacement
-            try:
-                with torch.no_grad(), capture_inputs(model, spd.paths) as inputs:
-                    model(*args, **kwargs)
-                ci = spd.causal_importance(inputs, sampling=ci_sampling)
-            finally:
-                state["clean"] = False
+            recorded = cache.clean_inputs(tokens, spd.paths) if tokens is not None else None
+            if recorded is not None:  # the caller's own clean forward of this batch
+                with torch.no_grad():
+                    ci = spd.causal_importance(recorded, sampling=ci_sampling)
+            else:
+                state["clean"] = True  # the nested clean forward: no CI pass, no replacement
+                try:
+                    with torch.no_grad(), capture_inputs(model, spd.paths) as inputs:
+                        model(*args, **kwargs)
+                    ci = spd.causal_importance(inputs, sampling=ci_sampling)
+                finally:
+                    state["clean"] = False
             if tokens is not None:
                 cache.put(tokens, key, ci)
         masks.clear()

@@ -157,6 +157,12 @@ class TranscoderAdapter(DictionaryAdapter):
             name: self.encode(name, captured[src.input_hook]) for name, src in self._sources.items()
         }
 
+    @property
+    def splice_is_local(self) -> bool:
+        """True: a site's splice reads its input hook point and replaces its output hook point,
+        both in the site's own block; nothing below is read or changed."""
+        return True
+
     @contextmanager
     def splice(
         self,

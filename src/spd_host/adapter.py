@@ -143,6 +143,21 @@ class SupportsSplice(Protocol):
     ``splice`` returns a context manager inside which a forward pass of ``model`` uses the
     decomposition's reconstruction at the chosen sites (all when ``None``). ``variant`` names
     one of ``splice_variants`` (SPD: CI-masked, all-ones, rounded-CI, zero-mask).
+
+    Two optional members let the fidelity engine skip work (absent: it runs every forward in
+    full and the splice does its own clean pre-pass, if it needs one):
+
+    - ``splice_is_local: bool`` (default False): True promises that a splice of ``sites``
+      changes nothing the model computes below the lowest block those sites read from or
+      write to (``Site.reads_from``, ``writes_to``, ``address``), and reads nothing computed
+      there beyond what the clean forward of the same tokens computed. The engine then starts
+      such forwards at that block from the clean forward's block outputs (same numbers, less
+      time). A splice that reads lower layers (a CLT site reads every source layer below it)
+      must leave it False.
+    - ``observe_clean_forward(model, tokens) -> AbstractContextManager[None]``: entered around
+      the engine's unmodified forward of each batch; a splice that needs clean internals of
+      that batch (SPD: every decomposed module's input, for the causal importances) records
+      them there, instead of running a clean pre-pass of its own in every splice.
     """
 
     @property

@@ -11,6 +11,11 @@ For every batch of held-out token sequences, the base model runs
      capturing the write targets,
 3. through the method's HarvestFn, for firings (L0, components alive, density).
 
+A scope's forwards start at the lowest block the scope touches, the blocks below returning what
+they returned in the clean forward (exact: nothing below changes): always for the zero-ablation,
+for splices where the adapter declares ``splice_is_local`` (see ``SupportsSplice``). An adapter
+with ``observe_clean_forward`` records what its splice needs from the clean forward there.
+
 Reported per scope and variant: CE clean / spliced / ablated and
 ``ce_loss_score = (CE_abl - CE_splice) / (CE_abl - CE_clean)``; KL(clean || spliced),
 KL(clean || ablated) and ``kl_div_score = (KL_abl - KL_splice) / KL_abl``; explained variance,
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -50,7 +55,14 @@ from pydantic import Field
 from spd_host.adapter import DecompositionAdapter, HarvestOptions, SupportsSplice
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import FidelityConfig, FidelitySettings, _Frozen
-from spd_host.evals.hooks import capture_targets, keep_original_at, zero_targets
+from spd_host.evals.hooks import (
+    capture_targets,
+    first_block,
+    keep_original_at,
+    record_block_outputs,
+    reuse_blocks_below,
+    zero_targets,
+)
 from spd_host.evals.metrics import (
     DENSITY_BIN_EDGES,
     CleanRows,
@@ -425,6 +437,24 @@ def fidelity_on_batches(
         scopes += [(s.name, [s.name], list(s.writes_to)) for s in sites]
     all_targets = scopes[0][2]
     vname = {v: (v if v is not None else DEFAULT_VARIANT) for v in variants}
+    # Where each scope's forwards may start (blocks below are the clean forward's): the
+    # zero-ablation touches only the scope's write targets, a splice whatever its sites read
+    # and write, and the latter only where the adapter promises its splice is local.
+    local = bool(getattr(splicer, "splice_is_local", False))
+    by_name = {s.name: s for s in sites}
+
+    def site_names(scope_sites: list[str] | None) -> list[str]:
+        chosen = [by_name[n] for n in scope_sites] if scope_sites is not None else sites
+        names = [n for s in chosen for n in (s.reads_from, *s.writes_to)]
+        return names + [s.address for s in chosen if s.address]
+
+    start_zero = {sc: first_block(topo, targets) for sc, _, targets in scopes}
+    start_splice = {
+        sc: first_block(topo, site_names(sc_sites)) if local else 0 for sc, sc_sites, _ in scopes
+    }
+    # the highest start: blocks below it are recorded in the clean forward
+    shortened = max((*start_zero.values(), *start_splice.values()))
+    observe = getattr(splicer, "observe_clean_forward", None)
 
     def scope_variants(scope: str) -> list[str | None]:
         if scope == ALL_SITES or config.per_site_variants == "all":
@@ -473,9 +503,21 @@ def fidelity_on_batches(
             if exclude is not None:
                 keep = ~torch.isin(tokens, exclude.to(device))
                 n_excluded += int((~keep).sum())
-            with capture_targets(model, topo, all_targets) as acts:
+            with ExitStack() as stack:
+                acts = stack.enter_context(capture_targets(model, topo, all_targets))
+                blocks = (
+                    stack.enter_context(record_block_outputs(model, topo, shortened))
+                    if shortened
+                    else []
+                )
+                if observe is not None:
+                    stack.enter_context(observe(model, tokens))
                 logits_clean = forward(tokens)
                 clean = {t: CleanRows.of(acts[t], keep) for t in all_targets}
+
+            def from_block(start: int, blocks: list[Any] = blocks) -> Any:
+                return reuse_blocks_below(model, topo, start, blocks) if start else nullcontext()
+
             logp_clean = F.log_softmax(logits_clean.float(), dim=-1)
             p_clean = logp_clean.exp()
             pair = next_token_ce_sum(logits_clean, tokens, keep)
@@ -494,6 +536,7 @@ def fidelity_on_batches(
                 if baseline_variant is not None:
                     # the ablation is a splice, so SAELens' exclusion does not apply to it
                     with ExitStack() as stack:
+                        stack.enter_context(from_block(start_splice[scope]))
                         stack.enter_context(do_splice(scope_sites, baseline_variant, targets, None))
                         if reuse:
                             acts = stack.enter_context(capture_targets(model, topo, targets))
@@ -501,7 +544,7 @@ def fidelity_on_batches(
                         if reuse:
                             baseline_acts = {t: acts[t].detach().clone() for t in targets}
                 else:
-                    with zero_targets(model, topo, targets):
+                    with from_block(start_zero[scope]), zero_targets(model, topo, targets):
                         logits = forward(tokens)
                 pair, kpair = ce_and_kl_sums(logp_clean, p_clean, logits, tokens, keep)
                 baseline_pairs = (pair, kpair)
@@ -517,6 +560,7 @@ def fidelity_on_batches(
                         pair, kpair = baseline_pairs
                     else:
                         with (
+                            from_block(start_splice[scope]),
                             do_splice(scope_sites, v, targets, keep),
                             capture_targets(model, topo, targets) as acts,
                         ):

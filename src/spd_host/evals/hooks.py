@@ -6,6 +6,9 @@ A site's ``writes_to`` names canonical hook points (``3.mlp_out``) or module add
 module the topology maps them to. Captures are entered *inside* a splice context, so they are
 registered after the splice's own hooks and see the spliced values; when a forward runs more
 than once (a splice that needs a clean pre-pass), the last forward wins.
+
+``record_block_outputs`` / ``reuse_blocks_below`` let a forward start at a later block from
+the clean forward's block outputs (the caller decides where that is exact).
 """
 
 from __future__ import annotations
@@ -165,3 +168,84 @@ def keep_original_at(
             stack.callback(h1.remove)
             stack.callback(h2.remove)
         yield
+
+
+# -- starting a forward above the blocks a splice leaves alone -----------------------------------
+def first_block(topo: Any, names: Sequence[str]) -> int:
+    """The lowest block any of ``names`` (hook points or module addresses) lies in.
+
+    Global names (``embed``, ``unembed_in``, ``output``) and names the topology cannot place
+    count as block 0: a forward for them is never shortened.
+    """
+    from spd_host.topology.grammar import parse_address, parse_hook_point
+
+    blocks: list[int] = []
+    for name in names:
+        block: int | None = None
+        for parse in (parse_hook_point, parse_address):
+            try:
+                block = parse(name).block
+                break
+            except TopologyError:
+                continue
+        if block is None:
+            return 0
+        blocks.append(block)
+    return min(blocks) if blocks else 0
+
+
+def _fresh(output: Any) -> Any:
+    """A copy of a recorded block output, so that a block that writes its input in place
+    cannot change what the next forward is given."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(_fresh(o) for o in output)
+    return output
+
+
+@contextmanager
+def record_block_outputs(
+    model: nn.Module, topo: Any, upto: int | None = None
+) -> Iterator[list[Any]]:
+    """Within the context, ``outputs[i]`` is what block ``i`` returned in the last forward
+    (a copy: the model's later in-place work cannot reach it), for blocks below ``upto`` (all
+    when None; the rest stay None): one ``[B, S, d]`` tensor per block is held."""
+    outputs: list[Any] = [None] * topo.n_layers
+    n = topo.n_layers if upto is None else min(upto, topo.n_layers)
+    with ExitStack() as stack:
+        for i in range(n):
+
+            def hook(_m: nn.Module, _a: Any, output: Any, i: int = i) -> None:
+                outputs[i] = _fresh(output)
+
+            block = model.get_submodule(topo.block_path(i))
+            stack.callback(block.register_forward_hook(hook).remove)
+        yield outputs
+
+
+@contextmanager
+def reuse_blocks_below(
+    model: nn.Module, topo: Any, start: int, outputs: Sequence[Any]
+) -> Iterator[None]:
+    """Within the context, blocks ``0 .. start-1`` do not compute: each returns what it
+    returned in the recorded (clean) forward, so a forward spends its time from block
+    ``start`` on. Exact when nothing below ``start`` differs from that forward (same tokens,
+    no replacement there); the caller must know that. A block whose ``forward`` is already
+    replaced on the instance, or with no recorded output, computes as usual."""
+    swapped: list[nn.Module] = []
+    try:
+        for i in range(min(start, topo.n_layers)):
+            block = model.get_submodule(topo.block_path(i))
+            if outputs[i] is None or "forward" in vars(block):
+                continue
+
+            def cached(*_args: Any, _out: Any = outputs[i], **_kwargs: Any) -> Any:
+                return _fresh(_out)
+
+            block.forward = cached  # type: ignore[method-assign]
+            swapped.append(block)
+        yield
+    finally:
+        for block in swapped:
+            del block.forward

@@ -63,13 +63,17 @@ def ce_and_kl_sums(
     keep: torch.Tensor | None = None,
 ) -> tuple[tuple[float, int], tuple[float, int]]:
     """``next_token_ce_sum`` and ``kl_sum`` of one forward from a single log-softmax (the
-    vocabulary-wide work dominates a small model's eval); same definitions, same masks."""
+    vocabulary-wide work dominates a small model's eval); same definitions, same masks.
+
+    The KL's ``p_clean * (logp_clean - logp)`` is computed in place in ``logp``'s buffer (after
+    the CE has read it): the same products, bit for bit, without two fresh ``[B, S, V]``
+    tensors, whose allocation (page faults on every new buffer) measured 3x the arithmetic."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    kl = (p_clean * (logp_clean - logp)).sum(-1)
     if tokens.shape[1] >= 2:
         ce = -logp[:, :-1].gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
     else:
         ce = logp.new_zeros((tokens.shape[0], 0))
+    kl = torch.sub(logp_clean, logp, out=logp).mul_(p_clean).sum(-1)
     if keep is not None:
         k = keep.to(kl.device)
         kl, ce = kl[k], ce[k[:, :-1]]

@@ -9,6 +9,7 @@ example origin (chosen examples, fires_alone flags) must be equal, and so must t
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -143,3 +144,32 @@ def test_a_batch_dependent_decomposition_runs_one_window_per_forward(harvested: 
     check = FiringChecker(recorded, "cpu", batch_size=16, batch_dependent=True)
     check.prefetch([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     assert shapes == [[1, 3]] * 3
+
+
+def test_scorer_draws_through_build_pool_are_unchanged(
+    harvested: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scorer draws component by component (no speculative pass): the look-ahead batches of
+    positives and negative candidates must leave every draw as the per-window check makes it."""
+    from spd_host.evals.llm.suites import build_pool
+
+    adapter = get_host().load_adapter(harvested)
+
+    def draws(pool: Any) -> list[Any]:
+        out = []
+        for key in sorted(k for k, d in pool.density.items() if d > 0)[:6]:
+            rng = random.Random(key)
+            for d in [*pool.positives(key, 5, rng, "centre"), *pool.negatives(key, 5, rng)]:
+                out.append((d.shown, d.origin.model_dump(), d.acts))
+        return out
+
+    for update in ({}, {"window": "prefer_alone", "negatives": "similar_density"}):
+        cfg = JudgeSuiteConfig(**update)
+        batched_pool = build_pool(adapter, cfg)
+        assert isinstance(batched_pool.fires, FiringChecker)
+        batched = draws(batched_pool)
+        assert batched_pool.fires.forwards < batched_pool.fires.windows_run
+        with monkeypatch.context() as m:
+            m.setattr(suites, "_firing_checker", _brute_checker([]))
+            brute = draws(build_pool(adapter, cfg))
+        assert batched and batched == brute, update

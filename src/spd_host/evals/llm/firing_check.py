@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from spd_host.adapter import parse_component_key
 
 Window = tuple[int, ...]
+T = TypeVar("T")
+SPECULATIVE_PASSES = 8
 
 
 class FiringChecker:
@@ -127,3 +129,21 @@ class _EmptyFirings(dict):  # type: ignore[type-arg]
 
     def __missing__(self, site: str) -> tuple[torch.Tensor, int]:
         return torch.zeros(0, dtype=torch.long), 1
+
+
+def exactly(fires: Any, build: Callable[[], T], passes: int = SPECULATIVE_PASSES) -> T:
+    """``build()`` (deterministic given the firing answers) with its checks batched.
+
+    With a ``FiringChecker``: run ``build`` speculating, run the windows it asked about in
+    batches, and again, until a run asks about nothing new (its answers all came from real
+    forwards, so its result is the one-window-at-a-time result); after ``passes`` runs, one
+    last plain run. Any other ``fires`` function: ``build()``.
+    """
+    if isinstance(fires, FiringChecker):
+        for _ in range(passes):
+            with fires.speculating():
+                out = build()
+            if fires.misses == 0:
+                return out
+            fires.flush()
+    return build()

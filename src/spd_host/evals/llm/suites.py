@@ -33,7 +33,7 @@ from spd_host.adapter import DecompositionAdapter, HarvestOptions
 from spd_host.autointerp.ledger import SpendLedger, open_ledger
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import JudgeSuiteConfig
-from spd_host.evals.llm.firing_check import FiringChecker
+from spd_host.evals.llm.firing_check import FiringChecker, exactly
 from spd_host.evals.llm.judge import PromptStyle, TrialRecord, judge_trials
 from spd_host.evals.llm.populations import (
     ExampleOrigin,
@@ -246,9 +246,6 @@ def build_pool(
     )
 
 
-_SPECULATIVE_PASSES = 8
-
-
 def _draw_trials_exactly(
     kind: Kind,
     pool: Pool,
@@ -258,24 +255,16 @@ def _draw_trials_exactly(
     style: dict[str, Any],
     skipped: dict[str, str],
 ) -> list[Trial]:
-    """:func:`_draw_trials`, with the firing checks of all components batched.
+    """:func:`_draw_trials` with the firing checks of all components batched
+    (``firing_check.exactly``: speculative passes until one asks about no new window)."""
 
-    The draws are deterministic given the checks' answers, so a pass under
-    ``FiringChecker.speculating`` (misses answered "fires nowhere" and queued) learns which
-    windows the build asks about; they are run in batches, and the build runs again until a
-    pass asks about no window it has not seen: that pass is the one-window-at-a-time build.
-    """
-    check = pool.fires
-    if isinstance(check, FiringChecker):
-        for _ in range(_SPECULATIVE_PASSES):
-            trial_skips: dict[str, str] = {}
-            with check.speculating():
-                trials = _draw_trials(kind, pool, chosen, config, labels, style, trial_skips)
-            if check.misses == 0:
-                skipped.update(trial_skips)
-                return trials
-            check.flush()
-    return _draw_trials(kind, pool, chosen, config, labels, style, skipped)
+    def build() -> tuple[list[Trial], dict[str, str]]:
+        skips: dict[str, str] = {}
+        return _draw_trials(kind, pool, chosen, config, labels, style, skips), skips
+
+    trials, skips = exactly(pool.fires, build)
+    skipped.update(skips)
+    return trials
 
 
 def _draw_trials(

@@ -32,7 +32,9 @@ from spd_host.adapter import parse_component_key
 
 Window = tuple[int, ...]
 T = TypeVar("T")
-SPECULATIVE_PASSES = 8
+SPECULATIVE_PASSES = 3
+"""Speculative runs before a plain one: most windows show up in the first, the rest in a
+few more, while every run costs the draws' own CPU time again."""
 
 
 class FiringChecker:

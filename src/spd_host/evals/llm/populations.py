@@ -41,6 +41,7 @@ judge reaches when it answers from the windows as shown.
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -413,16 +414,20 @@ def _negative(
 
     if not candidates:
         return None
+    # ``rng.choices(c, weights=w)`` is ``rng.choices(c, cum_weights=accumulate(w))``: the
+    # running sums once per call, not once per draw
+    candidates = list(candidates)
+    cum = list(itertools.accumulate(weights)) if weights else None
     ahead = random.Random()  # runs ahead of ``rng`` on the same draws, to batch the checks
     ahead.setstate(rng.getstate())
     n_ahead = 0
     for j in range(_TRIES):
         if j == n_ahead:  # announce the windows of this try and the next few
             upto = min(_TRIES, j + LOOKAHEAD)
-            tries = [_candidate(pool, candidates, weights, ahead, source) for _ in range(j, upto)]
+            tries = [_candidate(pool, candidates, cum, ahead, source) for _ in range(j, upto)]
             n_ahead = upto
             pool.prefetch(t[2].tokens for t in tries if t is not None and t[2].tokens not in seen)
-        got = _candidate(pool, candidates, weights, rng, source)
+        got = _candidate(pool, candidates, cum, rng, source)
         if got is None:
             continue
         other, ex, shown = got
@@ -447,16 +452,16 @@ def _negative(
 def _candidate(
     pool: Pool,
     candidates: Sequence[str],
-    weights: Sequence[float] | None,
+    cum_weights: list[float] | None,
     rng: random.Random,
     source: str,
 ) -> tuple[str, Any, Shown] | None:
     """One negative candidate (component, example, window), or None for a component without
     examples; the draws do not depend on any firing check."""
     other = (
-        rng.choices(list(candidates), weights=weights)[0]
-        if weights
-        else rng.choice(list(candidates))
+        rng.choices(candidates, cum_weights=cum_weights)[0]
+        if cum_weights
+        else rng.choice(candidates)
     )
     top, res = _candidates(pool.examples[other])
     examples = res or top if source == "random" else [*top, *res]

@@ -41,6 +41,7 @@ judge reaches when it answers from the windows as shown.
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ SequenceFn = Callable[[int], tuple[list[int], int]]
 
 DEFAULT_N_QUANTILES = 10  # delphi's SamplerConfig.n_quantiles
 _TRIES = 40
+LOOKAHEAD = 4
+"""Candidates checked in one batch where the draw stops at the first that passes."""
 
 
 class PopulationOptions(BaseModel):
@@ -248,6 +251,8 @@ def draw_positives(
         else list(range(len(bins)))
     )
     used: set[int] = set()
+    if opts.window != "prefer_alone":
+        _prefetch_picks(pool, bins, wanted, rng)
     out: list[Drawn] = []
     for b in wanted:
         got = _pick(pool, key, bins, b, used, rng, opts, visible)
@@ -326,7 +331,12 @@ def _pick(
             return (ex, shown, centre, *alone(pool, key, shown, centre))
         rng.shuffle(free)
         first: tuple[Any, Shown, int, bool, bool] | None = None
-        for ex in free[:_TRIES]:
+        tries = free[:_TRIES]
+        for j, ex in enumerate(tries):
+            if j % LOOKAHEAD == 0:  # the next few candidates share a forward
+                pool.prefetch(
+                    cut_at(e, pool.max_tokens)[0].tokens for e in tries[j : j + LOOKAHEAD]
+                )
             shown, centre = cut_at(ex, pool.max_tokens)
             a, ca = alone(pool, key, shown, centre)
             if first is None:
@@ -335,6 +345,26 @@ def _pick(
                 return ex, shown, centre, a, ca
         return first
     return None
+
+
+def _prefetch_picks(
+    pool: Pool, bins: list[list[Any]], wanted: list[int], rng: random.Random
+) -> None:
+    """Announce the windows ``_pick`` will check (``as_recorded``/``widen``: one per wanted
+    bin, chosen by ``rng`` alone), found by replaying the picks on a copy of ``rng``."""
+    replay = random.Random()
+    replay.setstate(rng.getstate())
+    used: set[int] = set()
+    windows = []
+    for b in wanted:
+        for c in _order(bins, b):
+            free = [e for e in bins[c] if int(e.position) not in used]
+            if free:
+                ex = replay.choice(free)
+                used.add(int(ex.position))
+                windows.append(cut_at(ex, pool.max_tokens)[0].tokens)
+                break
+    pool.prefetch(windows)
 
 
 # -- negatives ----------------------------------------------------------------------------------
@@ -384,19 +414,26 @@ def _negative(
 
     if not candidates:
         return None
-    for _ in range(_TRIES):
-        other = (
-            rng.choices(list(candidates), weights=weights)[0]
-            if weights
-            else rng.choice(list(candidates))
-        )
-        top, res = _candidates(pool.examples[other])
-        examples = res or top if source == "random" else [*top, *res]
-        if not examples:
+    # ``rng.choices(c, weights=w)`` is ``rng.choices(c, cum_weights=accumulate(w))``: the
+    # running sums once per call, not once per draw
+    candidates = list(candidates)
+    cum = list(itertools.accumulate(weights)) if weights else None
+    ahead = random.Random()  # runs ahead of ``rng`` on the same draws, to batch the checks
+    ahead.setstate(rng.getstate())
+    n_ahead = 0
+    for j in range(_TRIES):
+        if j == n_ahead:  # announce the windows of this try and the next few
+            upto = min(_TRIES, j + LOOKAHEAD)
+            tries = [_candidate(pool, candidates, cum, ahead, source) for _ in range(j, upto)]
+            n_ahead = upto
+            pool.prefetch(t[2].tokens for t in tries if t is not None and t[2].tokens not in seen)
+        got = _candidate(pool, candidates, cum, rng, source)
+        if got is None:
             continue
-        ex = rng.choice(examples)
-        shown, _ = cut_at(ex, pool.max_tokens)
-        if shown.tokens in seen or any(pool.fires(key, shown.tokens)):
+        other, ex, shown = got
+        if shown.tokens in seen:
+            continue
+        if any(pool.fires(key, shown.tokens)):
             continue
         return Drawn(
             unmarked(shown),
@@ -410,6 +447,28 @@ def _negative(
             ),
         )
     return None
+
+
+def _candidate(
+    pool: Pool,
+    candidates: Sequence[str],
+    cum_weights: list[float] | None,
+    rng: random.Random,
+    source: str,
+) -> tuple[str, Any, Shown] | None:
+    """One negative candidate (component, example, window), or None for a component without
+    examples; the draws do not depend on any firing check."""
+    other = (
+        rng.choices(candidates, cum_weights=cum_weights)[0]
+        if cum_weights
+        else rng.choice(candidates)
+    )
+    top, res = _candidates(pool.examples[other])
+    examples = res or top if source == "random" else [*top, *res]
+    if not examples:
+        return None
+    ex = rng.choice(examples)
+    return other, ex, cut_at(ex, pool.max_tokens)[0]
 
 
 # -- what a perfect judge could reach ------------------------------------------------------------

@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from spd_host.adapter import DecompositionAdapter, HarvestOptions, parse_component_key
+from spd_host.adapter import DecompositionAdapter, HarvestOptions
 from spd_host.autointerp.ledger import SpendLedger
 from spd_host.errors import ConfigError, ResultsNotFoundError
 from spd_host.evals.configs import JudgeSuiteConfig
+from spd_host.evals.llm.firing_check import FiringChecker, exactly
 from spd_host.evals.llm.judge import PromptStyle, TrialRecord, judge_trials
 from spd_host.evals.llm.populations import (
     ExampleOrigin,
@@ -151,7 +151,10 @@ def _labels(decomposition_id: str, model: str | None) -> tuple[dict[str, str], b
     return out, baseline
 
 
-def _firing_checker(adapter: DecompositionAdapter, threshold: float) -> Any:
+def _firing_checker(
+    adapter: DecompositionAdapter, threshold: float, batch_size: int = 32
+) -> FiringChecker:
+    """The window-alone firing check of the trial builders (batched, cached: ``firing_check``)."""
     from spd_host.plugins import get_host
 
     model = adapter.load_base_model()
@@ -159,18 +162,12 @@ def _firing_checker(adapter: DecompositionAdapter, threshold: float) -> Any:
     fn = get_host().harvest_fn(
         adapter, HarvestOptions(threshold=threshold, device=str(device), next_token=False)
     )
-    cache: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-
-    def fires(key: str, tokens: Any) -> list[bool]:
-        t = tuple(int(x) for x in tokens)
-        if t not in cache:
-            with torch.no_grad():
-                batch = fn(torch.tensor([t], dtype=torch.long, device=device))
-            cache[t] = {s: f[0].cpu() for s, f in batch.firings.items()}
-        site, idx = parse_component_key(key)
-        return [bool(x) for x in cache[t][site][:, idx]]
-
-    return fires
+    return FiringChecker(
+        fn,
+        device,
+        batch_size=batch_size,
+        batch_dependent=bool(adapter.defaults.extra.get("batch_dependent", False)),
+    )
 
 
 def _sequence_source(adapter: DecompositionAdapter, repo: Any, batches: Any) -> Any:
@@ -234,7 +231,11 @@ def build_pool(
     return Pool(
         density={c.key: c.density for c in summary},
         site={c.key: c.site for c in summary},
-        fires=_firing_checker(adapter, float(getattr(repo.config, "threshold", 0.0))),
+        fires=_firing_checker(
+            adapter,
+            float(getattr(repo.config, "threshold", 0.0)),
+            int(getattr(repo.config, "batch_size", 32) or 32),
+        ),
         act_type=adapter.activation_types[0],
         load_examples=load_examples,
         max_tokens=getattr(config, "max_example_tokens", 64),
@@ -245,36 +246,39 @@ def build_pool(
     )
 
 
-def build_trials(
-    kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig, *, batches: Any = None
-) -> tuple[list[Trial], dict[str, str], Any]:
-    """The trials a run would judge (deterministic for a seed), the skip reasons, the harvest.
+def _draw_trials_exactly(
+    kind: Kind,
+    pool: Pool,
+    chosen: list[str],
+    config: JudgeSuiteConfig,
+    labels: dict[str, str],
+    style: dict[str, Any],
+    skipped: dict[str, str],
+) -> list[Trial]:
+    """:func:`_draw_trials` with the firing checks of all components batched
+    (``firing_check.exactly``: speculative passes until one asks about no new window)."""
 
-    ``batches``: the harvest's token source (as ``run_harvest`` took it), for
-    ``window="widen"``; by default the harvest's own ``spd_host.data`` stream when it recorded
-    one.
-    """
-    style = _style_for(kind, config)
-    repo = _open_harvest(adapter, config.harvest_run)
-    labels: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    if kind != "intruder":
-        labels, _ = _labels(adapter.decomposition_id, config.label_model)
-        if not labels:
-            raise ResultsNotFoundError(
-                f"the {kind} suite scores labels, and {adapter.decomposition_id!r} has none",
-                hint=f"run `spd-host autointerp {adapter.decomposition_id}` first",
-            )
+    def build() -> tuple[list[Trial], dict[str, str]]:
+        skips: dict[str, str] = {}
+        return _draw_trials(kind, pool, chosen, config, labels, style, skips), skips
 
-    pool = build_pool(adapter, config, repo, batches=batches)
-    eligible = sorted(
-        k for k, d in pool.density.items() if d > 0 and (kind == "intruder" or k in labels)
-    )
-    rng = random.Random(config.seed)
-    rng.shuffle(eligible)
-    chosen = eligible[: config.n_components] if config.n_components else eligible
+    trials, skips = exactly(pool.fires, build)
+    skipped.update(skips)
+    return trials
+
+
+def _draw_trials(
+    kind: Kind,
+    pool: Pool,
+    chosen: list[str],
+    config: JudgeSuiteConfig,
+    labels: dict[str, str],
+    style: dict[str, Any],
+    skipped: dict[str, str],
+) -> list[Trial]:
+    """Every chosen component's trials, each from its own seeded stream (skips into ``skipped``)."""
     trials: list[Trial] = []
-    for key in sorted(chosen):
+    for key in chosen:
         krng = random.Random(f"{config.seed}:{kind}:{key}")
         for i in range(config.n_trials):
             t: Trial | str
@@ -308,6 +312,38 @@ def build_trials(
                 skipped[key] = t
                 break
             trials.append(t)
+    return trials
+
+
+def build_trials(
+    kind: Kind, adapter: DecompositionAdapter, config: JudgeSuiteConfig, *, batches: Any = None
+) -> tuple[list[Trial], dict[str, str], Any]:
+    """The trials a run would judge (deterministic for a seed), the skip reasons, the harvest.
+
+    ``batches``: the harvest's token source (as ``run_harvest`` took it), for
+    ``window="widen"``; by default the harvest's own ``spd_host.data`` stream when it recorded
+    one.
+    """
+    style = _style_for(kind, config)
+    repo = _open_harvest(adapter, config.harvest_run)
+    labels: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    if kind != "intruder":
+        labels, _ = _labels(adapter.decomposition_id, config.label_model)
+        if not labels:
+            raise ResultsNotFoundError(
+                f"the {kind} suite scores labels, and {adapter.decomposition_id!r} has none",
+                hint=f"run `spd-host autointerp {adapter.decomposition_id}` first",
+            )
+
+    pool = build_pool(adapter, config, repo, batches=batches)
+    eligible = sorted(
+        k for k, d in pool.density.items() if d > 0 and (kind == "intruder" or k in labels)
+    )
+    rng = random.Random(config.seed)
+    rng.shuffle(eligible)
+    chosen = eligible[: config.n_components] if config.n_components else eligible
+    trials = _draw_trials_exactly(kind, pool, sorted(chosen), config, labels, style, skipped)
     if kind != "intruder" and style["n_examples_shown"]:
         trials = rebatch(trials, style["n_examples_shown"], f"{config.seed}:{kind}")
     return trials, skipped, repo

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -122,6 +122,13 @@ class Pool:
     def negatives(self, key: str, n: int, rng: random.Random) -> list[Drawn]:
         """``populations.draw_negatives`` with this pool's options."""
         return draw_negatives(self, key, n, rng)
+
+    def prefetch(self, windows: Iterable[Sequence[int]]) -> None:
+        """Announce windows about to be checked, so a batching checker (``FiringChecker``)
+        runs them in one forward; a plain ``fires`` function needs nothing."""
+        announce = getattr(self.fires, "prefetch", None)
+        if announce is not None:
+            announce(list(windows))
 
     def others(self, key: str) -> list[str]:
         return [k for k, d in self.density.items() if k != key and d > 0]

@@ -170,6 +170,32 @@ def machine() -> dict[str, Any]:
     }
 
 
+def sweep_parser(
+    doc: str | None, *, cases: Sequence[str], tokens: str, repeats: int
+) -> argparse.ArgumentParser:
+    """The options every sweep script shares (``--case`` defaults to the first of ``cases``);
+    a script adds its own on top."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--case", choices=list(cases), default=cases[0])
+    p.add_argument("--tokens", default=tokens, help="comma-separated token counts")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--rss-limit-gib", type=float, default=12.0, help="kill a phase whose RSS passes this"
+    )
+    p.add_argument("--json", type=Path, default=None)
+    return p
+
+
+def profiled_harvest(script: str, case: str, n_tokens: int, threads: int) -> str:
+    """One extra harvest phase under cProfile; returns the path of its text profile."""
+    path = Path(__file__).resolve().parent / f"{script}-{case}.profile.txt"
+    run_phase("harvest", case, n_tokens, threads=threads, extra=["--profile", str(path)])
+    return str(path)
+
+
 def sweep(
     case: str,
     token_counts: Sequence[int],

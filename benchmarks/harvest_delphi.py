@@ -30,28 +30,17 @@ Writes ``harvest_delphi-<case>.json`` next to this file.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _harness import fmt, machine, print_table, summarise, sweep, write_json
+from _harness import fmt, machine, print_table, summarise, sweep, sweep_parser, write_json
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--case", choices=["gpt2-small", "gpt2-6x768", "tiny"], default="gpt2-small")
-    p.add_argument("--tokens", default="16384", help="comma-separated token counts")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p = sweep_parser(__doc__, cases=["gpt2-small", "gpt2-6x768", "tiny"], tokens="16384", repeats=3)
     p.add_argument("--no-bare", action="store_true", help="skip the forward + encode phase")
     p.add_argument("--delphi-model", choices=["base", "lm"], default="base")
-    p.add_argument(
-        "--rss-limit-gib", type=float, default=12.0, help="kill a phase whose RSS passes this"
-    )
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     import _fixtures
 

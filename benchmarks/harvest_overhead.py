@@ -25,29 +25,29 @@ Cost estimate on one shared core: gpt2-small forward + encode runs at ~150 token
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _harness import fmt, machine, print_table, summarise, sweep, write_json
+from _harness import (
+    fmt,
+    machine,
+    print_table,
+    profiled_harvest,
+    summarise,
+    sweep,
+    sweep_parser,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = sweep_parser(
+        __doc__, cases=["demo", "gpt2-small", "tiny"], tokens="200000,2000000", repeats=3
     )
-    p.add_argument("--case", choices=["demo", "gpt2-small", "tiny"], default="demo")
-    p.add_argument("--tokens", default="200000,2000000", help="comma-separated token counts")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--profile", action="store_true", help="one extra profiled harvest at the smallest count"
     )
-    p.add_argument(
-        "--rss-limit-gib", type=float, default=12.0, help="kill a phase whose RSS passes this"
-    )
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     counts = [int(x) for x in args.tokens.split(",")]
     phases = ["bare", "harvest"]
@@ -63,17 +63,7 @@ def main() -> None:
     rows = summarise(runs, phases)
     profile = None
     if args.profile:
-        from _harness import run_phase
-
-        prof_path = HERE / f"harvest_overhead-{args.case}.profile.txt"
-        run_phase(
-            "harvest",
-            args.case,
-            counts[0],
-            threads=args.threads,
-            extra=["--profile", str(prof_path)],
-        )
-        profile = str(prof_path)
+        profile = profiled_harvest("harvest_overhead", args.case, counts[0], args.threads)
     print_table(
         f"{args.case}: harvest / (forward + encode), median [min-max] of {args.repeats}",
         [

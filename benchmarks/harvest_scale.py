@@ -22,30 +22,30 @@ per-token growth between them. Writes ``harvest_scale-<case>.json`` next to this
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _harness import fmt, machine, print_table, run_phase, summarise, sweep, write_json
+from _harness import (
+    fmt,
+    machine,
+    print_table,
+    profiled_harvest,
+    summarise,
+    sweep,
+    sweep_parser,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = sweep_parser(
+        __doc__, cases=["synthetic-1m", "gpt2-6x768", "tiny"], tokens="102400,204800", repeats=1
     )
-    p.add_argument("--case", choices=["synthetic-1m", "gpt2-6x768", "tiny"], default="synthetic-1m")
-    p.add_argument("--tokens", default="102400,204800", help="comma-separated token counts")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-bare", action="store_true")
     p.add_argument(
         "--profile", action="store_true", help="one extra profiled harvest at the smallest count"
     )
-    p.add_argument(
-        "--rss-limit-gib", type=float, default=12.0, help="kill a phase whose RSS passes this"
-    )
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     counts = [int(x) for x in args.tokens.split(",")]
     phases = (["bare"] if not args.no_bare else []) + ["harvest"]
@@ -61,15 +61,7 @@ def main() -> None:
     rows = summarise(runs, phases)
     profile = None
     if args.profile:
-        prof_path = HERE / f"harvest_scale-{args.case}.profile.txt"
-        run_phase(
-            "harvest",
-            args.case,
-            counts[0],
-            threads=args.threads,
-            extra=["--profile", str(prof_path)],
-        )
-        profile = str(prof_path)
+        profile = profiled_harvest("harvest_scale", args.case, counts[0], args.threads)
     table = []
     for r in rows:
         h = r["harvest"]

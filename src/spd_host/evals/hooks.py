@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from spd_host.errors import TopologyError
+from spd_host.topology.hooks import _input_tensor, _output_tensor, _with_input, _with_output
 
 
 def _split(topo: Any, targets: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -44,10 +45,6 @@ def _split(topo: Any, targets: Sequence[str]) -> tuple[list[str], list[str]]:
 def _module(model: nn.Module, topo: Any, address: str) -> nn.Module:
     # looked up at call time: a splice may have swapped the module object
     return model.get_submodule(topo.module_path(address))
-
-
-def _output_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 class _Merged(Mapping[str, torch.Tensor]):
@@ -126,8 +123,6 @@ def keep_original_at(
     for adapters whose splice replaces the write target itself; an adapter that splices inside
     a module instead takes a ``positions`` argument (see ``fidelity``).
     """
-    from spd_host.topology.hooks import _input_tensor, _output_tensor, _with_input, _with_output
-
     hps, mods = _split(topo, targets)
     keep = ~splice_here
 

@@ -133,10 +133,24 @@ def parse_object(payload: str | dict[str, Any], *, truncated: bool = False) -> d
 
 
 def parse_reply(
-    payload: str | dict[str, Any], *, truncated: bool, answer_format: str
+    payload: str | dict[str, Any],
+    *,
+    truncated: bool,
+    answer_format: str,
+    raw: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
 ) -> tuple[LabelAnswer, dict[str, Any] | None]:
     """What a client returns for a request of ``answer_format``: ``(label answer, None)`` for
-    the label schema, ``(OBJECT_ANSWER, the decoded object)`` for ``"object"``."""
-    if answer_format == "object":
-        return OBJECT_ANSWER, parse_object(payload, truncated=truncated)
-    return parse_answer(payload, truncated=truncated), None
+    the label schema, ``(OBJECT_ANSWER, the decoded object)`` for ``"object"``.
+
+    With ``raw``, a ``MalformedAnswerError`` carries the raw response and its billed usage
+    (``with_response``), so a malformed answer is still paid for and shown."""
+    try:
+        if answer_format == "object":
+            return OBJECT_ANSWER, parse_object(payload, truncated=truncated)
+        return parse_answer(payload, truncated=truncated), None
+    except MalformedAnswerError as err:
+        if raw is None:
+            raise
+        raise err.with_response(raw, input_tokens, output_tokens) from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from spd_host.autointerp.answer import MalformedAnswerError, parse_reply
+from spd_host.autointerp.answer import parse_reply
 from spd_host.autointerp.pricing import provider_pricing
 from spd_host.autointerp.providers.base import (
     ClientOptions,
@@ -111,10 +111,14 @@ def parse_message(message: Any, *, answer_format: str = "label") -> Completion:
         blocks = getattr(message, "content", None) or []
         texts = [str(getattr(b, "text", "")) for b in blocks if getattr(b, "type", None) == "text"]
         payload = "".join(texts)
-    try:
-        answer, data = parse_reply(payload, truncated=truncated, answer_format=answer_format)
-    except MalformedAnswerError as err:
-        raise err.with_response(raw, n_in, n_out) from None
+    answer, data = parse_reply(
+        payload,
+        truncated=truncated,
+        answer_format=answer_format,
+        raw=raw,
+        input_tokens=n_in,
+        output_tokens=n_out,
+    )
     return Completion(
         answer=answer,
         data=data,

@@ -87,14 +87,14 @@ class GeminiClient:
                 f"{self._provider}: the response has no candidates (blocked prompt?)"
             ).with_response(raw, n_in, n_out)
         finish = str(getattr(candidates[0], "finish_reason", "") or "")
-        try:
-            answer, data = parse_reply(
-                response.text or "",
-                truncated=finish.endswith("MAX_TOKENS"),
-                answer_format=request.answer_format,
-            )
-        except MalformedAnswerError as err:
-            raise err.with_response(raw, n_in, n_out) from None
+        answer, data = parse_reply(
+            response.text or "",
+            truncated=finish.endswith("MAX_TOKENS"),
+            answer_format=request.answer_format,
+            raw=raw,
+            input_tokens=n_in,
+            output_tokens=n_out,
+        )
         return Completion(
             answer=answer,
             data=data,

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from spd_host.autointerp.answer import MalformedAnswerError, parse_reply
+from spd_host.autointerp.answer import parse_reply
 from spd_host.autointerp.providers.base import (
     ClientOptions,
     Completion,
@@ -134,12 +134,14 @@ class _InProcessClient:
         raw = json.dumps({"generated": generated})
         found = extract_json_object(generated)
         truncated = n_out >= request.max_output_tokens and found == generated
-        try:
-            answer, data = parse_reply(
-                found, truncated=truncated, answer_format=request.answer_format
-            )
-        except MalformedAnswerError as err:
-            raise err.with_response(raw, n_in, n_out) from None
+        answer, data = parse_reply(
+            found,
+            truncated=truncated,
+            answer_format=request.answer_format,
+            raw=raw,
+            input_tokens=n_in,
+            output_tokens=n_out,
+        )
         return Completion(answer=answer, data=data, raw=raw, input_tokens=n_in, output_tokens=n_out)
 
     async def aclose(self) -> None:

@@ -144,12 +144,14 @@ def parse_chat(response: Any, *, answer_format: str = "label") -> Completion:
         raise MalformedAnswerError("the response has no choices").with_response(raw, n_in, n_out)
     choice = response.choices[0]
     content = choice.message.content or ""
-    try:
-        answer, data = parse_reply(
-            content, truncated=choice.finish_reason == "length", answer_format=answer_format
-        )
-    except MalformedAnswerError as err:
-        raise err.with_response(raw, n_in, n_out) from None
+    answer, data = parse_reply(
+        content,
+        truncated=choice.finish_reason == "length",
+        answer_format=answer_format,
+        raw=raw,
+        input_tokens=n_in,
+        output_tokens=n_out,
+    )
     return Completion(
         answer=answer,
         raw=raw,

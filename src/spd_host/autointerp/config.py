@@ -57,6 +57,11 @@ class AutointerpConfig(BaseModel):
     poll_interval_s: float = Field(
         default=30.0, gt=0, allow_inf_nan=False, description="seconds between batch status polls"
     )
+    cancel_batches: bool = Field(
+        default=False,
+        description="send nothing: cancel the open batches of this run's scope and collect "
+        "what they return (finished requests billed and stored, the rest failure rows)",
+    )
     batch_max_requests: int | None = Field(
         default=None,
         ge=1,

@@ -10,6 +10,12 @@ Retry-After ceiling, fail fast on 400/401/403/404). A label is written on succes
 (including a blank or malformed answer) is written as a failure row with its error. Components
 never sent because of the cap or a fatal error are neither labelled nor failed: re-running
 picks them up. Every text field is redacted of API keys before it is stored.
+
+Open batches (``--batch`` runs not yet collected) hold components that are already billed or
+about to be: a synchronous run first polls its own scope's open batches once and collects
+those that ended, then leaves out every component still pending in an open batch of the same
+label key (counted in ``n_in_open_batches``, the batches named in ``open_batches``), so no
+component is labelled, or billed, twice.
 """
 
 from __future__ import annotations
@@ -101,6 +107,15 @@ class RunReport(BaseModel):
     """Batches an earlier, interrupted run left running that this run polled and collected."""
     batch_outcomes: dict[str, int] = {}
     """Batch requests by outcome: succeeded, malformed, errored, expired, canceled."""
+    batches_collected: int = 0
+    """Batches whose results this run wrote (a synchronous run collects the ended ones first)."""
+    batches_canceled: int = 0
+    """Batches this run cancelled (``--cancel-batches``)."""
+    n_in_open_batches: int = 0
+    """Components not sent because an open batch still holds them (collect them with
+    ``--batch``, or cancel them with ``--cancel-batches``)."""
+    open_batches: list[str] = []
+    """The open batches still holding components: ``local id (provider batch id)``."""
 
 
 @dataclass
@@ -204,7 +219,7 @@ async def _alabel_locked(
     strategy = get_strategy(config.strategy, host)
     options = strategy.options(config.strategy_options)
     model = config.model or provider.default_model
-    if config.batch:
+    if config.batch or config.cancel_batches:
         return await _alabel_batch(
             keys, evidence_for, config, store=store, provider=provider, strategy=strategy,
             options=options, model=model, harvest_id=harvest_id,
@@ -223,6 +238,12 @@ async def _alabel_locked(
     state = _State()
     secrets = known_secrets(host, config.api_key_env)
     orphaned = _close_orphans(store)
+    done_before = set() if force else store.labelled_keys(harvest_id, strategy.name, model)
+    pre, held, still_open = await _collect_open_batches(
+        store, provider, strategy, options, model, evidence_for, config,
+        harvest_id=harvest_id, decomposition_id=decomposition_id, secrets=secrets, seed=seed,
+        force=force,
+    )  # fmt: skip
     gates = Gates(
         config=config,
         pricing=pricing,
@@ -235,8 +256,13 @@ async def _alabel_locked(
         rng=random.Random(seed),
     )
 
-    done_keys = set() if force else store.labelled_keys(harvest_id, strategy.name, model)
-    todo = [k for k in keys if k not in done_keys]
+    done_keys = done_before
+    # labelled by the collection just now (under --force too), or still in an open batch
+    collected = set(store.labelled_keys(harvest_id, strategy.name, model)) - done_before
+    collected |= set(pre.get("labelled_keys", ())) | set(pre.get("written_keys", ()))
+    candidates = [k for k in keys if k not in done_keys and k not in collected]
+    in_batches = [k for k in candidates if k in held]
+    todo = [k for k in candidates if k not in held]
     if config.limit is not None:
         todo = todo[: config.limit]
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -380,19 +406,66 @@ async def _alabel_locked(
         **_report_basis(
             decomposition_id, harvest_id, provider, model, strategy, store, keys, done_keys
         ),
-        n_labelled=state.labelled,
-        n_failed=state.failed,
+        n_labelled=state.labelled + pre.get("n_labelled", 0),
+        n_failed=state.failed + pre.get("n_failed", 0),
         n_not_sent=state.not_sent,
-        spent_usd=gates.budget.spent,
+        spent_usd=gates.budget.spent + pre.get("spent_usd", 0.0),
         cost_cap_usd=config.cost_cap_usd,
         stopped_by_cost_cap=gates.budget.exhausted,
         calls=gates.calls,
         orphaned_usd=orphaned,
         stopped_by_error=gates.fatal,
-        failure_reasons=dict(state.reasons.most_common()),
-        cache_read_tokens=state.cache_read_tokens,
-        cache_saved_usd=state.cache_saved,
+        failure_reasons=dict(
+            (state.reasons + Counter(pre.get("failure_reasons", {}))).most_common()
+        ),
+        cache_read_tokens=state.cache_read_tokens + pre.get("cache_read_tokens", 0),
+        cache_saved_usd=state.cache_saved + pre.get("cache_saved_usd", 0.0),
+        batches_resumed=pre.get("batches_resumed", 0),
+        batches_collected=pre.get("batches_collected", 0),
+        batch_outcomes=pre.get("batch_outcomes", {}),
+        n_in_open_batches=len(in_batches),
+        open_batches=[_describe_one(b) for b in still_open],
     )
+
+
+def _describe_one(batch: Any) -> str:
+    return f"{batch.local_id} ({batch.provider} {batch.provider_batch_id or 'id not recorded'})"
+
+
+async def _collect_open_batches(
+    store: LabelStore,
+    provider: Provider,
+    strategy: Any,
+    options: Any,
+    model: str,
+    evidence_for: Callable[[str], ComponentEvidence],
+    config: AutointerpConfig,
+    *,
+    harvest_id: str,
+    decomposition_id: str,
+    secrets: list[str],
+    seed: int | None,
+    force: bool,
+) -> tuple[dict[str, Any], dict[str, str], list[Any]]:
+    """Before a synchronous run: poll this scope's open batches once and collect the ended
+    ones; returns (the collection's report fields, ``component -> batch`` of every component
+    still pending in an open batch of this label key, those batches)."""
+    from spd_host.autointerp.batch.labels import label_in_batches, label_scope, same_label_scopes
+
+    scopes = same_label_scopes(store.batches, model, strategy.name, harvest_id)
+    if not scopes:
+        return {}, {}, []
+    fields: dict[str, Any] = {}
+    if label_scope(provider.name, model, strategy.name, harvest_id) in scopes and (
+        provider.make_batch_client is not None
+    ):
+        fields = await label_in_batches(
+            [], evidence_for, config, store=store, provider=provider, strategy=strategy,
+            options=options, model=model, harvest_id=harvest_id,
+            decomposition_id=decomposition_id, secrets=secrets, force=force, seed=seed,
+            on_progress=None, mode="collect_once",
+        )  # fmt: skip
+    return fields, store.batches.held_items(scopes), store.batches.open_listing(scopes)
 
 
 def _close_orphans(store: LabelStore) -> float:
@@ -457,8 +530,15 @@ async def _alabel_batch(
         todo, evidence_for, config, store=store, provider=provider, strategy=strategy,
         options=options, model=model, harvest_id=harvest_id, decomposition_id=decomposition_id,
         secrets=known_secrets(host, config.api_key_env), force=force, seed=seed,
-        on_progress=on_progress,
+        on_progress=on_progress, mode="cancel" if config.cancel_batches else "run",
     )  # fmt: skip
+    fields.pop("labelled_keys", None)
+    fields.pop("written_keys", None)
+    fields["n_in_open_batches"] = fields.pop("n_held_elsewhere", 0)
+    from spd_host.autointerp.batch.labels import same_label_scopes
+
+    scopes = same_label_scopes(store.batches, model, strategy.name, harvest_id)
+    fields["open_batches"] = [_describe_one(b) for b in store.batches.open_listing(scopes)]
     return RunReport(
         **_report_basis(
             decomposition_id, harvest_id, provider, model, strategy, store, keys, done_keys

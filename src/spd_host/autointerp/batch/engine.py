@@ -20,6 +20,16 @@ the rest) or, with none running, stops (the remaining items are neither labelled
 If a batch ever bills more than its reservation, later reservations are scaled up by the
 largest such ratio, as the synchronous budget does.
 
+Modes (``mode``): ``run`` submits and waits as above; ``cancel`` submits nothing, cancels every
+open batch of the scope and waits until the provider has ended each, then collects it like any
+ended batch (what finished before the cancel is billed and stored; the rest are ``canceled``
+failure rows, retried by a later run; the reservation is settled at the billed cost);
+``collect_once`` submits nothing and polls every open batch once, collecting the ended ones
+(what a synchronous run does first, so that it never sends an item a batch is answering).
+A cancel is marked in the table before the call: a process killed mid-cancel leaves the mark
+and every later command of the scope sends the cancel again, unless the provider has ended the
+batch meanwhile, which is then just collected.
+
 Results are matched to items by custom id only (results come in any order); each item's
 result is handed to ``on_result`` and marked done in the same transaction (groups of
 :data:`COMMIT_EVERY`), so a process killed mid-collection neither loses nor duplicates one.
@@ -35,6 +45,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from spd_host.autointerp.batch.base import AnswerFormat, BatchClient, BatchCounts, ItemResult
 from spd_host.autointerp.batch.table import BatchRow, BatchTable
@@ -44,6 +55,8 @@ from spd_host.autointerp.providers.base import CompletionRequest, Pricing, Provi
 from spd_host.safe_text import redact
 
 COMMIT_EVERY = 500
+
+Mode = Literal["run", "cancel", "collect_once"]
 
 
 @dataclass
@@ -68,6 +81,9 @@ class BatchSummary:
     batches_submitted: int = 0
     batches_resumed: int = 0
     batches_adopted: int = 0  # submitting rows whose batch the provider had after all
+    batches_collected: int = 0
+    batches_canceled: int = 0  # cancel calls the provider accepted (this run's or resumed)
+    still_open: list[str] = field(default_factory=list)  # local ids left running at the end
     stopped_by_cost_cap: bool = False
     fatal: str | None = None
     not_sent: list[str] = field(default_factory=list)
@@ -121,8 +137,10 @@ async def run_batches(
     request_for: Callable[[str], CompletionRequest],
     on_result: ResultSink,
     on_progress: Callable[[BatchProgress], None] | None = None,
+    mode: Mode = "run",
 ) -> BatchSummary:
-    """Label ``keys`` (and collect whatever earlier runs of ``job.scope`` left running)."""
+    """Label ``keys`` (and collect whatever earlier runs of ``job.scope`` left running); with
+    ``mode`` ``cancel`` or ``collect_once``, ``keys`` are not sent (see the module doc)."""
     summary = BatchSummary()
     progress = BatchProgress()
     inflation = 1.0
@@ -159,7 +177,13 @@ async def run_batches(
         running[row.local_id] = row
         summary.batches_resumed += 1
     awaited = {k for r in running.values() for k in job.table.items(r.local_id).values()}
-    queue = deque(k for k in dict.fromkeys(keys) if k not in awaited)
+    sending = keys if mode == "run" else ()
+    queue = deque(k for k in dict.fromkeys(sending) if k not in awaited)
+    to_cancel = {
+        local_id
+        for local_id, row in running.items()
+        if mode == "cancel" or row.cancel_requested_at is not None
+    }
     progress.total += len(queue)
     report()
 
@@ -301,8 +325,10 @@ async def run_batches(
         if row.reserved_usd > 0 and billed > row.reserved_usd:
             inflation = max(inflation, inflation * billed / row.reserved_usd)
         job.table.close(row.local_id, "collected")
+        summary.batches_collected += 1
         running.pop(row.local_id, None)
         last_counts.pop(row.local_id, None)
+        to_cancel.discard(row.local_id)
 
     def give_up(row: BatchRow, message: str) -> None:
         """A batch the provider no longer knows (404, deleted, results gone): its pending
@@ -319,6 +345,24 @@ async def run_batches(
         job.table.close(row.local_id, "failed", message)
         running.pop(row.local_id, None)
         last_counts.pop(row.local_id, None)
+        to_cancel.discard(row.local_id)
+
+    async def send_cancel(row: BatchRow) -> None:
+        """Cancel a batch the last poll saw running: the mark first (a kill after it makes
+        the next command send it again), then the call. A refusal is checked against the
+        batch's status: one that ended meanwhile is simply collected by the next poll."""
+        assert row.provider_batch_id is not None
+        job.table.request_cancel(row.local_id)
+        try:
+            await job.client.cancel(row.provider_batch_id)
+        except ProviderCallError as err:
+            if err.retryable or err.status in (404, 410):
+                return  # tried again next round; a lost batch is given up by the poll
+            status = await job.client.status(row.provider_batch_id)
+            if not status.ended and status.provider_status not in ("canceling", "cancelling"):
+                raise
+        summary.batches_canceled += 1
+        to_cancel.discard(row.local_id)
 
     async def poll_all() -> None:
         for local_id, row in list(running.items()):
@@ -327,7 +371,9 @@ async def run_batches(
                 status = await job.client.status(row.provider_batch_id)
                 job.table.set_status(local_id, status.provider_status, status.counts, status.ended)
                 last_counts[local_id] = status.counts
-                if status.ended:
+                if not status.ended and local_id in to_cancel:
+                    await send_cancel(row)
+                elif status.ended:
                     await collect(row)
             except ProviderCallError as err:
                 if err.retryable:
@@ -342,6 +388,8 @@ async def run_batches(
         while True:
             if running:
                 await poll_all()
+            if mode == "collect_once":
+                break
             while queue and summary.fatal is None:
                 chunk = take_chunk()
                 if not chunk:
@@ -359,4 +407,5 @@ async def run_batches(
     finally:
         await job.client.aclose()
     summary.not_sent = list(queue)
+    summary.still_open = list(running)
     return summary

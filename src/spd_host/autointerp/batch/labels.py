@@ -17,7 +17,7 @@ from typing import Any
 
 from spd_host.autointerp.answer import ANSWER_SCHEMA
 from spd_host.autointerp.batch.base import ItemResult
-from spd_host.autointerp.batch.engine import BatchJob, BatchProgress, run_batches
+from spd_host.autointerp.batch.engine import BatchJob, BatchProgress, Mode, run_batches
 from spd_host.autointerp.batch.table import BatchTable
 from spd_host.autointerp.config import AutointerpConfig
 from spd_host.autointerp.evidence import ComponentEvidence
@@ -91,6 +91,22 @@ def make_job(
     )
 
 
+def label_scope(provider: str, model: str, strategy: str, harvest_id: str) -> str:
+    """The batch scope of an autointerp run: whose open batches it resumes."""
+    return f"autointerp|{provider}|{model}|{strategy}|{harvest_id}"
+
+
+def same_label_scopes(table: BatchTable, model: str, strategy: str, harvest_id: str) -> list[str]:
+    """Every scope with an open batch whose results would be the labels ``(harvest, strategy,
+    model)`` names, whichever provider it went to (a label's key has no provider)."""
+    tail = f"|{model}|{strategy}|{harvest_id}"
+    return [
+        s
+        for s in table.open_scopes("autointerp|")
+        if s.endswith(tail) and s.count("|") == tail.count("|") + 1
+    ]
+
+
 async def label_in_batches(
     todo: Sequence[str],
     evidence_for: Callable[[str], ComponentEvidence],
@@ -107,9 +123,19 @@ async def label_in_batches(
     force: bool,
     seed: int | None,
     on_progress: Callable[[BatchProgress], None] | None,
+    mode: Mode = "run",
 ) -> dict[str, Any]:
-    """Label ``todo`` through the batch API; returns the run report's batch fields."""
-    scope = f"autointerp|{provider.name}|{model}|{strategy.name}|{harvest_id}"
+    """Label ``todo`` through the batch API; returns the run report's batch fields. ``mode``
+    ``cancel`` / ``collect_once`` sends nothing new (see :func:`run_batches`).
+
+    Not sent either: components held by an open batch of another provider under the same
+    label key (another scope: its own run collects them), so none is billed twice."""
+    scope = label_scope(provider.name, model, strategy.name, harvest_id)
+    others = [s for s in same_label_scopes(store.batches, model, strategy.name, harvest_id)
+              if s != scope]  # fmt: skip
+    held_elsewhere = store.batches.held_items(others)
+    todo_all = list(todo)
+    todo = [k for k in todo if k not in held_elsewhere]
     job = make_job(scope, provider, model, config, store.batches, store.ledger, secrets, seed)
 
     def prompt_of(key: str) -> Any:
@@ -132,6 +158,8 @@ async def label_in_batches(
 
     started = now_iso()
     labelled, failed = 0, 0
+    written_ok: list[str] = []  # labelled by this call
+    written: list[str] = []  # every component this call wrote a row for
     reasons: Counter[str] = Counter()
     cache_read, cache_saved = 0, 0.0
 
@@ -144,6 +172,7 @@ async def label_in_batches(
 
         prompt = prompt_of(key)
         completion = result.completion
+        written.append(key)
         common: dict[str, Any] = {
             "harvest_id": harvest_id,
             "component_key": key,
@@ -178,6 +207,7 @@ async def label_in_batches(
                 replace=force,
             )
             labelled += 1
+            written_ok.append(key)
             return
         error = redact(result.error or f"batch request {result.outcome}", secrets)
         store.write(
@@ -194,7 +224,7 @@ async def label_in_batches(
         failed += 1
         reasons[failure_reason(error)] += 1
 
-    summary = await run_batches(job, todo, request_for, on_result, on_progress)
+    summary = await run_batches(job, todo, request_for, on_result, on_progress, mode)
     return {
         "n_labelled": labelled,
         "n_failed": failed,
@@ -209,4 +239,9 @@ async def label_in_batches(
         "batches_submitted": summary.batches_submitted,
         "batches_resumed": summary.batches_resumed,
         "batch_outcomes": dict(summary.outcomes),
+        "batches_collected": summary.batches_collected,
+        "batches_canceled": summary.batches_canceled,
+        "n_held_elsewhere": len(set(held_elsewhere) & set(todo_all)),
+        "labelled_keys": written_ok,
+        "written_keys": written,
     }

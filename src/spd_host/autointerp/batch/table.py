@@ -8,7 +8,10 @@ an id is resolved by asking the provider (:meth:`BatchClient.find`): adopted if 
 exists, ``abandoned`` (its items go out again) if it does not.
 
 States: ``submitting`` -> ``submitted`` -> ``ended`` -> ``collected``; ``abandoned`` (never
-accepted) and ``failed`` (the create call was refused) end a batch without results. An item
+accepted) and ``failed`` (the create call was refused) end a batch without results. A cancel
+is not a state but a mark, ``cancel_requested_at``, written *before* the cancel call: a process
+killed mid-cancel leaves the mark, and the next command of the scope sends the cancel again
+(or, if the provider has ended the batch meanwhile, just collects it). An item
 is ``done`` once its result (label, trial or failure row) is written; a batch collected twice
 (killed mid-collection) skips its done items.
 
@@ -48,7 +51,8 @@ CREATE TABLE IF NOT EXISTS batches (
     created_at        TEXT NOT NULL,
     submitted_at      TEXT,
     ended_at          TEXT,
-    collected_at      TEXT
+    collected_at      TEXT,
+    cancel_requested_at TEXT
 );
 CREATE TABLE IF NOT EXISTS batch_items (
     local_id  TEXT NOT NULL,
@@ -66,6 +70,10 @@ CREATE INDEX IF NOT EXISTS batch_items_item ON batch_items (item);
 OPEN_STATES = ("submitting", "submitted", "ended")
 
 
+# columns added after the table first shipped: (name, declaration), added in place if missing
+_ADDED_COLUMNS = (("cancel_requested_at", "TEXT"),)
+
+
 @dataclass(frozen=True)
 class BatchRow:
     local_id: str
@@ -78,12 +86,38 @@ class BatchRow:
     reserved_usd: float
     spend_id: int | None
     created_at: str
+    cancel_requested_at: str | None = None
 
 
-_ROW = (
+_INSERTED = (
     "local_id, scope, provider, model, provider_batch_id, state, n_requests, reserved_usd, "
     "spend_id, created_at"
 )
+_ROW = _INSERTED + ", cancel_requested_at"
+
+
+@dataclass(frozen=True)
+class OpenBatch:
+    """An open batch as the user is shown it (``--list-batches``): where it stands, what it
+    holds, and what it still has reserved against the cap."""
+
+    local_id: str
+    scope: str
+    provider: str
+    model: str
+    provider_batch_id: str | None
+    state: str
+    provider_status: str | None
+    created_at: str
+    n_requests: int
+    pending: int
+    processing: int
+    succeeded: int
+    errored: int
+    expired: int
+    canceled: int
+    reserved_usd: float
+    cancel_requested_at: str | None
 
 
 class BatchTable:
@@ -92,6 +126,10 @@ class BatchTable:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         conn.executescript(BATCH_DDL)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(batches)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in have:  # a store from before the column: gains it, nothing else changes
+                conn.execute(f"ALTER TABLE batches ADD COLUMN {name} {decl}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -135,7 +173,7 @@ class BatchTable:
         before the create call."""
         with self.transaction():
             self._conn.execute(
-                f"INSERT INTO batches ({_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO batches ({_INSERTED}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.local_id,
                     row.scope,
@@ -203,6 +241,55 @@ class BatchTable:
             "WHERE local_id=? AND custom_id=?",
             (outcome, cost_usd, local_id, custom_id),
         )
+
+    def request_cancel(self, local_id: str) -> None:
+        """Mark a batch to be cancelled (kept if already marked): written before the call."""
+        self._conn.execute(
+            "UPDATE batches SET cancel_requested_at=COALESCE(cancel_requested_at, ?) "
+            "WHERE local_id=?",
+            (now_iso(), local_id),
+        )
+
+    def open_listing(self, scopes: Sequence[str] | None = None) -> list[OpenBatch]:
+        """Every open batch (of ``scopes``, or of the whole database), oldest first."""
+        marks = ", ".join("?" * len(OPEN_STATES))
+        sql = (
+            "SELECT b.local_id, b.scope, b.provider, b.model, b.provider_batch_id, b.state, "
+            "b.provider_status, b.created_at, b.n_requests, "
+            "(SELECT COUNT(*) FROM batch_items i WHERE i.local_id=b.local_id AND i.state='pending'), "
+            "b.processing, b.succeeded, b.errored, b.expired, b.canceled, b.reserved_usd, "
+            f"b.cancel_requested_at FROM batches b WHERE b.state IN ({marks})"
+        )
+        args: list[str] = list(OPEN_STATES)
+        if scopes is not None:
+            if not scopes:
+                return []
+            sql += f" AND b.scope IN ({', '.join('?' * len(scopes))})"
+            args += list(scopes)
+        return [OpenBatch(*r) for r in self._conn.execute(sql + " ORDER BY b.created_at", args)]
+
+    def open_scopes(self, prefix: str) -> list[str]:
+        """Scopes starting with ``prefix`` that have an open batch."""
+        marks = ", ".join("?" * len(OPEN_STATES))
+        rows = self._conn.execute(
+            f"SELECT DISTINCT scope FROM batches WHERE state IN ({marks}) AND substr(scope, 1, ?)=?",
+            (*OPEN_STATES, len(prefix), prefix),
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    def held_items(self, scopes: Sequence[str]) -> dict[str, str]:
+        """``item -> local id`` of every item still pending in an open batch of ``scopes``:
+        what a synchronous run must not send (it is in flight, and will be billed)."""
+        if not scopes:
+            return {}
+        marks = ", ".join("?" * len(OPEN_STATES))
+        rows = self._conn.execute(
+            "SELECT i.item, i.local_id FROM batch_items i JOIN batches b ON b.local_id=i.local_id "
+            f"WHERE i.state='pending' AND b.state IN ({marks}) "
+            f"AND b.scope IN ({', '.join('?' * len(scopes))})",
+            (*OPEN_STATES, *scopes),
+        )
+        return {str(k): str(b) for k, b in rows}
 
     def dangling_spend(self) -> list[int]:
         """Spend-ledger rows of batches that never got a batch row (a kill between the

@@ -1,5 +1,7 @@
 """Run by test_batch_resume in a subprocess: label N components through a batch API, then print
-the report; the test SIGKILLs it while its batch is being created or is running."""
+the report; the test SIGKILLs it while its batch is being created or is running. With a fifth
+argument ``cancel`` it cancels the store's open batches instead (test_batch_control kills it
+mid-cancel)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ if __name__ == "__main__":
         batch=True,
         poll_interval_s=0.05,
         backoff_base_s=0.01,
+        cancel_batches=sys.argv[5:] == ["cancel"],
     )
     report = label_components(
         make_many(n), config, db_path=db_path, harvest_id="h1", decomposition_id="t:demo"

@@ -9,10 +9,18 @@ against one server see the same answers. ``batch_plan(n) -> BatchPlan`` (n: the 
 creation order, 0-based) sets how long a batch runs, whether it expires part-way, whether its
 create call is held open (the window a SIGKILL test aims at) or refused.
 
-Statuses move with time since creation: Anthropic ``in_progress`` -> ``ended`` (``canceling``
-after a cancel); OpenAI ``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed`` /
-``expired`` / ``failed`` (``cancelling`` -> ``cancelled``). Every HTTP call is recorded in
-``calls`` (method, path), batch creations in ``creates``.
+Statuses move with time since creation: Anthropic ``in_progress`` -> ``ended``; OpenAI
+``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed`` / ``expired`` / ``failed``.
+A cancel (``POST .../cancel``) of a running batch moves it to Anthropic ``canceling`` /
+OpenAI ``cancelling`` for ``BatchPlan.cancel_delay`` seconds, then ``ended`` / ``cancelled``:
+the first ``BatchPlan.done_by_cancel`` requests (by position) had finished and keep their
+answers (billed), the others are ``canceled`` (Anthropic: ``{"type": "canceled"}`` result
+lines; OpenAI: the finished ones in the output file, the others as ``batch_cancelled`` lines of
+the error file for even positions and left out for odd ones, both documented forms). The cancel
+response is the batch object, as both APIs return it; a cancel of an ended batch is refused
+(Anthropic 409 ``invalid_request_error``, OpenAI 400), the case the client must tolerate.
+Every HTTP call is recorded in ``calls`` (method, path), batch creations in ``creates``,
+accepted cancels in ``cancels``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ class BatchPlan:
     create_status: int = 200  # >= 400: the create call is refused with this status
     create_hold: float = 0.0  # accept the batch, then hold the create response this long
     gone: bool = False  # once ended, the batch is unknown to the server (404): deleted
+    done_by_cancel: int = 0  # requests (by position) already finished when a cancel arrives
+    cancel_delay: float = 0.1  # seconds in canceling / cancelling before the batch has ended
+    cancel_hold: float = 0.0  # accept a cancel, then hold its response this long
 
 
 # batch_plan(n): n counts create calls (refused ones too), 0-based
@@ -62,15 +73,26 @@ class _Batch:
         return time.monotonic() - self.created
 
     @property
+    def cut(self) -> bool:
+        """Cancelled before it had ended on its own."""
+        return self.cancelled_at is not None and self.cancelled_at - self.created < self.plan.delay
+
+    @property
+    def canceling(self) -> bool:
+        return self.cut and time.monotonic() - (self.cancelled_at or 0.0) < self.plan.cancel_delay
+
+    @property
     def ended(self) -> bool:
-        return self.elapsed() >= self.plan.delay or self.cancelled_at is not None
+        if self.cut:
+            return not self.canceling
+        return self.elapsed() >= self.plan.delay
 
     def outcome(self, i: int, reply: Reply) -> str:
         if self.plan.failed:
             return "failed"
         if self.plan.expire_after is not None and i >= self.plan.expire_after:
             return "expired"
-        if self.cancelled_at is not None and self.cancelled_at - self.created < self.plan.delay:
+        if self.cut and i >= self.plan.done_by_cancel:
             return "canceled"
         return "errored" if reply.status >= 400 else "succeeded"
 
@@ -89,6 +111,7 @@ class BatchServer(LLMServer):
         self.files: dict[str, bytes] = {}
         self.calls: list[tuple[str, str]] = []
         self.creates: list[str] = []  # batch ids in creation order
+        self.cancels: list[str] = []  # batch ids whose cancel was accepted, in order
         self.create_calls = 0  # create calls, refused ones included (batch_plan's argument)
 
     # -- routing ---------------------------------------------------------------------------
@@ -196,9 +219,19 @@ class BatchServer(LLMServer):
         self._send(h, 200, self._doc(batch))
 
     def _cancel(self, h: BaseHTTPRequestHandler, bid: str) -> None:
-        batch = self.batches[bid]
-        if not batch.ended:
-            batch.cancelled_at = time.monotonic()
+        api = "anthropic" if bid.startswith("msgbatch_") else "openai"
+        batch = self.batches.get(bid)
+        if batch is None or (batch.plan.gone and batch.ended):
+            return self._send(h, 404, _error(api, "no such batch"))
+        if batch.ended:
+            status = 409 if api == "anthropic" else 400
+            return self._send(h, status, _refusal(api, f"batch {bid} has ended; cannot cancel"))
+        with self._lock:
+            if batch.cancelled_at is None:
+                batch.cancelled_at = time.monotonic()
+            self.cancels.append(bid)
+        if batch.plan.cancel_hold:
+            time.sleep(batch.plan.cancel_hold)
         self._send(h, 200, self._doc(batch))
 
     def _list(self, h: BaseHTTPRequestHandler, api: str) -> None:
@@ -233,7 +266,7 @@ class BatchServer(LLMServer):
         created = b.created_wall
         return {
             "id": b.id, "type": "message_batch",
-            "processing_status": "ended" if ended else "in_progress",
+            "processing_status": "ended" if ended else "canceling" if b.cut else "in_progress",
             "request_counts": counts,
             "created_at": created.isoformat(), "expires_at": (created + timedelta(hours=24)).isoformat(),
             "ended_at": datetime.now(UTC).isoformat() if ended else None,
@@ -262,8 +295,8 @@ class BatchServer(LLMServer):
     def _openai_doc(self, b: _Batch, outcomes: list[str]) -> dict[str, Any]:
         t, d = b.elapsed(), b.plan.delay
         created = int(b.created_wall.timestamp())
-        if b.cancelled_at is not None and b.cancelled_at - b.created < d:
-            status = "cancelled"
+        if b.cut:
+            status = "cancelling" if b.canceling else "cancelled"
         elif not b.ended:
             status = (
                 "validating" if t < 0.25 * d else "in_progress" if t < 0.75 * d else "finalizing"
@@ -279,7 +312,11 @@ class BatchServer(LLMServer):
             self._write_openai_files(b, outcomes)
         n_ok = sum(o == "succeeded" for o in outcomes) if final else 0
         n_bad = sum(o == "errored" for o in outcomes) if final else 0
+        cut_at = None
+        if b.cancelled_at is not None:
+            cut_at = created + int(b.cancelled_at - b.created)
         return {
+            "cancelling_at": cut_at, "cancelled_at": cut_at if status == "cancelled" else None,
             "id": b.id, "object": "batch", "endpoint": "/v1/chat/completions",
             "input_file_id": b.input_file_id, "completion_window": "24h", "status": status,
             "created_at": created, "expires_at": created + 86400,
@@ -306,6 +343,9 @@ class BatchServer(LLMServer):
                 # the documented error line; odd ones are left out (reported by omission)
                 err.append({"id": rid, "custom_id": cid, "response": None,
                             "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}})  # fmt: skip
+            elif o == "canceled" and i % 2 == 0:
+                err.append({"id": rid, "custom_id": cid, "response": None,
+                            "error": {"code": "batch_cancelled", "message": "This request was not executed because the batch was cancelled."}})  # fmt: skip
         with self._lock:
             if out:
                 b.output_file_id = f"file-out-{b.index}"
@@ -317,6 +357,13 @@ class BatchServer(LLMServer):
 
 def batch_api(path: str) -> str:
     return "anthropic" if "/messages/" in path else "openai"
+
+
+def _refusal(api: str, message: str) -> dict[str, Any]:
+    """A 4xx refusal body of a request that is valid but not allowed now."""
+    if api == "anthropic":
+        return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    return {"error": {"message": message, "type": "invalid_request_error", "code": None}}
 
 
 def _error(api: str, message: str) -> dict[str, Any]:

@@ -220,7 +220,12 @@ def test_cancel_through_the_sdk_cancels_the_unfinished_requests(provider: str) -
         bid = await client.submit("local1", [client.line("c0", req), client.line("c1", req)])
         before = (await client.status(bid)).provider_status
         await client.cancel(bid)
+        during = (await client.status(bid)).provider_status
+        assert during == ("canceling" if provider == "anthropic" else "cancelling")
         status = await client.status(bid)
+        while not status.ended:
+            await asyncio.sleep(0.02)
+            status = await client.status(bid)
         outcomes = [r.outcome async for r in client.results(bid)]
         await client.aclose()
         return [before], status.provider_status, outcomes

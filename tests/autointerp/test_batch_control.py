@@ -98,9 +98,7 @@ def _labels(db: Path) -> dict[str, tuple[str, str | None]]:
 def _sync_markers(server: BatchServer, since: int) -> list[str]:
     """Markers of the synchronous requests (those not inside a batch) after ``since``."""
     in_batches = {req.index for b in server.batches.values() for _, req, _ in b.items}
-    return sorted(
-        r.marker or "" for r in server.requests[since:] if r.index not in in_batches
-    )
+    return sorted(r.marker or "" for r in server.requests[since:] if r.index not in in_batches)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -240,7 +238,9 @@ def test_a_cancel_marked_but_never_sent_is_sent_by_the_next_command(
         time.sleep(0.15)  # canceling -> ended
         after = run(server, provider, make_many(3), db, **FAST)  # collects; sends nothing new
     assert (after.batches_resumed, after.batches_submitted) == (1, 0)
-    assert (after.n_labelled, after.n_failed) == (1, 2) and server.cancels == [row.provider_batch_id]
+    assert (after.n_labelled, after.n_failed) == (1, 2) and server.cancels == [
+        row.provider_batch_id
+    ]
     assert after.spent_usd == pytest.approx(_cost(provider, 0, batch=True))
     assert _labels(db)["0"] == ("ok", "L0") and _in_flight(db) == 0
 

@@ -611,11 +611,17 @@ def report_table(report: RunReport) -> Table:
             [
                 (
                     "batches",
-                    f"{report.batches_submitted} submitted, {report.batches_resumed} resumed; "
+                    f"{report.batches_submitted} submitted, {report.batches_resumed} resumed, "
+                    f"{report.batches_collected} collected, {report.batches_canceled} cancelled; "
                     + ", ".join(f"{k} {v}" for k, v in sorted(report.batch_outcomes.items())),
                 )
             ]
-            if report.batch
+            if report.batch or report.batches_collected or report.batches_resumed
+            else []
+        ),
+        *(
+            [("in open batches (not sent)", str(report.n_in_open_batches))]
+            if report.n_in_open_batches
             else []
         ),
         ("spent", spent),

@@ -5,6 +5,11 @@ The cap is the label store's: it bounds everything ``labels.db`` has ever spent,
 at ``--cost-cap 2`` never bills more than $2 in all; pass a higher ``--cost-cap`` to spend
 more. The command exits non-zero when every component it tried failed, or when an error every
 request would get (bad key, unknown model, bad URL) stopped the run.
+
+Batches: ``--list-batches`` lists the store's open batches (nothing is sent);
+``--cancel-batches`` cancels those of this run's scope (provider, model, strategy, harvest
+run) and stores what they return. A synchronous run never sends a component an open batch
+holds: it says how many it left out and which batches hold them.
 """
 
 from __future__ import annotations
@@ -127,12 +132,32 @@ def autointerp(
     poll_interval: Annotated[
         float, typer.Option(help="seconds between batch status polls (--batch)")
     ] = 30.0,
+    list_batches: Annotated[
+        bool,
+        typer.Option(
+            "--list-batches", help="list the open batches of the label store; send nothing"
+        ),
+    ] = False,
+    cancel_batches: Annotated[
+        bool,
+        typer.Option(
+            "--cancel-batches",
+            help="cancel this scope's open batches (same --provider/--model/--strategy/--run); "
+            "store what finished, the rest become failure rows a re-run retries",
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
     base_model: BaseModelOpt = None,
 ) -> None:
     """Label components with an LLM; re-running continues where the last run stopped."""
     use_base_model(base_model)
+    if list_batches:
+        from spd_host.autointerp.api import labels_db_path
+        from spd_host.cli.batch_progress import list_open_batches
+
+        list_open_batches(labels_db_path(decomposition_id), json_out=json_out)
+        return
     from spd_host.autointerp.api import run_autointerp
     from spd_host.autointerp.config import AutointerpConfig
     from spd_host.autointerp.registry import get_provider
@@ -173,17 +198,18 @@ def autointerp(
             min_firing_count=min_firing_count,
             batch=batch,
             poll_interval_s=poll_interval,
+            cancel_batches=cancel_batches,
         ),
     )
     show = not (no_progress or json_out)
     from spd_host.cli.batch_progress import batch_bar
 
-    with batch_bar(show and batch) as on_batch:
+    with batch_bar(show and (batch or cancel_batches)) as on_batch:
         report = run_autointerp(
             decomposition_id,
             config,
             harvest_run=harvest_run,
-            progress=show and not batch,
+            progress=show and not (batch or cancel_batches),
             console=err_console,
             force=force,
             batch_progress=on_batch,
@@ -198,6 +224,19 @@ def autointerp(
             f"[yellow]{report.n_failed} component(s) failed; their errors are stored: "
             f"`spd-host show {safe(decomposition_id)} --failed` lists them. Re-run the same "
             "command to retry them.[/]",
+            highlight=False,
+        )
+    if cancel_batches and not report.batches_collected and not report.batches_resumed:
+        err_console.print(
+            "no open batch in this scope (provider, model, strategy, harvest run); "
+            f"`spd-host autointerp {safe(decomposition_id)} --list-batches` lists them all",
+            highlight=False,
+        )
+    if report.n_in_open_batches:
+        err_console.print(
+            f"[yellow]{report.n_in_open_batches} component(s) not sent: open batch(es) "
+            f"{safe(', '.join(report.open_batches))} hold them. Collect them with the same "
+            "command and --batch, or cancel them with --cancel-batches.[/]",
             highlight=False,
         )
     if report.stopped_by_error:

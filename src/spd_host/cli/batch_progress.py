@@ -1,6 +1,6 @@
-"""The progress bar of a batch run (autointerp ``--batch``): the engine reports a
-:class:`~spd_host.autointerp.batch.engine.BatchProgress` after every poll; drawing it is the
-CLI's job."""
+"""What the CLI shows of batches: the progress bar of a batch run (autointerp ``--batch``:
+the engine reports a :class:`~spd_host.autointerp.batch.engine.BatchProgress` after every
+poll; drawing it is the CLI's job) and the listing of open batches (``--list-batches``)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,65 @@ def batch_bar(show: bool) -> Iterator[Callable[[Any], None] | None]:
 
     with bar:
         yield update
+
+
+def open_batches_table(listing: list[Any], where: str) -> Any:
+    """The open batches of one store (``--list-batches``): where each stands at the provider
+    as last polled, what it holds and what it still has reserved against the cap."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from spd_host.safe_text import printable
+
+    table = Table(title=f"{len(listing)} open batch(es) in {escape(printable(where))}")
+    for col in ("local id", "provider id", "provider / model", "created", "state", "requests",
+                "pending", "counts", "reserved", "scope"):  # fmt: skip
+        table.add_column(col)
+    for b in listing:
+        state = b.provider_status or b.state
+        if b.cancel_requested_at:
+            state += " (cancel requested)"
+        counts = (
+            f"processing {b.processing}, ok {b.succeeded}, errored {b.errored}, "
+            f"expired {b.expired}, cancelled {b.canceled}"
+        )
+        cells = (b.local_id, b.provider_batch_id or "(not recorded)",
+                 f"{b.provider} / {b.model}", b.created_at[:19], state, str(b.n_requests),
+                 str(b.pending), counts, f"${b.reserved_usd:.4f}", b.scope)  # fmt: skip
+        table.add_row(*(escape(printable(c)) for c in cells))
+    return table
+
+
+def open_batches_json(listing: list[Any]) -> list[dict[str, Any]]:
+    """The same listing for ``--json``: every field of each open batch."""
+    import dataclasses
+
+    return [dataclasses.asdict(b) for b in listing]
+
+
+def list_open_batches(db: Any, *, json_out: bool) -> None:
+    """Print the open batches of the store at ``db`` (a label store or a suite's spend
+    database); nothing is sent to any provider. A store that does not exist has none."""
+    from pathlib import Path
+
+    from spd_host.cli.common import console, print_json
+
+    path = Path(db)
+    listing: list[Any] = []
+    if path.exists():
+        import sqlite3
+
+        from spd_host.autointerp.batch.table import BatchTable
+
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        try:
+            has = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='batches'"
+            ).fetchone()
+            listing = BatchTable(conn).open_listing() if has else []
+        finally:
+            conn.close()
+    if json_out:
+        print_json(open_batches_json(listing))
+    else:
+        console.print(open_batches_table(listing, str(path)))

@@ -398,6 +398,28 @@ Batch = Annotated[
 PollInterval = Annotated[
     float | None, typer.Option("--poll-interval", help="Seconds between batch polls (30).")
 ]
+ListBatches = Annotated[
+    bool, typer.Option("--list-batches", help="List the suite's open batches; judge nothing.")
+]
+CancelBatches = Annotated[
+    bool,
+    typer.Option(
+        "--cancel-batches",
+        help="Cancel this run's open batches; keep what finished, fail the rest.",
+    ),
+]
+
+
+def list_suite_batches(suite: str, ids: list[str], *, json_out: bool) -> None:
+    """``--list-batches`` of an LLM suite: the open batches in each ID's ``<suite>.spend.db``."""
+    from spd_host.cli.batch_progress import list_open_batches
+    from spd_host.evals.llm.records import spend_db_path
+    from spd_host.plugins import get_host
+
+    for did in ids:
+        list_open_batches(
+            spend_db_path(get_host().parse_id(did).storage_key, suite), json_out=json_out
+        )
 
 
 def _judge_command(kind: str) -> Any:
@@ -436,6 +458,8 @@ def _judge_command(kind: str) -> Any:
         mark_rule: MarkRuleOpt = None,
         batch: Batch = False,
         poll_interval: PollInterval = None,
+        list_batches: ListBatches = False,
+        cancel_batches: CancelBatches = False,
         json_out: JsonOut = False,
         base_model: BaseModelOpt = None,
         wandb: Wandb = False,
@@ -446,6 +470,9 @@ def _judge_command(kind: str) -> Any:
         wandb_entity: WandbEntity = None,
     ) -> None:
         use_base_model(base_model)
+        if list_batches:
+            list_suite_batches(kind, ids, json_out=json_out)
+            return
         if label_model is not None and kind == "intruder":
             from spd_host.errors import ConfigError
 
@@ -490,6 +517,7 @@ def _judge_command(kind: str) -> Any:
             "mark_rule": mark_rule if kind == "fuzzing" else None,
             "batch": batch or None,
             "poll_interval_s": poll_interval,
+            "cancel_batches": cancel_batches or None,
         }
         run_many(
             [kind],

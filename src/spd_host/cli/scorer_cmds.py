@@ -14,12 +14,14 @@ from spd_host.cli.common import BaseModelOpt, handles_errors, use_base_model
 from spd_host.cli.eval_cmd import (
     BaseUrl,
     Batch,
+    CancelBatches,
     CostCap,
     Force,
     HarvestRun,
     IdsArg,
     JsonOut,
     LabelModel,
+    ListBatches,
     MaxAttempts,
     MaxConcurrent,
     Model,
@@ -33,6 +35,7 @@ from spd_host.cli.eval_cmd import (
     Provider,
     Timeout,
     eval_app,
+    list_suite_batches,
     run_many,
 )
 
@@ -84,11 +87,16 @@ def simulation(
     force: Force = False,
     batch: Batch = False,
     poll_interval: PollInterval = None,
+    list_batches: ListBatches = False,
+    cancel_batches: CancelBatches = False,
     json_out: JsonOut = False,
     base_model: BaseModelOpt = None,
 ) -> None:
     """Label predictiveness: the judge simulates per-token activations (Pearson correlation)."""
     use_base_model(base_model)
+    if list_batches:
+        list_suite_batches("simulation", ids, json_out=json_out)
+        return
     options = {
         "provider": provider, "model": model, "base_url": base_url, "mode": mode,
         "top_logprobs": top_logprobs, "max_concurrent": max_concurrent, "cost_cap_usd": cost_cap,
@@ -97,7 +105,7 @@ def simulation(
         "max_example_tokens": max_example_tokens, "harvest_run": harvest_run,
         "label_model": label_model, "force": force, "positives": positives,
         "n_quantiles": n_quantiles, "negatives": negatives, "batch": batch or None,
-        "poll_interval_s": poll_interval,
+        "poll_interval_s": poll_interval, "cancel_batches": cancel_batches or None,
     }  # fmt: skip
     run_many(["simulation"], ids, options, json_out=json_out, wandb=False, wandb_project="")
 

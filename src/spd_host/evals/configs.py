@@ -195,6 +195,11 @@ class JudgeSuiteConfig(_Frozen):
     poll_interval_s: float = Field(
         default=30.0, gt=0, allow_inf_nan=False, description="Seconds between batch polls."
     )
+    cancel_batches: bool = Field(
+        default=False,
+        description="Judge nothing: cancel this run's open batches and record what they "
+        "return (finished trials billed and kept, the rest failed trials a re-run retries).",
+    )
     convention: JudgeConvention = Field(
         default="spd-host",
         description="Detection/fuzzing: whose definitions (docs/evals.md); sets the defaults "
@@ -262,4 +267,5 @@ class JudgeSuiteConfig(_Frozen):
             output_price_per_mtok=self.output_price_per_mtok,
             batch=self.batch,
             poll_interval_s=self.poll_interval_s,
+            cancel_batches=self.cancel_batches,
         )

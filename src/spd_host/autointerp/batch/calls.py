@@ -13,7 +13,7 @@ from typing import Any
 
 from spd_host.autointerp.answer import MalformedAnswerError
 from spd_host.autointerp.batch.base import ItemResult
-from spd_host.autointerp.batch.engine import BatchProgress, run_batches
+from spd_host.autointerp.batch.engine import BatchProgress, Mode, run_batches
 from spd_host.autointerp.batch.labels import make_job
 from spd_host.autointerp.batch.table import BatchTable
 from spd_host.autointerp.calls import Outcome
@@ -35,9 +35,11 @@ async def call_in_batches(
     accept: Callable[[str, Completion], Any] | None = None,
     secrets: list[str] | None = None,
     on_progress: Callable[[BatchProgress], None] | None = None,
+    mode: Mode = "run",
 ) -> tuple[float, bool, str | None]:
     """Send ``items`` (``(item id, request)``) in batches; returns (spent USD, stopped by the
-    cost cap, the error that stopped the run if one did). Items never sent get no outcome."""
+    cost cap, the error that stopped the run if one did). Items never sent get no outcome.
+    ``mode`` ``cancel`` / ``collect_once``: nothing is sent (see :func:`run_batches`)."""
     if ledger is None:
         raise ConfigError(
             "--batch needs a spend ledger (its batch table lives beside it)",
@@ -72,5 +74,7 @@ async def call_in_batches(
             out.error = out.error or f"batch request {result.outcome}"
         on_done(item, out)
 
-    summary = await run_batches(job, list(requests), requests.__getitem__, on_result, on_progress)
+    summary = await run_batches(
+        job, list(requests), requests.__getitem__, on_result, on_progress, mode
+    )
     return summary.spent_usd, summary.stopped_by_cost_cap, summary.fatal

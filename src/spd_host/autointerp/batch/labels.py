@@ -47,9 +47,10 @@ def batch_pricing(provider: Provider, model: str, config: AutointerpConfig) -> P
 def batch_client(provider: Provider, model: str, config: AutointerpConfig) -> Any:
     if provider.make_batch_client is None:
         with_batch = "anthropic, openai"
+        flag = "--cancel-batches" if config.cancel_batches else "--batch"
         raise ConfigError(
-            f"provider {provider.name!r} has no batch API, so --batch cannot be used with it",
-            hint=f"providers with a batch API: {with_batch}; or drop --batch",
+            f"provider {provider.name!r} has no batch API, so {flag} cannot be used with it",
+            hint=f"providers with a batch API: {with_batch} (pass --provider); or drop {flag}",
         )
     return provider.make_batch_client(
         ClientOptions(

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=BaseModel)
 
 
+def spend_db_path(storage_key: str, suite: str) -> Path:
+    """``<evals dir>/<suite>.spend.db``: a paid suite's spend ledger and batch tables."""
+    return evals_dir(storage_key) / f"{suite}.spend.db"
+
+
 class TrialLog(Generic[R]):
     def __init__(self, storage_key: str, suite: str, run_key: str, model: type[R]) -> None:
         self.path: Path = evals_dir(storage_key) / f"{suite}.trials.jsonl"

@@ -7,8 +7,12 @@ Retry-After, retries and fail-fast (:func:`spd_host.autointerp.calls.call_with_r
 With ``config.batch``: the same requests through the provider's batch API
 (:func:`spd_host.autointerp.batch.calls.call_in_batches`), its state kept beside the ledger
 under a scope, so a killed run resumes by polling and never resubmits what was accepted.
-Either way an item whose calls were never sent (cap reached, fatal error) gets no outcome: a
-re-run picks it up; every other item's :class:`~spd_host.autointerp.calls.Outcome` reaches
+Before a synchronous run sends anything, the scope's open batches (a ``--batch`` run not yet
+collected) are polled once and the ended ones collected; items still pending in an open batch
+are not sent (they are in flight, and billed there): :func:`held_in_batches` counts them for
+the suite's result. With ``config.cancel_batches`` nothing is sent: the scope's open batches
+are cancelled and collected. Either way an item whose calls were never sent (cap reached,
+fatal error, held by a batch) gets no outcome: a re-run picks it up; every other item's :class:`~spd_host.autointerp.calls.Outcome` reaches
 ``on_outcome`` in the same form, so a suite records both paths with one function.
 """
 
@@ -21,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
+from spd_host.autointerp.batch.engine import Mode
+from spd_host.autointerp.batch.table import BatchTable
 from spd_host.autointerp.calls import Gates, Outcome, call_with_retries
 from spd_host.autointerp.config import AutointerpConfig
 from spd_host.autointerp.ledger import SpendLedger
@@ -57,9 +63,22 @@ async def arun_requests(
     ``batch_scope`` names the batch state (suite, judge and run key) that a resumed
     ``config.batch`` run polls instead of resubmitting.
     """
-    if config.batch:
+    if config.batch or config.cancel_batches:
         return await _arun_batch(items, config, calls, ledger, batch_scope)
     provider = get_provider(config.provider)
+    pre_spent = 0.0
+    if (
+        ledger is not None
+        and batch_scope
+        and BatchTable(ledger.connection).open_batches(batch_scope)
+    ):
+        delivered: set[str] = set()
+        pre_spent, _ = await _arun_batch(
+            items, config, calls, ledger, batch_scope, "collect_once", delivered
+        )
+        held = BatchTable(ledger.connection).held_items([batch_scope])
+        # neither what a batch still holds nor what it just answered is sent again
+        items = [it for it in items if calls.item_id(it) not in held.keys() | delivered]
     model = config.model or provider.default_model
     pricing = resolve_pricing(provider, model, config)
     client = provider.make_client(
@@ -110,7 +129,7 @@ async def arun_requests(
         await asyncio.gather(*(worker() for _ in range(n)))
     finally:
         await client.aclose()
-    return gates.budget.spent, gates.budget.exhausted
+    return gates.budget.spent + pre_spent, gates.budget.exhausted
 
 
 async def _arun_batch(
@@ -119,8 +138,12 @@ async def _arun_batch(
     calls: Calls[T],
     ledger: SpendLedger | None,
     batch_scope: str,
+    mode: Mode | None = None,
+    delivered: set[str] | None = None,
 ) -> tuple[float, bool]:
-    """The batch seam: the same requests and outcomes, sent through the provider's batch API.
+    """The batch seam: the same requests and outcomes, sent through the provider's batch API
+    (``mode``: the engine's; by default ``cancel`` under ``config.cancel_batches``, else
+    ``run``). The ids whose outcome was recorded are added to ``delivered``.
 
     A result for an id this run does not have (an item of an earlier run's batch that is
     done or no longer asked for) is dropped, neither accepted nor recorded.
@@ -139,12 +162,39 @@ async def _arun_batch(
     def on_done(key: str, out: Outcome) -> None:
         if key in by_id:
             calls.on_outcome(by_id[key], out)
+            if delivered is not None:
+                delivered.add(key)
 
+    if mode is None:
+        mode = "cancel" if config.cancel_batches else "run"
     spent, capped, _fatal = await call_in_batches(
         batch_scope, provider, model, config, ledger, requests, on_done,
-        accept=accept_by_id, secrets=known_secrets(None, config.api_key_env),
+        accept=accept_by_id, secrets=known_secrets(None, config.api_key_env), mode=mode,
     )  # fmt: skip
     return spent, capped
+
+
+def held_in_batches(
+    ledger: SpendLedger, batch_scope: str, ids: Sequence[str]
+) -> tuple[int, list[str]]:
+    """How many of ``ids`` an open batch of the scope still holds (a synchronous run did not
+    send them), and those batches as ``local id (provider batch id)``."""
+    table = BatchTable(ledger.connection)
+    held = table.held_items([batch_scope])
+    n = sum(1 for i in set(ids) if i in held)
+    names = [
+        f"{b.local_id} ({b.provider} {b.provider_batch_id or 'id not recorded'})"
+        for b in table.open_listing([batch_scope])
+    ]
+    return n, names
+
+
+def held_note(n: int, batches: Sequence[str]) -> str:
+    """The one-line notice of trials a run did not send because an open batch holds them."""
+    return (
+        f"{n} trial(s) not sent: open batch(es) {', '.join(batches)} hold them; collect them "
+        "with the same command and --batch, or cancel them with --cancel-batches"
+    )
 
 
 def scope_of(suite: str, config: AutointerpConfig, run_key: str) -> str:

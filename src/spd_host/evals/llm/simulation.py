@@ -149,6 +149,9 @@ class SimulationResult(EvalResult):
     n_trials_ok: int
     n_trials_failed: int
     n_trials_not_sent: int
+    n_trials_in_open_batches: int = 0
+    """Of the trials not sent, those an open batch holds (collect: --batch; cancel:
+    --cancel-batches)."""
     skipped: dict[str, str]
     spent_usd: float
     stopped_by_cost_cap: bool
@@ -376,6 +379,7 @@ def _run_key(judge: str, harvest_run: str, config: SimulationConfig) -> str:
 def run_simulation(adapter: DecompositionAdapter, config: SimulationConfig) -> SimulationResult:
     from spd_host.autointerp.registry import get_provider
     from spd_host.evals.llm.records import TrialLog, open_ledger_at
+    from spd_host.evals.llm.requests import held_in_batches, scope_of
     from spd_host.plugins import get_host
 
     llm = config.llm()
@@ -417,7 +421,10 @@ def run_simulation(adapter: DecompositionAdapter, config: SimulationConfig) -> S
                     keep(_record(t, baseline_prediction(t, top), None))
             else:
                 spent, capped = _judge(todo, config, setup, adapter, keep, ledger, run_key)
-    return _result(adapter, config, trials, records, skipped, harvest_run, judge, provider.baseline, setup, spent, capped)  # fmt: skip
+        held = held_in_batches(
+            ledger, scope_of(SUITE, llm, run_key), [t.trial_id for t in todo if t.trial_id not in records]
+        )  # fmt: skip
+    return _result(adapter, config, trials, records, skipped, harvest_run, judge, provider.baseline, setup, spent, capped, held)  # fmt: skip
 
 
 def _judge(
@@ -504,6 +511,7 @@ def _result(
     setup: Setup,
     spent: float,
     capped: bool,
+    held: tuple[int, list[str]] = (0, []),
 ) -> SimulationResult:
     final = [records[t.trial_id] for t in trials if t.trial_id in records]
     by_key: dict[str, list[SimulationRecord]] = {}
@@ -515,6 +523,10 @@ def _result(
         notes.append("offline BASELINE judge (10 on top-PMI input tokens, else 0), not an LLM")
     if capped:
         notes.append("stopped by the cost cap: some trials were not sent")
+    if held[0]:
+        from spd_host.evals.llm.requests import held_note
+
+        notes.append(held_note(*held))
     if setup.baseline_labels:
         notes.append("scored labels include offline BASELINE labels, not an LLM's")
     n_fallback = sum(r.n_values_from_text for r in final)
@@ -534,6 +546,7 @@ def _result(
         n_trials_ok=sum(r.status == "ok" for r in final),
         n_trials_failed=sum(r.status == "failed" for r in final),
         n_trials_not_sent=sum(1 for t in trials if t.trial_id not in records),
+        n_trials_in_open_batches=held[0],
         skipped=skipped,
         spent_usd=spent,
         stopped_by_cost_cap=capped,

@@ -42,6 +42,7 @@ from spd_host.evals.llm.populations import (
     trial_ceiling,
 )
 from spd_host.evals.llm.records import open_ledger_at
+from spd_host.evals.llm.requests import held_in_batches, held_note, scope_of
 from spd_host.evals.llm.scoring import DelphiMetrics, ExampleOutcome, delphi_metrics
 from spd_host.evals.llm.trials import (
     Kind,
@@ -82,6 +83,9 @@ class JudgeResult(EvalResult):
     n_trials_ok: int
     n_trials_failed: int
     n_trials_not_sent: int
+    n_trials_in_open_batches: int = 0
+    """Of the trials not sent, those an open batch holds (collect: --batch; cancel:
+    --cancel-batches)."""
     skipped: dict[str, str]
     spent_usd: float
     stopped_by_cost_cap: bool
@@ -386,9 +390,15 @@ def run_judge_suite(
             spent, capped, baseline, judge = _judge_into(
                 sink, records, run_key, todo, llm, adapter, repo, ledger, _prompt_style(config)
             )
+        held = held_in_batches(
+            ledger,
+            scope_of("judge", llm, run_key),
+            [t.trial_id for t in todo if t.trial_id not in records],
+        )
     result = _result(
-        kind, adapter, config, trials, records, skipped, harvest_run, spent, capped, baseline, judge
-    )
+        kind, adapter, config, trials, records, skipped, harvest_run, spent, capped, baseline, judge,
+        held,
+    )  # fmt: skip
     if config.convention != "delphi" or kind == "intruder":
         return result
     return _with_delphi(result, config, {c.key: c for c in repo.summary()})
@@ -566,6 +576,7 @@ def _result(
     capped: bool,
     baseline: bool,
     judge: str,
+    held: tuple[int, list[str]] = (0, []),
 ) -> JudgeResult:
     final = [records[t.trial_id] for t in trials if t.trial_id in records]
     not_sent = sum(1 for t in trials if t.trial_id not in records)
@@ -590,6 +601,8 @@ def _result(
         notes.append("offline BASELINE judge (token overlap / top tokens), not an LLM")
     if capped:
         notes.append("stopped by the cost cap: some trials were not sent")
+    if held[0]:
+        notes.append(held_note(*held))
     if kind != "intruder" and _labels(adapter.decomposition_id, config.label_model)[1]:
         notes.append("scored labels include offline BASELINE labels, not an LLM's")
     return JudgeResult(
@@ -609,6 +622,7 @@ def _result(
         n_trials_ok=sum(r.status == "ok" for r in final),
         n_trials_failed=sum(r.status == "failed" for r in final),
         n_trials_not_sent=not_sent,
+        n_trials_in_open_batches=held[0],
         skipped=skipped,
         spent_usd=spent,
         stopped_by_cost_cap=capped,

@@ -279,3 +279,77 @@ def test_sigkill_mid_cancel_then_the_next_cancel_resumes_it(provider: str, tmp_p
     assert (report.n_labelled, report.n_failed, report.batches_collected) == (2, 2, 1)
     billed = _cost(provider, 0, batch=True) + _cost(provider, 1, batch=True)
     assert report.store_spent_usd == pytest.approx(billed) and _in_flight(db) == 0
+
+
+class _Interrupt(BaseException):
+    """What Ctrl-C does to a run waiting on its batch, at a moment the test chooses."""
+
+
+def test_cli_lists_cancels_and_a_sync_run_reports_what_batches_hold(toy_harvest: Any) -> None:
+    """On a real toy harvest: an interrupted --batch run of 4 components leaves one open batch;
+    --list-batches shows it (sending nothing); a synchronous run labels every other component,
+    sends none of the 4 and says so; --cancel-batches (1 had finished) stores its label and 3
+    failure rows; a synchronous run then labels exactly those 3."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from spd_host.autointerp.api import labels_db_path, run_autointerp
+    from spd_host.cli.app import app
+
+    db = labels_db_path("toy:demo")
+    runner = CliRunner()
+    plan = BatchPlan(delay=60, done_by_cancel=1)
+    with BatchServer(batch_plan=lambda n: plan) as server:
+        config = AutointerpConfig(
+            provider="openai", model=MODELS["openai"], base_url=server.openai_url, limit=4,
+            **FAST,
+        )  # fmt: skip
+
+        def handler(signum: int, frame: Any) -> None:
+            if db.exists() and server.creates:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    states = [s for (s,) in conn.execute("SELECT state FROM batches")]
+                if "submitted" in states:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    raise _Interrupt
+
+        old = signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+        try:
+            with pytest.raises(_Interrupt):
+                run_autointerp("toy:demo", config, progress=False)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        args = ["autointerp", "toy:demo", "--provider", "openai", "--base-url", server.openai_url]
+        listed = runner.invoke(app, [*args, "--list-batches", "--json"])
+        assert listed.exit_code == 0, listed.output
+        (row,) = _json.loads(listed.stdout)
+        assert (row["provider_batch_id"], row["pending"], row["n_requests"]) == (
+            server.creates[0], 4, 4,
+        )  # fmt: skip
+        assert row["scope"].startswith("autointerp|openai|gpt-4.1-mini|") and server.cancels == []
+        table = runner.invoke(app, [*args, "--list-batches"])
+        assert server.creates[0] in table.output and "1 open batch" in table.output
+        since = len(server.requests)
+        sync = runner.invoke(app, [*args, "--json"])  # every component of the harvest
+        assert sync.exit_code == 0, sync.output
+        report = _json.loads(sync.stdout)
+        others = report["n_components"] - 4
+        assert others > 0 and len(server.requests) - since == others  # none of the 4 sent
+        assert (report["n_in_open_batches"], report["n_labelled"]) == (4, others)
+        assert "4 component(s) not sent" in sync.stderr and server.creates[0] in sync.stderr
+        cancel = runner.invoke(
+            app, [*args, "--cancel-batches", "--poll-interval", "0.05", "--json"]
+        )
+        assert cancel.exit_code == 0, cancel.output
+        done = _json.loads(cancel.stdout)
+        assert (done["n_labelled"], done["n_failed"], done["batches_canceled"]) == (1, 3, 1)
+        assert server.cancels == [server.creates[0]]
+        since = len(server.requests)
+        last = runner.invoke(app, [*args, "--json"])
+        assert last.exit_code == 0, last.output
+        assert len(server.requests) - since == 3
+        assert _json.loads(last.stdout)["n_labelled"] == 3
+        assert _json.loads(runner.invoke(app, [*args, "--list-batches", "--json"]).stdout) == []

@@ -55,7 +55,7 @@ def _oracle(truth: dict[str, frozenset[int]]) -> Callable[[Request], Reply]:
     return plan
 
 
-class _Interrupt(Exception):
+class _InterruptError(Exception):
     """What Ctrl-C does to a run waiting on its batch, at a moment the test chooses."""
 
 
@@ -73,12 +73,12 @@ def _interrupted(run: Callable[[], Any], db: Path) -> None:
     def handler(signum: int, frame: Any) -> None:
         if submitted():
             signal.setitimer(signal.ITIMER_REAL, 0)
-            raise _Interrupt
+            raise _InterruptError
 
     old = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
     try:
-        with pytest.raises(_Interrupt):
+        with pytest.raises(_InterruptError):
             run()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

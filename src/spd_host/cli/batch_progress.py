@@ -58,21 +58,25 @@ def open_batches_table(listing: list[Any], where: str) -> Any:
     from spd_host.safe_text import printable
 
     table = Table(title=f"{len(listing)} open batch(es) in {escape(printable(where))}")
-    for col in ("local id", "provider id", "provider / model", "created", "state", "requests",
-                "pending", "counts", "reserved", "scope"):  # fmt: skip
+    for col in ("batch (local / provider id)", "provider / model", "created", "state",
+                "requests", "reserved"):  # fmt: skip
         table.add_column(col)
+    scopes = []
     for b in listing:
         state = b.provider_status or b.state
         if b.cancel_requested_at:
-            state += " (cancel requested)"
-        counts = (
-            f"processing {b.processing}, ok {b.succeeded}, errored {b.errored}, "
-            f"expired {b.expired}, cancelled {b.canceled}"
+            state += "\ncancel requested"
+        requests = (
+            f"{b.n_requests}, {b.pending} pending\nprocessing {b.processing} ok {b.succeeded} "
+            f"errored {b.errored} expired {b.expired} cancelled {b.canceled}"
         )
-        cells = (b.local_id, b.provider_batch_id or "(not recorded)",
-                 f"{b.provider} / {b.model}", b.created_at[:19], state, str(b.n_requests),
-                 str(b.pending), counts, f"${b.reserved_usd:.4f}", b.scope)  # fmt: skip
-        table.add_row(*(escape(printable(c)) for c in cells))
+        cells = (f"{b.local_id}\n{b.provider_batch_id or '(not recorded)'}",
+                 f"{b.provider}\n{b.model}", b.created_at[:19].replace("T", "\n"), state,
+                 requests, f"${b.reserved_usd:.4f}")  # fmt: skip
+        table.add_row(*(escape(printable(c, keep_newlines=True)) for c in cells))
+        scopes.append(f"{b.local_id}: {b.scope}")
+    if scopes:
+        table.caption = escape(printable("scopes: " + "; ".join(scopes)))
     return table
 
 

@@ -238,7 +238,8 @@ async def _alabel_locked(
     state = _State()
     secrets = known_secrets(host, config.api_key_env)
     orphaned = _close_orphans(store)
-    done_before = set() if force else store.labelled_keys(harvest_id, strategy.name, model)
+    labelled_before = store.labelled_keys(harvest_id, strategy.name, model)
+    done_before = set() if force else labelled_before
     pre, held, still_open = await _collect_open_batches(
         store, provider, strategy, options, model, evidence_for, config,
         harvest_id=harvest_id, decomposition_id=decomposition_id, secrets=secrets, seed=seed,
@@ -258,7 +259,7 @@ async def _alabel_locked(
 
     done_keys = done_before
     # labelled by the collection just now (under --force too), or still in an open batch
-    collected = set(store.labelled_keys(harvest_id, strategy.name, model)) - done_before
+    collected = store.labelled_keys(harvest_id, strategy.name, model) - labelled_before
     collected |= set(pre.get("labelled_keys", ())) | set(pre.get("written_keys", ()))
     candidates = [k for k in keys if k not in done_keys and k not in collected]
     in_batches = [k for k in candidates if k in held]

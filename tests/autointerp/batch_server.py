@@ -30,7 +30,7 @@ import email.policy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -49,6 +49,7 @@ class BatchPlan:
     done_by_cancel: int = 0  # requests (by position) already finished when a cancel arrives
     cancel_delay: float = 0.1  # seconds in canceling / cancelling before the batch has ended
     cancel_hold: float = 0.0  # accept a cancel, then hold its response this long
+    ends_before_cancel: bool = False  # the batch ends (complete) just as a cancel arrives
 
 
 # batch_plan(n): n counts create calls (refused ones too), 0-based
@@ -223,6 +224,8 @@ class BatchServer(LLMServer):
         batch = self.batches.get(bid)
         if batch is None or (batch.plan.gone and batch.ended):
             return self._send(h, 404, _error(api, "no such batch"))
+        if batch.plan.ends_before_cancel and not batch.ended:  # the race: ended, then refused
+            batch.plan = replace(batch.plan, delay=batch.elapsed())
         if batch.ended:
             status = 409 if api == "anthropic" else 400
             return self._send(h, status, _refusal(api, f"batch {bid} has ended; cannot cancel"))

@@ -219,6 +219,31 @@ def test_cancelling_a_batch_that_already_ended_just_collects_it(
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_cancel_refused_because_the_batch_just_ended_collects_it(
+    provider: str, tmp_path: Path
+) -> None:
+    """The poll saw the batch running; by the time the cancel arrived it had ended, and the
+    provider refused the cancel (Anthropic 409, OpenAI 400). Not an error: it is collected,
+    every answer stored and billed, and no cancel is counted."""
+    db = tmp_path / "l.db"
+    plan = BatchPlan(delay=60, ends_before_cancel=True)
+    with BatchServer(plan=_answers, batch_plan=lambda n: plan) as server:
+        _interrupted_batch_run(server, provider, 3, db, 1)
+        report = run(server, provider, make_many(3), db, cancel_batches=True, **FAST)
+        assert server.cancels == [] and ("POST", f"/v1/{_path(provider)}/cancel") in {
+            (m, p.replace(server.creates[0] + "/", "")) for m, p in server.calls
+        }
+    assert report.stopped_by_error is None
+    assert (report.batches_canceled, report.batches_collected, report.n_labelled) == (0, 1, 3)
+    assert report.spent_usd == pytest.approx(sum(_cost(provider, n, batch=True) for n in range(3)))
+    assert _in_flight(db) == 0
+
+
+def _path(provider: str) -> str:
+    return "messages/batches" if provider == "anthropic" else "batches"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_a_cancel_marked_but_never_sent_is_sent_by_the_next_command(
     provider: str, tmp_path: Path
 ) -> None:

@@ -361,6 +361,8 @@ async def run_batches(
             status = await job.client.status(row.provider_batch_id)
             if not status.ended and status.provider_status not in ("canceling", "cancelling"):
                 raise
+            to_cancel.discard(row.local_id)  # ended (collected next poll) or already cancelling
+            return
         summary.batches_canceled += 1
         to_cancel.discard(row.local_id)
 

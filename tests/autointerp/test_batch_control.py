@@ -274,12 +274,13 @@ def test_a_cancel_marked_but_never_sent_is_sent_by_the_next_command(
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_sigkill_mid_cancel_then_the_next_cancel_resumes_it(provider: str, tmp_path: Path) -> None:
     """A subprocess running --cancel-batches is SIGKILLed while the provider holds its cancel
-    call open (the cancel was accepted). The next --cancel-batches finds the batch ended, makes
-    no second cancel call and collects it: 2 labels billed, 2 cancelled failure rows."""
+    call open (the cancel was accepted). The next --cancel-batches finds the batch cancelling,
+    makes no second cancel call, waits for its end and collects it: 2 labels billed, 2
+    cancelled failure rows."""
     db = tmp_path / "l.db"
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo}"}
-    plan = BatchPlan(delay=60, done_by_cancel=2, cancel_hold=30)
+    plan = BatchPlan(delay=60, done_by_cancel=2, cancel_hold=30, cancel_delay=30)
     with BatchServer(plan=_answers, batch_plan=lambda n: plan) as server:
         _interrupted_batch_run(server, provider, 4, db, 1)
         proc = subprocess.Popen(
@@ -297,10 +298,10 @@ def test_sigkill_mid_cancel_then_the_next_cancel_resumes_it(provider: str, tmp_p
         with LabelStore(db) as store:
             (row,) = store.batches.open_listing()
         assert row.cancel_requested_at is not None and rows(db) == []
-        plan.cancel_hold = 0.0
-        time.sleep(0.15)
+        plan.cancel_hold, plan.cancel_delay = 0.0, 2.0  # cancelling for 2 s after the call
         report = run(server, provider, make_many(4), db, cancel_batches=True, **FAST)
         assert len(server.cancels) == 1
+        assert report.batches_canceled == 1  # the killed process's cancel, seen as cancelling
     assert (report.n_labelled, report.n_failed, report.batches_collected) == (2, 2, 1)
     billed = _cost(provider, 0, batch=True) + _cost(provider, 1, batch=True)
     assert report.store_spent_usd == pytest.approx(billed) and _in_flight(db) == 0

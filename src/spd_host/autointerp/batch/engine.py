@@ -58,6 +58,9 @@ COMMIT_EVERY = 500
 
 Mode = Literal["run", "cancel", "collect_once"]
 
+CANCELLING = ("canceling", "cancelling")
+"""A batch's status between an accepted cancel and its end (Anthropic, OpenAI spelling)."""
+
 
 @dataclass
 class BatchProgress:
@@ -359,7 +362,7 @@ async def run_batches(
             if err.retryable or err.status in (404, 410):
                 return  # tried again next round; a lost batch is given up by the poll
             status = await job.client.status(row.provider_batch_id)
-            if not status.ended and status.provider_status not in ("canceling", "cancelling"):
+            if not status.ended and status.provider_status not in CANCELLING:
                 raise
             to_cancel.discard(row.local_id)  # ended (collected next poll) or already cancelling
             return
@@ -374,7 +377,11 @@ async def run_batches(
                 job.table.set_status(local_id, status.provider_status, status.counts, status.ended)
                 last_counts[local_id] = status.counts
                 if not status.ended and local_id in to_cancel:
-                    await send_cancel(row)
+                    if status.provider_status in CANCELLING:  # an earlier cancel was accepted
+                        summary.batches_canceled += 1
+                        to_cancel.discard(local_id)
+                    else:
+                        await send_cancel(row)
                 elif status.ended:
                     await collect(row)
             except ProviderCallError as err:

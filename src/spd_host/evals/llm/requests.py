@@ -12,8 +12,9 @@ collected) are polled once and the ended ones collected; items still pending in 
 are not sent (they are in flight, and billed there): :func:`held_in_batches` counts them for
 the suite's result. With ``config.cancel_batches`` nothing is sent: the scope's open batches
 are cancelled and collected. Either way an item whose calls were never sent (cap reached,
-fatal error, held by a batch) gets no outcome: a re-run picks it up; every other item's :class:`~spd_host.autointerp.calls.Outcome` reaches
-``on_outcome`` in the same form, so a suite records both paths with one function.
+fatal error, held by a batch) gets no outcome: a re-run picks it up; every other item's
+:class:`~spd_host.autointerp.calls.Outcome` reaches ``on_outcome`` in the same form, so a
+suite records both paths with one function.
 """
 
 from __future__ import annotations

@@ -162,3 +162,37 @@ def test_cli_lists_and_cancels_a_judge_suites_batches(harvested: str) -> None:
         assert result["spent_usd"] == 0
         again = runner.invoke(app, [*args, "--list-batches", "--json"])
         assert json.loads(again.stdout) == []
+
+
+def test_simulation_sync_run_skips_held_trials_and_cancel_keeps_what_finished(
+    harvested: str,
+) -> None:
+    """The simulation suite through the same loop: its trials held by an open batch are not
+    sent by a synchronous run; a cancel keeps the 2 that finished (default answers: 100 in,
+    40 out, so $0.000052 each at the batch price) and fails the rest."""
+    from spd_host.evals.llm.scorer_configs import SimulationConfig
+    from tests.evals.test_judge_suites import _write_labels
+    from tests.evals.test_simulation_batch import _oracle, _truths
+
+    _write_labels(harvested)
+    db = spend_db_path(get_host().parse_id(harvested).storage_key, "simulation")
+    plan = BatchPlan(delay=60, done_by_cancel=2)
+    with BatchServer(batch_plan=lambda n: plan) as server:
+        base: dict[str, Any] = {
+            "provider": "openai", "model": "gpt-4.1-mini", "base_url": server.openai_url,
+            "n_components": 6, "poll_interval_s": 0.05,
+        }  # fmt: skip
+        config = SimulationConfig(**base)
+        truths = _truths(harvested, config)
+        n = len(truths)
+        server.plan = _oracle(truths)
+        batched = SimulationConfig(**base, batch=True)
+        _interrupted(lambda: run_suite("simulation", harvested, batched), db)
+        since = len(server.requests)
+        sync = run_suite("simulation", harvested, config)
+        assert _sync_sent(server, since) == 0
+        assert (sync.n_trials_in_open_batches, sync.n_trials_not_sent, sync.spent_usd) == (n, n, 0)
+        cancel = run_suite("simulation", harvested, SimulationConfig(**base, cancel_batches=True))
+    assert (cancel.n_trials_ok, cancel.n_trials_failed) == (2, n - 2)
+    assert cancel.spent_usd == pytest.approx(2 * (100 * 0.40 + 40 * 1.60) / 1e6 / 2)
+    assert cancel.n_trials_in_open_batches == 0 and server.cancels == [server.creates[0]]

@@ -20,6 +20,7 @@ from torch import Tensor
 from spd_adapters import _hooks
 from spd_adapters._adapter_base import DictionaryAdapter
 from spd_adapters._dictionary import Dictionary
+from spd_adapters._sparse_encode import SiteEncoder
 from spd_adapters.transcoder.formats import SiteSource, TranscoderLayout
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError
@@ -156,6 +157,15 @@ class TranscoderAdapter(DictionaryAdapter):
         return {
             name: self.encode(name, captured[src.input_hook]) for name, src in self._sources.items()
         }
+
+    def site_encoders(self, captured: Mapping[str, Tensor]) -> dict[str, SiteEncoder]:
+        encoders = {}
+        for name, src in self._sources.items():
+            d = self.dictionary(name)
+            encoders[name] = SiteEncoder(
+                captured[src.input_hook], d.preactivations, d.activation, d.n_features
+            )
+        return encoders
 
     @property
     def splice_is_local(self) -> bool:

@@ -93,7 +93,7 @@ def sparse_encode(
         got = (
             _topk_block(pre, act, threshold)
             if act.kind == "topk"
-            else _dense_block(pre, act, threshold)
+            else _jump_block(pre, act, threshold)
         )
         if got is None:
             return None
@@ -105,6 +105,39 @@ def sparse_encode(
         empty = torch.zeros(0, dtype=torch.int64, device=x.device)
         return SparseActivity(empty, empty, {"activation": torch.zeros(0, device=x.device)})
     return SparseActivity(torch.cat(poss), torch.cat(comps), {"activation": torch.cat(vals)})
+
+
+def _jump_block(
+    pre: Tensor, act: Activation, threshold: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """ReLU / JumpReLU in one comparison where that is provably the dense route's answer.
+
+    With ``t' = max(t, threshold)`` per feature (``t`` the JumpReLU threshold, 0 for ReLU) a
+    float32 block fires exactly where ``pre > t'``, with activation ``pre`` itself (``pre *
+    1.0`` and ``relu(pre)`` of a positive ``pre`` are ``pre``), and is zero elsewhere, provided
+    (a) no activation can lie in ``(0, threshold]`` without firing: ``t >= threshold`` per
+    feature (``max(t, 0)`` when rectified), and (b) the block is finite (NaN / -inf would
+    become non-zero activations off the firings): one ``sum``. Otherwise the general block.
+    """
+    if pre.dtype != torch.float32 or pre.ndim != 2 or not pre.is_contiguous():
+        return _dense_block(pre, act, threshold)
+    if act.kind == "relu":
+        if threshold != 0:
+            return _dense_block(pre, act, threshold)
+        cut: Tensor | float = 0.0
+    else:
+        assert act.threshold is not None
+        t = act.threshold.to(device=pre.device, dtype=pre.dtype)
+        floor = t.clamp_min(0) if act.rectify else t
+        if not bool((floor >= threshold).all()):
+            return _dense_block(pre, act, threshold)
+        cut = t.clamp_min(threshold)
+    if not bool(torch.isfinite(pre.sum())):
+        return _dense_block(pre, act, threshold)
+    C = int(pre.shape[1])
+    idx = (pre > cut).view(-1).nonzero().squeeze(1)
+    p = torch.div(idx, C, rounding_mode="floor")
+    return p, idx - p * C, pre.view(-1).index_select(0, idx)
 
 
 def _dense_block(

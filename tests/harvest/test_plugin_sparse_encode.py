@@ -8,6 +8,8 @@ what the dense route gives (same entries, same order, same bits).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import Tensor
@@ -132,7 +134,7 @@ def test_row_blocks_cover_in_multiples_of_64() -> None:
     assert row_blocks(100, 10, 10_000) == [(0, 100)]
     blocks = row_blocks(1000, 100, 64 * 100)
     assert blocks[0] == (0, 64) and blocks[-1][1] == 1000
-    assert all(a == prev[1] for prev, (a, _) in zip(blocks, blocks[1:], strict=False))
+    assert all(a == prev[1] for prev, (a, _) in itertools.pairwise(blocks))
     assert all((b - a) % 64 == 0 for a, b in blocks[:-1]) and blocks[-1][1] - blocks[-1][0] >= 64
     assert row_blocks(1000, 10**6, 1) == [(i, i + 64) for i in range(0, 896, 64)] + [(896, 1000)]
 

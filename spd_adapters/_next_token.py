@@ -61,7 +61,9 @@ class HarvestForward:
 
     ``capture()`` opens the adapter's capture of its encoders' inputs. ``next_token``: whether
     the batch carries next-token data; ``top_k``: the host's ``next_token_top_k`` (None: full
-    logits wanted, then the ordinary forward is used). See the module docstring.
+    logits wanted, then the ordinary forward is used); ``float_logits``: take the top-k of the
+    logits cast to float32 (else in the model's dtype; the logsumexp is in float32 either way).
+    See the module docstring.
     """
 
     def __init__(
@@ -72,11 +74,13 @@ class HarvestForward:
         next_token: bool,
         top_k: int | None,
         block_elements: int | None = None,
+        float_logits: bool = False,
     ) -> None:
         self.model = model
         self.capture = capture
         self.next_token = next_token
         self.top_k = top_k
+        self.float_logits = float_logits
         self.block_elements = HEAD_BLOCK_ELEMENTS if block_elements is None else block_elements
         split = split_model(model) if not next_token or top_k is not None else None
         self._split = split
@@ -103,7 +107,10 @@ class HarvestForward:
         logits = logits_of(out)
         if self.top_k is None:
             return captured, logits, None
-        return captured, None, next_token_topk_of(logits, self.top_k)
+        return captured, None, next_token_topk_of(self._cast(logits), self.top_k)
+
+    def _cast(self, logits: Tensor) -> Tensor:
+        return logits.float() if self.float_logits else logits
 
     def _split_forward(
         self, tokens: Tensor, full_logits: Tensor | None = None
@@ -131,7 +138,7 @@ class HarvestForward:
             logits = head(h[a:b])
             if full is not None and not torch.equal(logits, full.reshape(B * S, -1)[a:b]):
                 raise _MismatchError
-            tk = next_token_topk_of(logits, self.top_k)
+            tk = next_token_topk_of(self._cast(logits), self.top_k)
             vals.append(tk.values)
             idxs.append(tk.indices)
             lses.append(tk.logsumexp)
@@ -151,7 +158,11 @@ class HarvestForward:
             out = self.model(tokens)
         captured = dict(cap)
         full = logits_of(out) if self.next_token else None
-        topk = next_token_topk_of(full, self.top_k) if full is not None and self.top_k else None
+        topk = (
+            next_token_topk_of(self._cast(full), self.top_k)
+            if full is not None and self.top_k
+            else None
+        )
         ordinary = (captured, None, topk)
         try:
             split = self._split_forward(tokens, full)

@@ -8,12 +8,16 @@ hidden states, ``model.get_output_embeddings()`` is the LM head) this runs the b
 the head on blocks of rows, taking each block's top-k and logsumexp while it is in cache. With
 ``next_token=False`` the head is not run at all.
 
-Exactness: the first batch is also run the ordinary way (``model(tokens)`` inside the same
-capture) and everything is compared bit for bit: the captured tensors, each block's logits
-against the same rows of the full logits, and the top-k / logsumexp. Any difference (a model
-whose forward does more than ``head(base(tokens))``, e.g. Gemma's logit soft-capping, a capture
-on the head's input, or a BLAS that rounds a row block differently) switches this model to the
-ordinary forward for good, so the harvest always gets what the ordinary path computes.
+Exactness: on the first batch, its first sequences (as many as keep the full logits within
+``CHECK_LOGIT_ELEMENTS``, so the check's own transient stays bounded) are also run the
+ordinary way (``model(tokens)`` inside the same capture) and everything is compared bit for
+bit: the captured tensors, each block's logits against the same rows of the full logits, and
+the top-k / logsumexp. Any difference (a model whose forward does more than
+``head(base(tokens))``, e.g. Gemma's logit soft-capping, a capture on the head's input, or a
+BLAS that rounds a row block differently) switches this model to the ordinary forward for
+good. What the probe cannot see is the full batch's own product: that row blocks of
+``h @ W.T`` equal the rows of the whole product at every batch size is the property
+``_sparse_encode`` relies on too (measured on MKL for blocks of 64-row multiples, see there).
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spd_adapters._sparse_encode import row_blocks
+from spd_adapters._sparse_encode import block_elements, row_blocks
 from spd_host.adapter import NextTokenTopK, next_token_topk_of
 
 HEAD_BLOCK_ELEMENTS = 1 << 20
-"""Logit elements per block of rows (4 MB in float32); blocks are multiples of 64 rows."""
+"""Logit elements per block of rows on the CPU (4 MB in float32; multiples of 64 rows); on an
+accelerator ``_sparse_encode.DEVICE_BLOCK_ELEMENTS``."""
+
+CHECK_LOGIT_ELEMENTS = 1 << 24
+"""The first-batch check runs on as many sequences as keep its full logits within this many
+elements (64 MB in float32; at least one sequence)."""
 
 Capture = Callable[[], AbstractContextManager[Mapping[str, Tensor]]]
 
@@ -81,7 +90,7 @@ class HarvestForward:
         self.next_token = next_token
         self.top_k = top_k
         self.float_logits = float_logits
-        self.block_elements = HEAD_BLOCK_ELEMENTS if block_elements is None else block_elements
+        self.block_elements = block_elements
         split = split_model(model) if not next_token or top_k is not None else None
         self._split = split
         self.split_ok: bool | None = None if split is not None else False  # None: not checked yet
@@ -134,7 +143,8 @@ class HarvestForward:
         V = _out_features(head, h)
         k = min(self.top_k, V)
         vals, idxs, lses = [], [], []
-        for a, b in row_blocks(B * S, V, self.block_elements):
+        elements = self.block_elements or block_elements(h.device, HEAD_BLOCK_ELEMENTS)
+        for a, b in row_blocks(B * S, V, elements):
             logits = head(h[a:b])
             if full is not None and not torch.equal(logits, full.reshape(B * S, -1)[a:b]):
                 raise _MismatchError
@@ -152,10 +162,16 @@ class HarvestForward:
     def _checked(
         self, tokens: Tensor
     ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | None]:
-        """The first batch: the ordinary forward, and the split one compared with it."""
+        """The first batch: on its first sequences (a bounded transient), the ordinary forward
+        and the split one compared bit for bit; then the batch by whichever route won."""
         assert self.top_k is not None or not self.next_token
+        B, S = int(tokens.shape[0]), max(int(tokens.shape[1]), 1)
+        assert self._split is not None
+        V = _vocab_hint(self._split[1])
+        n_seq = 1 if V is None else max(1, min(B, CHECK_LOGIT_ELEMENTS // (S * max(V, 1))))
+        probe = tokens[:n_seq]
         with self.capture() as cap:
-            out = self.model(tokens)
+            out = self.model(probe)
         captured = dict(cap)
         full = logits_of(out) if self.next_token else None
         topk = (
@@ -163,25 +179,34 @@ class HarvestForward:
             if full is not None and self.top_k
             else None
         )
-        ordinary = (captured, None, topk)
         try:
-            split = self._split_forward(tokens, full)
+            split = self._split_forward(probe, full)
+            self.split_ok = _same_capture(captured, split[0]) and _same_topk(topk, split[2])
         except _MismatchError:
             self.split_ok = False
-            return ordinary
-        self.split_ok = _same_capture(captured, split[0]) and _same_topk(topk, split[2])
-        return ordinary
+        del out, full, captured
+        return self._split_forward(tokens) if self.split_ok else self._ordinary(tokens)
 
 
 class _MismatchError(Exception):
     """A block of the split forward differs from the ordinary one (internal)."""
 
 
-def _out_features(head: nn.Module, h: Tensor) -> int:
+def _vocab_hint(head: nn.Module) -> int | None:
+    """The head's output size from its ``out_features`` or weight, without running it."""
     n = getattr(head, "out_features", None)
     if isinstance(n, int):
         return n
-    return int(head(h[:1]).shape[-1])
+    w = getattr(head, "weight", None)
+    if isinstance(w, Tensor) and w.ndim == 2:
+        return int(w.shape[0])
+    return None
+
+
+def _out_features(head: nn.Module, h: Tensor) -> int:
+    """The vocabulary size (``_vocab_hint``, else one row through the head)."""
+    n = _vocab_hint(head)
+    return n if n is not None else int(head(h[:1]).shape[-1])
 
 
 def _same_capture(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:

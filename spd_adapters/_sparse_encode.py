@@ -39,7 +39,11 @@ from spd_host.adapter import SparseActivity
 BLOCK_ELEMENTS = 1 << 21
 """Pre-activation elements per block (8 MB in float32): big enough for an efficient product,
 small enough to stay near the cache and bound a batch's transient memory."""
-ROW_QUANTUM = 64  # blocks are multiples of this many rows (see the module docstring)
+DEVICE_BLOCK_ELEMENTS = 1 << 25
+"""On an accelerator (128 MB in float32): fewer, larger blocks, as each block's checks read
+one flag back to the host."""
+ROW_QUANTUM = 64
+CHECK_BLOCKS = 4  # the once-per-site check compares this many blocks with one product  # blocks are multiples of this many rows (see the module docstring)
 SPARSE_KINDS = ("relu", "jumprelu", "topk")
 
 
@@ -59,6 +63,14 @@ class SiteEncoder:
 
     def dense(self) -> Tensor:
         return apply_activation(self.pre(self.x), self.activation)
+
+
+def block_elements(device: torch.device, cpu: int | None = None) -> int:
+    """Elements per block on ``device``: ``cpu`` (default ``BLOCK_ELEMENTS``) on the CPU,
+    ``DEVICE_BLOCK_ELEMENTS`` elsewhere."""
+    if device.type == "cpu":
+        return BLOCK_ELEMENTS if cpu is None else cpu
+    return DEVICE_BLOCK_ELEMENTS
 
 
 def row_blocks(n_rows: int, n_cols: int, elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
@@ -178,30 +190,38 @@ class BlockedEncode:
     """Per-site memory of whether blocked products match the whole one (checked once).
 
     ``encode(name, enc, threshold)`` returns the site's ``SparseActivity`` or None (use the
-    dense route). The first call per site also computes the unblocked result and compares;
-    on any difference the site is encoded in one block from then on (still sparse, still the
+    dense route). The first call per site also encodes the first ``CHECK_BLOCKS`` blocks of
+    positions both blocked and as one product (bounding that transient too) and compares; on
+    any difference the site is encoded in one block from then on (still sparse, still the
     same maths, only without the memory bound).
     """
 
     def __init__(self, elements: int | None = None) -> None:
-        self.elements = BLOCK_ELEMENTS if elements is None else elements
+        self.elements = elements
         self.blocked_ok: dict[str, bool] = {}
 
     def encode(self, name: str, enc: SiteEncoder, threshold: float) -> SparseActivity | None:
         if enc.activation.kind not in SPARSE_KINDS or threshold < 0:
             return None
         N = enc.x.numel() // max(int(enc.x.shape[-1]), 1)
-        blocks = row_blocks(N, enc.n_features, self.elements)
+        elements = self.elements or block_elements(enc.x.device)
+        blocks = row_blocks(N, enc.n_features, elements)
         if len(blocks) == 1:
             return sparse_encode(enc, threshold, blocks=blocks)
         ok = self.blocked_ok.get(name)
         if ok is None:
-            got = sparse_encode(enc, threshold, blocks=blocks)
-            whole = sparse_encode(enc, threshold, blocks=[(0, N)])
-            ok = _same(got, whole)
+            ok = self._check(enc, threshold, blocks[0][1] * CHECK_BLOCKS, elements)
             self.blocked_ok[name] = ok
-            return got if ok else whole
         return sparse_encode(enc, threshold, blocks=blocks if ok else [(0, N)])
+
+    @staticmethod
+    def _check(enc: SiteEncoder, threshold: float, rows: int, elements: int) -> bool:
+        """Blocked vs one product on the first ``rows`` positions (a bounded transient)."""
+        d = int(enc.x.shape[-1])
+        head = SiteEncoder(enc.x.reshape(-1, d)[:rows], enc.pre, enc.activation, enc.n_features)
+        m = int(head.x.shape[0])
+        got = sparse_encode(head, threshold, blocks=row_blocks(m, enc.n_features, elements))
+        return _same(got, sparse_encode(head, threshold, blocks=[(0, m)]))
 
 
 def _same(a: SparseActivity | None, b: SparseActivity | None) -> bool:

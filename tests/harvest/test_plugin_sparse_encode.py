@@ -238,3 +238,42 @@ def test_demo_harvest_fn_sparse_is_the_dense_route(did: str, threshold: float) -
     assert torch.equal(tk.logsumexp, torch.logsumexp(logits, -1))
     assert torch.equal(tk.values, logits.gather(-1, tk.indices))
     assert torch.equal(tk.values.sort(-1).values, logits.topk(16, -1).values.sort(-1).values)
+
+
+def _encoder_halves(tmp_path, kind: str):  # type: ignore[no-untyped-def]
+    from tests.transcoder.test_formats import write_circuit_tracer, write_saelens, write_sparsify
+
+    gen = torch.Generator().manual_seed(0)
+    if kind == "sparsify":
+        write_sparsify(
+            tmp_path / "r",
+            "layers.1.mlp",
+            transcode=True,
+            activation="topk",
+            k=3,
+            skip=True,
+            gen=gen,
+        )
+        return f"transcoder:{tmp_path / 'r'}"
+    if kind == "saelens":
+        write_saelens(tmp_path / "r", "jumprelu_transcoder", gen=gen)
+        return f"transcoder:{tmp_path / 'r'}"
+    if kind == "saelens-rescaled":  # the decoder norms scale the pre-activations
+        extra = {"k": 6, "rescale_acts_by_decoder_norm": True}
+        write_saelens(tmp_path / "r", "topk", gen=gen, extra=extra)
+        return f"transcoder:{tmp_path / 'r'}"
+    write_circuit_tracer(tmp_path / "r", 2, gen=gen, threshold=True, skip=True)
+    return f"transcoder:{tmp_path / 'r'}"
+
+
+@pytest.mark.parametrize("kind", ["sparsify", "saelens", "saelens-rescaled", "circuit_tracer"])
+def test_harvest_encoder_half_encodes_as_the_whole_dictionary(tmp_path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    adapter = get_host().load_adapter(_encoder_halves(tmp_path, kind))
+    for site in adapter.sites:
+        half = adapter.encoder_dictionary(site.name)
+        assert half.W_dec is None and half.W_skip is None  # a harvest never decodes
+        whole = adapter.dictionary(site.name)
+        assert whole.W_dec is not None
+        x = torch.randn(5, whole.W_enc.shape[1], generator=torch.Generator().manual_seed(1))
+        assert torch.equal(half.encode(x), whole.encode(x))
+        assert adapter.encoder_dictionary(site.name) is whole  # the loaded whole is reused

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spd_adapters._next_token import HarvestForward
+from spd_adapters._sparse_encode import BlockedEncode, SiteEncoder
 from spd_host.adapter import (
     DecompositionDefaults,
     HarvestBatch,
@@ -22,7 +24,6 @@ from spd_host.adapter import (
     HarvestOptions,
     MethodInfo,
     Site,
-    next_token_topk_of,
     sparse_activity_of,
 )
 from spd_host.errors import ConfigError, FormatError
@@ -149,7 +150,23 @@ class DictionaryAdapter(ABC):
                 )
 
     # -- harvesting --------------------------------------------------------------------------
+    def site_encoders(self, captured: Mapping[str, Tensor]) -> dict[str, SiteEncoder] | None:
+        """Each site's encoder split into pre-activations and activation (``SiteEncoder``), so
+        the harvest can encode straight to the sparse form in bounded blocks; None when a
+        subclass cannot split its encoders (the harvest then uses ``encode_captured``)."""
+        return None
+
     def harvest_fn(self, options: HarvestOptions) -> HarvestFn:
+        """One forward per batch; sites straight to the sparse form when the host accepts it.
+
+        Per site, when ``options.sparse``: the encoder runs a block of positions at a time and
+        each block becomes firing entries at once (``_sparse_encode``; TopK / JumpReLU / ReLU),
+        so no ``[B, S, C]`` tensor is built; a site whose activations are non-zero off its
+        firings, or another activation, takes the dense route (dense tensors, then
+        ``sparse_activity_of``). Next tokens: the LM head a block of rows at a time when the
+        host wants only the top-k (``_next_token``). The batch is the one the all-dense route
+        gives, entry for entry and bit for bit.
+        """
         from spd_host.topology import topology_of
 
         model = self.load_base_model().to(options.device)
@@ -157,34 +174,45 @@ class DictionaryAdapter(ABC):
         hooks = self.input_hook_points()
         self.to(options.device)
         threshold = options.threshold
+        top_k = options.next_token_top_k
+        forward = HarvestForward(
+            model, lambda: topo.capture(hooks), next_token=options.next_token, top_k=top_k
+        )
+        blocked = BlockedEncode()
 
         def harvest(tokens: Tensor) -> HarvestBatch:
             tokens = tokens.to(options.device)
-            with torch.no_grad(), topo.capture(hooks) as captured:
-                out = model(tokens)
-                acts = self.encode_captured(captured)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            # on the device: each site sparse (one entry per firing) when its activations
-            # vanish off the firings (ReLU / JumpReLU / TopK at threshold 0), else dense
-            sparse, firings, activations = {}, {}, {}
-            for k, v in acts.items():
-                v = v.float()
-                fired = v > threshold
-                sp = sparse_activity_of(fired, {ACTIVATION_TYPE: v}) if options.sparse else None
-                if sp is not None:
-                    sparse[k] = sp
+            with torch.no_grad():
+                captured, logits, next_topk = forward(tokens)
+                encoders = self.site_encoders(captured)
+                sparse, firings, activations = {}, {}, {}
+                if encoders is None:
+                    dense = self.encode_captured(captured)
                 else:
-                    firings[k], activations[k] = fired, {ACTIVATION_TYPE: v}
-            top_k = options.next_token_top_k
+                    dense = {}
+                    for k, enc in encoders.items():
+                        sp = blocked.encode(k, enc, threshold) if options.sparse else None
+                        if sp is not None:
+                            sparse[k] = sp
+                        else:
+                            dense[k] = enc.dense()
+                # dense sites, on the device: sparse when their activations vanish off the
+                # firings (the check sparse_activity_of makes), else dense tensors
+                for k, v in dense.items():
+                    v = v.float()
+                    fired = v > threshold
+                    sp = sparse_activity_of(fired, {ACTIVATION_TYPE: v}) if options.sparse else None
+                    if sp is not None:
+                        sparse[k] = sp
+                    else:
+                        firings[k], activations[k] = fired, {ACTIVATION_TYPE: v}
             return HarvestBatch(
                 tokens=tokens,
                 firings=firings,
                 activations=activations,
-                sparse=sparse,
-                next_token_logits=logits.float() if options.next_token and not top_k else None,
-                next_token_topk=next_token_topk_of(logits, top_k)
-                if options.next_token and top_k
-                else None,
+                sparse={k: sparse[k] for k in (s.name for s in self.sites) if k in sparse},
+                next_token_logits=logits.float() if logits is not None else None,
+                next_token_topk=next_topk,
             )
 
         return harvest

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from spd_adapters._adapter_base import DictionaryAdapter
+from spd_adapters._sparse_encode import SiteEncoder
 from spd_adapters.clt.formats import CLTLayer, CLTLayout
 from spd_adapters.clt.goodfire import GoodfireCLTLayer, GoodfireCLTLayout
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
@@ -148,6 +149,15 @@ class CLTAdapter(DictionaryAdapter):
             site_name(layer.layer): self.clt.encode_layer(p, captured[layer.input_hook])
             for p, layer in enumerate(self._layers)
         }
+
+    def site_encoders(self, captured: Mapping[str, Tensor]) -> dict[str, SiteEncoder]:
+        encoders = {}
+        for p, layer in enumerate(self._layers):
+            pre, act = self.clt.encoder_parts(p)
+            encoders[site_name(layer.layer)] = SiteEncoder(
+                captured[layer.input_hook], pre, act, self.layout.n_features
+            )
+        return encoders
 
     @contextmanager
     def splice(

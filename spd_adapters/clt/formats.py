@@ -22,7 +22,7 @@ only, and still splices). Slices are cached up to a byte budget.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,8 +205,18 @@ class CrossLayerTranscoder:
 
     def encode_layer(self, i: int, x: Tensor) -> Tensor:
         """Feature activations ``[..., n]`` of source layer ``i`` for its input ``x [..., d]``."""
+        pre, act = self.encoder_parts(i)
+        return apply_activation(pre(x), act)
+
+    def encoder_parts(self, i: int) -> tuple[Callable[[Tensor], Tensor], Activation]:
+        """``(pre-activation function, activation)`` of source layer ``i``: ``encode_layer``
+        is ``activation(pre(x))`` (the harvest applies them a block of positions at a time)."""
         W, b, act = self._encoder(i)
-        return apply_activation(x.to(W.dtype) @ W.T + b, act)
+
+        def pre(x: Tensor) -> Tensor:
+            return x.to(W.dtype) @ W.T + b
+
+        return pre, act
 
     def b_dec(self, j: int) -> Tensor:
         if j not in self._b_dec:

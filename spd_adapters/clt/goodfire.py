@@ -28,7 +28,7 @@ are ``0..n-1``, where position and layer number coincide.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -270,8 +270,18 @@ class GoodfireCLT:
 
         BatchTopK ranks all ``N`` tokens of ``x`` together (all leading dims flattened).
         """
-        W = self._w(f"W_enc.{p}")
-        return apply_activation(x.to(W.dtype) @ W + self._w(f"b_enc.{p}"), self.activation(p))
+        pre, act = self.encoder_parts(p)
+        return apply_activation(pre(x), act)
+
+    def encoder_parts(self, p: int) -> tuple[Callable[[Tensor], Tensor], Activation]:
+        """``(pre-activation function, activation)`` of position ``p``: ``encode_layer`` is
+        ``activation(pre(x))`` (the harvest applies them a block of positions at a time)."""
+        W, b = self._w(f"W_enc.{p}"), self._w(f"b_enc.{p}")
+
+        def pre(x: Tensor) -> Tensor:
+            return x.to(W.dtype) @ W + b
+
+        return pre, self.activation(p)
 
     def decode_layer(self, q: int, acts: Mapping[int, Tensor]) -> Tensor:
         """Target position ``q``'s MLP output from the activations of positions ``<= q``."""

@@ -11,8 +11,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from spd_adapters._next_token import logits_of
+
+__all__ = ["capture_inputs", "logits_of", "replace_outputs"]
 
 
 @contextmanager
@@ -65,13 +68,3 @@ def replace_outputs(
     finally:
         for h in handles:
             h.remove()
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits of a causal-LM forward (transformers output object or a bare tensor)."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    return torch.as_tensor(output[0])

@@ -13,12 +13,14 @@ A component fires where its causal importance > ``options.threshold``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from spd_adapters.spd.capture import capture_inputs, logits_of
-from spd_host.adapter import HarvestBatch, HarvestFn, HarvestOptions, next_token_topk_of
+from spd_adapters._next_token import HarvestForward
+from spd_adapters.spd.capture import capture_inputs
+from spd_host.adapter import HarvestBatch, HarvestFn, HarvestOptions, NextTokenTopK
 
 if TYPE_CHECKING:
     from spd_adapters.spd.adapter import SpdAdapter
@@ -35,11 +37,12 @@ def make_harvest_fn(adapter: SpdAdapter, options: HarvestOptions) -> HarvestFn:
     site_of = adapter.site_names_by_path()
     paths = spd.paths
 
+    forward = spd_forward(model, paths, options)
+
     @torch.no_grad()
     def harvest(tokens: torch.Tensor) -> HarvestBatch:
         tokens_dev = tokens.to(device)
-        with capture_inputs(model, paths) as inputs:
-            out = model(tokens_dev)
+        inputs, logits, topk = forward(tokens_dev)
         ci = spd.causal_importance(inputs)
         firings: dict[str, torch.Tensor] = {}
         acts: dict[str, dict[str, torch.Tensor]] = {}
@@ -50,31 +53,42 @@ def make_harvest_fn(adapter: SpdAdapter, options: HarvestOptions) -> HarvestFn:
             c = ci[path].float()
             firings[site] = c > options.threshold
             acts[site] = {"causal_importance": c, "component_activation": a.float()}
-        return device_batch(tokens_dev, firings, acts, out, options)
+        return device_batch(tokens_dev, firings, acts, logits, topk)
 
     return harvest
+
+
+def spd_forward(
+    model: torch.nn.Module, paths: Sequence[str], options: HarvestOptions
+) -> HarvestForward:
+    """The base model's forward capturing the decomposed modules' inputs; the LM head a block
+    of rows at a time when the host wants only the top-k (``spd_adapters._next_token``), with
+    the top-k taken of float32 logits as this plugin always has."""
+    return HarvestForward(
+        model,
+        lambda: capture_inputs(model, paths),
+        next_token=options.next_token,
+        top_k=options.next_token_top_k,
+        float_logits=True,
+    )
 
 
 def device_batch(
     tokens: torch.Tensor,
     firings: dict[str, torch.Tensor],
     activations: dict[str, dict[str, torch.Tensor]],
-    model_output: object,
-    options: HarvestOptions,
+    logits: torch.Tensor | None,
+    topk: NextTokenTopK | None,
 ) -> HarvestBatch:
     """The HarvestBatch of an SPD-style run, left on the device: the host accumulates there.
 
     Dense sites (the component activations are non-zero off the firings); next tokens as the
-    top-k form when the host asks for it, else full logits.
+    top-k form when the host asked for it (``spd_forward``), else full float32 logits.
     """
-    logits = logits_of(model_output).float() if options.next_token else None
-    top_k = options.next_token_top_k
     return HarvestBatch(
         tokens=tokens,
         firings=firings,
         activations=activations,
-        next_token_logits=logits if top_k is None else None,
-        next_token_topk=next_token_topk_of(logits, top_k)
-        if logits is not None and top_k is not None
-        else None,
+        next_token_logits=logits.float() if logits is not None else None,
+        next_token_topk=topk,
     )

@@ -20,6 +20,7 @@ from torch import Tensor
 from spd_adapters import _hooks
 from spd_adapters._adapter_base import DictionaryAdapter
 from spd_adapters._dictionary import Dictionary
+from spd_adapters._sparse_encode import SiteEncoder
 from spd_adapters.transcoder.formats import SiteSource, TranscoderLayout
 from spd_host.adapter import DecompositionDefaults, MethodInfo, Site
 from spd_host.errors import ConfigError
@@ -82,6 +83,7 @@ class TranscoderAdapter(DictionaryAdapter):
             for name, src in self._sources.items()
         ]
         self._dicts: dict[str, Dictionary] = {}
+        self._encoders: dict[str, Dictionary] = {}  # encoder-only halves (harvest)
         self._device = torch.device("cpu")
 
     @property
@@ -99,11 +101,23 @@ class TranscoderAdapter(DictionaryAdapter):
         """The site's weights (read from disk on first use)."""
         if site not in self._dicts:
             self._dicts[site] = self.source(site).load().to(self._device)
+            self._encoders.pop(site, None)
         return self._dicts[site]
+
+    def encoder_dictionary(self, site: str) -> Dictionary:
+        """The site's encoder half (no decoder weights: a harvest never decodes), or the whole
+        dictionary when it is loaded already or its reader cannot split it."""
+        if site in self._dicts:
+            return self._dicts[site]
+        if site not in self._encoders:
+            src = self.source(site)
+            self._encoders[site] = (src.load_encoder or src.load)().to(self._device)
+        return self._encoders[site]
 
     def to(self, device: str | torch.device) -> TranscoderAdapter:
         self._device = torch.device(device)
         self._dicts = {k: v.to(self._device) for k, v in self._dicts.items()}
+        self._encoders = {k: v.to(self._device) for k, v in self._encoders.items()}
         return self
 
     # -- the maths, per site --------------------------------------------------------------
@@ -156,6 +170,15 @@ class TranscoderAdapter(DictionaryAdapter):
         return {
             name: self.encode(name, captured[src.input_hook]) for name, src in self._sources.items()
         }
+
+    def site_encoders(self, captured: Mapping[str, Tensor]) -> dict[str, SiteEncoder]:
+        encoders = {}
+        for name, src in self._sources.items():
+            d = self.encoder_dictionary(name)
+            encoders[name] = SiteEncoder(
+                captured[src.input_hook], d.preactivations, d.activation, d.n_features
+            )
+        return encoders
 
     @property
     def splice_is_local(self) -> bool:

@@ -60,6 +60,8 @@ class SiteSource:
     activation: str
     config_file: Path
     load: Callable[[], Dictionary] = field(compare=False, repr=False)
+    # the encoder half only (no W_dec / W_skip), for a harvest; None: ``load`` it all
+    load_encoder: Callable[[], Dictionary] | None = field(default=None, compare=False, repr=False)
 
     @property
     def layer(self) -> int:
@@ -245,16 +247,16 @@ def _sparsify_site(d: Path) -> SiteSource:
         inp = _hooks.from_module_path(hookpoint, "output", where=where)
     out = _hooks.from_module_path(hookpoint, "output", where=where)
 
-    def load() -> Dictionary:
+    def load(decoder: bool = True) -> Dictionary:
         b_dec = tf.get("b_dec")
         return Dictionary(
             W_enc=tf.get("encoder.weight"),
             b_enc=tf.get("encoder.bias"),
             activation=act,
-            W_dec=tf.get("W_dec"),
+            W_dec=tf.get("W_dec") if decoder else None,
             b_dec=b_dec,
             input_bias=None if transcode else b_dec,
-            W_skip=tf.get("W_skip") if skip else None,
+            W_skip=tf.get("W_skip") if skip and decoder else None,
         )
 
     return SiteSource(
@@ -268,6 +270,7 @@ def _sparsify_site(d: Path) -> SiteSource:
         activation=act.describe(),
         config_file=cfg_path,
         load=load,
+        load_encoder=lambda: load(decoder=False),
     )
 
 
@@ -391,7 +394,7 @@ def _saelens_site(d: Path) -> tuple[SiteSource, dict[str, Any]]:
             raise FormatError(f"{where}: topk architecture but no 'k'")
         Activation("topk", k=int(k)).check(n, where)
 
-    def load() -> Dictionary:
+    def load(decoder: bool = True) -> Dictionary:
         threshold = None
         if thr_key is not None:
             threshold = tf.get(thr_key)
@@ -401,17 +404,17 @@ def _saelens_site(d: Path) -> tuple[SiteSource, dict[str, Any]]:
             act_name, k=int(k) if k is not None else None, rectify=True, threshold=threshold
         )
         act.check(n, str(tf.path))
-        W_dec = tf.get("W_dec")
+        W_dec = tf.get("W_dec") if decoder or rescale else None
         b_dec = tf.get("b_dec")
         return Dictionary(
             W_enc=tf.get("W_enc").T.contiguous(),
             b_enc=tf.get("b_enc"),
             activation=act,
-            W_dec=W_dec,
+            W_dec=W_dec if decoder else None,
             b_dec=b_dec,
             input_bias=b_dec if apply_b_dec else None,
-            W_skip=tf.get("W_skip") if has_skip else None,
-            pre_scale=W_dec.norm(dim=-1) if rescale else None,
+            W_skip=tf.get("W_skip") if has_skip and decoder else None,
+            pre_scale=W_dec.norm(dim=-1) if rescale and W_dec is not None else None,
         )
 
     desc = act_name if act_name != "topk" else f"topk(k={k})"
@@ -426,6 +429,7 @@ def _saelens_site(d: Path) -> tuple[SiteSource, dict[str, Any]]:
         activation=desc,
         config_file=cfg_path,
         load=load,
+        load_encoder=lambda: load(decoder=False),
     )
     return site, meta
 
@@ -536,16 +540,16 @@ def _circuit_tracer_site(layer: int, path: Path, cfg: dict[str, Any], cfg_path: 
     inp = _hooks.from_block_relative(cfg["feature_input_hook"], layer, where=hooks_where)
     out = _hooks.from_block_relative(cfg["feature_output_hook"], layer, where=hooks_where)
 
-    def load() -> Dictionary:
+    def load(decoder: bool = True) -> Dictionary:
         threshold = tf.get(thr_key).reshape(n) if act_name == "jumprelu" else None
         act = Activation(act_name, k=kk, rectify=False, threshold=threshold)
         return Dictionary(
             W_enc=tf.get("W_enc"),
             b_enc=tf.get("b_enc"),
             activation=act,
-            W_dec=tf.get("W_dec"),
+            W_dec=tf.get("W_dec") if decoder else None,
             b_dec=tf.get("b_dec"),
-            W_skip=tf.get("W_skip") if has_skip else None,
+            W_skip=tf.get("W_skip") if has_skip and decoder else None,
         )
 
     return SiteSource(
@@ -559,4 +563,5 @@ def _circuit_tracer_site(layer: int, path: Path, cfg: dict[str, Any], cfg_path: 
         activation=act_name if kk is None else f"topk(k={kk})",
         config_file=cfg_path,
         load=load,
+        load_encoder=lambda: load(decoder=False),
     )

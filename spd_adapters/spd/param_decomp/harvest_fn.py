@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from spd_adapters.spd.capture import capture_inputs
-from spd_adapters.spd.harvest_fn import device_batch
+from spd_adapters.spd.harvest_fn import device_batch, spd_forward
 from spd_host.adapter import HarvestBatch, HarvestFn, HarvestOptions
 
 if TYPE_CHECKING:
@@ -29,11 +28,12 @@ def make_pd_harvest_fn(adapter: PdAdapter, options: HarvestOptions) -> HarvestFn
     pd.to(device)
     site_of = adapter.site_names_by_path()
 
+    forward = spd_forward(model, pd.paths, options)
+
     @torch.no_grad()
     def harvest(tokens: torch.Tensor) -> HarvestBatch:
         tokens_dev = tokens.to(device)
-        with capture_inputs(model, pd.paths) as inputs:
-            out = model(tokens_dev)
+        inputs, logits, topk = forward(tokens_dev)
         ci = pd.causal_importance(inputs)
         acts = pd.component_acts(inputs)
         firings: dict[str, torch.Tensor] = {}
@@ -46,6 +46,6 @@ def make_pd_harvest_fn(adapter: PdAdapter, options: HarvestOptions) -> HarvestFn
                 "causal_importance": c,
                 "component_activation": acts[path].float(),
             }
-        return device_batch(tokens_dev, firings, activations, out, options)
+        return device_batch(tokens_dev, firings, activations, logits, topk)
 
     return harvest

@@ -77,25 +77,40 @@ class SparsePairCounter:
         """Fold the buffer into the sorted main table (sum of values per distinct key)."""
         if not self._buf_keys:
             return
-        keys = torch.cat(self._buf_keys)
-        if all(v is None for v in self._buf_values):
-            # unit weights: the count per key is a run length of the sorted keys
-            bk, bv = torch.unique_consecutive(torch.sort(keys).values, return_counts=True)
-            bv = bv.to(self.dtype)
-        else:
-            values = torch.cat(
+        # the buffer's chunks go as soon as they are concatenated, and each array below is
+        # dropped once used, so the peak holds the buffer about twice, not four times
+        chunks, weights = self._buf_keys, self._buf_values
+        self._buf_keys, self._buf_values, self._buf_len = [], [], 0
+        unit = all(v is None for v in weights)
+        vals = (
+            None
+            if unit
+            else torch.cat(
                 [
                     torch.ones_like(k, dtype=self.dtype) if v is None else v
-                    for k, v in zip(self._buf_keys, self._buf_values, strict=True)
+                    for k, v in zip(chunks, weights, strict=True)
                 ]
             )
-            bk, bv = _sum_by_key(keys, values)
-        self._buf_keys, self._buf_values, self._buf_len = [], [], 0
-        del keys
-        self._merge_in(bk, bv)
+        )
+        del weights
+        keys = torch.cat(chunks)
+        del chunks
+        if vals is None:
+            # unit weights: the count per key is a run length of the sorted keys
+            keys = torch.sort(keys).values
+            bk, bv = torch.unique_consecutive(keys, return_counts=True)
+            del keys
+            bv = bv.to(self.dtype)
+        else:
+            held = [keys, vals]
+            del keys, vals
+            bk, bv = _sum_by_key(held)
+        self._merge_in([bk, bv])
 
-    def _merge_in(self, bk: torch.Tensor, bv: torch.Tensor) -> None:
-        """Merge distinct sorted keys ``bk`` (values ``bv``) into the table (linear, no sort).
+    def _merge_in(self, held: list[torch.Tensor]) -> None:
+        """Merge distinct sorted keys ``bk`` (values ``bv``), ``held = [bk, bv]``, into the
+        table (linear, no sort). The list is emptied, so the buffer's arrays are freed as soon
+        as the new keys are taken out of them.
 
         Existing keys are added to in place. New keys are inserted without boolean-mask
         scatters over the table: old entry ``i`` moves to ``i + #{new keys before it}``,
@@ -106,6 +121,7 @@ class SparsePairCounter:
         not a second table); otherwise, or when the arrays were handed out (``state()``) or
         taken from outside (``load_state``), the merged table is written into fresh storage.
         """
+        bk, bv = held.pop(0), held.pop(0)
         if self.keys.numel() == 0:
             self.keys, self.values, self._values_shared = bk, bv, False
             self._store = None
@@ -124,9 +140,10 @@ class SparsePairCounter:
             self.values.index_add_(0, idx[found], bv[found])
             if bool(found.all()):
                 return
-        new = ~found
-        nk, nv, nidx = bk[new], bv[new], idx[new]
-        del idx, found, new
+        new = (~found).nonzero().flatten()
+        del found
+        nk, nv, nidx = bk.index_select(0, new), bv.index_select(0, new), idx.index_select(0, new)
+        del bk, bv, idx, new
         n_new = int(nk.shape[0])
         n = n_old + n_new
         in_place = (
@@ -372,15 +389,24 @@ def _place_old(
         sv.index_copy_(0, dest, v)
 
 
-def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct keys (sorted) and the sum of values per key: one sort plus a segmented sum."""
+def _sum_by_key(held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct keys (sorted) and the sum of values per key: one sort plus a segmented sum.
+
+    ``held = [keys, values]`` is emptied, so each input is freed as soon as it is used.
+    """
+    keys, values = held.pop(0), held.pop(0)
     if keys.numel() == 0:
         return keys, values
     sk, order = torch.sort(keys)
-    new = torch.ones(sk.shape[0], dtype=torch.bool, device=keys.device)
+    del keys
+    values = values.index_select(0, order)
+    del order
+    new = torch.ones(sk.shape[0], dtype=torch.bool, device=sk.device)
     new[1:] = sk[1:] != sk[:-1]
-    gid = torch.cumsum(new, 0) - 1
+    gid = torch.cumsum(new, 0)
+    gid -= 1
     n_out = int(gid[-1]) + 1
-    out = torch.zeros(n_out, dtype=values.dtype, device=keys.device)
-    out.index_add_(0, gid, values[order])
+    out = torch.zeros(n_out, dtype=values.dtype, device=sk.device)
+    out.index_add_(0, gid, values)
+    del gid, values
     return sk[new], out

@@ -123,8 +123,15 @@ class SparsePairCounter:
         """
         bk, bv = held.pop(0), held.pop(0)
         if self.keys.numel() == 0:
-            self.keys, self.values, self._values_shared = bk, bv, False
-            self._store = None
+            # the first keys go straight into reserved storage, so the next merge runs in
+            # place too (else it would hold this table twice)
+            n = int(bk.shape[0])
+            sk, sv = self._reserve(n)
+            sk[:n] = bk
+            sv[:n] = bv
+            del bk, bv
+            self._store = (sk, sv)
+            self.keys, self.values, self._values_shared = sk[:n], sv[:n], False
             return
         if bk.numel() == 0:
             return

@@ -34,6 +34,7 @@ class SiteEntries:
     keys: torch.Tensor | None = None  # sorted n * C + c (sparse sites, for lookups)
     n_pos: int = 0  # positions in the batch
     _by_comp: tuple[torch.Tensor, torch.Tensor] | None = None  # (sorted c * n_pos + n, order)
+    _alone_w: tuple[int, torch.Tensor] | None = None  # (W, entries alone within W positions)
 
     @classmethod
     def from_dense(
@@ -118,23 +119,53 @@ class SiteEntries:
         j = torch.searchsorted(ck, want).clamp(max=E - 1)
         if not bool((ck[j] == want).all()):
             return None
-        cand = (j[:, None] + torch.arange(-W, W + 1, device=rows.device)).clamp(0, E - 1)
-        key = ck[cand]
-        pos = key % self.n_pos
-        slot = pos - centre[:, None] + W
-        ok = (torch.div(key, self.n_pos, rounding_mode="floor") == comps[:, None]) & (
-            (slot >= 0) & (slot < width)
-        )
-        slot = slot.clamp(0, width - 1)
-        ok &= torch.gather(rows, 1, slot) == pos
-        ev = torch.arange(n, device=rows.device)[:, None].expand(n, width)[ok]
-        dst = ev * width + slot[ok]
         T = self.values.shape[0]
-        fired = torch.zeros(n * width, dtype=torch.bool, device=rows.device)
+        dev = rows.device
+        fired = torch.zeros(n * width, dtype=torch.bool, device=dev)
+        acts = torch.zeros(n * width, T, dtype=torch.float32, device=dev)
+        # most centres have no firing of their component within W positions: their window
+        # is the centre alone (one write per window instead of a [n, 2W+1] candidate gather)
+        alone = self._alone(W).index_select(0, j)
+        ev = alone.nonzero().flatten()
+        dst = ev * width + W
         fired[dst] = True
-        acts = torch.zeros(n * width, T, dtype=torch.float32, device=rows.device)
-        acts[dst] = self.values[:, order[cand[ok]]].T
+        acts[dst] = self.values[:, order.index_select(0, j.index_select(0, ev))].T
+        ev = (~alone).nonzero().flatten()
+        if ev.numel():
+            rows, comps, j, centre = rows[ev], comps[ev], j[ev], centre[ev]
+            cand = (j[:, None] + torch.arange(-W, W + 1, device=dev)).clamp(0, E - 1)
+            key = ck[cand]
+            pos = key % self.n_pos
+            slot = pos - centre[:, None] + W
+            ok = (torch.div(key, self.n_pos, rounding_mode="floor") == comps[:, None]) & (
+                (slot >= 0) & (slot < width)
+            )
+            slot = slot.clamp(0, width - 1)
+            ok &= torch.gather(rows, 1, slot) == pos
+            m = ev.shape[0]
+            who = ev[:, None].expand(m, width)[ok]
+            dst = who * width + slot[ok]
+            fired[dst] = True
+            acts[dst] = self.values[:, order[cand[ok]]].T
         return fired.view(n, width), acts.view(n, width, T)
+
+    def _alone(self, W: int) -> torch.Tensor:
+        """``[E]`` bool, in by-component order: no other firing of the entry's component lies
+        within ``W`` flat positions (cached per ``W`` for the batch).
+
+        Entries are sorted by ``(component, position)``, so only the two neighbours in that
+        order need a look: any nearer firing of the same component would sit between them.
+        """
+        if self._alone_w is not None and self._alone_w[0] == W:
+            return self._alone_w[1]
+        ck = self.by_component()[0]
+        comp = torch.div(ck, max(self.n_pos, 1), rounding_mode="floor")
+        near = (comp[1:] == comp[:-1]) & (ck[1:] - ck[:-1] <= W)
+        alone = torch.ones(ck.shape[0], dtype=torch.bool, device=ck.device)
+        alone[1:] &= ~near
+        alone[:-1] &= ~near
+        self._alone_w = (W, alone)
+        return alone
 
 
 def site_entries(

@@ -48,6 +48,9 @@ class SparsePairCounter:
         self._buf_values: list[torch.Tensor | None] = []  # None: a weight of 1 per key
         self._buf_len = 0
         self._values_shared = False  # self.values is also held outside: copy before adding
+        # reserved (keys, values) storage that self.keys / self.values are views of, when the
+        # table owns storage with slack for in-place merges (None: no slack)
+        self._store: tuple[torch.Tensor, torch.Tensor] | None = None
         self.buffer_limit = 1 << 24
 
     # -- updates ----------------------------------------------------------------------------------
@@ -74,67 +77,112 @@ class SparsePairCounter:
         """Fold the buffer into the sorted main table (sum of values per distinct key)."""
         if not self._buf_keys:
             return
-        keys = torch.cat(self._buf_keys)
-        if all(v is None for v in self._buf_values):
-            # unit weights: the count per key is a run length of the sorted keys
-            bk, bv = torch.unique_consecutive(torch.sort(keys).values, return_counts=True)
-            bv = bv.to(self.dtype)
-        else:
-            values = torch.cat(
+        # the buffer's chunks go as soon as they are concatenated, and each array below is
+        # dropped once used, so the peak holds the buffer about twice, not four times
+        chunks, weights = self._buf_keys, self._buf_values
+        self._buf_keys, self._buf_values, self._buf_len = [], [], 0
+        unit = all(v is None for v in weights)
+        vals = (
+            None
+            if unit
+            else torch.cat(
                 [
                     torch.ones_like(k, dtype=self.dtype) if v is None else v
-                    for k, v in zip(self._buf_keys, self._buf_values, strict=True)
+                    for k, v in zip(chunks, weights, strict=True)
                 ]
             )
-            bk, bv = _sum_by_key(keys, values)
-        self._buf_keys, self._buf_values, self._buf_len = [], [], 0
-        del keys
-        self._merge_in(bk, bv)
+        )
+        del weights
+        keys = torch.cat(chunks)
+        del chunks
+        if vals is None:
+            # unit weights: the count per key is a run length of the sorted keys
+            keys = torch.sort(keys).values
+            bk, bv = torch.unique_consecutive(keys, return_counts=True)
+            del keys
+            bv = bv.to(self.dtype)
+        else:
+            held = [keys, vals]
+            del keys, vals
+            bk, bv = _sum_by_key(held)
+        self._merge_in([bk, bv])
 
-    def _merge_in(self, bk: torch.Tensor, bv: torch.Tensor) -> None:
-        """Merge distinct sorted keys ``bk`` (values ``bv``) into the table (linear, no sort).
+    def _merge_in(self, held: list[torch.Tensor]) -> None:
+        """Merge distinct sorted keys ``bk`` (values ``bv``), ``held = [bk, bv]``, into the
+        table (linear, no sort). The list is emptied, so the buffer's arrays are freed as soon
+        as the new keys are taken out of them.
 
-        Memory: existing keys are added to in place; the merged arrays are built one at a
-        time and each old array is released as soon as it is copied, so the peak is about
-        1.5 tables (keys, values and the merged keys), not the 2.5 of copying both at once.
+        Existing keys are added to in place. New keys are inserted without boolean-mask
+        scatters over the table: old entry ``i`` moves to ``i + #{new keys before it}``,
+        computed per chunk of the table from the new keys' insertion points (``_place_old``),
+        and the new keys fill the gaps. The table lives in storage reserved with slack
+        (``_reserve``): while it fits, the merge runs in place (old entries shifted right,
+        chunk by chunk from the end, so the transient is one chunk plus the buffer's arrays,
+        not a second table); otherwise, or when the arrays were handed out (``state()``) or
+        taken from outside (``load_state``), the merged table is written into fresh storage.
         """
+        bk, bv = held.pop(0), held.pop(0)
         if self.keys.numel() == 0:
-            self.keys, self.values, self._values_shared = bk, bv, False
+            # the first keys go straight into reserved storage, so the next merge runs in
+            # place too (else it would hold this table twice)
+            n = int(bk.shape[0])
+            sk, sv = self._reserve(n)
+            sk[:n] = bk
+            sv[:n] = bv
+            del bk, bv
+            self._store = (sk, sv)
+            self.keys, self.values, self._values_shared = sk[:n], sv[:n], False
             return
         if bk.numel() == 0:
             return
         ak = self.keys
+        n_old = int(ak.shape[0])
         idx = torch.searchsorted(ak, bk)
-        found = torch.zeros_like(bk, dtype=torch.bool)
-        inside = idx < ak.shape[0]
-        found[inside] = ak[idx[inside]] == bk[inside]
-        del inside
+        found = ak.index_select(0, idx.clamp(max=n_old - 1)) == bk
         if bool(found.any()):
             if self._values_shared:  # handed out by state() / taken from load_state()
                 self.values = self.values.clone()
                 self._values_shared = False
+                self._store = None
             self.values.index_add_(0, idx[found], bv[found])
             if bool(found.all()):
                 return
-        new = ~found
-        nk, nv, nidx = bk[new], bv[new], idx[new]
-        del idx, found, new
+        new = (~found).nonzero().flatten()
+        del found
+        nk, nv, nidx = bk.index_select(0, new), bv.index_select(0, new), idx.index_select(0, new)
+        del bk, bv, idx, new
+        n_new = int(nk.shape[0])
+        n = n_old + n_new
+        in_place = (
+            self._store is not None and not self._values_shared and self._store[0].shape[0] >= n
+        )
+        if in_place:
+            assert self._store is not None
+            sk, sv = self._store
+        else:
+            sk, sv = self._reserve(n)
+        _place_old(ak, self.values, nidx, sk, sv, in_place)
         # new key j goes before old position nidx[j]; its final slot is nidx[j] + j
-        n = ak.shape[0] + nk.shape[0]
-        dev = ak.device
-        new_pos = nidx + torch.arange(nk.shape[0], device=dev)
+        new_pos = nidx + torch.arange(n_new, device=nidx.device)
         del nidx
-        is_old = torch.ones(n, dtype=torch.bool, device=dev)
-        is_old[new_pos] = False
-        keys = torch.empty(n, dtype=ak.dtype, device=dev)
-        keys[is_old] = ak
-        keys[new_pos] = nk
-        del ak
-        self.keys = keys
-        values = torch.empty(n, dtype=self.values.dtype, device=dev)
-        values[is_old] = self.values
-        values[new_pos] = nv
-        self.values, self._values_shared = values, False
+        sk.index_copy_(0, new_pos, nk)
+        sv.index_copy_(0, new_pos, nv)
+        self._store = (sk, sv)
+        self.keys, self.values, self._values_shared = sk[:n], sv[:n], False
+
+    def _reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialised key and value storage for at least ``n`` entries, with slack.
+
+        On the CPU the slack costs address space only (pages are committed when first
+        written), so it is generous: room for the table to double or take two full buffers.
+        On other devices memory is committed at allocation: a quarter more.
+        """
+        slack = max(n, 2 * self.buffer_limit) if self.device.type == "cpu" else max(n // 4, 1)
+        cap = min(n + slack, self.n_rows * self.n_cols)
+        return (
+            torch.empty(cap, dtype=torch.int64, device=self.device),
+            torch.empty(cap, dtype=self.dtype, device=self.device),
+        )
 
     def merge_(self, other: SparsePairCounter | DensePairCounter) -> None:
         """Add another counter's entries (used to combine shards; exact for int64)."""
@@ -160,6 +208,7 @@ class SparsePairCounter:
         tau = int(torch.kthvalue(self.values.cpu(), n - keep).values)
         mask = self.values > tau
         self.keys, self.values, self._values_shared = self.keys[mask], self.values[mask], False
+        self._store = None
         return tau
 
     # -- queries ----------------------------------------------------------------------------------
@@ -199,6 +248,7 @@ class SparsePairCounter:
         self.keys = tensors[f"{prefix}.keys"].to(self.device, torch.int64)
         self.values = tensors[f"{prefix}.values"].to(self.device, self.dtype)
         self._values_shared = True
+        self._store = None
 
 
 class DensePairCounter:
@@ -304,15 +354,66 @@ def pair_counter(
     return SparsePairCounter(n_rows, n_cols, device=device)
 
 
-def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct keys (sorted) and the sum of values per key: one sort plus a segmented sum."""
+_MERGE_CHUNK = 1 << 20  # table entries moved at once by a merge
+
+
+def _place_old(
+    ak: torch.Tensor,
+    av: torch.Tensor,
+    nidx: torch.Tensor,
+    sk: torch.Tensor,
+    sv: torch.Tensor,
+    in_place: bool,
+) -> None:
+    """Write old entries ``ak``/``av`` to their merged slots in ``sk``/``sv``.
+
+    ``nidx`` (sorted): each new key's insertion point in ``ak``. Old entry ``i`` goes to
+    ``i + #{j : nidx[j] <= i}``; per chunk ``[a, b)`` that is ``a``'s count of earlier new keys
+    plus a cumulative sum of the new keys landing inside the chunk. In place (``sk`` is
+    ``ak``'s storage) every entry moves right, so chunks go from the end (their destinations
+    lie at or after their sources and before the already-moved entries) and each chunk is
+    copied out before it is written; entries before the first insertion point stay put.
+    """
+    n_old = int(ak.shape[0])
+    dev = ak.device
+    first = int(nidx[0]) if in_place else 0
+    starts = list(range(first, n_old, _MERGE_CHUNK))
+    if in_place:
+        starts.reverse()
+    bounds = torch.tensor(
+        [[a, min(a + _MERGE_CHUNK, n_old)] for a in starts], dtype=torch.int64, device=dev
+    ).reshape(-1, 2)
+    lo_hi = torch.searchsorted(nidx, bounds).tolist()  # new keys with nidx < a, < b
+    for a, (lo, hi) in zip(starts, lo_hi, strict=True):
+        b = min(a + _MERGE_CHUNK, n_old)
+        shift = torch.bincount(nidx[lo:hi] - a, minlength=b - a)
+        torch.cumsum(shift, 0, out=shift)
+        dest = shift.add_(torch.arange(a + lo, b + lo, device=dev))
+        k, v = ak[a:b], av[a:b]
+        if in_place:
+            k, v = k.clone(), v.clone()
+        sk.index_copy_(0, dest, k)
+        sv.index_copy_(0, dest, v)
+
+
+def _sum_by_key(held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct keys (sorted) and the sum of values per key: one sort plus a segmented sum.
+
+    ``held = [keys, values]`` is emptied, so each input is freed as soon as it is used.
+    """
+    keys, values = held.pop(0), held.pop(0)
     if keys.numel() == 0:
         return keys, values
     sk, order = torch.sort(keys)
-    new = torch.ones(sk.shape[0], dtype=torch.bool, device=keys.device)
+    del keys
+    values = values.index_select(0, order)
+    del order
+    new = torch.ones(sk.shape[0], dtype=torch.bool, device=sk.device)
     new[1:] = sk[1:] != sk[:-1]
-    gid = torch.cumsum(new, 0) - 1
+    gid = torch.cumsum(new, 0)
+    gid -= 1
     n_out = int(gid[-1]) + 1
-    out = torch.zeros(n_out, dtype=values.dtype, device=keys.device)
-    out.index_add_(0, gid, values[order])
+    out = torch.zeros(n_out, dtype=values.dtype, device=sk.device)
+    out.index_add_(0, gid, values)
+    del gid, values
     return sk[new], out

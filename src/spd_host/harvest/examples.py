@@ -145,6 +145,8 @@ class ExampleBank:
         self.sbits[start:end] = 0
         self.hoff[start:end] = -1
 
+    POOL_MIN = 1024  # smallest pool (rows) and heap (values) allocated by a compaction
+    HEAP_MIN = 4096
     SLOT_FIELDS = ("filled", "score", "pidx", "fbits", "sbits", "hoff")
 
     @property
@@ -187,7 +189,7 @@ class ExampleBank:
         new_index = torch.cumsum(live, 0) - 1
         m = int(keep.shape[0])
         old_tok, old_pos = self.pool_tokens, self.pool_pos
-        self._alloc_pool(min(self._pool_max, max(2 * (m + need), 1024)))
+        self._alloc_pool(min(self._pool_max, max(2 * (m + need), self.POOL_MIN)))
         self.pool_tokens[:m] = old_tok.index_select(0, keep)
         self.pool_pos[:m] = old_pos.index_select(0, keep)
         self.pool_used = m
@@ -204,7 +206,7 @@ class ExampleBank:
         sbits = self.sbits[:n].reshape(-1, self.n_words)
         old = self.heap
         live = self._heap_live(hoff, sbits)
-        self._alloc_heap(min(self._heap_max, max(2 * (live + need), 4096)))
+        self._alloc_heap(min(self._heap_max, max(2 * (live + need), self.HEAP_MIN)))
         used = 0
         for s0 in range(0, hoff.shape[0], _DECODE_CHUNK):
             off = hoff[s0 : s0 + _DECODE_CHUNK].to(torch.int64)

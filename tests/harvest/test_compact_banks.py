@@ -16,7 +16,7 @@ from spd_host.adapter import HarvestBatch, Site
 from spd_host.errors import ConfigError
 from spd_host.harvest import HarvestConfig
 from spd_host.harvest.accumulator import HarvestAccumulator, Layout
-from spd_host.harvest.examples import ExampleBank, pack_bits, unpack_bits
+from spd_host.harvest.examples import ExampleBank, pack_bits, popcount, unpack_bits
 from spd_host.harvest.windows import Windows
 
 
@@ -31,6 +31,7 @@ def test_bit_masks_round_trip(w: int) -> None:
         bit = (words[..., i // 31].to(torch.int64) >> (i % 31)) & 1
         assert torch.equal(bit.bool(), flags[..., i])
     assert torch.equal(unpack_bits(words, w), flags)
+    assert torch.equal(popcount(words), flags.sum(-1))
 
 
 class DenseStore:
@@ -108,6 +109,9 @@ def test_overwrites_and_compactions_keep_every_bit(dense_site: bool, context: in
         heap_compactions += bank.heap_used < heap_used or bank.heap.shape[0] != heap_before
         _assert_same_as_reference(bank, ref)
     assert pool_compactions >= 5 and heap_compactions >= 5
+    assert bank.heap_live == int(
+        bank._referenced_values(bank.hoff.reshape(-1), bank.sbits.reshape(-1, bank.n_words))
+    )
     # bounded by what the slots refer to: distinct positions and stored values (times 2, plus
     # one call's appends), however many windows were written
     rows, slots = ref.written.nonzero().unbind(1)

@@ -56,6 +56,16 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     return (f * weights).sum(-1, dtype=torch.int32)
 
 
+def popcount(words: torch.Tensor) -> torch.Tensor:
+    """Set flags per ``[..., nw]`` int32 mask (31-bit words, so shifts see no sign), int64."""
+    x = words - ((words >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    x = (x + (x >> 16)) & 0x3F
+    return x.sum(-1, dtype=torch.int64)
+
+
 def unpack_bits(words: torch.Tensor, w: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: ``[..., nw]`` int32 -> ``[..., w]`` bool."""
     sh = torch.arange(BITS, dtype=torch.int32, device=words.device)
@@ -136,6 +146,7 @@ class ExampleBank:
     def _alloc_heap(self, cap: int) -> None:
         self.heap = torch.empty(cap, dtype=torch.float32, device=self.device)
         self.heap_used = 0
+        self.heap_live = 0  # values some slot refers to (kept up to date by ``set``)
 
     def _init_rows(self, start: int, end: int) -> None:
         self.filled[start:end] = 0
@@ -198,19 +209,31 @@ class ExampleBank:
         ok = p >= 0
         p[ok] = new_index[p[ok].to(torch.int64)].to(self.pidx_dtype)
 
+    def _room_in_heap(self, need: int) -> None:
+        """Make room for ``need`` more values: grow (a copy, offsets unchanged) when at most a
+        quarter of the heap is garbage, else compact."""
+        used, live = self.heap_used, self.heap_live
+        cap = max(2 * (used + need), self.HEAP_MIN)
+        if 4 * (used - live) <= used and cap <= self._heap_max:
+            old = self.heap
+            self._alloc_heap(cap)
+            self.heap[:used] = old[:used]
+            self.heap_used, self.heap_live = used, live
+            return
+        self._compact_heap(need)
+
     def _compact_heap(self, need: int) -> None:
         """Keep the values some slot refers to (slot by slot, in row order), in a buffer with
         room for ``need`` more and as much again."""
         n, T = self.n_rows, self.n_types
         hoff = self.hoff[:n].reshape(-1)
         sbits = self.sbits[:n].reshape(-1, self.n_words)
-        old = self.heap
-        live = self._heap_live(hoff, sbits)
+        old, live = self.heap, self.heap_live
         self._alloc_heap(min(self._heap_max, max(2 * (live + need), self.HEAP_MIN)))
         used = 0
         for s0 in range(0, hoff.shape[0], _DECODE_CHUNK):
             off = hoff[s0 : s0 + _DECODE_CHUNK].to(torch.int64)
-            cnt = self._count(sbits[s0 : s0 + _DECODE_CHUNK]) * T
+            cnt = popcount(sbits[s0 : s0 + _DECODE_CHUNK]) * T
             cnt = torch.where(off >= 0, cnt, torch.zeros_like(cnt))
             total = int(cnt.sum())
             start = torch.cumsum(cnt, 0) - cnt + used
@@ -221,18 +244,12 @@ class ExampleBank:
             new_off = torch.where(off >= 0, start, torch.full_like(start, -1))
             hoff[s0 : s0 + _DECODE_CHUNK] = new_off.to(self.hoff_dtype)
             used += total
-        self.heap_used = used
+        self.heap_used = self.heap_live = used
 
-    def _count(self, bits: torch.Tensor) -> torch.Tensor:
-        """Stored positions per slot (popcount of the stored flags), int64."""
-        return unpack_bits(bits, self.width).sum(-1)
-
-    def _heap_live(self, hoff: torch.Tensor, sbits: torch.Tensor) -> int:
-        live = 0
-        for s0 in range(0, hoff.shape[0], _DECODE_CHUNK):
-            c = self._count(sbits[s0 : s0 + _DECODE_CHUNK])
-            live += int(c[hoff[s0 : s0 + _DECODE_CHUNK] >= 0].sum())
-        return live * self.n_types
+    def _referenced_values(self, hoff: torch.Tensor, sbits: torch.Tensor) -> torch.Tensor:
+        """Heap values referred to by slots (``hoff`` ``[n]``, ``sbits`` ``[n, nw]``), int64."""
+        cnt = popcount(sbits) * self.n_types
+        return torch.where(hoff >= 0, cnt, torch.zeros_like(cnt)).sum()
 
     def encode(
         self, pos: torch.Tensor, tokens: torch.Tensor, acts: torch.Tensor, fired: torch.Tensor
@@ -260,7 +277,7 @@ class ExampleBank:
         cnt = stored.sum(1) * T
         total = int(cnt.sum())
         if self.heap_used + total > self.heap.shape[0]:
-            self._compact_heap(total)
+            self._room_in_heap(total)
         h0 = self.heap_used
         self.heap[h0 : h0 + total] = acts[stored].reshape(-1)
         self.heap_used = h0 + total
@@ -273,7 +290,10 @@ class ExampleBank:
         )
 
     def set(self, rows: torch.Tensor, slots: torch.Tensor, score: torch.Tensor, p: Packed) -> None:
-        """Point slots ``(rows, slots)`` at packed windows."""
+        """Point slots ``(rows, slots)`` at packed windows (the heap values the slots referred
+        to before become garbage)."""
+        before = self._referenced_values(self.hoff[rows, slots], self.sbits[rows, slots])
+        self.heap_live += int(self._referenced_values(p.hoff, p.sbits) - before)
         self.score[rows, slots] = score.to(torch.float32)
         self.pidx[rows, slots] = p.pidx
         self.fbits[rows, slots] = p.fbits
@@ -411,6 +431,11 @@ class ExampleBank:
         self._alloc_heap(max(heap_cap, int(hp.shape[0])))
         self.heap[: hp.shape[0]] = hp.to(dev)
         self.heap_used = int(hp.shape[0])
+        self.heap_live = int(
+            self._referenced_values(
+                self.hoff[:n].reshape(-1), self.sbits[:n].reshape(-1, self.n_words)
+            )
+        )
 
     def _load_dense(self, prefix: str, tensors: dict[str, torch.Tensor], n: int) -> None:
         """Convert a dense-layout bank (``score``/``pos`` ``[n, K]``, ``tokens``/``fired``

@@ -398,18 +398,16 @@ class HarvestAccumulator:
         rows, slots, is_new, src, _score = topk_plan(g, primary, bank)
         if rows.numel() == 0:
             return
-        # surviving old entries that change slot (those ranked below a new entry), gathered
-        # before anything is overwritten; the others stay where they are
-        moved = ~is_new & (slots != src)
-        o_rows, o_src = rows[moved], src[moved]
-        kept = {
-            f: getattr(bank, f)[o_rows, o_src] for f in ("score", "pos", "tokens", "acts", "fired")
-        }
         ev = src[is_new]
         w = extract_windows(tokens, e, b[ev], s[ev], cl[ev], self.config.context_tokens)
-        bank.write(rows[is_new], slots[is_new], primary[ev], pos[ev], w)
-        for f, t in kept.items():
-            getattr(bank, f)[o_rows, slots[moved]] = t
+        packed = bank.encode(pos[ev], w.tokens, w.acts, w.fired)  # may compact: before ``get``
+        # surviving old entries that change slot (those ranked below a new entry), read before
+        # anything is overwritten; the others stay where they are
+        moved = ~is_new & (slots != src)
+        o_rows = rows[moved]
+        kept_score, kept = bank.get(o_rows, src[moved])
+        bank.set(rows[is_new], slots[is_new], primary[ev], packed)
+        bank.set(o_rows, slots[moved], kept_score, kept)
         # rows come out grouped (sorted by row) with slots 0.. per row: filled = run length
         touched, n_kept = torch.unique_consecutive(rows, return_counts=True)
         bank.filled[touched] = n_kept

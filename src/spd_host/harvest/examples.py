@@ -12,26 +12,90 @@ firings. Randomness comes from a generator seeded by ``(seed, global batch index
 resumed or re-run harvest draws exactly the same numbers.
 
 Top-K: the K firings with the largest primary activation (ties: earlier position first).
+
+Compact layout (what an example costs): a slot holds only its score (float32), a row of a
+shared *token pool* (the window's token ids and its global position, kept once for every slot
+that refers to that position), the window's ``fired`` flags and *stored* flags as bit masks,
+and an offset into a *value heap* holding the window's activations only at stored positions:
+those where the component fired or any activation is non-zero (compared bit for bit, so
+``-0.0`` is kept). Everything else of the window is ``+0.0``, so the dense window is restored
+bit for bit: for a sparse site (zero off its firings by contract) a window costs one value per
+firing in it; a dense site (SPD) whose activations are non-zero off the firings stays exact,
+at up to ``2W + 1`` values per window. The pool and the heap are appended to; when one is full
+it is compacted into a fresh buffer (rows and values that no slot refers to any more are
+dropped, then the buffer is sized to twice what is live), so their size is bounded by what the
+slots refer to, not by how many examples were ever written.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from spd_host.errors import ConfigError
 from spd_host.harvest.windows import Windows
+
+BITS = 31  # flags per int32 word (the sign bit is left alone)
+_DECODE_CHUNK = 1 << 18  # slots restored at once by ``field`` (bounds the temporaries)
+FIELDS = ("score", "pos", "tokens", "acts", "fired")  # the dense, logical fields of a slot
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """``[..., w]`` bool -> ``[..., ceil(w / 31)]`` int32 (bit ``i % 31`` of word ``i // 31``)."""
+    w = flags.shape[-1]
+    nw = max(1, -(-w // BITS))
+    pad = nw * BITS - w
+    f = flags
+    if pad:
+        f = torch.cat([f, torch.zeros((*f.shape[:-1], pad), dtype=torch.bool, device=f.device)], -1)
+    f = f.reshape(*f.shape[:-1], nw, BITS).to(torch.int32)
+    weights = torch.ones(BITS, dtype=torch.int32, device=f.device) << torch.arange(
+        BITS, dtype=torch.int32, device=f.device
+    )
+    return (f * weights).sum(-1, dtype=torch.int32)
+
+
+def popcount(words: torch.Tensor) -> torch.Tensor:
+    """Set flags per ``[..., nw]`` int32 mask (31-bit words, so shifts see no sign), int64."""
+    x = words - ((words >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    x = (x + (x >> 16)) & 0x3F
+    return x.sum(-1, dtype=torch.int64)
+
+
+def unpack_bits(words: torch.Tensor, w: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: ``[..., nw]`` int32 -> ``[..., w]`` bool."""
+    sh = torch.arange(BITS, dtype=torch.int32, device=words.device)
+    bits = (words[..., None] >> sh) & 1
+    return bits.reshape(*words.shape[:-1], -1)[..., :w].to(torch.bool)
+
+
+@dataclass
+class Packed:
+    """The compact form of ``n`` windows (valid until the bank's next ``encode``)."""
+
+    pidx: torch.Tensor  # [n] pool row
+    fbits: torch.Tensor  # [n, nw] fired flags
+    sbits: torch.Tensor  # [n, nw] stored flags
+    hoff: torch.Tensor  # [n] heap offset of the first stored value
 
 
 class ExampleBank:
-    """K example windows per component, stored in lazily allocated rows.
+    """K example windows per component, stored in lazily allocated rows (compact layout, see
+    the module docstring).
 
     Why rows are reserved rather than regrown on the CPU: a row is assigned the first time its
     component fires, and growing the arrays by copying (the old and the new buffers alive at
     once, the new one initialised in full) made the peak about three times what the alive
-    rows need. On the CPU the arrays are reserved for every component with ``torch.empty``
-    (address space only: the operating system commits a page when it is first written) and a
-    row is initialised when it is assigned, so resident memory is what the alive rows use and
-    nothing is ever copied. On other devices (where memory is committed at allocation) the
-    arrays grow geometrically, again initialising only assigned rows.
+    rows need. On the CPU the per-slot arrays are reserved for every component with
+    ``torch.empty`` (address space only: the operating system commits a page when it is first
+    written) and a row is initialised when it is assigned, so resident memory is what the alive
+    rows use and nothing is ever copied. On other devices (where memory is committed at
+    allocation) the arrays grow geometrically, again initialising only assigned rows. The pool
+    and the heap are small beside the slots and grow by compaction on every device.
     """
 
     def __init__(
@@ -47,32 +111,54 @@ class ExampleBank:
         self.width = width
         self.n_types = n_types
         self.device = torch.device(device)
+        self.n_words = max(1, -(-width // BITS))
+        # narrowest exact index dtypes: a compacted buffer holds at most twice what the slots
+        # can refer to plus one call's appends (every slot once more)
+        slots = n_components * k
+        self._pool_max = 4 * slots + 16
+        self._heap_max = 4 * slots * width * n_types + 16
+        self.pidx_dtype = torch.int32 if self._pool_max < 2**31 else torch.int64
+        self.hoff_dtype = torch.int32 if self._heap_max < 2**31 else torch.int64
         self.row_of = torch.full((n_components,), -1, dtype=torch.int64, device=self.device)
         self.component = torch.empty(0, dtype=torch.int64, device=self.device)
         self._alloc(self._reserve())
+        self._alloc_pool(0)
+        self._alloc_heap(0)
 
     def _reserve(self) -> int:
         return self.n_components if self.device.type == "cpu" else 0
 
     def _alloc(self, cap: int) -> None:
-        """Uninitialised arrays of ``cap`` rows (rows are initialised by ``_init_rows``)."""
-        k, w, t, dev = self.k, self.width, self.n_types, self.device
+        """Uninitialised per-slot arrays of ``cap`` rows (initialised by ``_init_rows``)."""
+        k, nw, dev = self.k, self.n_words, self.device
         self.filled = torch.empty(cap, dtype=torch.int64, device=dev)
         self.score = torch.empty((cap, k), dtype=torch.float32, device=dev)
-        self.pos = torch.empty((cap, k), dtype=torch.int64, device=dev)
-        self.tokens = torch.empty((cap, k, w), dtype=torch.int32, device=dev)
-        self.acts = torch.empty((cap, k, w, t), dtype=torch.float32, device=dev)
-        self.fired = torch.empty((cap, k, w), dtype=torch.bool, device=dev)
+        self.pidx = torch.empty((cap, k), dtype=self.pidx_dtype, device=dev)
+        self.fbits = torch.empty((cap, k, nw), dtype=torch.int32, device=dev)
+        self.sbits = torch.empty((cap, k, nw), dtype=torch.int32, device=dev)
+        self.hoff = torch.empty((cap, k), dtype=self.hoff_dtype, device=dev)
+
+    def _alloc_pool(self, cap: int) -> None:
+        self.pool_tokens = torch.empty((cap, self.width), dtype=torch.int32, device=self.device)
+        self.pool_pos = torch.empty(cap, dtype=torch.int64, device=self.device)
+        self.pool_used = 0
+
+    def _alloc_heap(self, cap: int) -> None:
+        self.heap = torch.empty(cap, dtype=torch.float32, device=self.device)
+        self.heap_used = 0
+        self.heap_live = 0  # values some slot refers to (kept up to date by ``set``)
 
     def _init_rows(self, start: int, end: int) -> None:
         self.filled[start:end] = 0
         self.score[start:end] = float("-inf")
-        self.pos[start:end] = -1
-        self.tokens[start:end] = -1
-        self.acts[start:end] = 0
-        self.fired[start:end] = False
+        self.pidx[start:end] = -1  # -1: the slot refers to nothing
+        self.fbits[start:end] = 0
+        self.sbits[start:end] = 0
+        self.hoff[start:end] = -1
 
-    FIELDS = ("filled", "score", "pos", "tokens", "acts", "fired")
+    POOL_MIN = 1024  # smallest pool (rows) and heap (values) allocated by a compaction
+    HEAP_MIN = 4096
+    SLOT_FIELDS = ("filled", "score", "pidx", "fbits", "sbits", "hoff")
 
     @property
     def n_rows(self) -> int:
@@ -95,11 +181,133 @@ class ExampleBank:
         return rows
 
     def _grow(self, cap: int) -> None:
-        old = {f: getattr(self, f) for f in self.FIELDS}
+        old = {f: getattr(self, f) for f in self.SLOT_FIELDS}
         n = self.n_rows
         self._alloc(cap)
         for f, t in old.items():
             getattr(self, f)[:n] = t[:n]
+
+    # -- pool and heap ----------------------------------------------------------------------------
+    def _compact_pool(self, need: int) -> None:
+        """Keep the pool rows some slot refers to (in pool order), in a buffer with room for
+        ``need`` more and as much again."""
+        n = self.n_rows
+        ref = self.pidx[:n].reshape(-1)
+        ref = ref[ref >= 0].to(torch.int64)
+        live = torch.zeros(self.pool_used, dtype=torch.bool, device=self.device)
+        live[ref] = True
+        keep = torch.nonzero(live).flatten()
+        new_index = torch.cumsum(live, 0) - 1
+        m = int(keep.shape[0])
+        old_tok, old_pos = self.pool_tokens, self.pool_pos
+        self._alloc_pool(min(self._pool_max, max(2 * (m + need), self.POOL_MIN)))
+        self.pool_tokens[:m] = old_tok.index_select(0, keep)
+        self.pool_pos[:m] = old_pos.index_select(0, keep)
+        self.pool_used = m
+        del old_tok, old_pos
+        p = self.pidx[:n]
+        ok = p >= 0
+        p[ok] = new_index[p[ok].to(torch.int64)].to(self.pidx_dtype)
+
+    def _room_in_heap(self, need: int) -> None:
+        """Make room for ``need`` more values: grow (a copy, offsets unchanged) when at most a
+        quarter of the heap is garbage, else compact."""
+        used, live = self.heap_used, self.heap_live
+        cap = max(2 * (used + need), self.HEAP_MIN)
+        if 4 * (used - live) <= used and cap <= self._heap_max:
+            old = self.heap
+            self._alloc_heap(cap)
+            self.heap[:used] = old[:used]
+            self.heap_used, self.heap_live = used, live
+            return
+        self._compact_heap(need)
+
+    def _compact_heap(self, need: int) -> None:
+        """Keep the values some slot refers to (slot by slot, in row order), in a buffer with
+        room for ``need`` more and as much again."""
+        n, T = self.n_rows, self.n_types
+        hoff = self.hoff[:n].reshape(-1)
+        sbits = self.sbits[:n].reshape(-1, self.n_words)
+        old, live = self.heap, self.heap_live
+        self._alloc_heap(min(self._heap_max, max(2 * (live + need), self.HEAP_MIN)))
+        used = 0
+        for s0 in range(0, hoff.shape[0], _DECODE_CHUNK):
+            off = hoff[s0 : s0 + _DECODE_CHUNK].to(torch.int64)
+            cnt = popcount(sbits[s0 : s0 + _DECODE_CHUNK]) * T
+            cnt = torch.where(off >= 0, cnt, torch.zeros_like(cnt))
+            total = int(cnt.sum())
+            start = torch.cumsum(cnt, 0) - cnt + used
+            if total:
+                src = torch.repeat_interleave(off - start, cnt, output_size=total)
+                src += torch.arange(used, used + total, device=self.device)
+                self.heap[used : used + total] = old.index_select(0, src)
+            new_off = torch.where(off >= 0, start, torch.full_like(start, -1))
+            hoff[s0 : s0 + _DECODE_CHUNK] = new_off.to(self.hoff_dtype)
+            used += total
+        self.heap_used = self.heap_live = used
+
+    def _referenced_values(self, hoff: torch.Tensor, sbits: torch.Tensor) -> torch.Tensor:
+        """Heap values referred to by slots (``hoff`` ``[n]``, ``sbits`` ``[n, nw]``), int64."""
+        cnt = popcount(sbits) * self.n_types
+        return torch.where(hoff >= 0, cnt, torch.zeros_like(cnt)).sum()
+
+    def encode(
+        self, pos: torch.Tensor, tokens: torch.Tensor, acts: torch.Tensor, fired: torch.Tensor
+    ) -> Packed:
+        """Append windows to the pool (one row per distinct position of this call) and the heap.
+
+        The returned indices refer to the appended data; write them into slots (``set``)
+        before the next ``encode``, which may compact (and so renumber) the pool and the heap.
+        """
+        n, T = int(pos.shape[0]), self.n_types
+        dev = self.device
+        upos, inv = torch.unique(pos, return_inverse=True)
+        u = int(upos.shape[0])
+        first = torch.full((u,), n, dtype=torch.int64, device=dev)
+        first.scatter_reduce_(0, inv, torch.arange(n, device=dev), "amin")
+        if self.pool_used + u > self.pool_pos.shape[0]:
+            self._compact_pool(u)
+        base = self.pool_used
+        self.pool_tokens[base : base + u] = tokens.index_select(0, first).to(torch.int32)
+        self.pool_pos[base : base + u] = upos
+        self.pool_used = base + u
+        acts = acts.to(torch.float32)
+        nonzero = (acts.view(torch.int32) != 0).any(-1) if T else torch.zeros_like(fired)
+        stored = fired | nonzero
+        cnt = stored.sum(1) * T
+        total = int(cnt.sum())
+        if self.heap_used + total > self.heap.shape[0]:
+            self._room_in_heap(total)
+        h0 = self.heap_used
+        self.heap[h0 : h0 + total] = acts[stored].reshape(-1)
+        self.heap_used = h0 + total
+        hoff = torch.cumsum(cnt, 0) - cnt + h0
+        return Packed(
+            (base + inv).to(self.pidx_dtype),
+            pack_bits(fired),
+            pack_bits(stored),
+            hoff.to(self.hoff_dtype),
+        )
+
+    def set(self, rows: torch.Tensor, slots: torch.Tensor, score: torch.Tensor, p: Packed) -> None:
+        """Point slots ``(rows, slots)`` at packed windows (the heap values the slots referred
+        to before become garbage)."""
+        before = self._referenced_values(self.hoff[rows, slots], self.sbits[rows, slots])
+        self.heap_live += int(self._referenced_values(p.hoff, p.sbits) - before)
+        self.score[rows, slots] = score.to(torch.float32)
+        self.pidx[rows, slots] = p.pidx
+        self.fbits[rows, slots] = p.fbits
+        self.sbits[rows, slots] = p.sbits
+        self.hoff[rows, slots] = p.hoff
+
+    def get(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, Packed]:
+        """The score and packed window of slots (valid until the next ``encode``)."""
+        return self.score[rows, slots], Packed(
+            self.pidx[rows, slots],
+            self.fbits[rows, slots],
+            self.sbits[rows, slots],
+            self.hoff[rows, slots],
+        )
 
     def write(
         self,
@@ -109,18 +317,83 @@ class ExampleBank:
         pos: torch.Tensor,
         w: Windows,
     ) -> None:
-        self.score[rows, slots] = score.to(torch.float32)
-        self.pos[rows, slots] = pos
-        self.tokens[rows, slots] = w.tokens
-        self.acts[rows, slots] = w.acts
-        self.fired[rows, slots] = w.fired
+        if rows.numel() == 0:
+            return
+        self.set(rows, slots, score, self.encode(pos, w.tokens, w.acts, w.fired))
+
+    # -- dense (logical) view -----------------------------------------------------------------------
+    def field(self, name: str, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One logical field (``FIELDS``) of filled slots, as the dense layout held it."""
+        if name == "score":
+            return self.score[rows, slots]
+        pidx = self.pidx[rows, slots].to(torch.int64)
+        if name == "pos":
+            return self.pool_pos.index_select(0, pidx)
+        if name == "tokens":
+            return self.pool_tokens.index_select(0, pidx)
+        w, T = self.width, self.n_types
+        if name == "fired":
+            return unpack_bits(self.fbits[rows, slots], w)
+        if name != "acts":
+            raise KeyError(name)
+        m = int(rows.shape[0])
+        out = torch.zeros((m, w, T), dtype=torch.float32, device=self.device)
+        for s0 in range(0, m, _DECODE_CHUNK):
+            r, s = rows[s0 : s0 + _DECODE_CHUNK], slots[s0 : s0 + _DECODE_CHUNK]
+            stored = unpack_bits(self.sbits[r, s], w)
+            rank = torch.cumsum(stored, 1) - 1
+            at = (self.hoff[r, s].to(torch.int64)[:, None] + rank * T)[stored]
+            idx = at[:, None] + torch.arange(T, device=self.device)
+            out[s0 : s0 + _DECODE_CHUNK][stored] = self.heap[idx]
+        return out
+
+    def dense(self, rows: torch.Tensor, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every logical field of filled slots."""
+        return {f: self.field(f, rows, slots) for f in FIELDS}
+
+    def filled_slots(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row, slot)`` of every filled slot of ``rows``, row by row, slots ascending."""
+        slot = torch.arange(self.k, device=self.device)[None, :].expand(rows.shape[0], self.k)
+        ok = slot < self.filled[rows][:, None]
+        return rows[:, None].expand_as(slot)[ok], slot[ok]
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """``[n_rows, K]`` global position of every slot (``-1`` where unfilled)."""
+        n = self.n_rows
+        p = self.pidx[:n].to(torch.int64)
+        slot = torch.arange(self.k, device=self.device)[None, :]
+        ok = slot < self.filled[:n][:, None]
+        out = torch.full((n, self.k), -1, dtype=torch.int64, device=self.device)
+        out[ok] = self.pool_pos.index_select(0, p[ok])
+        return out
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the layout: per alive row (its slots), and in use in the pool and the heap."""
+        row = sum(
+            getattr(self, f).element_size() * getattr(self, f)[0].numel()
+            for f in self.SLOT_FIELDS
+            if getattr(self, f).shape[0]
+        )
+        return {
+            "row": int(row),
+            "pool": self.pool_used * (self.width * 4 + 8),
+            "heap": self.heap_used * 4,
+        }
 
     # -- state ------------------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         n = self.n_rows
         out = {f"{prefix}.component": self.component.clone()}
-        for f in self.FIELDS:
+        for f in self.SLOT_FIELDS:
             out[f"{prefix}.{f}"] = getattr(self, f)[:n].contiguous()
+        out[f"{prefix}.pool_tokens"] = self.pool_tokens[: self.pool_used]
+        out[f"{prefix}.pool_pos"] = self.pool_pos[: self.pool_used]
+        out[f"{prefix}.heap"] = self.heap[: self.heap_used]
+        # capacities too, so a resumed bank compacts at the same moments as an uninterrupted one
+        out[f"{prefix}.capacity"] = torch.tensor(
+            [self.pool_pos.shape[0], self.heap.shape[0]], dtype=torch.int64
+        )
         return out
 
     def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -131,8 +404,62 @@ class ExampleBank:
         self.row_of[comp] = torch.arange(n, device=dev)
         self.component = comp.clone()
         self._alloc(max(n, self._reserve()))
-        for f in self.FIELDS:
-            getattr(self, f)[:n] = tensors[f"{prefix}.{f}"].to(dev)
+        if f"{prefix}.tokens" in tensors:  # the dense layout of earlier versions
+            self._load_dense(prefix, tensors, n)
+            return
+        if f"{prefix}.heap" not in tensors:
+            raise ConfigError(
+                f"the harvest checkpoint's {prefix!r} example bank is in no known layout",
+                hint="delete the checkpoint directory to start the harvest over",
+            )
+        for f in self.SLOT_FIELDS:
+            t = tensors[f"{prefix}.{f}"]
+            want = getattr(self, f).dtype
+            if (f in ("fbits", "sbits") and t.shape[-1] != self.n_words) or t.shape[0] != n:
+                raise ConfigError(
+                    f"the harvest checkpoint's {prefix}.{f} has shape {list(t.shape)}, which "
+                    f"does not fit {n} rows of a {self.width}-token window",
+                    hint="resume with the configuration the checkpoint was written with",
+                )
+            getattr(self, f)[:n] = t.to(dev, want)
+        pool_cap, heap_cap = (int(x) for x in tensors[f"{prefix}.capacity"].tolist())
+        pt, pp, hp = (tensors[f"{prefix}.{f}"] for f in ("pool_tokens", "pool_pos", "heap"))
+        self._alloc_pool(max(pool_cap, int(pp.shape[0])))
+        self.pool_tokens[: pp.shape[0]] = pt.to(dev)
+        self.pool_pos[: pp.shape[0]] = pp.to(dev)
+        self.pool_used = int(pp.shape[0])
+        self._alloc_heap(max(heap_cap, int(hp.shape[0])))
+        self.heap[: hp.shape[0]] = hp.to(dev)
+        self.heap_used = int(hp.shape[0])
+        self.heap_live = int(
+            self._referenced_values(
+                self.hoff[:n].reshape(-1), self.sbits[:n].reshape(-1, self.n_words)
+            )
+        )
+
+    def _load_dense(self, prefix: str, tensors: dict[str, torch.Tensor], n: int) -> None:
+        """Convert a dense-layout bank (``score``/``pos`` ``[n, K]``, ``tokens``/``fired``
+        ``[n, K, w]``, ``acts`` ``[n, K, w, T]``) into this layout, slot contents unchanged."""
+        dev = self.device
+        d = {f: tensors[f"{prefix}.{f}"].to(dev) for f in ("filled", *FIELDS)}
+        acts = d["acts"]
+        if d["tokens"].shape[1:] != (self.k, self.width) or acts.shape[3] != self.n_types:
+            raise ConfigError(
+                f"the harvest checkpoint's {prefix!r} example bank has windows of shape "
+                f"{list(acts.shape[1:])}, not [{self.k}, {self.width}, {self.n_types}]",
+                hint="resume with the configuration the checkpoint was written with",
+            )
+        self._init_rows(0, n)
+        self.filled[:n] = d["filled"]
+        self.score[:n] = d["score"]
+        rows, slots = self.filled_slots(torch.arange(n, device=dev))
+        self.write(
+            rows,
+            slots,
+            d["score"][rows, slots],
+            d["pos"][rows, slots],
+            Windows(d["tokens"][rows, slots], acts[rows, slots], d["fired"][rows, slots]),
+        )
 
 
 def reservoir_plan(

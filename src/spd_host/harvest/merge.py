@@ -15,8 +15,7 @@ import torch
 
 from spd_host.harvest.accumulator import HarvestAccumulator, batch_generator
 from spd_host.harvest.examples import ExampleBank
-
-_FIELDS = ("score", "pos", "tokens", "acts", "fired")
+from spd_host.harvest.windows import Windows
 
 
 def merge_accumulators(parts: list[HarvestAccumulator]) -> HarvestAccumulator:
@@ -54,10 +53,14 @@ def merge_accumulators(parts: list[HarvestAccumulator]) -> HarvestAccumulator:
 
 
 def _entries(bank: ExampleBank, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    k = bank.k
-    slot = torch.arange(k)[None, :].expand(rows.shape[0], k)
-    ok = slot < bank.filled[rows][:, None]
-    return rows[:, None].expand_as(slot)[ok], slot[ok]
+    return bank.filled_slots(rows)
+
+
+def _put(
+    bank: ExampleBank, rows: torch.Tensor, slots: torch.Tensor, d: dict[str, torch.Tensor]
+) -> None:
+    """Write dense (logical) entries ``d`` into slots of ``bank``."""
+    bank.write(rows, slots, d["score"], d["pos"], Windows(d["tokens"], d["acts"], d["fired"]))
 
 
 def merge_top(a: ExampleBank, b: ExampleBank) -> None:
@@ -77,7 +80,7 @@ def merge_top(a: ExampleBank, b: ExampleBank) -> None:
     )
     src_row = torch.cat([ar, br])
     src_slot = torch.cat([asl, bsl])
-    pos = torch.cat([a.pos[ar, asl], b.pos[br, bsl]])
+    pos = torch.cat([a.field("pos", ar, asl), b.field("pos", br, bsl)])
     o = torch.sort(pos, stable=True).indices
     o = o[torch.sort(score[o], descending=True, stable=True).indices]
     o = o[torch.sort(rows[o], stable=True).indices]
@@ -88,14 +91,13 @@ def merge_top(a: ExampleBank, b: ExampleBank) -> None:
     rank = torch.arange(n) - torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values
     keep = rank < a.k
     o, r, rank = o[keep], r[keep], rank[keep]
-    data = {}
-    for f in _FIELDS:
-        va = getattr(a, f)[src_row[o].clamp(max=a.n_rows - 1), src_slot[o]]
-        vb = getattr(b, f)[src_row[o].clamp(max=b.n_rows - 1), src_slot[o]]
-        mask = from_b[o].view(-1, *([1] * (va.ndim - 1)))
-        data[f] = torch.where(mask, vb, va)
-    for f, v in data.items():
-        getattr(a, f)[r, rank] = v
+    # the kept entries' windows, read from their own bank (dense, logical form)
+    fb = from_b[o]
+    sel_a, sel_b = torch.nonzero(~fb).flatten(), torch.nonzero(fb).flatten()
+    da = a.dense(src_row[o][sel_a], src_slot[o][sel_a])
+    db = b.dense(src_row[o][sel_b], src_slot[o][sel_b])
+    _put(a, r[sel_a], rank[sel_a], da)
+    _put(a, r[sel_b], rank[sel_b], db)
     filled = torch.zeros_like(a.filled).scatter_reduce_(0, r, rank + 1, "amax")
     touched = torch.unique(r)
     a.filled[touched] = filled[touched]
@@ -140,15 +142,14 @@ def merge_reservoir(
 
     a_rows_src, a_slots_src, a_owner = chosen(a, rows_a, take_a)
     b_rows_src, b_slots_src, b_owner = chosen(b, rows_b, take_b)
-    data_a = {f: getattr(a, f)[a_rows_src, a_slots_src].clone() for f in _FIELDS}
-    data_b = {f: getattr(b, f)[b_rows_src, b_slots_src].clone() for f in _FIELDS}
+    data_a = a.dense(a_rows_src, a_slots_src)
+    data_b = b.dense(b_rows_src, b_slots_src)
     dst_rows_a = rows_a[a_owner]
     dst_slot_a = torch.arange(a_owner.shape[0]) - _group_start(a_owner)
     dst_rows_b = rows_a[b_owner]
     dst_slot_b = take_a[b_owner] + torch.arange(b_owner.shape[0]) - _group_start(b_owner)
-    for f in _FIELDS:
-        getattr(a, f)[dst_rows_a, dst_slot_a] = data_a[f]
-        getattr(a, f)[dst_rows_b, dst_slot_b] = data_b[f]
+    _put(a, dst_rows_a, dst_slot_a, data_a)
+    _put(a, dst_rows_b, dst_slot_b, data_b)
     a.filled[rows_a] = m
 
 

@@ -227,7 +227,7 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     filled = bank.filled[:n][rows]
     slot = torch.arange(k)[None, :].expand(n, k)
     if ordered_by_pos and n:
-        key = torch.where(slot < filled[:, None], bank.pos[:n][rows], torch.iinfo(torch.int64).max)
+        key = torch.where(slot < filled[:, None], bank.pos[rows], torch.iinfo(torch.int64).max)
         slot = torch.argsort(key, dim=1, stable=True)
     ok = torch.arange(k)[None, :] < filled[:, None]
     r = rows[:, None].expand(n, k)[ok]
@@ -238,13 +238,21 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     torch.cumsum(counts, 0, out=indptr[1:])
     out: dict[str, Any] = {"indptr": indptr}
     E = int(r.shape[0])
-    for f in ("score", "pos", "tokens", "acts", "fired"):
-        src: torch.Tensor = getattr(bank, f)
-        out[f] = Lazy(src.dtype, (E, *src.shape[2:]), _gather(src, r, sl))
+    w, T = bank.width, bank.n_types
+    specs = {
+        "score": (torch.float32, (E,)),
+        "pos": (torch.int64, (E,)),
+        "tokens": (torch.int32, (E, w)),
+        "acts": (torch.float32, (E, w, T)),
+        "fired": (torch.bool, (E, w)),
+    }
+    for f, (dtype, shape) in specs.items():
+        out[f] = Lazy(dtype, shape, _gather(bank, f, r, sl))
     return out
 
 
 def _gather(
-    src: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor
+    bank: ExampleBank, name: str, rows: torch.Tensor, slots: torch.Tensor
 ) -> Callable[[], torch.Tensor]:
-    return lambda: src[rows, slots]
+    """One field of the bank's dense (logical) layout, restored when the writer reaches it."""
+    return lambda: bank.field(name, rows, slots)

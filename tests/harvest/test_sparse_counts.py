@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
 import torch
 
 from spd_host.harvest.sparse_counts import SparsePairCounter
+from spd_host.harvest.tensor_file import Lazy
 
 
 @pytest.mark.parametrize("limit", [1, 7, 50, 1 << 24])
@@ -55,7 +57,8 @@ def test_cooc_tables_give_symmetric_rows_like_dense_brute_force() -> None:
             dense[i, j] += int(torch.randint(1, 9, (1,), generator=gen))
     keys = dense.nonzero()
     flat = keys[:, 0] * n + keys[:, 1]
-    t = cooc_tables(flat, dense[keys[:, 0], keys[:, 1]], n)
+    tables = cooc_tables(flat, dense[keys[:, 0], keys[:, 1]], n)
+    t = {k: (v.make() if isinstance(v, Lazy) else v) for k, v in tables.items()}
     sym = dense + dense.T
     for r in range(n):
         cols: list[int] = []
@@ -90,3 +93,33 @@ def test_a_state_handed_out_is_not_changed_by_later_merges() -> None:
         24: 2,
         55: 1,
     }
+
+
+def test_cooc_transpose_built_in_small_blocks_equals_a_stable_sort_by_column(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The blockwise counting sort must give exactly the stable by-column order of the keys,
+    wherever the block boundaries fall (here blocks of 7 keys, so columns straddle them)."""
+    from spd_host.harvest import store
+
+    gen = torch.Generator().manual_seed(11)
+    n = 23
+    pairs = torch.randint(0, n, (400, 2), generator=gen)
+    pairs = pairs[pairs[:, 0] < pairs[:, 1]]
+    flat = torch.unique(pairs[:, 0] * n + pairs[:, 1])  # sorted, distinct
+    values = torch.randint(1, 1000, flat.shape, generator=gen)
+    monkeypatch.setattr(store, "TRANSPOSE_BLOCK", 7)
+    t = {
+        k: (v.make() if isinstance(v, Lazy) else v)
+        for k, v in store.cooc_tables(flat, values, n).items()
+    }
+    rows, cols = (flat // n).tolist(), (flat % n).tolist()
+    ref = sorted(range(len(rows)), key=lambda e: (cols[e], e))  # stable by column
+    assert t["cooc_t_cols"].tolist() == [rows[e] for e in ref]
+    assert t["cooc_t_values"].tolist() == [int(values[e]) for e in ref]
+    assert t["cooc_t_cols"].dtype == torch.int32 and t["cooc_t_values"].dtype == torch.int32
+    counts = [0] * (n + 1)
+    for c in cols:
+        counts[c + 1] += 1
+    assert t["cooc_t_indptr"].tolist() == list(itertools.accumulate(counts))
+    assert t["cooc_cols"].tolist() == cols and t["cooc_values"].tolist() == values.tolist()

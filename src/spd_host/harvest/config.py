@@ -83,12 +83,15 @@ class HarvestConfig(BaseModel):
         "scatter-add per batch, no sort) when rows x columns x 8 bytes fit this; else sparse",
     )
     token_table_max_pairs: int | None = Field(
-        default=None,
+        default=1 << 25,
         gt=0,
         description="Bound on the distinct (component, token) pairs a sparse token table keeps "
         "(None: exact and unbounded). Every 16 batches a table above it drops its smallest "
         "counts down to half of it; the summed thresholds are recorded as the bound on how much "
-        "any stored or missing count under-estimates the exact one",
+        "any stored or missing count under-estimates the exact one. The default (2**25 pairs: "
+        "512 MiB of keys and counts per table) keeps memory flat in tokens at any C x V; a "
+        "table that never reaches it (every dense table, and a sparse one below 2**25 distinct "
+        "pairs) stays exact, with a recorded bound of 0",
     )
     checkpoint_every: int = Field(default=50, gt=0, description="Batches between checkpoints")
     device: str = Field(

@@ -101,28 +101,67 @@ def _lazy_csr(
     }
 
 
-def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+TRANSPOSE_BLOCK = 1 << 22
+"""Keys per block when the co-occurrence transpose is built (bounds the write's scratch)."""
+
+
+def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, Entry]:
     """Upper-triangle CSR (``cooc_*``: row ``i``, columns ``j > i``) and its transpose
     (``cooc_t_*``: row ``j``, columns ``i < j``) from sorted keys ``i * n + j``.
 
     Row ``r`` of the symmetric table is ``cooc_t`` row ``r`` followed by ``cooc`` row ``r``
     (already sorted). Why not store the symmetric table: building it costs a sort and several
-    scatters of twice the pairs; the upper triangle is the accumulator's table as it is, and
-    the transpose is one stable sort by column (on int32) and two gathers.
+    scatters of twice the pairs; the upper triangle is the accumulator's table as it is.
+    Why lazy and blockwise: at the default cap (2^26 pairs) a whole-table transpose (row and
+    column arrays, a full argsort and its gathers) held ~2.5 GB beside the table at the very
+    end of a run. Here each column and value array is built only when it is written, and the
+    transpose is a counting sort over blocks of ``TRANSPOSE_BLOCK`` keys: one column count,
+    then each block's entries placed at their column's next free slots (blocks in key order,
+    a stable sort within a block), which is exactly the stable by-column order of the keys.
     """
-    i, j = keys // n, keys % n
-    vals = values
-    if keys.numel() and int(values.max()) < 2**31 and int(values.min()) >= -(2**31):
-        vals = values.to(torch.int32)  # exact: every count fits
-    out = {f"cooc_{k}": v for k, v in csr(keys, vals, n, n).items()}
-    jn = _narrow_index(j, n)
-    o = torch.argsort(jn, stable=True)  # by column, then row ascending (keys are row-sorted)
+    E = int(keys.shape[0])
+    narrow = E > 0 and int(values.max()) < 2**31 and int(values.min()) >= -(2**31)
+    val_dtype = torch.int32 if narrow else values.dtype  # exact: every count fits
+    col_dtype = torch.int32 if n < 2**31 else torch.int64
+    blocks = [(s, min(s + TRANSPOSE_BLOCK, E)) for s in range(0, E, TRANSPOSE_BLOCK)]
+
+    def vals() -> torch.Tensor:
+        return values.to(val_dtype).contiguous()
+
+    col_counts = torch.zeros(n, dtype=torch.int64)
+    for s, e in blocks:
+        col_counts += torch.bincount(keys[s:e] % n, minlength=n)
     t_indptr = torch.zeros(n + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(j, minlength=n), 0, out=t_indptr[1:])
-    out["cooc_t_indptr"] = t_indptr
-    out["cooc_t_cols"] = torch.index_select(_narrow_index(i, n), 0, o)
-    out["cooc_t_values"] = torch.index_select(vals, 0, o)
-    return out
+    torch.cumsum(col_counts, 0, out=t_indptr[1:])
+
+    def transposed(source: Callable[[int, int], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(E, dtype=dtype)
+        fill = t_indptr[:-1].clone()  # next free slot of each column
+        for s, e in blocks:
+            j = keys[s:e] % n
+            o = torch.argsort(j, stable=True)
+            js = j[o]
+            m = js.shape[0]
+            starts = torch.ones(m, dtype=torch.bool)
+            starts[1:] = js[1:] != js[:-1]
+            ar = torch.arange(m)
+            rank = ar - torch.cummax(torch.where(starts, ar, 0), 0).values
+            out[fill[js] + rank] = source(s, e)[o].to(dtype)
+            fill += torch.bincount(j, minlength=n)
+        return out
+
+    return {
+        "cooc_indptr": torch.searchsorted(keys // n, torch.arange(n + 1, dtype=torch.int64)),
+        "cooc_cols": Lazy(col_dtype, (E,), lambda: _narrow_index(keys % n, n).contiguous()),
+        "cooc_values": Lazy(val_dtype, (E,), vals),
+        "cooc_t_indptr": t_indptr,
+        "cooc_t_cols": Lazy(
+            col_dtype, (E,), lambda: transposed(lambda s, e: keys[s:e] // n, col_dtype)
+        ),
+        "cooc_t_values": Lazy(
+            val_dtype, (E,), lambda: transposed(lambda s, e: values[s:e], val_dtype)
+        ),
+    }
 
 
 def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> None:

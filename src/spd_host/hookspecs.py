@@ -71,7 +71,8 @@ def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> Harves
     and never write into a batch's tensors after returning it (no output buffers reused between
     calls; copy first if the model writes into preallocated ones). On CUDA, finish the batch on
     the stream that is current when the callable returns (the default one, unless the plugin
-    made another current): the host orders its reads after that stream's work so far.
+    made another current): the host accumulates on that stream, after that work.
+
     Two optional, cheaper forms (see ``spd_host.adapter.HarvestBatch``), each only when the host
     asks for it, so older hosts and plugins keep working with the dense form:
 

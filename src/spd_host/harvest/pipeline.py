@@ -15,14 +15,15 @@ Memory stays bounded: the hand-off holds at most ``depth`` batches (default 1), 
 three batches' tensors are alive: the one being accumulated, the one waiting, the one the
 model is computing.
 
-Devices. On CUDA the worker runs on the harvest device's current stream of its own thread
-(the default stream, as every thread starts on it) and, before each update, makes that stream
-wait on an event the main thread recorded on *its* current stream right after the HarvestFn
-returned. When both are the default stream (first-party plugins) the wait is a no-op; a
-plugin that computed on a side stream and made it current is still ordered before the
-accumulation reads its tensors. A plugin that keeps its own side stream without making it
-current must synchronise it before returning (ordinary torch practice for any consumer). On
-the CPU there is nothing to order: an op has finished when it returns.
+Devices. On CUDA the worker enqueues each update on the stream that was current in the main
+thread when the batch was submitted (the default stream, unless the plugin made another one
+current): one stream for the model and the accumulation, so stream order puts every read of
+a batch after the kernels that produced it, and the caching allocator, which reuses a freed
+block on its allocation stream, never hands out memory an update is still reading. The host
+thread queues the next forward while the device accumulates; the device runs them in
+order. A plugin that keeps a side stream without making it current must synchronise it
+before returning (ordinary torch practice for any consumer). On the CPU there is nothing to
+order: an op has finished when it returns.
 
 Threads (CPU). ``torch.set_num_threads`` is process-wide: each Python thread sizes its own
 intra-op team from it, and with a size of 1 every op runs on its calling thread. So with one
@@ -35,6 +36,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -82,17 +84,14 @@ class AccumulationPipeline:
     # -- main thread ---------------------------------------------------------------------------
     def submit(self, batch: Any, global_batch: int) -> None:
         """Queue one batch after the ones already queued; raises an earlier update's error."""
-        event = None
-        if self._cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self._device))
+        stream = torch.cuda.current_stream(self._device) if self._cuda else None
         with self._cond:
             while len(self._pending) >= self._depth and self._error is None:
                 self._cond.wait()
             self._raise_locked()
             if self._closed:
                 raise RuntimeError("submit on a closed AccumulationPipeline")
-            self._pending.append((batch, global_batch, event))
+            self._pending.append((batch, global_batch, stream))
             self._cond.notify_all()
 
     def drain(self) -> None:
@@ -145,13 +144,11 @@ class AccumulationPipeline:
                     self._cond.wait()
                 if not self._pending:  # closed and nothing left
                     return
-                batch, global_batch, event = self._pending.popleft()
+                batch, global_batch, stream = self._pending.popleft()
                 self._busy = True
                 self._cond.notify_all()  # a slot is free for the main thread
             try:
-                if event is not None:
-                    torch.cuda.current_stream(self._device).wait_event(event)
-                with torch.no_grad():
+                with torch.no_grad(), _on_stream(stream):
                     self._apply(batch, global_batch)
                 if self._on_applied is not None:
                     self._on_applied(batch)
@@ -162,10 +159,15 @@ class AccumulationPipeline:
                     self._busy = False
                     self._cond.notify_all()
                 return
-            del batch, event  # do not keep this batch's tensors alive while waiting
+            del batch, stream  # do not keep this batch's tensors alive while waiting
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+
+def _on_stream(stream: Any) -> Any:
+    """``torch.cuda.stream(stream)`` for a CUDA stream, else nothing to switch."""
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
 class InlineAccumulation:

@@ -89,6 +89,10 @@ def test_pipelined_equals_sequential(
     assert seq.n_tokens == pipe.n_tokens == 2400
     assert_same_results(seq.path, pipe.path, reservoir=True)
     assert not _workers()
+    split = pipe.meta["pipeline"]
+    assert set(split) == {"accumulate_s", "worker_idle_s", "main_blocked_s"}
+    assert 0 < split["accumulate_s"] < pipe.meta["seconds"]
+    assert set(seq.meta["pipeline"]) == {"accumulate_s"}
 
 
 def test_pipeline_is_not_part_of_the_run_identity() -> None:

@@ -34,6 +34,7 @@ threads up to ``2n`` busy threads may compete for the cores.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -76,6 +77,9 @@ class AccumulationPipeline:
         self._busy = False
         self._closed = False
         self._error: BaseException | None = None
+        # seconds: the worker applying / waiting for a batch; the main thread waiting for the
+        # worker (a free slot or a drain). Which side bounds the rate, for benchmarks.
+        self.timings = {"accumulate_s": 0.0, "worker_idle_s": 0.0, "main_blocked_s": 0.0}
         self._thread = threading.Thread(
             target=self._work, name="spd-host-harvest-accumulate", daemon=True
         )
@@ -86,8 +90,10 @@ class AccumulationPipeline:
         """Queue one batch after the ones already queued; raises an earlier update's error."""
         stream = torch.cuda.current_stream(self._device) if self._cuda else None
         with self._cond:
+            t0 = time.perf_counter()
             while len(self._pending) >= self._depth and self._error is None:
                 self._cond.wait()
+            self.timings["main_blocked_s"] += time.perf_counter() - t0
             self._raise_locked()
             if self._closed:
                 raise RuntimeError("submit on a closed AccumulationPipeline")
@@ -97,8 +103,10 @@ class AccumulationPipeline:
     def drain(self) -> None:
         """Wait until every submitted batch is applied; raises an update's error."""
         with self._cond:
+            t0 = time.perf_counter()
             while (self._pending or self._busy) and self._error is None:
                 self._cond.wait()
+            self.timings["main_blocked_s"] += time.perf_counter() - t0
             self._raise_locked()
 
     def raise_error(self) -> None:
@@ -140,16 +148,20 @@ class AccumulationPipeline:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                t0 = time.perf_counter()
                 while not self._pending and not self._closed:
                     self._cond.wait()
+                self.timings["worker_idle_s"] += time.perf_counter() - t0
                 if not self._pending:  # closed and nothing left
                     return
                 batch, global_batch, stream = self._pending.popleft()
                 self._busy = True
                 self._cond.notify_all()  # a slot is free for the main thread
             try:
+                t0 = time.perf_counter()
                 with torch.no_grad(), _on_stream(stream):
                     self._apply(batch, global_batch)
+                self.timings["accumulate_s"] += time.perf_counter() - t0
                 if self._on_applied is not None:
                     self._on_applied(batch)
             except BaseException as err:  # handed to the main thread as is
@@ -180,10 +192,13 @@ class InlineAccumulation:
     def __init__(self, apply: Apply, *, on_applied: Callable[[Any], None] | None = None) -> None:
         self._apply = apply
         self._on_applied = on_applied
+        self.timings = {"accumulate_s": 0.0}
 
     def submit(self, batch: Any, global_batch: int) -> None:
+        t0 = time.perf_counter()
         with torch.no_grad():
             self._apply(batch, global_batch)
+        self.timings["accumulate_s"] += time.perf_counter() - t0
         if self._on_applied is not None:
             self._on_applied(batch)
 

@@ -378,6 +378,8 @@ def _run_locked(
         "world_size": world_size,
         "seconds": time.perf_counter() - t0,
     }
+    if pipe is not None:  # this call's split of the time (pipeline.py): which side bounds it
+        meta["pipeline"] = {k: round(v, 3) for k, v in pipe.timings.items()}
     if batches is None:  # tokens came from spd_host.data: record how (BOS/EOS per family)
         from spd_host.data import tokenization_record
 

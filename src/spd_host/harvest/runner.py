@@ -401,8 +401,9 @@ def _accumulation(
     acc: HarvestAccumulator, config: HarvestConfig, on_applied: Callable[[Any], None]
 ) -> Accumulation:
     """The pipelined worker (``config.pipeline``, the default) or the inline, sequential path;
-    both apply ``acc.update`` in batch order, so the results are the same bits."""
-    if config.pipeline:
+    both apply ``acc.update`` in batch order, so the results are the same bits. Other device
+    types than CPU and CUDA (whose stream rule pipeline.py follows) stay sequential."""
+    if config.pipeline and torch.device(config.device).type in ("cpu", "cuda"):
         return AccumulationPipeline(
             acc.update, depth=1, device=config.device, on_applied=on_applied
         )

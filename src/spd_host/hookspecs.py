@@ -65,6 +65,14 @@ def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> Harves
     returned batch and names the plugin in any error.
 
     Run on ``options.device`` and leave the tensors there: the host accumulates on that device.
+
+    A returned batch belongs to the host: it may still be reading it (accumulating on a worker
+    thread) while it calls the HarvestFn for the next batch. So return new tensors on every call
+    and never write into a batch's tensors after returning it (no output buffers reused between
+    calls; copy first if the model writes into preallocated ones). On CUDA, finish the batch on
+    the stream that is current when the callable returns (the default one, unless the plugin
+    made another current): the host accumulates on that stream, after that work.
+
     Two optional, cheaper forms (see ``spd_host.adapter.HarvestBatch``), each only when the host
     asks for it, so older hosts and plugins keep working with the dense form:
 

@@ -100,6 +100,13 @@ class HarvestConfig(BaseModel):
         "accumulation runs. Not part of the result's identity: results are bit-identical on "
         "every device, and a run may resume on another device",
     )
+    pipeline: bool = Field(
+        default=True,
+        description="Accumulate batch i on a worker thread while the model computes batch i+1 "
+        "(harvest/pipeline.py). Not part of the result's identity: one thread applies the "
+        "updates in batch order either way, so the results are the same bits; off for plugins "
+        "that reuse their output tensors between calls",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
@@ -108,11 +115,13 @@ class HarvestConfig(BaseModel):
         return self
 
     def identity(self) -> dict[str, object]:
-        """The fields that determine the result (everything but ``device``).
+        """The fields that determine the result (everything but ``device`` and ``pipeline``).
 
         ``prepend_bos`` counts only when BOS is prepended: a run without it has the key it had
         before the option existed (its sequences are the same), so those harvests stay valid."""
-        exclude = {"device"} if self.prepend_bos else {"device", "prepend_bos"}
+        exclude = (
+            {"device", "pipeline"} if self.prepend_bos else {"device", "pipeline", "prepend_bos"}
+        )
         return self.model_dump(mode="json", exclude=exclude)
 
     @property

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from spd_host.harvest.accumulator import HarvestAccumulator, Layout
 from spd_host.harvest.checkpoint import load_checkpoint, save_checkpoint
 from spd_host.harvest.config import HarvestConfig
 from spd_host.harvest.merge import merge_accumulators
+from spd_host.harvest.pipeline import AccumulationPipeline, InlineAccumulation
 from spd_host.harvest.repo import HarvestRepo, harvest_root
 from spd_host.harvest.store import RESULT_JSON, write_results
 from spd_host.locking import RunLock
@@ -301,32 +302,55 @@ def _run_locked(
     pacer = CheckpointPacer()
     processed = 0
     exhausted = False
+    pipe: Accumulation | None = None
     with bar:
         task = bar.add_task(
             "harvest", total=my_batches * config.batch_size * seq_len, completed=done_tokens
         )
+
+        def advance(batch: Any) -> None:  # on the thread that applied the batch
+            bar.update(task, advance=int(batch.tokens.numel()))
+
         it = source(rank, world_size, start) if start < my_batches else iter(())
-        for local in range(start, my_batches):
-            if stop_after is not None and processed >= stop_after:
-                break
-            try:
-                tokens = next(it)
-            except StopIteration:
-                exhausted = True
-                break
-            g = rank + local * world_size
-            with torch.no_grad():
-                batch = fn(tokens)
-            if acc is None:
-                acc = HarvestAccumulator(layout, config, _vocab_size(batch, adapter))
-            acc.update(batch, g)
-            processed += 1
-            bar.update(task, advance=int(tokens.numel()))
-            if (local + 1) % config.checkpoint_every == 0 and pacer.due():
-                with pacer.timing():
-                    save_checkpoint(
-                        state_dir, acc, {"next_local_batch": local + 1, "decomposition_id": did}
-                    )
+        try:
+            for local in range(start, my_batches):
+                if stop_after is not None and processed >= stop_after:
+                    break
+                try:
+                    tokens = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                g = rank + local * world_size
+                with torch.no_grad():
+                    batch = fn(tokens)
+                if acc is None:
+                    acc = HarvestAccumulator(layout, config, _vocab_size(batch, adapter))
+                if pipe is None:
+                    pipe = _accumulation(acc, config, advance)
+                pipe.submit(batch, g)
+                del batch, tokens  # the pipeline holds them until they are applied
+                processed += 1
+                if (local + 1) % config.checkpoint_every == 0 and pacer.due():
+                    pipe.drain()  # the checkpoint is the state after batch `local`, exactly
+                    with pacer.timing():
+                        save_checkpoint(
+                            state_dir,
+                            acc,
+                            {"next_local_batch": local + 1, "decomposition_id": did},
+                        )
+            if pipe is not None:
+                pipe.drain()
+        except Exception as err:
+            # an update of an earlier batch failed too: its error is the one the sequential
+            # loop would have raised first (it never got to this batch)
+            earlier = _earlier_error(pipe)
+            if earlier is not None and earlier is not err:
+                raise earlier from None
+            raise
+        finally:
+            if pipe is not None:
+                pipe.close()  # Ctrl-C: drops queued batches, waits for the one in progress
         if exhausted or start + processed >= my_batches:
             # the planned total counts whole batches; a short last batch or a dataset that
             # ran out must still end the bar at 100%
@@ -354,6 +378,8 @@ def _run_locked(
         "world_size": world_size,
         "seconds": time.perf_counter() - t0,
     }
+    if pipe is not None:  # this call's split of the time (pipeline.py): which side bounds it
+        meta["pipeline"] = {k: round(v, 3) for k, v in pipe.timings.items()}
     if batches is None:  # tokens came from spd_host.data: record how (BOS/EOS per family)
         from spd_host.data import tokenization_record
 
@@ -366,6 +392,31 @@ def _run_locked(
         shutil.rmtree(state_dir, ignore_errors=True)
         return HarvestRepo(out)
     return _merge_if_last(out, world_size, did)
+
+
+Accumulation = AccumulationPipeline | InlineAccumulation
+
+
+def _accumulation(
+    acc: HarvestAccumulator, config: HarvestConfig, on_applied: Callable[[Any], None]
+) -> Accumulation:
+    """The pipelined worker (``config.pipeline``, the default) or the inline, sequential path;
+    both apply ``acc.update`` in batch order, so the results are the same bits. Other device
+    types than CPU and CUDA (whose stream rule pipeline.py follows) stay sequential."""
+    if config.pipeline and torch.device(config.device).type in ("cpu", "cuda"):
+        return AccumulationPipeline(
+            acc.update, depth=1, device=config.device, on_applied=on_applied
+        )
+    return InlineAccumulation(acc.update, on_applied=on_applied)
+
+
+def _earlier_error(pipe: Accumulation | None) -> BaseException | None:
+    """Let the worker finish what was handed to it, and return the error it raised, if any."""
+    if pipe is None:
+        return None
+    with suppress(Exception):  # the error is returned below
+        pipe.drain()
+    return pipe.error
 
 
 class CheckpointPacer:

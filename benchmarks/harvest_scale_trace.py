@@ -78,10 +78,8 @@ def state_bytes(acc: Any) -> dict[str, Any]:
     )
     banks = 0
     for bank in (acc.reservoir, acc.top):
-        rows = bank.n_rows
-        for f in bank.FIELDS:
-            a = getattr(bank, f)
-            banks += rows * (a[0].numel() if a.dim() > 1 else 1) * a.element_size()
+        used = bank.nbytes()  # compact layout: slots of the alive rows, pool and heap in use
+        banks += bank.n_rows * used["row"] + used["pool"] + used["heap"]
         banks += bank.row_of.numel() * 8
     return {
         "input": table_bytes(acc.input_pairs),

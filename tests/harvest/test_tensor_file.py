@@ -42,3 +42,42 @@ def test_a_lazy_tensor_that_breaks_its_announcement_is_refused(tmp_path: Path) -
     bad = {"x": Lazy(torch.float32, (2,), lambda: torch.zeros(3))}
     with pytest.raises(ValueError, match="announced"):
         save_tensors(bad, tmp_path / "b.safetensors")
+
+
+def test_a_chunked_lazy_tensor_is_written_as_the_whole_one(tmp_path: Path) -> None:
+    """First-dimension chunks written back to back must read back as the announced tensor,
+    and chunks that do not add up to the announced shape are refused."""
+    whole = torch.arange(7 * 3 * 2, dtype=torch.float32).view(7, 3, 2)
+    parts = [whole[0:3], whole[3:3], whole[3:7]]  # an empty chunk too
+    entries = {
+        "chunked": Lazy(torch.float32, (7, 3, 2), lambda: whole, lambda: iter(parts)),
+        "after": torch.tensor([1, 2, 3]),
+        "empty": Lazy(
+            torch.int32, (0, 4), lambda: torch.zeros(0, 4, dtype=torch.int32), lambda: iter([])
+        ),
+    }
+    save_tensors(entries, tmp_path / "c.safetensors")
+    back = load_file(tmp_path / "c.safetensors")
+    assert torch.equal(back["chunked"], whole)
+    assert back["after"].tolist() == [1, 2, 3] and back["empty"].shape == (0, 4)
+    short = {"x": Lazy(torch.float32, (7, 3, 2), lambda: whole, lambda: iter(parts[:1]))}
+    with pytest.raises(ValueError, match="chunks held 3 rows"):
+        save_tensors(short, tmp_path / "d.safetensors")
+
+
+def test_bank_fields_written_in_small_chunks_equal_the_whole_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy_host: object
+) -> None:
+    """A real (toy) harvest's examples file: bank fields restored 5 slots at a time give the
+    same bytes as restored in one piece, and the file holds what the banks hold."""
+    from spd_host.harvest import store
+    from tests.harvest.conftest import harvest_toy
+
+    whole = harvest_toy(tmp_path / "whole")
+    monkeypatch.setattr(store, "WRITE_CHUNK", 5)
+    chunked = harvest_toy(tmp_path / "chunked")
+    a = (whole.path / store.EXAMPLES_FILE).read_bytes()
+    b = (chunked.path / store.EXAMPLES_FILE).read_bytes()
+    assert a == b
+    n_slots = load_file(chunked.path / store.EXAMPLES_FILE)["top_tokens"].shape[0]
+    assert n_slots > 5 * 3  # several chunks per field really were written

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +286,12 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
         "fired": (torch.bool, (E, w)),
     }
     for f, (dtype, shape) in specs.items():
-        out[f] = Lazy(dtype, shape, _gather(bank, f, r, sl))
+        out[f] = Lazy(dtype, shape, _gather(bank, f, r, sl), _gather_chunks(bank, f, r, sl))
     return out
+
+
+WRITE_CHUNK = 1 << 20
+"""Slots per chunk when a bank field is restored for the result write (~70 MB of windows)."""
 
 
 def _gather(
@@ -295,3 +299,17 @@ def _gather(
 ) -> Callable[[], torch.Tensor]:
     """One field of the bank's dense (logical) layout, restored when the writer reaches it."""
     return lambda: bank.field(name, rows, slots)
+
+
+def _gather_chunks(
+    bank: ExampleBank, name: str, rows: torch.Tensor, slots: torch.Tensor
+) -> Callable[[], Iterator[torch.Tensor]]:
+    """The same field restored ``WRITE_CHUNK`` slots at a time. Why: at a million alive
+    components a whole field (e.g. ``[E, 17]`` tokens or activations for E ~ 40M slots, plus
+    its index temporaries) was several GB at the very end of the run, the harvest's peak."""
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for s in range(0, int(rows.shape[0]), WRITE_CHUNK):
+            yield bank.field(name, rows[s : s + WRITE_CHUNK], slots[s : s + WRITE_CHUNK])
+
+    return chunks

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -37,11 +38,17 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class Lazy:
-    """A tensor of known dtype and shape, built by ``make`` when it is written."""
+    """A tensor of known dtype and shape, built by ``make`` when it is written.
+
+    ``chunks``, when given, yields the tensor as consecutive slices along its first dimension
+    instead (the writer writes each and drops it), so an array as large as a bank field is
+    never whole in memory; ``make`` then concatenates them (for readers that want it whole).
+    """
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     make: Callable[[], torch.Tensor]
+    chunks: Callable[[], Iterator[torch.Tensor]] | None = None
 
 
 Entry = torch.Tensor | Lazy
@@ -80,6 +87,9 @@ def save_tensors(tensors: Mapping[str, Entry], path: Path | str) -> None:
         fh.write(raw)
         for name, t in tensors.items():
             dtype, shape, nbytes = specs[name]
+            if isinstance(t, Lazy) and t.chunks is not None:
+                _write_chunks(fh, name, t.chunks(), dtype, shape)
+                continue
             x = t.make() if isinstance(t, Lazy) else t
             if x.dtype != dtype or tuple(x.shape) != shape:
                 raise ValueError(
@@ -90,3 +100,27 @@ def save_tensors(tensors: Mapping[str, Entry], path: Path | str) -> None:
                 x = x.detach().to("cpu").contiguous().reshape(-1)
                 fh.write(x.view(torch.uint8).numpy().data)
             del x
+
+
+def _write_chunks(
+    fh: BinaryIO,
+    name: str,
+    chunks: Iterator[torch.Tensor],
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+) -> None:
+    """Write first-dimension slices back to back (C order: the whole tensor's bytes)."""
+    rows = 0
+    for x in chunks:
+        if x.dtype != dtype or tuple(x.shape[1:]) != shape[1:]:
+            raise ValueError(
+                f"tensor {name!r}: a chunk came out as {x.dtype} {list(x.shape)}, "
+                f"announced {dtype} {list(shape)}"
+            )
+        rows += int(x.shape[0])
+        if x.numel():
+            x = x.detach().to("cpu").contiguous().reshape(-1)
+            fh.write(x.view(torch.uint8).numpy().data)
+        del x
+    if rows != (shape[0] if shape else 1):
+        raise ValueError(f"tensor {name!r}: chunks held {rows} rows, announced {list(shape)}")

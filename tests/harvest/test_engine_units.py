@@ -194,3 +194,11 @@ def test_descending_key_sorts_like_a_float_sort() -> None:
     )
     o = torch.sort(descending_key(x), stable=True).indices
     assert torch.equal(o, torch.sort(x, descending=True, stable=True).indices)
+
+
+def test_rank_in_runs_counts_positions_inside_each_run_of_equal_values() -> None:
+    from spd_host.harvest.runs import rank_in_runs
+
+    assert rank_in_runs(torch.tensor([3, 3, 5, 5, 5, 7])).tolist() == [0, 1, 0, 1, 2, 0]
+    assert rank_in_runs(torch.tensor([4])).tolist() == [0]
+    assert rank_in_runs(torch.empty(0, dtype=torch.int64)).tolist() == []

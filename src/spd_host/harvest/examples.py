@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from spd_host.errors import ConfigError
+from spd_host.harvest.runs import rank_in_runs
 from spd_host.harvest.windows import Windows
 
 BITS = 31  # flags per int32 word (the sign bit is left alone)
@@ -484,11 +485,7 @@ def reservoir_plan(
     if order is None:  # group by component, data order within
         order = torch.sort(comps, stable=True).indices
     sc = comps[order]
-    starts = torch.ones(n, dtype=torch.bool, device=dev)
-    starts[1:] = sc[1:] != sc[:-1]
-    ar = torch.arange(n, device=dev)
-    group_start = torch.cummax(torch.where(starts, ar, 0), 0).values
-    rank = ar - group_start
+    rank = rank_in_runs(sc)
     t = before[order] + rank + 1  # 1-based index of this firing over the whole run
     # the draws come from the CPU generator (the same numbers on every device)
     u = torch.rand(n, generator=gen, dtype=torch.float64).to(dev)
@@ -553,13 +550,7 @@ def topk_plan(
     # first, already ranked (score descending, earlier position first), then the new events in
     # data order, all later than the old ones, so equal scores stay in position order.
     o = torch.sort(all_rows * (1 << 32) + descending_key(all_score), stable=True).indices
-    r_sorted = all_rows[o]
-    n = o.shape[0]
-    starts = torch.ones(n, dtype=torch.bool, device=dev)
-    starts[1:] = r_sorted[1:] != r_sorted[:-1]
-    ar = torch.arange(n, device=dev)
-    gs = torch.cummax(torch.where(starts, ar, 0), 0).values
-    rank = ar - gs
+    rank = rank_in_runs(all_rows[o])
     keep = rank < k
     o = o[keep]
     return all_rows[o], rank[keep], is_new[o], src[o], all_score[o]

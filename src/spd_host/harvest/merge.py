@@ -15,6 +15,7 @@ import torch
 
 from spd_host.harvest.accumulator import HarvestAccumulator, batch_generator
 from spd_host.harvest.examples import ExampleBank
+from spd_host.harvest.runs import rank_in_runs
 from spd_host.harvest.windows import Windows
 
 
@@ -85,10 +86,7 @@ def merge_top(a: ExampleBank, b: ExampleBank) -> None:
     o = o[torch.sort(score[o], descending=True, stable=True).indices]
     o = o[torch.sort(rows[o], stable=True).indices]
     r = rows[o]
-    n = r.shape[0]
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = r[1:] != r[:-1]
-    rank = torch.arange(n) - torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values
+    rank = rank_in_runs(r)
     keep = rank < a.k
     o, r, rank = o[keep], r[keep], rank[keep]
     # the kept entries' windows, read from their own bank (dense, logical form)
@@ -145,19 +143,9 @@ def merge_reservoir(
     data_a = a.dense(a_rows_src, a_slots_src)
     data_b = b.dense(b_rows_src, b_slots_src)
     dst_rows_a = rows_a[a_owner]
-    dst_slot_a = torch.arange(a_owner.shape[0]) - _group_start(a_owner)
+    dst_slot_a = rank_in_runs(a_owner)
     dst_rows_b = rows_a[b_owner]
-    dst_slot_b = take_a[b_owner] + torch.arange(b_owner.shape[0]) - _group_start(b_owner)
+    dst_slot_b = take_a[b_owner] + rank_in_runs(b_owner)
     _put(a, dst_rows_a, dst_slot_a, data_a)
     _put(a, dst_rows_b, dst_slot_b, data_b)
     a.filled[rows_a] = m
-
-
-def _group_start(owner: torch.Tensor) -> torch.Tensor:
-    """Index of the first element of each run of equal values (owner is sorted)."""
-    n = owner.shape[0]
-    if n == 0:
-        return owner
-    starts = torch.ones(n, dtype=torch.bool)
-    starts[1:] = owner[1:] != owner[:-1]
-    return torch.cummax(torch.where(starts, torch.arange(n), 0), 0).values

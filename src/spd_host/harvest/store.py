@@ -43,6 +43,7 @@ from spd_host.harvest.checkpoint import atomic_write_text
 from spd_host.harvest.config import SCHEMA_VERSION
 from spd_host.harvest.exact import PROB_FRAC_BITS
 from spd_host.harvest.examples import ExampleBank
+from spd_host.harvest.runs import rank_in_runs
 from spd_host.harvest.tensor_file import Entry, Lazy, save_tensors
 
 RESULT_JSON = "harvest.json"
@@ -63,18 +64,6 @@ CREATE INDEX components_site ON components(site, idx);
 def _narrow_index(x: torch.Tensor, bound: int) -> torch.Tensor:
     """int32 when every value is below ``bound`` < 2**31 (half the bytes), else int64."""
     return x.to(torch.int32) if bound < 2**31 else x
-
-
-def csr(
-    keys: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int
-) -> dict[str, torch.Tensor]:
-    rows = keys // n_cols
-    indptr = torch.searchsorted(rows, torch.arange(n_rows + 1, dtype=torch.int64))
-    return {
-        "indptr": indptr,
-        "cols": _narrow_index(keys % n_cols, n_cols).contiguous(),
-        "values": values.contiguous(),
-    }
 
 
 def _lazy_csr(
@@ -141,12 +130,7 @@ def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, E
             j = keys[s:e] % n
             o = torch.argsort(j, stable=True)
             js = j[o]
-            m = js.shape[0]
-            starts = torch.ones(m, dtype=torch.bool)
-            starts[1:] = js[1:] != js[:-1]
-            ar = torch.arange(m)
-            rank = ar - torch.cummax(torch.where(starts, ar, 0), 0).values
-            out[fill[js] + rank] = source(s, e)[o].to(dtype)
+            out[fill[js] + rank_in_runs(js)] = source(s, e)[o].to(dtype)
             fill += torch.bincount(j, minlength=n)
         return out
 

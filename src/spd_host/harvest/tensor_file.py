@@ -42,7 +42,7 @@ class Lazy:
 
     ``chunks``, when given, yields the tensor as consecutive slices along its first dimension
     instead (the writer writes each and drops it), so an array as large as a bank field is
-    never whole in memory; ``make`` then concatenates them (for readers that want it whole).
+    never whole in memory; ``make`` still builds the whole tensor, for callers that want it.
     """
 
     dtype: torch.dtype

@@ -472,10 +472,16 @@ def _bare(
     topo = topology_of(model)
     hooks = adapter.input_hook_points()
     fired = 0
+    try:  # no KV cache, as the harvest's own forward (engines before it had no helper)
+        from spd_host.models import no_cache_kwargs
+
+        kwargs = no_cache_kwargs(model)
+    except ImportError:
+        kwargs = {}
 
     def step(t: Any) -> Any:
         with torch.no_grad(), topo.capture(hooks) as captured:
-            out = model(t.to(args.device))
+            out = model(t.to(args.device), **kwargs)
             acts = adapter.encode_captured(captured)
         return out, acts
 

@@ -47,6 +47,8 @@ import _tokens  # noqa: E402
 import torch  # noqa: E402
 from _harness import ToyAdapter, ToyPlugin, _hookimpls, spread  # noqa: E402
 
+from spd_host.models import no_cache_kwargs  # noqa: E402
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -78,7 +80,7 @@ def bare_seconds(case: Any, batches: list[torch.Tensor], device: str) -> float:
 
     def step(t: torch.Tensor) -> None:
         with torch.no_grad(), topo.capture(hooks) as captured:
-            model(t.to(device))
+            model(t.to(device), **no_cache_kwargs(model))
             adapter.encode_captured(captured)
 
     step(batches[0])

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from spd_adapters._sparse_encode import block_elements, row_blocks
 from spd_host.adapter import NextTokenTopK, next_token_topk_of
+from spd_host.models import no_cache_kwargs
 
 HEAD_BLOCK_ELEMENTS = 1 << 20
 """Logit elements per block of rows on the CPU (4 MB in float32; multiples of 64 rows); on an
@@ -93,6 +94,9 @@ class HarvestForward:
         self.block_elements = block_elements
         split = split_model(model) if not next_token or top_k is not None else None
         self._split = split
+        # no KV cache: each batch runs once (models.no_cache_kwargs says what that saves)
+        self._model_kwargs = no_cache_kwargs(model)
+        self._base_kwargs = no_cache_kwargs(split[0]) if split is not None else {}
         self.split_ok: bool | None = None if split is not None else False  # None: not checked yet
 
     @torch.no_grad()
@@ -109,7 +113,7 @@ class HarvestForward:
         self, tokens: Tensor
     ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | None]:
         with self.capture() as captured:
-            out = self.model(tokens)
+            out = self.model(tokens, **self._model_kwargs)
         captured = dict(captured)
         if not self.next_token:
             return captured, None, None
@@ -127,7 +131,7 @@ class HarvestForward:
         assert self._split is not None
         base, head = self._split
         with self.capture() as captured:
-            hidden = base(tokens)[0]
+            hidden = base(tokens, **self._base_kwargs)[0]
         captured = dict(captured)
         if not self.next_token:
             return captured, None, None
@@ -171,7 +175,7 @@ class HarvestForward:
         n_seq = 1 if V is None else max(1, min(B, CHECK_LOGIT_ELEMENTS // (S * max(V, 1))))
         probe = tokens[:n_seq]
         with self.capture() as cap:
-            out = self.model(probe)
+            out = self.model(probe, **self._model_kwargs)
         captured = dict(cap)
         full = logits_of(out) if self.next_token else None
         topk = (

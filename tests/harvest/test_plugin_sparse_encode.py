@@ -19,6 +19,7 @@ from spd_adapters._dictionary import Activation
 from spd_adapters._next_token import HarvestForward
 from spd_adapters._sparse_encode import BlockedEncode, SiteEncoder, row_blocks, sparse_encode
 from spd_host.adapter import HarvestOptions, sparse_activity_of
+from spd_host.models import no_cache_kwargs
 from spd_host.plugins import get_host
 
 torch.set_num_threads(1)
@@ -209,6 +210,37 @@ def test_model_whose_logits_are_not_the_head_keeps_the_ordinary_forward() -> Non
     assert got is not None
     assert torch.equal(got.logsumexp, torch.logsumexp(logits, -1))
     assert torch.equal(got.values, logits.gather(-1, got.indices))
+
+
+@pytest.mark.parametrize("model_cls", [GPT2LMHeadModel, ScaledLogits])
+def test_harvest_forward_builds_no_kv_cache(model_cls: type[GPT2LMHeadModel]) -> None:
+    """Both routes (split and ordinary) run the transformer with ``use_cache=False``: the cache
+    is never read and would be 2 x layers x [B, heads, S, d_head] of live memory per batch."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=16, n_head=2, n_layer=2, vocab_size=300, n_positions=64)
+    model = model_cls(cfg).eval()
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    fwd = HarvestForward(model, capture_none, next_token=True, top_k=4, block_elements=64 * 300)
+    seen: list[object] = []
+    inner = model.transformer.forward
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs.get("use_cache"))
+        return inner(*args, **kwargs)
+
+    model.transformer.forward = recording  # type: ignore[method-assign]
+    first = fwd(tokens)[2]
+    again = fwd(tokens)[2]
+    assert fwd.split_ok is (model_cls is GPT2LMHeadModel)
+    assert seen and all(u is False for u in seen), seen
+    with torch.no_grad():
+        logits = model(tokens).logits  # default: with a cache; the logits are the same
+    for got in (first, again):
+        assert got is not None
+        assert torch.equal(got.values, logits.gather(-1, got.indices))
+        assert torch.equal(got.logsumexp, torch.logsumexp(logits, -1))
+    assert no_cache_kwargs(model) == {"use_cache": False}
+    assert no_cache_kwargs(torch.nn.Linear(2, 2)) == {}
 
 
 @pytest.mark.parametrize("did", ["transcoder:demo", "clt:demo"])

@@ -76,6 +76,7 @@ from spd_host.evals.metrics import (
     recovered_score,
 )
 from spd_host.evals.results import EvalResult, package_version
+from spd_host.models import no_cache_kwargs
 
 ALL_SITES = "all"
 DEFAULT_VARIANT = "default"
@@ -338,13 +339,8 @@ def _fused_gelu(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 
 def _forward_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model(tokens)`` -> logits, without a KV cache where the model offers to build one."""
-    try:
-        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes_cache = False
-    if takes_cache:
-        return lambda tokens: _logits(model(tokens, use_cache=False))
-    return lambda tokens: _logits(model(tokens))
+    kwargs = no_cache_kwargs(model)
+    return lambda tokens: _logits(model(tokens, **kwargs))
 
 
 class _Splicer:

@@ -247,11 +247,13 @@ class MoltAdapter:
 
     # -- harvest --------------------------------------------------------------------------------
     def harvest_fn(self, options: HarvestOptions) -> HarvestFn:
+        from spd_host.models import no_cache_kwargs
         from spd_host.topology import topology_of
 
         device = torch.device(options.device)
         model = self.load_base_model().to(device)
         topo = topology_of(model)
+        forward_kwargs = no_cache_kwargs(model)  # each batch runs once: no KV cache
         molt = self.molt().to(device)
         to_input = self.input_transform(topo)
         site = self._site.name
@@ -259,7 +261,7 @@ class MoltAdapter:
         @torch.no_grad()
         def run(tokens: torch.Tensor) -> HarvestBatch:
             with topo.capture([self.reads_from]) as acts:
-                out = model(tokens.to(device))
+                out = model(tokens.to(device), **forward_kwargs)
             f, h = molt.encode(to_input(acts[self.reads_from]))
             logits = getattr(out, "logits", out)
             top_k = options.next_token_top_k if options.next_token else None

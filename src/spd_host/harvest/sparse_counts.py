@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from spd_host.harvest.sorting import kth_smallest, sort_with_order, sorted_keys
+
 
 class SparsePairCounter:
     """A map ``(row, col) -> value`` over an ``n_rows x n_cols`` grid, stored sparsely."""
@@ -97,7 +99,7 @@ class SparsePairCounter:
         del chunks
         if vals is None:
             # unit weights: the count per key is a run length of the sorted keys
-            keys = torch.sort(keys).values
+            keys = sorted_keys(keys)
             bk, bv = torch.unique_consecutive(keys, return_counts=True)
             del keys
             bv = bv.to(self.dtype)
@@ -205,7 +207,7 @@ class SparsePairCounter:
         n = int(self.keys.shape[0])
         if n <= keep:
             return 0
-        tau = int(torch.kthvalue(self.values.cpu(), n - keep).values)
+        tau = kth_smallest(self.values, n - keep)
         mask = self.values > tau
         self.keys, self.values, self._values_shared = self.keys[mask], self.values[mask], False
         self._store = None
@@ -404,7 +406,7 @@ def _sum_by_key(held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     keys, values = held.pop(0), held.pop(0)
     if keys.numel() == 0:
         return keys, values
-    sk, order = torch.sort(keys)
+    sk, order = sort_with_order(keys)
     del keys
     values = values.index_select(0, order)
     del order

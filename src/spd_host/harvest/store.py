@@ -44,6 +44,7 @@ from spd_host.harvest.config import SCHEMA_VERSION
 from spd_host.harvest.exact import PROB_FRAC_BITS
 from spd_host.harvest.examples import ExampleBank
 from spd_host.harvest.runs import rank_in_runs
+from spd_host.harvest.sorting import sort_with_order
 from spd_host.harvest.tensor_file import Entry, Lazy, save_tensors
 
 RESULT_JSON = "harvest.json"
@@ -128,7 +129,7 @@ def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, E
         fill = t_indptr[:-1].clone()  # next free slot of each column
         for s, e in blocks:
             j = keys[s:e] % n
-            o = torch.argsort(j, stable=True)
+            o = sort_with_order(j)[1]
             js = j[o]
             out[fill[js] + rank_in_runs(js)] = source(s, e)[o].to(dtype)
             fill += torch.bincount(j, minlength=n)

@@ -537,7 +537,7 @@ def topk_plan(
     # keep only events that can enter: better than the current K-th (or row not full)
     kth = torch.where(
         bank.filled[row_of_event] >= k,
-        bank.score[row_of_event, k - 1],
+        _take(bank.score, row_of_event * k + (k - 1)),
         torch.full_like(values, float("-inf")),
     )
     cand = torch.nonzero(values.to(torch.float32) > kth).flatten()

@@ -48,6 +48,11 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="one extra profiled harvest at the smallest count"
     )
+    p.add_argument(
+        "--harvest-config",
+        default=None,
+        help="extra HarvestConfig fields for the harvest phase, as JSON (e.g. '{\"pipeline\": false}')",
+    )
     args = p.parse_args()
     counts = [int(x) for x in args.tokens.split(",")]
     phases = ["bare", "harvest"]
@@ -58,6 +63,7 @@ def main() -> None:
         args.repeats,
         phases,
         threads=args.threads,
+        extra={"harvest": ["--config", args.harvest_config]} if args.harvest_config else None,
         rss_limit_gib=args.rss_limit_gib,
     )
     rows = summarise(runs, phases)

@@ -28,11 +28,14 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 from llm_server import MARKER, LLMServer, Reply, Request
@@ -373,3 +376,40 @@ def _error(api: str, message: str) -> dict[str, Any]:
     if api == "anthropic":
         return {"type": "error", "error": {"type": "api_error", "message": message}}
     return {"error": {"message": message, "type": "server_error", "code": None}}
+
+
+class BatchRunInterrupted(BaseException):
+    """What Ctrl-C does to a run waiting on its batch, at a moment the test chooses (a
+    ``BaseException``, as ``KeyboardInterrupt`` is)."""
+
+
+def interrupt_once_submitted(run: Callable[[], Any], db: Path) -> None:
+    """Run ``run`` and interrupt it (``BatchRunInterrupted``, from a 50 ms SIGALRM poll) once a
+    batch in ``db``'s ``batches`` table is ``submitted``: left open at the provider."""
+
+    def submitted() -> bool:
+        if not db.exists():
+            return False
+        try:
+            with sqlite3.connect(db, timeout=1) as conn:
+                rows = conn.execute("SELECT state FROM batches").fetchall()
+        except sqlite3.OperationalError:
+            return False
+        return any(state == "submitted" for (state,) in rows)
+
+    def handler(signum: int, frame: Any) -> None:
+        if submitted():
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise BatchRunInterrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    try:
+        try:
+            run()
+        except BatchRunInterrupted:
+            return
+        raise AssertionError("the run ended before its batch was submitted")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

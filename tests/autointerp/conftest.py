@@ -20,6 +20,14 @@ API_KEYS = (
 )
 
 
+@pytest.fixture
+def fake_batch_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placeholder keys for both batch providers (the loopback server checks none); opt in
+    with ``pytestmark = pytest.mark.usefixtures("fake_batch_keys")``."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+
+
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No real keys, no real home: every test starts from a clean environment."""

@@ -11,6 +11,11 @@ from spd_host.autointerp.runner import RunReport, label_components
 from spd_host.autointerp.store import LabelRecord, LabelStore
 
 MODELS = {"anthropic": "claude-haiku-4-5", "openai": "gpt-4.1-mini"}
+# the batch tests': both batch providers, their pricing.yaml list prices (USD/MTok in, out;
+# the batch price is half of both), and a batch run that polls fast
+PROVIDERS = ["anthropic", "openai"]
+LIST = {"anthropic": (1.00, 5.00), "openai": (0.40, 1.60)}
+FAST = {"batch": True, "poll_interval_s": 0.05}
 
 
 def run(

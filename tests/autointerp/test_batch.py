@@ -11,21 +11,12 @@ from pathlib import Path
 import pytest
 from batch_server import BatchPlan, BatchServer
 from factories import make_many
-from helpers import MODELS, rows, run
+from helpers import FAST, LIST, MODELS, PROVIDERS, rows, run
 from llm_server import Reply, Request
 
 from spd_host.autointerp.store import LabelStore
 
-PROVIDERS = ["anthropic", "openai"]
-# pricing.yaml list prices (USD/MTok) and the batch discount 0.5 of both
-LIST = {"anthropic": (1.00, 5.00), "openai": (0.40, 1.60)}
-FAST = {"batch": True, "poll_interval_s": 0.05}
-
-
-@pytest.fixture(autouse=True)
-def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+pytestmark = pytest.mark.usefixtures("fake_batch_keys")
 
 
 def _answers(req: Request) -> Reply:

@@ -17,24 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_server import BatchPlan, BatchServer
+from batch_server import BatchPlan, BatchServer, interrupt_once_submitted
 from factories import make_many
-from helpers import MODELS, rows, run
+from helpers import FAST, LIST, MODELS, PROVIDERS, rows, run
 from llm_server import Reply, Request
 
 from spd_host.autointerp.config import AutointerpConfig
 from spd_host.autointerp.runner import alabel_components
 from spd_host.autointerp.store import LabelStore
 
-PROVIDERS = ["anthropic", "openai"]
-LIST = {"anthropic": (1.00, 5.00), "openai": (0.40, 1.60)}  # USD/MTok in, out (pricing.yaml)
-FAST = {"batch": True, "poll_interval_s": 0.05}
-
-
-@pytest.fixture(autouse=True)
-def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+pytestmark = pytest.mark.usefixtures("fake_batch_keys")
 
 
 def _answers(req: Request) -> Reply:
@@ -307,10 +299,6 @@ def test_sigkill_mid_cancel_then_the_next_cancel_resumes_it(provider: str, tmp_p
     assert report.store_spent_usd == pytest.approx(billed) and _in_flight(db) == 0
 
 
-class _Interrupt(BaseException):
-    """What Ctrl-C does to a run waiting on its batch, at a moment the test chooses."""
-
-
 def test_cli_lists_cancels_and_a_sync_run_reports_what_batches_hold(toy_harvest: Any) -> None:
     """On a real toy harvest: an interrupted --batch run of 4 components leaves one open batch;
     --list-batches shows it (sending nothing); a synchronous run labels every other component,
@@ -332,22 +320,7 @@ def test_cli_lists_cancels_and_a_sync_run_reports_what_batches_hold(toy_harvest:
             **FAST,
         )  # fmt: skip
 
-        def handler(signum: int, frame: Any) -> None:
-            if db.exists() and server.creates:
-                with sqlite3.connect(db, timeout=1) as conn:
-                    states = [s for (s,) in conn.execute("SELECT state FROM batches")]
-                if "submitted" in states:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    raise _Interrupt
-
-        old = signal.signal(signal.SIGALRM, handler)
-        signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
-        try:
-            with pytest.raises(_Interrupt):
-                run_autointerp("toy:demo", config, progress=False)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+        interrupt_once_submitted(lambda: run_autointerp("toy:demo", config, progress=False), db)
         args = ["autointerp", "toy:demo", "--provider", "openai", "--base-url", server.openai_url]
         listed = runner.invoke(app, [*args, "--list-batches", "--json"])
         assert listed.exit_code == 0, listed.output

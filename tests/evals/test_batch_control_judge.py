@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_server import BatchPlan, BatchServer
+from batch_server import BatchPlan, BatchServer, interrupt_once_submitted
 from llm_server import Reply, Request
 
 from spd_host.evals import run_suite
@@ -55,36 +53,6 @@ def _oracle(truth: dict[str, frozenset[int]]) -> Callable[[Request], Reply]:
     return plan
 
 
-class _InterruptError(Exception):
-    """What Ctrl-C does to a run waiting on its batch, at a moment the test chooses."""
-
-
-def _interrupted(run: Callable[[], Any], db: Path) -> None:
-    """Run ``run`` and interrupt it once its batch is submitted (left open at the provider)."""
-
-    def submitted() -> bool:
-        try:
-            with sqlite3.connect(db, timeout=1) as conn:
-                rows = conn.execute("SELECT state FROM batches").fetchall()
-        except sqlite3.OperationalError:
-            return False
-        return any(state == "submitted" for (state,) in rows)
-
-    def handler(signum: int, frame: Any) -> None:
-        if submitted():
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            raise _InterruptError
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
-    try:
-        with pytest.raises(_InterruptError):
-            run()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _sync_sent(server: BatchServer, since: int) -> int:
     in_batches = {req.index for b in server.batches.values() for _, req, _ in b.items}
     return sum(1 for r in server.requests[since:] if r.index not in in_batches)
@@ -99,7 +67,9 @@ def test_sync_run_skips_held_trials_and_cancel_keeps_what_finished(harvested: st
         n = len(trials)
         assert n >= 5
         server.plan = _oracle({t.trial_id: t.truth for t in trials})
-        _interrupted(lambda: run_suite("intruder", harvested, _config(server, batch=True)), db)
+        interrupt_once_submitted(
+            lambda: run_suite("intruder", harvested, _config(server, batch=True)), db
+        )
         # a synchronous run: every trial sits in the open batch, none is sent, all counted
         since = len(server.requests)
         sync = run_suite("intruder", harvested, config)
@@ -145,7 +115,9 @@ def test_cli_lists_and_cancels_a_judge_suites_batches(harvested: str) -> None:
         config = _config(server)
         trials, _, _ = build_trials("intruder", get_host().load_adapter(harvested), config)
         server.plan = _oracle({t.trial_id: t.truth for t in trials})
-        _interrupted(lambda: run_suite("intruder", harvested, _config(server, batch=True)), db)
+        interrupt_once_submitted(
+            lambda: run_suite("intruder", harvested, _config(server, batch=True)), db
+        )
         args = ["eval", "intruder", harvested, "--provider", "openai", "--model", "gpt-4.1-mini",
                 "--base-url", server.openai_url, "--n-components", "4", "--n-trials", "2"]  # fmt: skip
         listed = runner.invoke(app, [*args, "--list-batches", "--json"])
@@ -187,7 +159,7 @@ def test_simulation_sync_run_skips_held_trials_and_cancel_keeps_what_finished(
         n = len(truths)
         server.plan = _oracle(truths)
         batched = SimulationConfig(**base, batch=True)
-        _interrupted(lambda: run_suite("simulation", harvested, batched), db)
+        interrupt_once_submitted(lambda: run_suite("simulation", harvested, batched), db)
         since = len(server.requests)
         sync = run_suite("simulation", harvested, config)
         assert _sync_sent(server, since) == 0

@@ -19,12 +19,13 @@ from spd_host.harvest.sparse_counts import SparsePairCounter
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("background", [False, True])
 def test_chunked_in_place_merges_equal_brute_force(
-    chunk: int, monkeypatch: pytest.MonkeyPatch
+    chunk: int, background: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sparse_counts, "_MERGE_CHUNK", chunk)
     gen = torch.Generator().manual_seed(chunk)
-    counter = SparsePairCounter(40, 37)
+    counter = SparsePairCounter(40, 37, background=background)
     counter.buffer_limit = 20
     ref: Counter[int] = Counter()
     # (handed-out keys, values, and what they held then)
@@ -82,3 +83,47 @@ def test_merge_of_only_new_keys_after_state_leaves_handed_out_arrays_alone() -> 
     c.add(torch.tensor([0, 2, 7]), torch.tensor([5, 5, 5]))  # no key in common
     assert c.state("t")["t.keys"].tolist() == [5, 10, 25, 33, 50, 75, 90]
     assert keys.tolist() == [10, 33, 50, 90] and values.tolist() == [1, 1, 1, 1]
+
+
+def test_accumulator_with_background_merges_gives_the_synchronous_state() -> None:
+    """Sparse token and co-occurrence tables with tiny buffers (a merge every batch or so, and
+    a prune of the bounded token tables): the state after background merges is the same bits."""
+    from spd_host.adapter import HarvestBatch, Site
+    from spd_host.harvest import HarvestConfig
+    from spd_host.harvest.accumulator import HarvestAccumulator, Layout
+
+    sites = [Site(name="s", n_components=30, reads_from="0.mlp_in", writes_to=("0.mlp_out",))]
+    B, S, V = 2, 16, 23
+    accs = []
+    for background in (False, True):
+        cfg = HarvestConfig(
+            batch_size=B,
+            dense_table_bytes=0,
+            cooccurrence_fraction=1.0,
+            token_table_max_pairs=200,
+            background_merge=background,
+        )
+        acc = HarvestAccumulator(Layout.of(sites, ["x"]), cfg, V)
+        for t in (acc.input_pairs, acc.output_pairs, acc.cooc):
+            assert isinstance(t, SparsePairCounter) and t.background == background
+            t.buffer_limit = 40
+        accs.append(acc)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(40):
+        pre = torch.randn(B, S, 30, generator=gen)
+        batch = HarvestBatch(
+            tokens=torch.randint(0, V, (B, S), generator=gen),
+            firings={"s": pre > 1.0},
+            activations={"s": {"x": torch.where(pre > 1.0, pre, torch.zeros_like(pre))}},
+            next_token_logits=torch.randn(B, S, V, generator=gen) * 3,
+        )
+        for acc in accs:
+            acc.update(batch, step)
+    (a, meta_a), (b, meta_b) = (acc.state() for acc in accs)
+    assert accs[0].prune_bound["input"] > 0  # the bounded tables were pruned
+    assert accs[0].prune_bound == accs[1].prune_bound
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    meta_a["config"].pop("background_merge"), meta_b["config"].pop("background_merge")
+    assert meta_a == meta_b

@@ -14,9 +14,12 @@ from spd_host.harvest.tensor_file import Lazy
 
 @pytest.mark.parametrize("limit", [1, 7, 50, 1 << 24])
 @pytest.mark.parametrize("unit_only", [False, True])
-def test_counts_equal_brute_force_for_any_buffer_limit(limit: int, unit_only: bool) -> None:
+@pytest.mark.parametrize("background", [False, True])
+def test_counts_equal_brute_force_for_any_buffer_limit(
+    limit: int, unit_only: bool, background: bool
+) -> None:
     gen = torch.Generator().manual_seed(limit)
-    counter = SparsePairCounter(13, 11)
+    counter = SparsePairCounter(13, 11, background=background)
     counter.buffer_limit = limit
     ref: Counter[int] = Counter()
     for step in range(40):
@@ -123,3 +126,51 @@ def test_cooc_transpose_built_in_small_blocks_equals_a_stable_sort_by_column(
         counts[c + 1] += 1
     assert t["cooc_t_indptr"].tolist() == list(itertools.accumulate(counts))
     assert t["cooc_cols"].tolist() == cols and t["cooc_values"].tolist() == values.tolist()
+
+
+def test_background_merges_run_off_the_caller_and_give_the_same_bits() -> None:
+    """A full buffer goes to the merge thread (the caller goes on), and queries in between
+    (upper_len, row, len, a state) see every key added so far, as the synchronous table."""
+    gen = torch.Generator().manual_seed(5)
+    sync, bg = SparsePairCounter(50, 40), SparsePairCounter(50, 40, background=True)
+    for t in (sync, bg):
+        t.buffer_limit = 64
+    ref: Counter[int] = Counter()
+    handed_off = 0
+    for step in range(80):
+        n = int(torch.randint(1, 90, (1,), generator=gen))
+        rows = torch.randint(0, 50, (n,), generator=gen)
+        cols = torch.randint(0, 40, (n,), generator=gen)
+        w = None if step % 3 == 0 else torch.randint(1, 7, (n,), generator=gen)
+        for t in (sync, bg):
+            t.add(rows, cols, w)
+        handed_off += bg._pending is not None
+        for r, c, v in zip(
+            rows.tolist(),
+            cols.tolist(),
+            (w if w is not None else torch.ones(n, dtype=torch.int64)).tolist(),
+            strict=True,
+        ):
+            ref[r * 40 + c] += v
+        assert bg.upper_len() >= len(ref)
+        if step % 11 == 3:
+            r = int(rows[0])
+            assert bg.row(r)[0].tolist() == sync.row(r)[0].tolist()
+            assert bg.row(r)[1].tolist() == sync.row(r)[1].tolist()
+        if step % 17 == 8:
+            assert len(bg) == len(ref)
+            assert bg.state("t")["t.keys"].tolist() == sorted(ref)
+    assert handed_off > 10  # the background path was taken, not the synchronous one
+    a, b = sync.state("t"), bg.state("t")
+    assert torch.equal(a["t.keys"], b["t.keys"]) and torch.equal(a["t.values"], b["t.values"])
+    assert b["t.values"].tolist() == [ref[k] for k in sorted(ref)]
+
+
+def test_background_merge_waits_before_a_load_and_off_the_cpu_is_synchronous() -> None:
+    c = SparsePairCounter(6, 6, background=True)
+    c.buffer_limit = 2
+    c.add(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]))
+    assert c._pending is not None
+    c.load_state("t", {"t.keys": torch.tensor([7]), "t.values": torch.tensor([4])})
+    assert c._pending is None and c.state("t")["t.keys"].tolist() == [7]
+    assert not SparsePairCounter(6, 6, device="meta", background=True).background

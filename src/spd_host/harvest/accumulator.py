@@ -198,10 +198,14 @@ class HarvestAccumulator:
         self.next_token_mass = torch.zeros(vocab_size, dtype=torch.int64, device=dev)
         self.kept_mass_total = torch.zeros((), dtype=torch.int64, device=dev)
         self.output_kept_mass = torch.zeros(C, dtype=torch.int64, device=dev)
-        budget = config.dense_table_bytes
-        self.input_pairs = pair_counter(C, vocab_size, dense_bytes=budget, device=dev)
-        self.output_pairs = pair_counter(C, vocab_size, dense_bytes=budget, device=dev)
-        self.cooc = pair_counter(C, C, dense_bytes=budget, device=dev)
+        budget, bg = config.dense_table_bytes, config.background_merge
+        self.input_pairs = pair_counter(
+            C, vocab_size, dense_bytes=budget, device=dev, background=bg
+        )
+        self.output_pairs = pair_counter(
+            C, vocab_size, dense_bytes=budget, device=dev, background=bg
+        )
+        self.cooc = pair_counter(C, C, dense_bytes=budget, device=dev, background=bg)
         # summed prune thresholds of the bounded token tables (token_table_max_pairs)
         self.prune_bound = {"input": 0, "output": 0}
         self.cooc_count = torch.zeros(C, dtype=torch.int64, device=dev)
@@ -306,7 +310,10 @@ class HarvestAccumulator:
     def _prune_token_tables(self, cap: int) -> None:
         """Bound the sparse token tables (at fixed batch counts, so a resume prunes alike)."""
         for name, table in (("input", self.input_pairs), ("output", self.output_pairs)):
-            if isinstance(table, SparsePairCounter) and len(table) > cap:
+            # the cheap upper bound first: ``len`` waits for the table's merges
+            if isinstance(table, SparsePairCounter) and (
+                table.upper_len() > cap and len(table) > cap
+            ):
                 self.prune_bound[name] += table.prune(cap // 2)
 
     def _update_per_component(

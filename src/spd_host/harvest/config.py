@@ -107,6 +107,13 @@ class HarvestConfig(BaseModel):
         "updates in batch order either way, so the results are the same bits; off for plugins "
         "that reuse their output tensors between calls",
     )
+    background_merge: bool = Field(
+        default=True,
+        description="Sort and merge a sparse table's full buffer on a background thread while "
+        "the updates go on (CPU; harvest/sparse_counts.py). Not part of the result's identity: "
+        "what is added is the same, only when it is folded in moves, so the results are the "
+        "same bits",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
@@ -115,13 +122,14 @@ class HarvestConfig(BaseModel):
         return self
 
     def identity(self) -> dict[str, object]:
-        """The fields that determine the result (everything but ``device`` and ``pipeline``).
+        """The fields that determine the result (all but ``device``, ``pipeline`` and
+        ``background_merge``, which change where and when work runs, not what it computes).
 
         ``prepend_bos`` counts only when BOS is prepended: a run without it has the key it had
         before the option existed (its sequences are the same), so those harvests stay valid."""
-        exclude = (
-            {"device", "pipeline"} if self.prepend_bos else {"device", "pipeline", "prepend_bos"}
-        )
+        exclude = {"device", "pipeline", "background_merge"}
+        if not self.prepend_bos:
+            exclude.add("prepend_bos")
         return self.model_dump(mode="json", exclude=exclude)
 
     @property

@@ -559,6 +559,9 @@ def _harvest(
             "components": int(counts.numel()),
             "total_firings": int(counts.sum()),
             "result_bytes_on_disk": _disk_bytes(out),
+            # run_harvest's own clock stops before the result write: the rest is the write
+            "seconds_before_write": round(float(repo.meta.get("seconds") or 0.0), 3),
+            "pipeline_split_s": repo.meta.get("pipeline"),
         }
         if args.keep_stats:
             from safetensors.torch import load_file

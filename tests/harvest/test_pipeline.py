@@ -314,3 +314,37 @@ def test_pipeline_reraises_the_worker_exception_object() -> None:
     finally:
         pipe.close()
     assert not _workers()
+
+
+def test_no_periodic_checkpoint_after_the_last_batch(
+    toy_host: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 batches, a checkpoint due every 2: the periodic ones stop before batch 50, whose
+    state goes straight into the results (single process) or the shard's final state."""
+    from spd_host.harvest import runner
+
+    saved: list[tuple[int, bool]] = []
+    real = runner.save_checkpoint
+
+    def recording(state_dir: Path, acc: Any, meta: dict[str, Any]) -> None:
+        saved.append((int(meta["next_local_batch"]), bool(meta.get("complete"))))
+        real(state_dir, acc, meta)
+
+    monkeypatch.setattr(runner, "save_checkpoint", recording)
+    monkeypatch.setattr(runner.CheckpointPacer, "RATIO", 0.0)  # every due checkpoint is taken
+    harvest_toy(tmp_path / "one", toy_config(pipeline=True))
+    assert [n for n, _ in saved] == list(range(2, 50, 2))
+    saved.clear()
+    for rank in (0, 1):
+        run_harvest(
+            "toy:demo",
+            toy_config(),
+            out=tmp_path / "two",
+            batches=toy_plugin.toy_source(BATCH, SEQ),
+            progress=False,
+            rank=rank,
+            world_size=2,
+        )
+    # 25 batches per rank: periodic at 2..24, then the final (complete) state at 25
+    per_rank = [(n, c) for n in range(2, 25, 2) for c in (False,)] + [(25, True)]
+    assert saved == per_rank * 2

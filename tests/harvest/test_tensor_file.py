@@ -81,3 +81,20 @@ def test_bank_fields_written_in_small_chunks_equal_the_whole_fields(
     assert a == b
     n_slots = load_file(chunked.path / store.EXAMPLES_FILE)["top_tokens"].shape[0]
     assert n_slots > 5 * 3  # several chunks per field really were written
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failed_write_stops_the_producer_and_raises() -> None:
+    """The writer thread's error (here a full disk: every write to /dev/full is ENOSPC) comes
+    back to the caller as the OSError, and the chunks behind it are not even built."""
+    built = []
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for i in range(50):
+            built.append(i)
+            yield torch.full((1, 1 << 16), float(i))
+
+    entries = {"x": Lazy(torch.float32, (50, 1 << 16), lambda: torch.zeros(0), chunks)}
+    with pytest.raises(OSError, match="No space left"):
+        save_tensors(entries, "/dev/full")
+    assert len(built) < 50

@@ -331,7 +331,10 @@ def _run_locked(
                 pipe.submit(batch, g)
                 del batch, tokens  # the pipeline holds them until they are applied
                 processed += 1
-                if (local + 1) % config.checkpoint_every == 0 and pacer.due():
+                # none after the last planned batch: the results (or a shard's final state)
+                # are written right after the loop, so that checkpoint would be pure cost
+                last = local + 1 == my_batches
+                if (local + 1) % config.checkpoint_every == 0 and not last and pacer.due():
                     pipe.drain()  # the checkpoint is the state after batch `local`, exactly
                     with pacer.timing():
                         save_checkpoint(

@@ -174,3 +174,32 @@ def test_background_merge_waits_before_a_load_and_off_the_cpu_is_synchronous() -
     c.load_state("t", {"t.keys": torch.tensor([7]), "t.values": torch.tensor([4])})
     assert c._pending is None and c.state("t")["t.keys"].tolist() == [7]
     assert not SparsePairCounter(6, 6, device="meta", background=True).background
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_bound_prunes_only_above_the_cap_and_sums_its_thresholds(background: bool) -> None:
+    """``bound(cap, keep)`` (queued behind the merge on a background table) keeps the pairs
+    above the k-th smallest count, only once more than ``cap`` distinct pairs are in, and
+    ``pruned_total`` is the sum of the thresholds, as ``prune`` returned them."""
+    gen = torch.Generator().manual_seed(9)
+    t = SparsePairCounter(40, 40, background=background)
+    t.buffer_limit = 50
+    ref: Counter[int] = Counter()
+    taus = []
+    for step in range(30):
+        rows = torch.randint(0, 40, (60,), generator=gen)
+        cols = (rows * 7 + torch.randint(0, 25, (60,), generator=gen)) % 40
+        t.add(rows, cols)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            ref[r * 40 + c] += 1
+        if step % 5 == 4:
+            t.bound(300, 150)
+            if len(ref) > 300:  # brute force: the same drop on the reference
+                tau = sorted(ref.values())[len(ref) - 150 - 1]
+                ref = Counter({k: v for k, v in ref.items() if v > tau})
+                taus.append(tau)
+    assert len(taus) >= 2  # it pruned, more than once
+    assert t.pruned_total() == sum(taus)
+    st = t.state("t")
+    assert st["t.keys"].tolist() == sorted(ref)
+    assert st["t.values"].tolist() == [ref[k] for k in sorted(ref)]

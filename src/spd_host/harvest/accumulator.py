@@ -206,8 +206,9 @@ class HarvestAccumulator:
             C, vocab_size, dense_bytes=budget, device=dev, background=bg
         )
         self.cooc = pair_counter(C, C, dense_bytes=budget, device=dev, background=bg)
-        # summed prune thresholds of the bounded token tables (token_table_max_pairs)
-        self.prune_bound = {"input": 0, "output": 0}
+        # summed prune thresholds of the bounded token tables (token_table_max_pairs) before
+        # this accumulator's tables counted their own (a loaded state's, merged shards')
+        self.prune_base = {"input": 0, "output": 0}
         self.cooc_count = torch.zeros(C, dtype=torch.int64, device=dev)
         self.cooc_n_tokens = 0
         self.cooc_active = config.cooccurrence
@@ -308,13 +309,21 @@ class HarvestAccumulator:
             self._prune_token_tables(cfg.token_table_max_pairs)
 
     def _prune_token_tables(self, cap: int) -> None:
-        """Bound the sparse token tables (at fixed batch counts, so a resume prunes alike)."""
+        """Bound the sparse token tables (at fixed batch counts, so a resume prunes alike; a
+        background table does it behind its merge, see ``SparsePairCounter.bound``)."""
+        for table in (self.input_pairs, self.output_pairs):
+            if isinstance(table, SparsePairCounter):
+                table.bound(cap, cap // 2)
+
+    @property
+    def prune_bound(self) -> dict[str, int]:
+        """Summed prune thresholds per token table: how much any stored or missing count may
+        be below the exact one."""
+        out = dict(self.prune_base)
         for name, table in (("input", self.input_pairs), ("output", self.output_pairs)):
-            # the cheap upper bound first: ``len`` waits for the table's merges
-            if isinstance(table, SparsePairCounter) and (
-                table.upper_len() > cap and len(table) > cap
-            ):
-                self.prune_bound[name] += table.prune(cap // 2)
+            if isinstance(table, SparsePairCounter):
+                out[name] += table.pruned_total()
+        return out
 
     def _update_per_component(
         self,
@@ -451,6 +460,7 @@ class HarvestAccumulator:
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Host (CPU) copies of the whole state, and the JSON-able rest."""
+        bound = self.prune_bound
         t: dict[str, torch.Tensor] = {
             "firing_count": self.firing_count,
             "max_firing": self.max_firing,
@@ -461,7 +471,7 @@ class HarvestAccumulator:
             "kept_mass_total": self.kept_mass_total.reshape(1),
             "output_kept_mass": self.output_kept_mass,
             "cooc_count": self.cooc_count,
-            "prune_bound": torch.tensor([self.prune_bound["input"], self.prune_bound["output"]]),
+            "prune_bound": torch.tensor([bound["input"], bound["output"]]),
         }
         t.update(self.sum_all.state("sum_all"))
         t.update(self.sum_firing.state("sum_firing"))
@@ -506,7 +516,7 @@ class HarvestAccumulator:
         acc.kept_mass_total = tensors["kept_mass_total"].reshape(()).to(dev).clone()
         pb = tensors.get("prune_bound")  # absent in states written before bounded tables
         if pb is not None:
-            acc.prune_bound = {"input": int(pb[0]), "output": int(pb[1])}
+            acc.prune_base = {"input": int(pb[0]), "output": int(pb[1])}
         acc.input_pairs.load_state("input_pairs", tensors)
         acc.output_pairs.load_state("output_pairs", tensors)
         acc.cooc.load_state("cooc", tensors)

@@ -38,7 +38,7 @@ def merge_accumulators(parts: list[HarvestAccumulator]) -> HarvestAccumulator:
         acc.next_token_mass += other.next_token_mass
         acc.kept_mass_total += other.kept_mass_total
         for name in ("input", "output"):  # under-estimates of the shards add up
-            acc.prune_bound[name] += other.prune_bound[name]
+            acc.prune_base[name] += other.prune_bound[name]
         acc.output_kept_mass += other.output_kept_mass
         acc.input_pairs.merge_(other.input_pairs)
         acc.output_pairs.merge_(other.output_pairs)

@@ -72,6 +72,7 @@ class SparsePairCounter:
         self.background = background and self.device.type == "cpu"
         self._pending: Future[None] | None = None  # the merge in flight (background only)
         self._pending_len = 0  # raw entries it holds (for upper_len)
+        self._pruned_total = 0
 
     # -- updates ----------------------------------------------------------------------------------
     def add_keys(self, keys: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -246,9 +247,37 @@ class SparsePairCounter:
         Every entry with a value ``<= tau`` goes (``tau``: the value below which all but
         ``keep`` entries lie), so each surviving or later re-created entry under-estimates its
         exact total by at most the sum of the thresholds of all prunes (lossy counting), and a
-        dropped pair's exact total is at most that sum too.
+        dropped pair's exact total is at most that sum too. ``pruned_total`` sums them.
         """
         self.consolidate()
+        return self._prune_table(keep)
+
+    def bound(self, cap: int, keep: int) -> None:
+        """``prune(keep)`` if more than ``cap`` distinct pairs are stored once every key added
+        so far is in (a background table queues this behind its merge; the decision is the
+        same whenever it runs). The thresholds go to ``pruned_total``."""
+        if self.upper_len() <= cap:  # an upper bound: nothing to do, and no wait
+            return
+        if not self.background:
+            if len(self) > cap:
+                self.prune(keep)
+            return
+        self._wait()
+        n = self._buf_len
+        chunks, weights = self._take_buffer()
+        self._pending_len = n
+        self._pending = _merge_executor().submit(self._fold_and_bound, chunks, weights, cap, keep)
+
+    @torch.no_grad()
+    def _fold_and_bound(
+        self, chunks: list[torch.Tensor], weights: list[torch.Tensor | None], cap: int, keep: int
+    ) -> None:
+        if chunks:
+            self._fold(chunks, weights)
+        if int(self.keys.shape[0]) > cap:
+            self._prune_table(keep)
+
+    def _prune_table(self, keep: int) -> int:
         n = int(self.keys.shape[0])
         if n <= keep:
             return 0
@@ -256,7 +285,14 @@ class SparsePairCounter:
         mask = self.values > tau
         self.keys, self.values, self._values_shared = self.keys[mask], self.values[mask], False
         self._store = None
+        self._pruned_total += tau
         return tau
+
+    def pruned_total(self) -> int:
+        """The summed thresholds of this table's prunes since it was made or loaded (waits for
+        a prune in flight)."""
+        self._wait()
+        return self._pruned_total
 
     # -- queries ----------------------------------------------------------------------------------
     def upper_len(self) -> int:
@@ -295,6 +331,7 @@ class SparsePairCounter:
     def load_state(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         self._wait()
         self._buf_keys, self._buf_values, self._buf_len = [], [], 0
+        self._pruned_total = 0
         self.keys = tensors[f"{prefix}.keys"].to(self.device, torch.int64)
         self.values = tensors[f"{prefix}.values"].to(self.device, self.dtype)
         self._values_shared = True

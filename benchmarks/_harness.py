@@ -107,6 +107,9 @@ def run_phase(
     res: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     res["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     res["child_wall_s"] = round(wall, 2)
+    # CPU seconds of the whole child (all its threads): against the wall time on a machine of
+    # n cores this says whether a phase was short of cores or waiting
+    res["child_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
     return res
 
 

@@ -44,6 +44,12 @@ def main() -> None:
     )
     p.add_argument("--no-bare", action="store_true")
     p.add_argument(
+        "--harvest-config",
+        default=None,
+        help="extra HarvestConfig fields for the harvest phase, as JSON "
+        "(e.g. '{\"background_merge\": false}')",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="one extra profiled harvest at the smallest count"
     )
     args = p.parse_args()
@@ -56,6 +62,7 @@ def main() -> None:
         args.repeats,
         phases,
         threads=args.threads,
+        extra={"harvest": ["--config", args.harvest_config]} if args.harvest_config else None,
         rss_limit_gib=args.rss_limit_gib,
     )
     rows = summarise(runs, phases)

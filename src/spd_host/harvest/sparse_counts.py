@@ -312,9 +312,12 @@ class SparsePairCounter:
         return self.keys[lo:hi] % self.n_cols, self.values[lo:hi]
 
     def nbytes(self) -> int:
-        self._wait()
+        """Bytes held (without waiting for a merge in flight: its buffer is counted as raw
+        entries, an upper bound while it is being merged)."""
+        pending = self._pending_len * (8 + self.values.element_size())
         return (
-            self.keys.numel() * 8
+            pending
+            + self.keys.numel() * 8
             + self.values.numel() * self.values.element_size()
             + sum(
                 k.numel() * 8 + (0 if v is None else v.numel() * v.element_size())

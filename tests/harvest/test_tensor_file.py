@@ -98,3 +98,42 @@ def test_a_failed_write_stops_the_producer_and_raises() -> None:
     with pytest.raises(OSError, match="No space left"):
         save_tensors(entries, "/dev/full")
     assert len(built) < 50
+
+
+def test_results_written_concurrently_are_the_bytes_of_a_sequential_write(tmp_path: Path) -> None:
+    """The three result files built at once (stats and database on helper threads) hold the
+    same bytes and rows as when written one after the other."""
+    import sqlite3
+
+    from spd_host.adapter import HarvestBatch, Site
+    from spd_host.harvest import HarvestConfig
+    from spd_host.harvest.accumulator import HarvestAccumulator, Layout
+    from spd_host.harvest.store import DB_FILE, EXAMPLES_FILE, STATS_FILE, write_results
+
+    sites = [Site(name="s", n_components=25, reads_from="0.mlp_in", writes_to=("0.mlp_out",))]
+    cfg = HarvestConfig(batch_size=2, dense_table_bytes=0, cooccurrence_fraction=1.0)
+    acc = HarvestAccumulator(Layout.of(sites, ["x"]), cfg, 19)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(6):
+        pre = torch.randn(2, 16, 25, generator=gen)
+        acc.update(
+            HarvestBatch(
+                tokens=torch.randint(0, 19, (2, 16), generator=gen),
+                firings={"s": pre > 0.9},
+                activations={"s": {"x": torch.where(pre > 0.9, pre, torch.zeros_like(pre))}},
+                next_token_logits=torch.randn(2, 16, 19, generator=gen),
+            ),
+            step,
+        )
+    meta = {"decomposition_id": "x", "world_size": 1, "seconds": 0.0}
+    write_results(tmp_path / "seq", acc, meta, concurrent=False)
+    write_results(tmp_path / "conc", acc, meta, concurrent=True)
+    for name in (STATS_FILE, EXAMPLES_FILE):
+        assert (tmp_path / "seq" / name).read_bytes() == (tmp_path / "conc" / name).read_bytes()
+    assert load_file(tmp_path / "conc" / STATS_FILE)["cooc_t_cols"].numel() > 10
+    rows = []
+    for run in ("seq", "conc"):
+        con = sqlite3.connect(tmp_path / run / DB_FILE)
+        rows.append(con.execute("SELECT * FROM components ORDER BY gidx").fetchall())
+        con.close()
+    assert rows[0] == rows[1] and len(rows[0]) > 10

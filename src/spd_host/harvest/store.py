@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,16 @@ def cooc_tables(keys: torch.Tensor, values: torch.Tensor, n: int) -> dict[str, E
     }
 
 
-def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> None:
-    """Write ``stats.safetensors``, ``harvest.db`` and finally ``harvest.json``."""
+def write_results(
+    path: Path, acc: HarvestAccumulator, meta: dict[str, Any], *, concurrent: bool = True
+) -> None:
+    """Write ``stats.safetensors``, ``examples.safetensors``, ``harvest.db`` and finally
+    ``harvest.json``.
+
+    ``concurrent``: the three files are built and written at the same time (the stats and the
+    database on two helper threads, the examples here), so one file's CPU work (restoring
+    example windows, transposing co-occurrence, SQLite rows) overlaps another's disk writes;
+    each reads the accumulator only. The files are the same bytes either way."""
     path.mkdir(parents=True, exist_ok=True)
     if acc.device.type != "cpu":  # one copy of the compact state to the host
         acc = HarvestAccumulator.from_state(*acc.state(), device="cpu")
@@ -200,17 +209,28 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         )
     acc.cooc.consolidate()
     t.update(cooc_tables(acc.cooc.keys, acc.cooc.values, C))
-    tmp = path / f".{STATS_FILE}.tmp"
-    save_tensors(t, tmp)
-    tmp.replace(path / STATS_FILE)
     ex: dict[str, Entry] = {}
     for kind, bank in zip(EXAMPLE_KINDS, (acc.top, acc.reservoir), strict=True):
         for k, v in example_arrays(bank, C, ordered_by_pos=kind == "reservoir").items():
             ex[f"{kind}_{k}"] = v
-    tmp = path / f".{EXAMPLES_FILE}.tmp"
-    save_tensors(ex, tmp)
-    tmp.replace(path / EXAMPLES_FILE)
-    _write_db(path / DB_FILE, acc)
+    jobs: list[Callable[[], None]] = [
+        lambda: _save_in_place(t, path / STATS_FILE),
+        lambda: _write_db(path / DB_FILE, acc),
+        lambda: _save_in_place(ex, path / EXAMPLES_FILE),
+    ]
+    if concurrent:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="spd-host-result") as pool:
+            helpers = [pool.submit(job) for job in jobs[:2]]
+            try:
+                jobs[2]()
+            finally:
+                for h in helpers:  # every file finished (or failed) before anything goes on
+                    h.exception()
+            for h in helpers:
+                h.result()
+    else:
+        for job in jobs:
+            job()
     doc = {
         "schema_version": SCHEMA_VERSION,
         **meta,
@@ -226,6 +246,13 @@ def write_results(path: Path, acc: HarvestAccumulator, meta: dict[str, Any]) -> 
         "config": acc.config.model_dump(mode="json"),
     }
     atomic_write_text(path / RESULT_JSON, json.dumps(doc, indent=1))
+
+
+def _save_in_place(tensors: dict[str, Entry], target: Path) -> None:
+    """``save_tensors`` to a temporary name, renamed to ``target`` when complete."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_tensors(tensors, tmp)
+    tmp.replace(target)
 
 
 def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:

@@ -98,6 +98,8 @@ def test_pipelined_equals_sequential(
 def test_pipeline_is_not_part_of_the_run_identity() -> None:
     on, off = toy_config(pipeline=True), toy_config(pipeline=False)
     assert on.identity() == off.identity()
+    assert toy_config(background_merge=False).identity() == on.identity()
+    assert "background_merge" not in on.identity()
     assert "pipeline" not in on.identity()
     assert run_dir_name("toy:demo", on) == run_dir_name("toy:demo", off)
     assert HarvestConfig().pipeline is True
@@ -239,7 +241,9 @@ def test_worker_error_on_the_last_batch_is_raised(
 def test_ctrl_c_stops_promptly_and_the_checkpoint_resumes(
     toy_host: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TOY_SLEEP", "0.03")  # 50 batches: ~1.5 s, the signal lands mid-run
+    # 50 batches: ~4 s, so the signal lands mid-run even when a loaded machine wakes the
+    # watching thread late (at 0.03 s a batch it once arrived after the run had finished)
+    monkeypatch.setenv("TOY_SLEEP", "0.08")
     out = tmp_path / "pipe"
     state = out / "state" / "state.json"
     sent: list[float] = []

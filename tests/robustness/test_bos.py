@@ -181,7 +181,7 @@ def test_bos_is_part_of_the_run_key_and_old_keys_stay(
     from spd_host.harvest.runner import input_fingerprints
 
     old_identity = without.config.model_dump(
-        mode="json", exclude={"device", "prepend_bos", "pipeline"}
+        mode="json", exclude={"device", "prepend_bos", "pipeline", "background_merge"}
     )  # fields added later that are not part of the key
     adapter = bos_toy.BosAdapter(f"btoy:{root}", root)
     doc = {

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -110,11 +111,16 @@ class SparsePairCounter:
 
     def _fold_in_background(self) -> None:
         """Hand the full buffer to the merge thread (after the previous merge is done)."""
+        self._submit(self._fold)
+
+    def _submit(self, job: Callable[..., None], *args: int) -> None:
+        """Run ``job(chunks, weights, *args)`` on the buffer, on the merge thread, once the
+        merge in flight is done (so at most one per table)."""
         self._wait()
         n = self._buf_len
         chunks, weights = self._take_buffer()
         self._pending_len = n
-        self._pending = _merge_executor().submit(self._fold, chunks, weights)
+        self._pending = _merge_executor().submit(job, chunks, weights, *args)
 
     def _wait(self) -> None:
         """Wait for the merge in flight; an error raised in it is raised here."""
@@ -262,11 +268,7 @@ class SparsePairCounter:
             if len(self) > cap:
                 self.prune(keep)
             return
-        self._wait()
-        n = self._buf_len
-        chunks, weights = self._take_buffer()
-        self._pending_len = n
-        self._pending = _merge_executor().submit(self._fold_and_bound, chunks, weights, cap, keep)
+        self._submit(self._fold_and_bound, cap, keep)
 
     @torch.no_grad()
     def _fold_and_bound(

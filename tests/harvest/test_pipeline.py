@@ -260,6 +260,9 @@ def test_ctrl_c_stops_promptly_and_the_checkpoint_resumes(
         sent.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own Ctrl-C handler for this test: an earlier test in the same process may have
+    # left another one installed (the full suite failed here while the test alone passed)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     killer = threading.Thread(target=interrupt)
     killer.start()
     try:
@@ -267,6 +270,7 @@ def test_ctrl_c_stops_promptly_and_the_checkpoint_resumes(
             harvest_toy(out, toy_config(pipeline=True))
     finally:
         killer.join()
+        signal.signal(signal.SIGINT, inherited)
     assert time.monotonic() - sent[0] < 2.0  # prompt: at most the batch in progress
     assert not _workers()
     assert not (out / "harvest.json").exists()

@@ -231,6 +231,7 @@ def write_results(
     else:
         for job in jobs:
             job()
+    bound = acc.prune_bound  # a property that sums the tables' prunes: read it once
     doc = {
         "schema_version": SCHEMA_VERSION,
         **meta,
@@ -240,8 +241,8 @@ def write_results(
         "cooc_n_tokens": acc.cooc_n_tokens,
         "kept_mass_total": float(acc.kept_mass_total) * unit,
         # bounded token tables: how much any stored or missing n(c, t) / m(c, t) may be low
-        "input_prune_bound": float(acc.prune_bound["input"]),
-        "output_prune_bound": float(acc.prune_bound["output"]) * unit,
+        "input_prune_bound": float(bound["input"]),
+        "output_prune_bound": float(bound["output"]) * unit,
         "layout": acc.layout.as_json(),
         "config": acc.config.model_dump(mode="json"),
     }

@@ -176,7 +176,11 @@ class DictionaryAdapter(ABC):
         threshold = options.threshold
         top_k = options.next_token_top_k
         forward = HarvestForward(
-            model, lambda: topo.capture(hooks), next_token=options.next_token, top_k=top_k
+            model,
+            lambda: topo.capture(hooks),
+            next_token=options.next_token,
+            top_k=top_k,
+            defer=options.defer_next_token,
         )
         blocked = BlockedEncode()
 

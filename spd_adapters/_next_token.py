@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from spd_adapters._sparse_encode import block_elements, row_blocks
-from spd_host.adapter import NextTokenTopK, next_token_topk_of
+from spd_host.adapter import DeferredNextTokenTopK, NextTokenTopK, next_token_topk_of
 from spd_host.models import no_cache_kwargs
 
 HEAD_BLOCK_ELEMENTS = 1 << 20
@@ -85,11 +85,13 @@ class HarvestForward:
         top_k: int | None,
         block_elements: int | None = None,
         float_logits: bool = False,
+        defer: bool = False,
     ) -> None:
         self.model = model
         self.capture = capture
         self.next_token = next_token
         self.top_k = top_k
+        self.defer = defer
         self.float_logits = float_logits
         self.block_elements = block_elements
         split = split_model(model) if not next_token or top_k is not None else None
@@ -102,7 +104,7 @@ class HarvestForward:
     @torch.no_grad()
     def __call__(
         self, tokens: Tensor
-    ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | None]:
+    ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | DeferredNextTokenTopK | None]:
         if self.split_ok is False:
             return self._ordinary(tokens)
         if self.split_ok is None:
@@ -127,7 +129,7 @@ class HarvestForward:
 
     def _split_forward(
         self, tokens: Tensor, full_logits: Tensor | None = None
-    ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | None]:
+    ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | DeferredNextTokenTopK | None]:
         assert self._split is not None
         base, head = self._split
         with self.capture() as captured:
@@ -136,7 +138,25 @@ class HarvestForward:
         if not self.next_token:
             return captured, None, None
         assert self.top_k is not None
+        if self.defer and full_logits is None:
+            return captured, None, self._deferred_topk(head, hidden)
         return captured, None, self._head_topk(head, hidden, full_logits)
+
+    def _deferred_topk(self, head: nn.Module, hidden: Tensor) -> DeferredNextTokenTopK:
+        """The head's top-k as work for the host's accumulation thread (``defer``).
+
+        Safe to run there, after the next batch's forward has started: it reads only
+        ``hidden`` and the head's weights, and the head has no capture hook (the first-batch
+        check would have found the capture that a hook on it adds to the ordinary forward, and
+        taken that route for good). The same ops on the same tensors: the same bits."""
+        h = hidden.reshape(-1, hidden.shape[-1])
+        V = _out_features(head, h)
+
+        def compute() -> NextTokenTopK:
+            with torch.no_grad():  # autograd mode is per thread
+                return self._head_topk(head, hidden, None)
+
+        return DeferredNextTokenTopK(compute, V)
 
     def _head_topk(self, head: nn.Module, hidden: Tensor, full: Tensor | None) -> NextTokenTopK:
         """Top-k and logsumexp of ``head(hidden)`` one block of rows at a time; with ``full``
@@ -165,7 +185,7 @@ class HarvestForward:
 
     def _checked(
         self, tokens: Tensor
-    ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | None]:
+    ) -> tuple[dict[str, Tensor], Tensor | None, NextTokenTopK | DeferredNextTokenTopK | None]:
         """The first batch: on its first sequences (a bounded transient), the ordinary forward
         and the split one compared bit for bit; then the batch by whichever route won."""
         assert self.top_k is not None or not self.next_token
@@ -217,7 +237,9 @@ def _same_capture(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _same_topk(a: NextTokenTopK | None, b: NextTokenTopK | None) -> bool:
+def _same_topk(a: NextTokenTopK | None, b: NextTokenTopK | DeferredNextTokenTopK | None) -> bool:
+    # the probe is never deferred: _split_forward computes at once when given full logits
+    assert not isinstance(b, DeferredNextTokenTopK)
     if a is None or b is None:
         return a is None and b is None
     return (

@@ -20,7 +20,13 @@ import torch
 
 from spd_adapters._next_token import HarvestForward
 from spd_adapters.spd.capture import capture_inputs
-from spd_host.adapter import HarvestBatch, HarvestFn, HarvestOptions, NextTokenTopK
+from spd_host.adapter import (
+    DeferredNextTokenTopK,
+    HarvestBatch,
+    HarvestFn,
+    HarvestOptions,
+    NextTokenTopK,
+)
 
 if TYPE_CHECKING:
     from spd_adapters.spd.adapter import SpdAdapter
@@ -70,6 +76,7 @@ def spd_forward(
         next_token=options.next_token,
         top_k=options.next_token_top_k,
         float_logits=True,
+        defer=options.defer_next_token,
     )
 
 
@@ -78,7 +85,7 @@ def device_batch(
     firings: dict[str, torch.Tensor],
     activations: dict[str, dict[str, torch.Tensor]],
     logits: torch.Tensor | None,
-    topk: NextTokenTopK | None,
+    topk: NextTokenTopK | DeferredNextTokenTopK | None,
 ) -> HarvestBatch:
     """The HarvestBatch of an SPD-style run, left on the device: the host accumulates there.
 

@@ -93,6 +93,12 @@ class HarvestOptions(Frozen):
         "a plugin may return ``next_token_topk`` (see ``next_token_topk_of``) instead of full "
         "``[B, S, V]`` logits, computed on its device.",
     )
+    defer_next_token: bool = Field(
+        default=False,
+        description="With ``next_token_top_k``: the plugin may return the top-k as a "
+        "``DeferredNextTokenTopK``, which the host computes when it accumulates the batch "
+        "(on its accumulation thread, overlapped with the next forward).",
+    )
 
 
 @runtime_checkable
@@ -204,6 +210,37 @@ class NextTokenTopK:
     vocab_size: int
 
 
+class DeferredNextTokenTopK:
+    """A :class:`NextTokenTopK` that the host computes when it accumulates the batch.
+
+    Why: on a CPU the LM head with its top-k and logsumexp is a fifth of a small model's
+    forward. Handed over as work still to do, it runs on the host's accumulation thread while
+    the plugin computes the next batch, instead of on the thread that bounds the harvest.
+
+    ``compute()`` returns the ``NextTokenTopK``. It must read only tensors it captured (the
+    final hidden states, say), never state a later HarvestFn call changes, because it runs
+    after the HarvestFn has been called again, on another thread; it must give the bits it
+    would have given at once (plain tensor ops, no randomness), and it must turn off autograd
+    itself (``torch.no_grad`` is per thread). Return one only when the host set
+    ``HarvestOptions.defer_next_token``. ``resolve()`` computes it once and keeps the result.
+    """
+
+    def __init__(self, compute: Callable[[], NextTokenTopK], vocab_size: int) -> None:
+        self.compute = compute
+        self.vocab_size = int(vocab_size)
+        self._value: NextTokenTopK | None = None
+
+    def resolve(self) -> NextTokenTopK:
+        if self._value is None:
+            self._value = self.compute()
+            self.compute = _resolved  # drop what the closure holds (hidden states)
+        return self._value
+
+
+def _resolved() -> NextTokenTopK:
+    raise AssertionError("a resolved DeferredNextTokenTopK is not computed again")
+
+
 def next_token_topk_of(logits: torch.Tensor, k: int) -> NextTokenTopK:
     """``NextTokenTopK`` from ``[B, S, V]`` logits, on their device (no softmax over V)."""
     import torch
@@ -269,7 +306,8 @@ class HarvestBatch:
     - next-token information, one of ``next_token_logits`` / ``next_token_probs`` (``[B, S, V]``
       float; logits without NaN or ``+inf``, probabilities summing to 1) or ``next_token_topk``
       (:class:`NextTokenTopK`, when the host set ``HarvestOptions.next_token_top_k``; its k must
-      be at least that) — absent when the host asked for ``next_token=False``. ``V`` is the
+      be at least that; or a :class:`DeferredNextTokenTopK` when the host also set
+      ``defer_next_token``) — absent when the host asked for ``next_token=False``. ``V`` is the
       same for every batch and covers every id in ``tokens``.
 
     Tensors may live on any device; the host moves them to its harvest device (a no-op when
@@ -283,7 +321,7 @@ class HarvestBatch:
     next_token_probs: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     sparse: Mapping[str, SparseActivity] = field(default_factory=dict)
-    next_token_topk: NextTokenTopK | None = None
+    next_token_topk: NextTokenTopK | DeferredNextTokenTopK | None = None
 
 
 HarvestFn = Callable[["torch.Tensor"], HarvestBatch]
@@ -394,13 +432,13 @@ def validate_harvest_batch(
         raise fail(
             "exactly one of next_token_logits / next_token_probs / next_token_topk must be set"
         )
-    if topk is not None:
-        _validate_topk(topk, B, S, fail)
-        k = int(topk.values.shape[-1])
-        if min_top_k is not None and k < min(min_top_k, int(topk.vocab_size)):
-            raise fail(
-                f"next_token_topk carries {k} tokens per position, the host asked for {min_top_k}"
-            )
+    if isinstance(topk, DeferredNextTokenTopK):
+        # checked in full when the host resolves it (validate_next_token_topk)
+        n_vocab = topk.vocab_size
+        if n_vocab <= 0:
+            raise fail(f"next_token_topk.vocab_size must be positive, got {n_vocab}")
+    elif topk is not None:
+        validate_next_token_topk(topk, B, S, min_top_k, fail)
         n_vocab = int(topk.vocab_size)
     else:
         nt = dense_nt[0]
@@ -457,6 +495,19 @@ def _validate_sparse(
         bad = _activation_problem(v)
         if bad:
             raise fail(f"sparse[{name!r}].values[{kind!r}] {bad}")
+
+
+def validate_next_token_topk(
+    tk: Any, B: int, S: int, min_top_k: int | None, fail: Callable[[str], Exception]
+) -> None:
+    """The checks ``validate_harvest_batch`` makes on a ``NextTokenTopK`` (also applied to a
+    deferred one's result, when the host resolves it); raises ``fail(what)``."""
+    _validate_topk(tk, B, S, fail)
+    k = int(tk.values.shape[-1])
+    if min_top_k is not None and k < min(min_top_k, int(tk.vocab_size)):
+        raise fail(
+            f"next_token_topk carries {k} tokens per position, the host asked for {min_top_k}"
+        )
 
 
 def _validate_topk(tk: Any, B: int, S: int, fail: Callable[[str], Exception]) -> None:

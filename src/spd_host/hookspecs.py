@@ -83,7 +83,10 @@ def harvest_fn(adapter: DecompositionAdapter, options: HarvestOptions) -> Harves
       it from dense tensors and says when the contract does not hold.
     - ``options.next_token_top_k = k``: next-token information may come as
       ``HarvestBatch.next_token_topk`` (the top ``>= k`` logits, their ids and the full
-      logsumexp; ``next_token_topk_of(logits, k)``) instead of ``[B, S, V]`` logits.
+      logsumexp; ``next_token_topk_of(logits, k)``) instead of ``[B, S, V]`` logits; with
+      ``options.defer_next_token`` also as a ``DeferredNextTokenTopK`` (work the host runs
+      when it accumulates the batch, on its accumulation thread: the LM head's top-k off the
+      thread that runs the next forward).
     """
 
 

@@ -18,7 +18,7 @@ import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
 
@@ -27,13 +27,16 @@ import pluggy
 from spd_host import hookspecs
 from spd_host.adapter import (
     DecompositionAdapter,
+    DeferredNextTokenTopK,
     HarvestBatch,
     HarvestFn,
     HarvestOptions,
     MethodInfo,
+    NextTokenTopK,
     validate_harvest_batch,
+    validate_next_token_topk,
 )
-from spd_host.errors import DecompositionIdError, PluginError, SpdHostError
+from spd_host.errors import DecompositionIdError, HarvestBatchError, PluginError, SpdHostError
 from spd_host.ids import DecompositionId, parse_decomposition_id
 
 ENTRY_POINT_GROUP = "spd_host"
@@ -306,6 +309,16 @@ class PluginHost:
             )
             if vocab[0] is None:
                 vocab[0] = n_vocab
+            if isinstance(batch.next_token_topk, DeferredNextTokenTopK):
+                batch = replace(
+                    batch,
+                    next_token_topk=_checked_when_resolved(
+                        batch.next_token_topk,
+                        tuple(batch.tokens.shape),
+                        options.next_token_top_k,
+                        owner.plugin_name,
+                    ),
+                )
             return batch
 
         return validated
@@ -324,6 +337,41 @@ class PluginHost:
                         hint="run with SPD_HOST_DEBUG=1 for the full traceback",
                     ) from err
         return None
+
+
+def _checked_when_resolved(
+    deferred: DeferredNextTokenTopK, shape: tuple[int, ...], min_top_k: int | None, plugin: str
+) -> DeferredNextTokenTopK:
+    """The plugin's deferred top-k, checked like an immediate one when the host resolves it
+    (on its accumulation thread): a plugin failure or a bad result becomes the same
+    ``PluginError`` / ``HarvestBatchError`` that ``validated`` would have raised at once."""
+    B, S = shape
+
+    def fail(what: str) -> HarvestBatchError:
+        return HarvestBatchError(
+            f"plugin {plugin!r} returned an invalid HarvestBatch: {what}",
+            hint="this is a bug in the plugin's harvest_fn; report it to the plugin's authors",
+        )
+
+    def compute() -> NextTokenTopK:
+        try:
+            tk = deferred.resolve()
+        except SpdHostError:
+            raise
+        except BaseException as err:
+            _reraise_interrupts(err)
+            raise PluginError(
+                f"plugin {plugin!r} harvest_fn failed computing a deferred next-token top-k: {_short(err)}"
+            ) from err
+        validate_next_token_topk(tk, B, S, min_top_k, fail)
+        if int(tk.vocab_size) != deferred.vocab_size:
+            raise fail(
+                f"the deferred next-token top-k is over {tk.vocab_size} tokens, it announced "
+                f"{deferred.vocab_size}"
+            )
+        return tk
+
+    return DeferredNextTokenTopK(compute, deferred.vocab_size)
 
 
 def _reraise_interrupts(err: BaseException) -> None:

@@ -79,7 +79,27 @@ def _source_with(
     return source
 
 
-@pytest.mark.parametrize("form", ["dense", "topk"])
+def test_deferred_top_k_is_computed_on_the_worker_with_the_same_bits(
+    toy_host: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``DeferredNextTokenTopK`` runs on the accumulation thread when pipelined, on the main
+    thread when not, and gives the results the immediate top-k gives, bit for bit."""
+    monkeypatch.setattr(toy_plugin, "FORM", "topk")
+    now = harvest_toy(tmp_path / "now", toy_config(pipeline=True))
+    monkeypatch.setattr(toy_plugin, "FORM", "deferred")
+    threads = toy_plugin.DEFERRED_THREADS
+    threads.clear()
+    pipe = harvest_toy(tmp_path / "pipe", toy_config(pipeline=True))
+    n_batches = 2400 // (BATCH * SEQ)
+    assert threads == ["spd-host-harvest-accumulate"] * n_batches
+    threads.clear()
+    seq = harvest_toy(tmp_path / "seq", toy_config(pipeline=False))
+    assert threads == [threading.main_thread().name] * n_batches
+    assert_same_results(now.path, pipe.path, reservoir=True)
+    assert_same_results(now.path, seq.path, reservoir=True)
+
+
+@pytest.mark.parametrize("form", ["dense", "topk", "deferred"])
 def test_pipelined_equals_sequential(
     toy_host: object, tmp_path: Path, form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

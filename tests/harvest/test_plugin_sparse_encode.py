@@ -9,6 +9,7 @@ what the dense route gives (same entries, same order, same bits).
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -18,7 +19,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from spd_adapters._dictionary import Activation
 from spd_adapters._next_token import HarvestForward
 from spd_adapters._sparse_encode import BlockedEncode, SiteEncoder, row_blocks, sparse_encode
-from spd_host.adapter import HarvestOptions, sparse_activity_of
+from spd_host.adapter import (
+    DeferredNextTokenTopK,
+    HarvestOptions,
+    NextTokenTopK,
+    sparse_activity_of,
+)
 from spd_host.models import no_cache_kwargs
 from spd_host.plugins import get_host
 
@@ -196,6 +202,40 @@ def test_blocked_head_top_k_matches_full_softmax(k: int) -> None:
     assert torch.equal(got.values, logits.gather(-1, got.indices))
 
 
+def test_deferred_head_top_k_is_the_immediate_one_resolved_later_on_another_thread() -> None:
+    """``defer=True``: the split route hands the head's top-k over as work; resolved on another
+    thread (grad on there) after the next batch's forward, it is the immediate top-k, bit for
+    bit, and carries no autograd graph."""
+    model = tiny_lm()
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 300, (3, 50), generator=gen) for _ in range(3)]
+    now = HarvestForward(model, capture_none, next_token=True, top_k=5, block_elements=64 * 300)
+    later = HarvestForward(
+        model, capture_none, next_token=True, top_k=5, block_elements=64 * 300, defer=True
+    )
+    immediate = [now(t)[2] for t in batches]
+    deferred = [later(t)[2] for t in batches]  # every forward first, as a pipelined harvest
+    assert later.split_ok is True
+    resolved: list[NextTokenTopK] = []
+
+    def resolve_all() -> None:
+        with torch.enable_grad():
+            for d in deferred:
+                assert isinstance(d, DeferredNextTokenTopK) and d.vocab_size == 300
+                resolved.append(d.resolve())
+
+    worker = threading.Thread(target=resolve_all)
+    worker.start()
+    worker.join()
+    assert len(resolved) == 3
+    for got, ref in zip(resolved, immediate, strict=True):
+        assert isinstance(ref, NextTokenTopK) and got.vocab_size == ref.vocab_size
+        for f in ("values", "indices", "logsumexp"):
+            assert torch.equal(getattr(got, f), getattr(ref, f)), f
+            assert not getattr(got, f).requires_grad
+    assert deferred[0].resolve() is resolved[0]  # computed once
+
+
 def test_model_whose_logits_are_not_the_head_keeps_the_ordinary_forward() -> None:
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=16, n_head=2, n_layer=2, vocab_size=300, n_positions=64)
@@ -270,6 +310,12 @@ def test_demo_harvest_fn_sparse_is_the_dense_route(did: str, threshold: float) -
     assert torch.equal(tk.logsumexp, torch.logsumexp(logits, -1))
     assert torch.equal(tk.values, logits.gather(-1, tk.indices))
     assert torch.equal(tk.values.sort(-1).values, logits.topk(16, -1).values.sort(-1).values)
+    deferred = host.harvest_fn(adapter, opts.model_copy(update={"defer_next_token": True}))
+    d = deferred(tokens).next_token_topk
+    assert isinstance(d, DeferredNextTokenTopK) and d.vocab_size == tk.vocab_size
+    got = d.resolve()
+    for f in ("values", "indices", "logsumexp"):
+        assert torch.equal(getattr(got, f), getattr(tk, f)), f
 
 
 def _encoder_halves(tmp_path, kind: str):  # type: ignore[no-untyped-def]

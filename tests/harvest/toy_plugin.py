@@ -7,6 +7,7 @@ the harvest code: the harvest treats it exactly like any method.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ import torch
 
 from spd_host.adapter import (
     DecompositionDefaults,
+    DeferredNextTokenTopK,
     HarvestBatch,
     HarvestOptions,
     MethodInfo,
+    NextTokenTopK,
     Site,
     SparseActivity,
     next_token_topk_of,
@@ -37,8 +40,12 @@ FORM = "dense"
   sparse contract holds;
 - ``sparse``: ``masked`` as ``SparseActivity`` entries in a shuffled order (when the host
   accepts the sparse form);
-- ``topk``: ``sparse`` plus ``NextTokenTopK`` with 3 more tokens than the host asked for.
+- ``topk``: ``sparse`` plus ``NextTokenTopK`` with 3 more tokens than the host asked for;
+- ``deferred``: ``topk`` as a ``DeferredNextTokenTopK`` when the host allows it (the top-k of
+  the logits computed when the host accumulates the batch; it records the thread).
 """
+DEFERRED_THREADS: list[str] = []
+"""The threads that computed a deferred top-k (``deferred`` form), in order."""
 METHOD = MethodInfo(
     name="toy", description="A toy decomposition for tests: components are random directions."
 )
@@ -120,7 +127,21 @@ def toy_harvest_fn(
             values = {t: a.reshape(-1, C)[pos, comp] for t, a in acts[name].items()}
             sparse[name] = SparseActivity(pos, comp, values)
         top_k = options.next_token_top_k
-        if form == "topk" and top_k is not None:
+        if form == "deferred" and top_k is not None and options.defer_next_token:
+            k = top_k + 3
+
+            def later() -> NextTokenTopK:
+                DEFERRED_THREADS.append(threading.current_thread().name)
+                return next_token_topk_of(logits, k)
+
+            return HarvestBatch(
+                tokens=tokens,
+                firings={},
+                activations={},
+                sparse=sparse,
+                next_token_topk=DeferredNextTokenTopK(later, V),
+            )
+        if form in ("topk", "deferred") and top_k is not None:
             return HarvestBatch(
                 tokens=tokens,
                 firings={},

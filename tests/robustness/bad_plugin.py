@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from spd_host.adapter import HarvestBatch, MethodInfo, next_token_topk_of
+from spd_host.adapter import DeferredNextTokenTopK, HarvestBatch, MethodInfo, next_token_topk_of
 from spd_host.hookspecs import hookimpl
 from tests.harvest import toy_plugin
 
@@ -37,13 +37,22 @@ def _misbehave(mode: str, call: int, tokens: torch.Tensor, b: HarvestBatch, k: i
         else:
             p = 0.5 * p
         b.next_token_logits, b.next_token_probs = None, p
-    elif mode in ("topk_over_1", "topk_nan"):
+    elif mode in ("topk_over_1", "topk_nan", "deferred_topk_over_1", "deferred_vocab_lies"):
         tk = next_token_topk_of(logits, k)
-        if mode == "topk_over_1":  # a logsumexp too small: the kept probabilities sum past 1
+        if mode.endswith("topk_over_1"):  # a logsumexp too small: the kept probabilities > 1
             tk.logsumexp = tk.logsumexp - 2.0
-        else:
+        elif mode == "topk_nan":
             tk.values[0, 0, 0] = float("nan")
         b.next_token_logits, b.next_token_topk = None, tk
+        if mode.startswith("deferred"):  # the same, found when the host resolves it
+            announced = toy_plugin.V + (mode == "deferred_vocab_lies")
+            b.next_token_topk = DeferredNextTokenTopK(lambda: tk, announced)
+    elif mode == "deferred_fails":
+
+        def fails() -> Any:
+            raise RuntimeError("the LM head ran out of memory")
+
+        b.next_token_logits, b.next_token_topk = None, DeferredNextTokenTopK(fails, toy_plugin.V)
     elif mode == "vocab_smaller_than_token_ids":
         b.next_token_logits = logits[..., : toy_plugin.V - 5].contiguous()
     elif mode == "vocab_changes" and call == 1:

@@ -19,7 +19,7 @@ from spd_host.adapter import (
     next_token_topk_of,
     validate_harvest_batch,
 )
-from spd_host.errors import HarvestBatchError
+from spd_host.errors import HarvestBatchError, PluginError
 from spd_host.harvest import HarvestConfig, HarvestRepo, run_harvest
 from spd_host.harvest.accumulator import SUM_FRAC_BITS
 from spd_host.harvest.exact import split_fixed
@@ -41,6 +41,8 @@ CASES = [
     ("negative_probs", "next_token_probs has values outside [0, 1]"),
     ("topk_over_1", "next_token_topk probabilities sum past 1"),
     ("topk_nan", "next_token_topk.values contains NaN or +inf"),
+    ("deferred_topk_over_1", "next_token_topk probabilities sum past 1"),
+    ("deferred_vocab_lies", "is over 23 tokens, it announced 24"),
     ("vocab_smaller_than_token_ids", "tokens has ids outside [0, 18)"),
     ("vocab_changes", "vocabulary changed from 23 to 24 tokens"),
     ("huge_activation", "has values of magnitude 2e+09"),
@@ -79,6 +81,17 @@ def test_a_bad_batch_is_a_named_one_line_error(
     assert fragment in err.message, err.message
     assert err.hint and "plugin" in err.hint
     assert not (tmp_path / "out" / "result.json").exists()  # nothing was written as finished
+
+
+def test_a_failing_deferred_top_k_is_a_plugin_error(bad_host: None, tmp_path: Path) -> None:
+    """Raised on the accumulation thread, reported like a failing HarvestFn: one line naming
+    the plugin, nothing written as finished."""
+    with pytest.raises(PluginError) as info:
+        _harvest(tmp_path / "out", "deferred_fails")
+    msg = info.value.message
+    assert "\n" not in msg and msg.startswith("plugin 'bad' harvest_fn failed"), msg
+    assert "deferred next-token top-k" in msg and "ran out of memory" in msg, msg
+    assert not (tmp_path / "out" / "result.json").exists()
 
 
 def test_a_large_per_batch_sum_of_representable_values_is_exact(

@@ -1,7 +1,8 @@
 """The top-k next-token probabilities of a batch, on the harvest device, without a softmax.
 
 Three input forms (see ``HarvestBatch``): full logits, full probabilities, or the plugin's own
-``NextTokenTopK`` (top-k logits, their indices and the logsumexp of the full logits). For
+``NextTokenTopK`` (top-k logits, their indices and the logsumexp of the full logits; a
+``DeferredNextTokenTopK`` is computed here, on the thread that accumulates the batch). For
 logits, ``p_i = exp(l_i - logsumexp(l))`` for the k largest logits only: ``topk`` plus one
 ``logsumexp`` over the vocabulary instead of a ``[N, V]`` softmax. Probabilities are computed
 in float64 from the float32 logits, on the CPU (the same formula in every form and on every
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from spd_host.adapter import HarvestBatch
+from spd_host.adapter import DeferredNextTokenTopK, HarvestBatch
 from spd_host.errors import HarvestBatchError
 
 
@@ -27,6 +28,8 @@ def next_token_topk(
     """
     k = min(k, V)
     tk = batch.next_token_topk
+    if isinstance(tk, DeferredNextTokenTopK):
+        tk = tk.resolve()  # the plugin's LM head and top-k, here on the accumulation thread
     if tk is not None:
         if int(tk.vocab_size) != V:
             raise _vocab_error(

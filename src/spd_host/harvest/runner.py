@@ -275,6 +275,8 @@ def _run_locked(
         device=config.device,
         sparse=True,
         next_token_top_k=config.output_top_k,
+        # the LM head's top-k may be left to the accumulation thread (pipeline.py)
+        defer_next_token=True,
     )
     fn = host.harvest_fn(adapter, options)
     source = batches if batches is not None else dataset_batches(adapter, config)

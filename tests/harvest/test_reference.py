@@ -272,3 +272,35 @@ def test_sampled_cooccurrence_is_exact_on_its_sample(
             if j != i and both[i, j] > 0
         }
         assert dict(repo.correlated(key, metric="pmi", top=100)) == pytest.approx(exp, rel=1e-12)
+
+
+def test_cooccurrence_stops_after_the_batch_that_passes_the_pair_cap(
+    toy_host: object, tmp_path, ref: Reference
+) -> None:
+    """``cooccurrence_max_pairs``: counting stops after the first batch whose distinct pairs
+    (so far) exceed the cap; the counts are exact over the batches up to and including it."""
+    from tests.harvest.conftest import harvest_toy, toy_config
+
+    N = BATCH * SEQ
+    F = ref.fired.double()
+    cum = []
+    for b in range(N_BATCHES):
+        both = F[: (b + 1) * N].T @ F[: (b + 1) * N]
+        cum.append(int((torch.triu(both, diagonal=1) > 0).sum()))
+    stop = next(b for b in range(1, N_BATCHES - 1) if cum[b] > cum[b - 1])
+    config = toy_config(
+        cooccurrence_fraction=1.0, cooccurrence_max_pairs=cum[stop - 1], dense_table_bytes=0
+    )
+    repo = harvest_toy(tmp_path / "capped", config)
+    M = (stop + 1) * N
+    assert repo.meta["cooc_n_tokens"] == M
+    G = F[:M]
+    both = G.T @ G
+    ks = keys()
+    for i, key in enumerate(ks):
+        exp = {
+            ks[j]: math.log(float(both[i, j]) * M / (float(both[i, i]) * float(both[j, j])))
+            for j in range(len(ks))
+            if j != i and both[i, j] > 0
+        }
+        assert dict(repo.correlated(key, metric="pmi", top=100)) == pytest.approx(exp, rel=1e-12)

@@ -38,6 +38,10 @@ def test_counts_equal_brute_force_for_any_buffer_limit(
             ref[r * 11 + c] += v
         if step % 9 == 0:
             assert counter.upper_len() >= len(counter)
+        # the exact distinct count, without folding the buffer in: every step, any schedule
+        buffered = counter._buf_len
+        assert counter.distinct_len() == len(ref)
+        assert counter._buf_len == buffered  # nothing was folded in
     state = counter.state("t")
     assert state["t.keys"].tolist() == sorted(ref)
     assert state["t.values"].tolist() == [ref[k] for k in sorted(ref)]

@@ -454,7 +454,7 @@ class HarvestAccumulator:
         cap = self.config.cooccurrence_max_pairs
         if isinstance(self.cooc, DensePairCounter) and cap >= C * (C - 1) // 2:
             return  # the table can never hold more distinct pairs than the limit
-        if self.cooc.upper_len() > cap and len(self.cooc) > cap:
+        if self.cooc.upper_len() > cap and self.cooc.distinct_len() > cap:
             self.cooc_active = False
 
     # -- state ------------------------------------------------------------------------------------

@@ -306,6 +306,24 @@ class SparsePairCounter:
         self.consolidate()
         return int(self.keys.shape[0])
 
+    def distinct_len(self) -> int:
+        """``len`` without folding the buffer in: the table's keys (once the merge in flight is
+        done) plus the buffer's distinct keys that the table lacks.
+
+        Why: a cap checked after every batch (co-occurrence's ``cooccurrence_max_pairs``)
+        would otherwise merge the whole table each time it is near the cap, in the update's
+        critical path; this costs a sort of the buffer and a binary search per distinct key."""
+        self._wait()
+        n = int(self.keys.shape[0])
+        if not self._buf_keys:
+            return n
+        bk = torch.unique_consecutive(sorted_keys(torch.cat(self._buf_keys)))
+        if n == 0:
+            return int(bk.shape[0])
+        at = torch.searchsorted(self.keys, bk).clamp_(max=n - 1)
+        present = int((self.keys.index_select(0, at) == bk).sum())
+        return n + int(bk.shape[0]) - present
+
     def row(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns and values of one row (binary search on the sorted keys)."""
         self.consolidate()
@@ -416,6 +434,9 @@ class DensePairCounter:
 
     def __len__(self) -> int:
         return int(torch.count_nonzero(self.table))
+
+    def distinct_len(self) -> int:
+        return len(self)
 
     def row(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         seg = self.table[r * self.n_cols : (r + 1) * self.n_cols]

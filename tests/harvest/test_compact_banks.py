@@ -16,7 +16,7 @@ from spd_host.adapter import HarvestBatch, Site
 from spd_host.errors import ConfigError
 from spd_host.harvest import HarvestConfig
 from spd_host.harvest.accumulator import HarvestAccumulator, Layout
-from spd_host.harvest.examples import ExampleBank, pack_bits, popcount, unpack_bits
+from spd_host.harvest.examples import ExampleBank, pack_bits, popcount, ranked_slots, unpack_bits
 from spd_host.harvest.windows import Windows
 
 
@@ -244,7 +244,8 @@ def test_wide_windows_against_brute_force() -> None:
         on = fired[:, c].nonzero().flatten()
         order = torch.argsort(acts["a"][on, c], descending=True, stable=True)[:K]
         row = int(bank.row_of[c])
-        slots = torch.arange(int(bank.filled[row]))
+        # slots are unordered (topk_plan); ranked_slots gives the rank order
+        slots = ranked_slots(bank, torch.tensor([row]))[0, : int(bank.filled[row])]
         rows = torch.full_like(slots, row)
         got = bank.dense(rows, slots)
         assert got["pos"].tolist() == on[order].tolist()
@@ -258,3 +259,39 @@ def test_wide_windows_against_brute_force() -> None:
                 for t, name in enumerate("ab"):
                     want = float(acts[name][at, c]) if inside else 0.0
                     assert float(got["acts"][j, i, t]) == want
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_unordered_top_k_with_many_ties_is_the_brute_force_ranking(k: int) -> None:
+    """Scores from four values (ties everywhere), several firings per component per batch,
+    rows that fill, overflow and evict within one batch: ranked by ``ranked_slots``, each row
+    is the brute-force top-K (score descending, earlier position first), and the slots
+    ``0..filled-1`` are what is filled."""
+    seq, n_batches = 9, 12
+    acc = _acc(context=1, k=k, seq=seq)
+    gen = torch.Generator().manual_seed(k)
+    scores, positions = [], []
+    for g in range(n_batches):
+        a = torch.randint(0, 5, (2, seq, 9), generator=gen).float() * 0.5  # 0 = not firing
+        batch = HarvestBatch(
+            tokens=torch.randint(0, 11, (2, seq), generator=gen),
+            firings={"s": a > 0},
+            activations={"s": {"a": a, "b": a.clone()}},
+            next_token_logits=torch.randn(2, seq, 11, generator=gen),
+        )
+        acc.update(batch, g)
+        scores.append(a.reshape(-1, 9))
+        positions.append(torch.arange(2 * seq) + g * 2 * seq)
+    score, pos = torch.cat(scores), torch.cat(positions)
+    bank = acc.top
+    for c in range(9):
+        on = torch.nonzero(score[:, c] > 0).flatten()
+        want = sorted(zip((-score[on, c]).tolist(), pos[on].tolist(), strict=True))[:k]
+        row = int(bank.row_of[c])
+        n = int(bank.filled[row])
+        assert n == min(k, on.numel())
+        slots = ranked_slots(bank, torch.tensor([row]))[0]
+        assert sorted(slots[:n].tolist()) == list(range(n))  # the filled prefix
+        rows = torch.full((n,), row)
+        got = bank.dense(rows, slots[:n])
+        assert list(zip((-got["score"]).tolist(), got["pos"].tolist(), strict=True)) == want

@@ -411,22 +411,14 @@ class HarvestAccumulator:
 
     def _update_top(self, tokens, e, b, s, cl, g, primary, pos) -> None:  # type: ignore[no-untyped-def]
         bank = self.top
-        rows, slots, is_new, src, _score = topk_plan(g, primary, bank)
+        rows, slots, ev, touched, filled = topk_plan(g, primary, pos, bank)
         if rows.numel() == 0:
             return
-        ev = src[is_new]
         w = extract_windows(tokens, e, b[ev], s[ev], cl[ev], self.config.context_tokens)
-        packed = bank.encode(pos[ev], w.tokens, w.acts, w.fired)  # may compact: before ``get``
-        # surviving old entries that change slot (those ranked below a new entry), read before
-        # anything is overwritten; the others stay where they are
-        moved = ~is_new & (slots != src)
-        o_rows = rows[moved]
-        kept_score, kept = bank.get(o_rows, src[moved])
-        bank.set(rows[is_new], slots[is_new], primary[ev], packed)
-        bank.set(o_rows, slots[moved], kept_score, kept)
-        # rows come out grouped (sorted by row) with slots 0.. per row: filled = run length
-        touched, n_kept = torch.unique_consecutive(rows, return_counts=True)
-        bank.filled[touched] = n_kept
+        # entering events take free slots or those of the entries they push out; no kept
+        # entry moves (rows are unordered, ranked at the result write)
+        bank.write(rows, slots, primary[ev], pos[ev], w)
+        bank.filled[touched] = filled
 
     def _cooc_positions(self, global_batch: int, N: int) -> torch.Tensor | None:
         """Positions of this batch counted for co-occurrence (None: all of them).

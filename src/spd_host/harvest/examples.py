@@ -11,7 +11,8 @@ The result is a uniform sample without replacement of size ``min(K, n)`` from al
 firings. Randomness comes from a generator seeded by ``(seed, global batch index)``, so a
 resumed or re-run harvest draws exactly the same numbers.
 
-Top-K: the K firings with the largest primary activation (ties: earlier position first).
+Top-K: the K firings with the largest primary activation (ties: earlier position first). A
+row's slots hold them in no particular order (``topk_plan``); ``ranked_slots`` ranks them.
 
 Compact layout (what an example costs): a slot holds only its score (float32), a row of a
 shared *token pool* (the window's token ids and its global position, kept once for every slot
@@ -536,55 +537,127 @@ def reservoir_plan(
 
 
 def topk_plan(
-    comps: torch.Tensor, values: torch.Tensor, bank: ExampleBank
+    comps: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bank: ExampleBank
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge this batch's candidates (events in data order) into the top-K rows.
+    """Which of this batch's events (data order) enter the top-K rows, and the slot each takes.
 
-    Returns ``(rows, slots, src_is_new, src_index)`` for every entry of the new top-K of each
-    touched component (``src_index`` is an event index when new, else an old slot) plus the
-    new ``filled`` count per touched row is implied by the entries.
+    The top-K of a component ranks by score descending, earlier position first on ties. A
+    row's filled slots are the prefix ``0..filled-1`` *in no particular order* (``ranked_slots``
+    orders them for the result write and for merges), so an entering event takes a free slot
+    or the slot of the entry it pushes out, and no kept entry ever moves. Why: at a million
+    components nearly every firing enters while the banks fill, and keeping rows sorted moved
+    about half of the kept entries of every touched row at every batch.
+
+    Returns ``(rows, slots, events, touched, filled)``: the ``(row, slot)`` (distinct) each
+    entering event (an index into ``comps``) is written to, and the new ``filled`` count of
+    every touched row.
     """
     k = bank.k
+    dev = comps.device
     row_of_event = bank.row_of[comps]
     if comps.numel() and bool((row_of_event < 0).any()):  # the harvest allocates rows first
         bank.rows_for(torch.unique(comps))
         row_of_event = bank.row_of[comps]
-    # keep only events that can enter: better than the current K-th (or row not full)
-    kth = torch.where(
-        bank.filled[row_of_event] >= k,
-        _take(bank.score, row_of_event * k + (k - 1)),
-        torch.full_like(values, float("-inf")),
-    )
-    cand = torch.nonzero(values.to(torch.float32) > kth).flatten()
-    dev = comps.device
+    score = values.to(torch.float32)
+    # an event can enter a full row only by beating its worst entry: an equal score loses, as
+    # every kept entry has an earlier position than this batch's events
+    kth = torch.full_like(score, float("-inf"))
+    full = torch.nonzero(bank.filled[row_of_event] >= k).flatten()
+    if full.numel():
+        kth[full] = bank.score.index_select(0, row_of_event[full]).amin(1)
+    cand = torch.nonzero(score > kth).flatten()
     if cand.numel() == 0:
         e = torch.empty(0, dtype=torch.int64, device=dev)
-        return e, e, torch.empty(0, dtype=torch.bool, device=dev), e, torch.empty(0, device=dev)
+        return e, e, e, e, e
     c_rows = row_of_event[cand]
-    touched = torch.unique(c_rows)
-    # existing entries of touched rows
-    filled = bank.filled[touched]
-    slot_idx = torch.arange(k, device=dev)[None, :].expand(touched.shape[0], k)
-    ok = slot_idx < filled[:, None]
-    old_rows = touched[:, None].expand_as(slot_idx)[ok]
-    old_slots = slot_idx[ok]
-    old_score = _take(bank.score, bank._slot_index(old_rows, old_slots))
-    all_rows = torch.cat([old_rows, c_rows])
-    all_score = torch.cat([old_score, values[cand].to(torch.float32)])
-    is_new = torch.cat(
-        [torch.zeros_like(old_rows, dtype=torch.bool), torch.ones_like(cand, dtype=torch.bool)]
+    o = torch.sort(c_rows, stable=True).indices  # grouped by row, data order within
+    cand, c_rows = cand[o], c_rows[o]
+    touched, m = torch.unique_consecutive(c_rows, return_counts=True)
+    f = bank.filled[touched]
+    new_filled = torch.clamp(f + m, max=k)
+    over = f + m > k
+    over_e = torch.repeat_interleave(over, m)
+    # rows with room for all their candidates: slots filled, filled + 1, ...
+    simple = torch.nonzero(~over_e).flatten()
+    rows_s = c_rows[simple]
+    slots_s = torch.repeat_interleave(f, m)[simple] + rank_in_runs(c_rows)[simple]
+    if not bool(over.any()):
+        return rows_s, slots_s, cand[simple], touched, new_filled
+    # the other rows: rank old entries and candidates together, keep K
+    R, fR = touched[over], f[over]
+    old_rows, old_slots = bank.filled_slots(R)
+    at = bank._slot_index(old_rows, old_slots)
+    old_pos = bank.pool_pos.index_select(0, _take(bank.pidx, at).to(torch.int64))
+    hard = torch.nonzero(over_e).flatten()
+    all_rows = torch.cat([old_rows, c_rows[hard]])
+    all_score = torch.cat([_take(bank.score, at), score[cand[hard]]])
+    all_pos = torch.cat([old_pos, pos[cand[hard]].to(torch.int64)])
+    n_old = int(old_rows.shape[0])
+    # positions are distinct within a row, so (row, score desc, position) is a total order:
+    # by position, then stably by (row, score descending)
+    o = torch.sort(all_pos, stable=True).indices
+    o = o[torch.sort(all_rows[o] * (1 << 32) + descending_key(all_score[o]), stable=True).indices]
+    keep = rank_in_runs(all_rows[o]) < k
+    is_old = o < n_old
+    evicted = o[~keep & is_old]  # their slots are free again
+    entering = o[keep & ~is_old] - n_old  # grouped by row (o is sorted by row)
+    # free slots of each row: the evicted entries' and filled..K-1, grouped by row; row r has
+    # exactly as many as candidates entering it (K - its surviving old entries)
+    spare = k - fR
+    sp_rows = torch.repeat_interleave(R, spare)
+    sp_slots = torch.repeat_interleave(fR, spare) + rank_in_runs(sp_rows)
+    free_rows = torch.cat([old_rows[evicted], sp_rows])
+    free_slots = torch.cat([old_slots[evicted], sp_slots])
+    g = torch.sort(free_rows, stable=True).indices
+    rows_h, slots_h = free_rows[g], free_slots[g]
+    ev_h = cand[hard][entering]
+    return (
+        torch.cat([rows_s, rows_h]),
+        torch.cat([slots_s, slots_h]),
+        torch.cat([cand[simple], ev_h]),
+        touched,
+        new_filled,
     )
-    src = torch.cat([old_slots, cand])
-    # sort: row ascending, score descending, earlier position first on ties (so a merge of
-    # shards ranks ties exactly like a single pass)
-    # One stable sort by (row, score descending): the input lists each row's old entries
-    # first, already ranked (score descending, earlier position first), then the new events in
-    # data order, all later than the old ones, so equal scores stay in position order.
-    o = torch.sort(all_rows * (1 << 32) + descending_key(all_score), stable=True).indices
-    rank = rank_in_runs(all_rows[o])
-    keep = rank < k
-    o = o[keep]
-    return all_rows[o], rank[keep], is_new[o], src[o], all_score[o]
+
+
+def ranked_slots(bank: ExampleBank, rows: torch.Tensor) -> torch.Tensor:
+    """``[len(rows), K]`` slot numbers of each row in rank order: score descending, earlier
+    position first on ties, unfilled slots last (top-K rows are kept unordered, see
+    ``topk_plan``).
+
+    One sort by score per row; only rows with a tie among their scores are sorted again with
+    the positions (read from the pool: the costly part, and ties are rare for real-valued
+    activations). A filled slot's score is finite (a firing beats a finite threshold), so the
+    ``-inf`` of unfilled slots ties with none of them."""
+    k = bank.k
+    filled = bank.filled[rows]
+    ok = torch.arange(k, device=bank.device)[None, :] < filled[:, None]
+    score = torch.where(ok, bank.score.index_select(0, rows), float("-inf"))
+    ranked, order = torch.sort(score, dim=1, descending=True)
+    tie = ((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] > float("-inf"))).any(1)
+    t = torch.nonzero(tie).flatten()
+    if t.numel():
+        order[t] = _ranked_with_positions(bank, rows[t])
+    return order
+
+
+def _ranked_with_positions(bank: ExampleBank, rows: torch.Tensor) -> torch.Tensor:
+    """``ranked_slots`` by (score descending, position): a sort by position, then a stable
+    sort by score."""
+    k = bank.k
+    n = int(rows.shape[0])
+    dev = bank.device
+    filled = bank.filled[rows]
+    ok = torch.arange(k, device=dev)[None, :] < filled[:, None]
+    pidx = bank.pidx.index_select(0, rows).to(torch.int64)
+    pos = torch.full((n, k), _MAX64, dtype=torch.int64, device=dev)
+    pos[ok] = bank.pool_pos.index_select(0, pidx[ok])
+    by_pos = torch.argsort(pos, dim=1, stable=True)
+    key = torch.where(ok, descending_key(bank.score.index_select(0, rows)), 1 << 32)
+    return by_pos.gather(1, torch.argsort(key.gather(1, by_pos), dim=1, stable=True))
+
+
+_MAX64 = torch.iinfo(torch.int64).max
 
 
 def descending_key(x: torch.Tensor) -> torch.Tensor:

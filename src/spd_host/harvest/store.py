@@ -43,7 +43,7 @@ from spd_host.harvest.accumulator import HarvestAccumulator
 from spd_host.harvest.checkpoint import atomic_write_text
 from spd_host.harvest.config import SCHEMA_VERSION
 from spd_host.harvest.exact import PROB_FRAC_BITS
-from spd_host.harvest.examples import ExampleBank
+from spd_host.harvest.examples import ExampleBank, ranked_slots
 from spd_host.harvest.runs import rank_in_runs
 from spd_host.harvest.sorting import sort_with_order
 from spd_host.harvest.tensor_file import Entry, Lazy, save_tensors
@@ -180,12 +180,52 @@ def write_results(
     ``harvest.json``.
 
     ``concurrent``: the three files are built and written at the same time (the stats and the
-    database on two helper threads, the examples here), so one file's CPU work (restoring
-    example windows, transposing co-occurrence, SQLite rows) overlaps another's disk writes;
-    each reads the accumulator only. The files are the same bytes either way."""
+    database on two helper threads, the examples here), so one file's CPU work (ranking and
+    restoring example windows, merging and transposing the tables, SQLite rows) overlaps
+    another's disk writes; each job reads its own part of the accumulator (the stats job alone
+    consolidates the pair tables). The files are the same bytes either way."""
     path.mkdir(parents=True, exist_ok=True)
     if acc.device.type != "cpu":  # one copy of the compact state to the host
         acc = HarvestAccumulator.from_state(*acc.state(), device="cpu")
+    jobs: list[Callable[[], None]] = [
+        lambda: _save_in_place(_stats_entries(acc), path / STATS_FILE),
+        lambda: _write_db(path / DB_FILE, acc),
+        lambda: _save_in_place(_example_entries(acc), path / EXAMPLES_FILE),
+    ]
+    if concurrent:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="spd-host-result") as pool:
+            helpers = [pool.submit(job) for job in jobs[:2]]
+            try:
+                jobs[2]()
+            finally:
+                for h in helpers:  # every file finished (or failed) before anything goes on
+                    h.exception()
+            for h in helpers:
+                h.result()
+    else:
+        for job in jobs:
+            job()
+    bound = acc.prune_bound  # a property that sums the tables' prunes: read it once
+    unit = 2.0**-PROB_FRAC_BITS
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        **meta,
+        "n_tokens": acc.n_tokens,
+        "n_batches": acc.n_batches,
+        "vocab_size": acc.V,
+        "cooc_n_tokens": acc.cooc_n_tokens,
+        "kept_mass_total": float(acc.kept_mass_total) * unit,
+        # bounded token tables: how much any stored or missing n(c, t) / m(c, t) may be low
+        "input_prune_bound": float(bound["input"]),
+        "output_prune_bound": float(bound["output"]) * unit,
+        "layout": acc.layout.as_json(),
+        "config": acc.config.model_dump(mode="json"),
+    }
+    atomic_write_text(path / RESULT_JSON, json.dumps(doc, indent=1))
+
+
+def _stats_entries(acc: HarvestAccumulator) -> dict[str, Entry]:
+    """``stats.safetensors``: per-component arrays, token tables and co-occurrence (CSR)."""
     C = acc.layout.total
     unit = 2.0**-PROB_FRAC_BITS
     t: dict[str, Entry] = {
@@ -209,44 +249,17 @@ def write_results(
         )
     acc.cooc.consolidate()
     t.update(cooc_tables(acc.cooc.keys, acc.cooc.values, C))
+    return t
+
+
+def _example_entries(acc: HarvestAccumulator) -> dict[str, Entry]:
+    """``examples.safetensors``: both banks as CSR arrays by component."""
     ex: dict[str, Entry] = {}
     for kind, bank in zip(EXAMPLE_KINDS, (acc.top, acc.reservoir), strict=True):
-        for k, v in example_arrays(bank, C, ordered_by_pos=kind == "reservoir").items():
+        arrays = example_arrays(bank, acc.layout.total, ordered_by_pos=kind == "reservoir")
+        for k, v in arrays.items():
             ex[f"{kind}_{k}"] = v
-    jobs: list[Callable[[], None]] = [
-        lambda: _save_in_place(t, path / STATS_FILE),
-        lambda: _write_db(path / DB_FILE, acc),
-        lambda: _save_in_place(ex, path / EXAMPLES_FILE),
-    ]
-    if concurrent:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="spd-host-result") as pool:
-            helpers = [pool.submit(job) for job in jobs[:2]]
-            try:
-                jobs[2]()
-            finally:
-                for h in helpers:  # every file finished (or failed) before anything goes on
-                    h.exception()
-            for h in helpers:
-                h.result()
-    else:
-        for job in jobs:
-            job()
-    bound = acc.prune_bound  # a property that sums the tables' prunes: read it once
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        **meta,
-        "n_tokens": acc.n_tokens,
-        "n_batches": acc.n_batches,
-        "vocab_size": acc.V,
-        "cooc_n_tokens": acc.cooc_n_tokens,
-        "kept_mass_total": float(acc.kept_mass_total) * unit,
-        # bounded token tables: how much any stored or missing n(c, t) / m(c, t) may be low
-        "input_prune_bound": float(bound["input"]),
-        "output_prune_bound": float(bound["output"]) * unit,
-        "layout": acc.layout.as_json(),
-        "config": acc.config.model_dump(mode="json"),
-    }
-    atomic_write_text(path / RESULT_JSON, json.dumps(doc, indent=1))
+    return ex
 
 
 def _save_in_place(tensors: dict[str, Entry], target: Path) -> None:
@@ -291,8 +304,9 @@ def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:
 def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool) -> dict[str, Any]:
     """A bank's filled entries as CSR arrays by component (vectorised: no per-example Python).
 
-    Within a component entries keep slot order (top: best first) or, with ``ordered_by_pos``,
-    are sorted by position (reservoir: data order). The per-example arrays are ``Lazy``: each
+    Within a component entries are ranked (top: best first, earlier position first on ties;
+    its slots are unordered) or, with ``ordered_by_pos``, sorted by position (reservoir: data
+    order). The per-example arrays are ``Lazy``: each
     is gathered when the writer reaches it and dropped after, so the write never holds a
     second copy of the bank.
     """
@@ -305,6 +319,10 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     if ordered_by_pos and n:
         key = torch.where(slot < filled[:, None], bank.pos[rows], torch.iinfo(torch.int64).max)
         slot = torch.argsort(key, dim=1, stable=True)
+    elif n:  # top-K rows are kept unordered: best first, earlier position first on ties
+        slot = torch.cat(
+            [ranked_slots(bank, rows[r0 : r0 + _RANK_ROWS]) for r0 in range(0, n, _RANK_ROWS)]
+        )
     ok = torch.arange(k)[None, :] < filled[:, None]
     r = rows[:, None].expand(n, k)[ok]
     sl = slot[ok]
@@ -326,6 +344,9 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
         out[f] = Lazy(dtype, shape, _gather(bank, f, r, sl), _gather_chunks(bank, f, r, sl))
     return out
 
+
+_RANK_ROWS = 1 << 18
+"""Rows ranked at once by ``example_arrays`` (bounds the ``[rows, K]`` temporaries)."""
 
 WRITE_CHUNK = 1 << 20
 """Slots per chunk when a bank field is restored for the result write (~70 MB of windows)."""

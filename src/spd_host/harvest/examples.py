@@ -583,6 +583,26 @@ def topk_plan(
     slots_s = torch.repeat_interleave(f, m)[simple] + rank_in_runs(c_rows)[simple]
     if not bool(over.any()):
         return rows_s, slots_s, cand[simple], touched, new_filled
+    # a full row with one candidate (the usual case once the banks are full): it beat the
+    # worst entry, whose slot it takes, unless the worst score is shared (then the latest
+    # of those is the worst, which only the ranking below knows)
+    one = torch.nonzero(over & (m == 1) & (f == k)).flatten()
+    sc = bank.score.index_select(0, touched[one])
+    worst, worst_slot = sc.min(1)
+    alone = (sc == worst[:, None]).sum(1) == 1
+    one, worst_slot = one[alone], worst_slot[alone]
+    start = torch.cumsum(m, 0) - m  # each touched row's first candidate in ``cand``
+    rows_1, slots_1, ev_1 = touched[one], worst_slot, cand[start[one]]
+    over[one] = False
+    over_e = torch.repeat_interleave(over, m)
+    if not bool(over.any()):
+        return (
+            torch.cat([rows_s, rows_1]),
+            torch.cat([slots_s, slots_1]),
+            torch.cat([cand[simple], ev_1]),
+            touched,
+            new_filled,
+        )
     # the other rows: rank old entries and candidates together, keep K
     R, fR = touched[over], f[over]
     old_rows, old_slots = bank.filled_slots(R)
@@ -612,9 +632,9 @@ def topk_plan(
     rows_h, slots_h = free_rows[g], free_slots[g]
     ev_h = cand[hard][entering]
     return (
-        torch.cat([rows_s, rows_h]),
-        torch.cat([slots_s, slots_h]),
-        torch.cat([cand[simple], ev_h]),
+        torch.cat([rows_s, rows_1, rows_h]),
+        torch.cat([slots_s, slots_1, slots_h]),
+        torch.cat([cand[simple], ev_1, ev_h]),
         touched,
         new_filled,
     )

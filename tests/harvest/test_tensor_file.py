@@ -137,3 +137,53 @@ def test_results_written_concurrently_are_the_bytes_of_a_sequential_write(tmp_pa
         rows.append(con.execute("SELECT * FROM components ORDER BY gidx").fetchall())
         con.close()
     assert rows[0] == rows[1] and len(rows[0]) > 10
+
+
+def _odd_tensors() -> dict[str, torch.Tensor | Lazy]:
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(9_001, 7, generator=g)  # 252,028 bytes: many staging buffers, odd tail
+    return {
+        "a": torch.arange(5, dtype=torch.int64),
+        "big": big,
+        "chunked": Lazy(
+            torch.float32, tuple(big.shape), lambda: big, lambda: iter(big.split(1_000))
+        ),
+        "flags": torch.rand(3_333, generator=g) > 0.5,
+    }
+
+
+@pytest.mark.parametrize("staging", [4096, 8192 * 3])
+def test_direct_io_writes_the_bytes_of_a_buffered_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: int
+) -> None:
+    """Through O_DIRECT (a small staging buffer, so every path runs: full buffers, a padded
+    tail truncated away) the file is byte for byte the buffered one."""
+    from spd_host.harvest import direct_io
+
+    monkeypatch.setattr(direct_io, "STAGING_BYTES", staging)
+    monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
+    sink = direct_io.open_sink(tmp_path / "probe", 1)
+    direct = isinstance(sink, direct_io.DirectSink)
+    sink.abort()
+    if not direct and hasattr(__import__("os"), "O_DIRECT"):
+        pytest.skip("this filesystem refuses O_DIRECT (the buffered fallback is what runs)")
+    save_tensors(_odd_tensors(), tmp_path / "direct.safetensors")
+    monkeypatch.setenv("SPD_HOST_DIRECT_IO", "0")
+    save_tensors(_odd_tensors(), tmp_path / "buffered.safetensors")
+    a = (tmp_path / "direct.safetensors").read_bytes()
+    assert a == (tmp_path / "buffered.safetensors").read_bytes()
+    assert len(a) % 4096 != 0  # the padded tail was truncated away
+    got = load_file(tmp_path / "direct.safetensors")
+    assert torch.equal(got["big"], got["chunked"]) and got["flags"].dtype == torch.bool
+
+
+def test_direct_io_falls_back_where_the_filesystem_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``/dev/full`` refuses O_DIRECT: the buffered path runs and its full-disk error comes
+    back as before."""
+    from spd_host.harvest import direct_io
+
+    monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
+    with pytest.raises(OSError):
+        save_tensors(_odd_tensors(), "/dev/full")

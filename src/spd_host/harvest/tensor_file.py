@@ -16,7 +16,8 @@ while the previous one goes to disk: file writes release the GIL. At a million c
 result write was ~35 s of building and ~35 s of writing one after the other (profile). The
 bytes and their order are the same as a sequential write; ``save_tensors`` returns only once
 everything is written (or raises the writer's error), so a caller may change its tensors
-afterwards.
+afterwards. Large files bypass the page cache (``direct_io``: same bytes, far less system
+time per GB).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
+
+from spd_host.harvest.direct_io import BufferedSink, DirectSink, open_sink
+
+Sink = BufferedSink | DirectSink
 
 _DTYPES = {
     torch.bool: "BOOL",
@@ -74,7 +78,7 @@ class _Writer:
     ``OSError`` such as a full disk) once it has one; ``close`` waits for the queue to drain.
     """
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: Sink) -> None:
         self._fh = fh
         self._queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=WRITE_DEPTH)
         self._error: BaseException | None = None
@@ -133,9 +137,10 @@ def save_tensors(tensors: Mapping[str, Entry], path: Path | str) -> None:
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with Path(path).open("wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
+    fh = open_sink(path, 8 + len(raw) + offset)  # O_DIRECT for large files (direct_io.py)
+    try:
+        fh.write(memoryview(struct.pack("<Q", len(raw))))
+        fh.write(memoryview(raw))
         writer = _Writer(fh)
         try:
             for name, t in tensors.items():
@@ -154,6 +159,10 @@ def save_tensors(tensors: Mapping[str, Entry], path: Path | str) -> None:
                 del x
         finally:
             writer.close()
+    except BaseException:
+        fh.abort()  # the caller removes the partial file; nothing more to flush
+        raise
+    fh.close()
 
 
 def _write_chunks(

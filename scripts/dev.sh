@@ -12,7 +12,7 @@ setup() {
   if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
   fi
-  if ! "$PY" -c "import spd_host, torch, pytest, starlette, uvicorn, selenium, orbax.checkpoint, google.genai" >/dev/null 2>&1; then
+  if ! "$PY" -c "import spd_host, torch, pytest, xdist, starlette, uvicorn, selenium, orbax.checkpoint, google.genai" >/dev/null 2>&1; then
     "$PY" -m pip install -q --upgrade pip
     # torch first, pinned: 2.13.0 is the CPU build; a looser spec can pull a multi-GB CUDA build.
     "$PY" -m pip install -q "torch==2.13.0"
@@ -47,7 +47,9 @@ case "$cmd" in
     for plugin in plugins/*/; do
       (cd "$plugin" && PYTHONPATH="$PWD/src" "../../$PY" -m pytest -q -p no:cacheprovider tests)
     done
-    "$PY" -m pytest -q -p no:cacheprovider "$@"
+    # two worker processes (pytest-xdist): the suite is mostly single-threaded waits on
+    # subprocesses, servers and a browser, so it uses both cores of a 2-core machine
+    "$PY" -m pytest -q -p no:cacheprovider -n "${SPD_HOST_TEST_WORKERS:-2}" "$@"
     ;;
   check)
     setup

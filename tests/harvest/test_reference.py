@@ -263,15 +263,7 @@ def test_sampled_cooccurrence_is_exact_on_its_sample(
     M = int(mask.sum())
     assert repo.meta["cooc_n_tokens"] == M
     assert 0.2 * ref.n < M < 0.4 * ref.n
-    both = F.T @ F
-    ks = keys()
-    for i, key in enumerate(ks):
-        exp = {
-            ks[j]: math.log(float(both[i, j]) * M / (float(both[i, i]) * float(both[j, j])))
-            for j in range(len(ks))
-            if j != i and both[i, j] > 0
-        }
-        assert dict(repo.correlated(key, metric="pmi", top=100)) == pytest.approx(exp, rel=1e-12)
+    _assert_pmi_over(repo, F)
 
 
 def test_cooccurrence_stops_after_the_batch_that_passes_the_pair_cap(
@@ -294,8 +286,14 @@ def test_cooccurrence_stops_after_the_batch_that_passes_the_pair_cap(
     repo = harvest_toy(tmp_path / "capped", config)
     M = (stop + 1) * N
     assert repo.meta["cooc_n_tokens"] == M
-    G = F[:M]
-    both = G.T @ G
+    _assert_pmi_over(repo, F[:M])
+
+
+def _assert_pmi_over(repo: HarvestRepo, F: torch.Tensor) -> None:
+    """Every component's PMI partners are those of a brute-force count over the positions
+    ``F`` (``[M, C]`` firings, float) holds: ``log(n_ij * M / (n_i * n_j))``."""
+    M = F.shape[0]
+    both = F.T @ F
     ks = keys()
     for i, key in enumerate(ks):
         exp = {

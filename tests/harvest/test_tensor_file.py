@@ -187,3 +187,21 @@ def test_direct_io_falls_back_where_the_filesystem_refuses_it(
     monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
     with pytest.raises(OSError):
         save_tensors(_odd_tensors(), "/dev/full")
+
+
+def test_a_failed_write_into_place_keeps_the_old_file_and_no_partial_one(tmp_path: Path) -> None:
+    from spd_host.harvest.tensor_file import save_tensors_into_place
+
+    target = tmp_path / "stats.safetensors"
+    save_tensors_into_place({"a": torch.arange(4)}, target)
+    before = target.read_bytes()
+
+    def broken() -> torch.Tensor:
+        raise RuntimeError("the builder failed")
+
+    with pytest.raises(RuntimeError, match="builder failed"):
+        save_tensors_into_place(
+            {"a": torch.arange(4), "b": Lazy(torch.float32, (3,), broken)}, target, tag="-7"
+        )
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]

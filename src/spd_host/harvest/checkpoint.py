@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from spd_host.errors import FormatError
 from spd_host.harvest.accumulator import HarvestAccumulator
-from spd_host.harvest.tensor_file import save_tensors
+from spd_host.harvest.tensor_file import save_tensors_into_place
 
 STATE_JSON = "state.json"
 
@@ -39,13 +39,7 @@ def save_checkpoint(directory: Path, acc: HarvestAccumulator, extra: dict[str, A
     directory.mkdir(parents=True, exist_ok=True)
     tensors, meta = acc.state()
     name = f"state-{acc.n_batches:09d}.safetensors"
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
-    try:
-        save_tensors(tensors, tmp)
-    except BaseException:  # a full disk: the partial file must not keep holding the space
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(directory / name)
+    save_tensors_into_place(tensors, directory / name, tag=f"-{os.getpid()}")
     meta = {**meta, **extra, "tensors": name}
     atomic_write_text(directory / STATE_JSON, json.dumps(meta, indent=1))
     for old in directory.glob("state-*.safetensors"):

@@ -46,7 +46,7 @@ from spd_host.harvest.exact import PROB_FRAC_BITS
 from spd_host.harvest.examples import ExampleBank, ranked_slots
 from spd_host.harvest.runs import rank_in_runs
 from spd_host.harvest.sorting import sort_with_order
-from spd_host.harvest.tensor_file import Entry, Lazy, save_tensors
+from spd_host.harvest.tensor_file import Entry, Lazy, save_tensors_into_place
 
 RESULT_JSON = "harvest.json"
 STATS_FILE = "stats.safetensors"
@@ -188,9 +188,9 @@ def write_results(
     if acc.device.type != "cpu":  # one copy of the compact state to the host
         acc = HarvestAccumulator.from_state(*acc.state(), device="cpu")
     jobs: list[Callable[[], None]] = [
-        lambda: _save_in_place(_stats_entries(acc), path / STATS_FILE),
+        lambda: save_tensors_into_place(_stats_entries(acc), path / STATS_FILE),
         lambda: _write_db(path / DB_FILE, acc),
-        lambda: _save_in_place(_example_entries(acc), path / EXAMPLES_FILE),
+        lambda: save_tensors_into_place(_example_entries(acc), path / EXAMPLES_FILE),
     ]
     if concurrent:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="spd-host-result") as pool:
@@ -260,13 +260,6 @@ def _example_entries(acc: HarvestAccumulator) -> dict[str, Entry]:
         for k, v in arrays.items():
             ex[f"{kind}_{k}"] = v
     return ex
-
-
-def _save_in_place(tensors: dict[str, Entry], target: Path) -> None:
-    """``save_tensors`` to a temporary name, renamed to ``target`` when complete."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_tensors(tensors, tmp)
-    tmp.replace(target)
 
 
 def _write_db(db_path: Path, acc: HarvestAccumulator) -> None:

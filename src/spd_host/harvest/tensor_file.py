@@ -165,6 +165,19 @@ def save_tensors(tensors: Mapping[str, Entry], path: Path | str) -> None:
     fh.close()
 
 
+def save_tensors_into_place(tensors: Mapping[str, Entry], target: Path, *, tag: str = "") -> None:
+    """``save_tensors`` to a temporary name beside ``target`` (``.<name>.tmp<tag>``), renamed
+    onto it once complete, so a reader never sees a partial file. On any failure the partial
+    file is removed: on a full disk it must not keep holding the space."""
+    tmp = target.with_name(f".{target.name}.tmp{tag}")
+    try:
+        save_tensors(tensors, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(target)
+
+
 def _write_chunks(
     writer: _Writer,
     name: str,

@@ -340,6 +340,18 @@ def parse_component_key(key: str) -> tuple[str, int]:
     return site, int(idx)
 
 
+def invalid_batch_error(plugin: str) -> Callable[[str], HarvestBatchError]:
+    """``fail(what)``: the one-line error for a batch of ``plugin`` that breaks the contract."""
+
+    def fail(what: str) -> HarvestBatchError:
+        return HarvestBatchError(
+            f"plugin {plugin!r} returned an invalid HarvestBatch: {what}",
+            hint="this is a bug in the plugin's harvest_fn; report it to the plugin's authors",
+        )
+
+    return fail
+
+
 def validate_harvest_batch(
     batch: HarvestBatch,
     *,
@@ -363,11 +375,7 @@ def validate_harvest_batch(
     """
     import torch
 
-    def fail(what: str) -> HarvestBatchError:
-        return HarvestBatchError(
-            f"plugin {plugin!r} returned an invalid HarvestBatch: {what}",
-            hint="this is a bug in the plugin's harvest_fn; report it to the plugin's authors",
-        )
+    fail = invalid_batch_error(plugin)
 
     if not isinstance(batch, HarvestBatch):
         got = "None" if batch is None else type(batch).__name__

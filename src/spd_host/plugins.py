@@ -33,10 +33,11 @@ from spd_host.adapter import (
     HarvestOptions,
     MethodInfo,
     NextTokenTopK,
+    invalid_batch_error,
     validate_harvest_batch,
     validate_next_token_topk,
 )
-from spd_host.errors import DecompositionIdError, HarvestBatchError, PluginError, SpdHostError
+from spd_host.errors import DecompositionIdError, PluginError, SpdHostError
 from spd_host.ids import DecompositionId, parse_decomposition_id
 
 ENTRY_POINT_GROUP = "spd_host"
@@ -288,15 +289,11 @@ class PluginHost:
         vocab: list[int | None] = [None]  # the first batch's next-token vocabulary
 
         def validated(tokens: Any) -> HarvestBatch:
-            try:
+            shape = list(getattr(tokens, "shape", []))
+            with _contained(
+                f"plugin {owner.plugin_name!r} harvest_fn failed on a batch of shape {shape}"
+            ):
                 batch = fn(tokens)
-            except SpdHostError:
-                raise
-            except BaseException as err:
-                _reraise_interrupts(err)
-                raise PluginError(
-                    f"plugin {owner.plugin_name!r} harvest_fn failed on a batch of shape {list(getattr(tokens, 'shape', []))}: {_short(err)}"
-                ) from err
             n_vocab = validate_harvest_batch(
                 batch,
                 sites=sites,
@@ -326,16 +323,11 @@ class PluginHost:
     def _call_owner(self, hook_name: str, owner: RegisteredMethod, **kwargs: Any) -> Any:
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             if impl.plugin is owner.plugin:
-                try:
+                with _contained(
+                    f"plugin {owner.plugin_name!r} failed in {hook_name}",
+                    hint="run with SPD_HOST_DEBUG=1 for the full traceback",
+                ):
                     return impl.function(**kwargs)
-                except SpdHostError:
-                    raise
-                except BaseException as err:
-                    _reraise_interrupts(err)
-                    raise PluginError(
-                        f"plugin {owner.plugin_name!r} failed in {hook_name}: {_short(err)}",
-                        hint="run with SPD_HOST_DEBUG=1 for the full traceback",
-                    ) from err
         return None
 
 
@@ -346,23 +338,13 @@ def _checked_when_resolved(
     (on its accumulation thread): a plugin failure or a bad result becomes the same
     ``PluginError`` / ``HarvestBatchError`` that ``validated`` would have raised at once."""
     B, S = shape
-
-    def fail(what: str) -> HarvestBatchError:
-        return HarvestBatchError(
-            f"plugin {plugin!r} returned an invalid HarvestBatch: {what}",
-            hint="this is a bug in the plugin's harvest_fn; report it to the plugin's authors",
-        )
+    fail = invalid_batch_error(plugin)
 
     def compute() -> NextTokenTopK:
-        try:
+        with _contained(
+            f"plugin {plugin!r} harvest_fn failed computing a deferred next-token top-k"
+        ):
             tk = deferred.resolve()
-        except SpdHostError:
-            raise
-        except BaseException as err:
-            _reraise_interrupts(err)
-            raise PluginError(
-                f"plugin {plugin!r} harvest_fn failed computing a deferred next-token top-k: {_short(err)}"
-            ) from err
         validate_next_token_topk(tk, B, S, min_top_k, fail)
         if int(tk.vocab_size) != deferred.vocab_size:
             raise fail(
@@ -372,6 +354,19 @@ def _checked_when_resolved(
         return tk
 
     return DeferredNextTokenTopK(compute, deferred.vocab_size)
+
+
+@contextmanager
+def _contained(message: str, *, hint: str | None = None) -> Iterator[None]:
+    """Run plugin code: any failure but the host's own errors and a user's interrupt becomes
+    one ``PluginError`` (``message: <the failure in short>``), chained to the original."""
+    try:
+        yield
+    except SpdHostError:
+        raise
+    except BaseException as err:
+        _reraise_interrupts(err)
+        raise PluginError(f"{message}: {_short(err)}", hint=hint) from err
 
 
 def _reraise_interrupts(err: BaseException) -> None:

@@ -317,13 +317,6 @@ class ExampleBank:
         _put(self.sbits, at, p.sbits)
         _put(self.hoff, at, p.hoff)
 
-    def get(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, Packed]:
-        """The score and packed window of slots (valid until the next ``encode``)."""
-        at = self._slot_index(rows, slots)
-        return _take(self.score, at), Packed(
-            _take(self.pidx, at), _take(self.fbits, at), _take(self.sbits, at), _take(self.hoff, at)
-        )
-
     def _slot_index(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Flat slot numbers ``row * K + slot``: the per-slot arrays are read and written
         through them (one ``index_select`` / ``index_copy_`` instead of a two-index gather or
@@ -393,11 +386,16 @@ class ExampleBank:
     @property
     def pos(self) -> torch.Tensor:
         """``[n_rows, K]`` global position of every slot (``-1`` where unfilled)."""
-        n = self.n_rows
-        p = self.pidx[:n].to(torch.int64)
-        slot = torch.arange(self.k, device=self.device)[None, :]
-        ok = slot < self.filled[:n][:, None]
-        out = torch.full((n, self.k), -1, dtype=torch.int64, device=self.device)
+        return self.slot_positions(torch.arange(self.n_rows, device=self.device), -1)
+
+    def slot_positions(self, rows: torch.Tensor, unfilled: int) -> torch.Tensor:
+        """``[len(rows), K]`` global position of each slot of ``rows`` (``unfilled`` where
+        the slot is empty)."""
+        ok = torch.arange(self.k, device=self.device)[None, :] < self.filled[rows][:, None]
+        p = self.pidx.index_select(0, rows).to(torch.int64)
+        out = torch.full(
+            (int(rows.shape[0]), self.k), unfilled, dtype=torch.int64, device=self.device
+        )
         out[ok] = self.pool_pos.index_select(0, p[ok])
         return out
 
@@ -664,15 +662,8 @@ def ranked_slots(bank: ExampleBank, rows: torch.Tensor) -> torch.Tensor:
 def _ranked_with_positions(bank: ExampleBank, rows: torch.Tensor) -> torch.Tensor:
     """``ranked_slots`` by (score descending, position): a sort by position, then a stable
     sort by score."""
-    k = bank.k
-    n = int(rows.shape[0])
-    dev = bank.device
-    filled = bank.filled[rows]
-    ok = torch.arange(k, device=dev)[None, :] < filled[:, None]
-    pidx = bank.pidx.index_select(0, rows).to(torch.int64)
-    pos = torch.full((n, k), _MAX64, dtype=torch.int64, device=dev)
-    pos[ok] = bank.pool_pos.index_select(0, pidx[ok])
-    by_pos = torch.argsort(pos, dim=1, stable=True)
+    ok = torch.arange(bank.k, device=bank.device)[None, :] < bank.filled[rows][:, None]
+    by_pos = torch.argsort(bank.slot_positions(rows, _MAX64), dim=1, stable=True)
     key = torch.where(ok, descending_key(bank.score.index_select(0, rows)), 1 << 32)
     return by_pos.gather(1, torch.argsort(key.gather(1, by_pos), dim=1, stable=True))
 

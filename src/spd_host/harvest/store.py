@@ -310,7 +310,7 @@ def example_arrays(bank: ExampleBank, n_components: int, *, ordered_by_pos: bool
     filled = bank.filled[:n][rows]
     slot = torch.arange(k)[None, :].expand(n, k)
     if ordered_by_pos and n:
-        key = torch.where(slot < filled[:, None], bank.pos[rows], torch.iinfo(torch.int64).max)
+        key = bank.slot_positions(rows, torch.iinfo(torch.int64).max)  # empty slots last
         slot = torch.argsort(key, dim=1, stable=True)
     elif n:  # top-K rows are kept unordered: best first, earlier position first on ties
         slot = torch.cat(
